@@ -1,0 +1,84 @@
+"""A1111 request/response shapes for /sdapi/v1 (field names and API defaults as in
+A1111's ``modules/api/models.py``). Unknown fields are accepted and ignored, as
+clients such as webuiapi send every field A1111 knows."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Txt2ImgAPIRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    styles: list[str] | None = None
+    seed: int = -1
+    subseed: int = -1
+    subseed_strength: float = 0
+    seed_resize_from_h: int = -1
+    seed_resize_from_w: int = -1
+    sampler_name: str | None = None
+    sampler_index: str | None = "Euler"
+    scheduler: str | None = None
+    batch_size: int = 1
+    n_iter: int = 1
+    steps: int = 50
+    cfg_scale: float = 7.0
+    width: int = 512
+    height: int = 512
+    restore_faces: bool | None = None
+    tiling: bool | None = None
+    do_not_save_samples: bool = False
+    do_not_save_grid: bool = False
+    eta: float | None = None
+    denoising_strength: float | None = None
+    override_settings: dict[str, Any] | None = None
+    override_settings_restore_afterwards: bool = True
+    disable_extra_networks: bool = False
+    enable_hr: bool = False
+    send_images: bool = True
+    save_images: bool = False
+    alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
+    infotext: str | None = None
+    script_name: str | None = None
+    script_args: list[Any] = Field(default_factory=list)
+
+
+class ImageResponse(BaseModel):
+    images: list[str] | None = None
+    parameters: dict[str, Any]
+    info: str
+
+
+class PNGInfoRequest(BaseModel):
+    image: str
+
+
+class PNGInfoResponse(BaseModel):
+    info: str
+    items: dict[str, Any]
+    parameters: dict[str, Any]
+
+
+class ProgressState(BaseModel):
+    skipped: bool = False
+    interrupted: bool = False
+    stopping_generation: bool = False
+    job: str = ""
+    job_count: int = 0
+    job_timestamp: str = "0"
+    job_no: int = 0
+    sampling_step: int = 0
+    sampling_steps: int = 0
+
+
+class ProgressResponse(BaseModel):
+    progress: float
+    eta_relative: float
+    state: ProgressState
+    current_image: str | None = None
+    textinfo: str | None = None
+    current_task: str | None = None

@@ -1,0 +1,233 @@
+"""/sdapi/v1 routes: A1111 paths, field names and response shapes over the Studio."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from studio.api.models import (
+    ImageResponse,
+    PNGInfoRequest,
+    PNGInfoResponse,
+    ProgressResponse,
+    ProgressState,
+    Txt2ImgAPIRequest,
+)
+from studio.core import Studio
+from studio.devices import memory_report
+from studio.generation.infotext import infotext_to_fields, parse_infotext
+from studio.generation.outputs import ImageReadError, open_image, png_bytes, read_infotext
+from studio.generation.request import RequestError, Txt2ImgRequest
+from studio.generation.samplers import samplers_api, schedules_api
+from studio.models.manager import ModelNotFoundError
+from studio.models.state_dict import ModelFileError
+
+
+def decode_base64_image(data: str):
+    if not isinstance(data, str) or not data:
+        raise HTTPException(400, "image must be a base64 string")
+    if data.startswith("data:"):
+        data = data.split(",", 1)[-1]
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise HTTPException(400, f"Invalid base64 image data: {e}") from e
+    try:
+        return open_image(raw)
+    except ImageReadError as e:
+        raise HTTPException(400, str(e)) from e
+
+
+def encode_png(image, infotext: str | None) -> str:
+    return base64.b64encode(png_bytes(image, infotext)).decode("ascii")
+
+
+def to_request(body: Txt2ImgAPIRequest, studio: Studio) -> tuple[Txt2ImgRequest, str | None]:
+    """Map A1111 fields to our request. Returns the request and the checkpoint override."""
+    explicit = body.model_fields_set
+    values = body.model_dump()
+    if body.infotext:
+        for name, value in infotext_to_fields(parse_infotext(body.infotext)).items():
+            if name in Txt2ImgRequest.__dataclass_fields__ and name not in explicit:
+                values[name] = value
+    overrides = body.override_settings or {}
+    checkpoint = overrides.get("sd_model_checkpoint")
+    clip_skip = values.get("clip_skip") or overrides.get("CLIP_stop_at_last_layers") \
+        or studio.settings.get("CLIP_stop_at_last_layers", 1)
+    sampler = values.get("sampler_name") or values.get("sampler_index") or "Euler"
+    req = Txt2ImgRequest(
+        prompt=values["prompt"] or "",
+        negative_prompt=values["negative_prompt"] or "",
+        steps=values["steps"],
+        cfg_scale=values["cfg_scale"],
+        width=values["width"],
+        height=values["height"],
+        seed=values["seed"],
+        batch_size=values["batch_size"],
+        n_iter=values["n_iter"],
+        sampler_name=sampler,
+        scheduler=values.get("scheduler") or "Automatic",
+        clip_skip=int(clip_skip),
+        eta=values.get("eta"),
+        checkpoint=checkpoint,
+        save_images=bool(values["save_images"]),
+    )
+    return req, checkpoint
+
+
+def build_router(studio: Studio) -> APIRouter:
+    r = APIRouter(prefix="/sdapi/v1", tags=["sdapi"])
+
+    @r.post("/txt2img", response_model=ImageResponse)
+    def txt2img(body: Txt2ImgAPIRequest) -> dict[str, Any]:
+        req, override = to_request(body, studio)
+        restore = studio.current_title if (override and body.override_settings_restore_afterwards) else None
+        try:
+            result = studio.txt2img(req)
+        finally:
+            if restore and studio.current_title != restore:
+                try:
+                    studio.select_checkpoint(restore)
+                except (ModelFileError, ModelNotFoundError):
+                    pass
+        images = [encode_png(i, t) for i, t in zip(result.images, result.infotexts)] if body.send_images else []
+        params = body.model_dump()
+        return {"images": images, "parameters": params, "info": json.dumps(result.info(), ensure_ascii=False)}
+
+    @r.get("/sd-models")
+    def sd_models() -> list[dict[str, Any]]:
+        return [c.api_dict() for c in studio.checkpoints()]
+
+    @r.post("/refresh-checkpoints")
+    def refresh_checkpoints() -> dict[str, Any]:
+        studio.refresh_checkpoints()
+        return {}
+
+    @r.get("/samplers")
+    def samplers() -> list[dict[str, Any]]:
+        return samplers_api()
+
+    @r.get("/schedulers")
+    def schedulers() -> list[dict[str, Any]]:
+        return schedules_api()
+
+    @r.get("/sd-vae")
+    def sd_vae() -> list[dict[str, Any]]:
+        return []
+
+    @r.get("/options")
+    def get_options() -> dict[str, Any]:
+        opts = studio.settings.snapshot()
+        current = studio.models.current
+        if current is not None:
+            opts["sd_model_checkpoint"] = current.info.title
+            opts["sd_checkpoint_hash"] = current.info.sha256
+        return opts
+
+    @r.post("/options")
+    def set_options(body: dict[str, Any]) -> dict[str, Any]:
+        changes = dict(body)
+        title = changes.pop("sd_model_checkpoint", None)
+        if title is not None:
+            studio.select_checkpoint(str(title))
+        if "CLIP_stop_at_last_layers" in changes:
+            try:
+                skip = int(changes["CLIP_stop_at_last_layers"])
+            except (TypeError, ValueError) as e:
+                raise HTTPException(400, "CLIP_stop_at_last_layers must be an integer 1-12") from e
+            if not 1 <= skip <= 12:
+                raise HTTPException(400, "CLIP_stop_at_last_layers must be an integer 1-12")
+        if changes:
+            studio.settings.update(changes)
+        return {}
+
+    @r.get("/cmd-flags")
+    def cmd_flags() -> dict[str, Any]:
+        return studio.flags.as_cmd_flags()
+
+    @r.get("/memory")
+    def memory() -> dict[str, Any]:
+        report = memory_report(studio.policy.device)
+        report["policy"] = studio.policy.label
+        return report
+
+    @r.post("/png-info", response_model=PNGInfoResponse)
+    def png_info(body: PNGInfoRequest) -> dict[str, Any]:
+        image = decode_base64_image(body.image)
+        text = read_infotext(image) or ""
+        items = {k: v for k, v in image.info.items() if isinstance(v, (str, int, float)) and k != "parameters"}
+        return {"info": text, "items": items, "parameters": parse_infotext(text) if text else {}}
+
+    @r.get("/progress", response_model=ProgressResponse)
+    def progress(skip_current_image: bool = False) -> dict[str, Any]:
+        state = studio.queue.current
+        count = studio.queue.job_count
+        if state is None:
+            return {"progress": 0, "eta_relative": 0, "state": ProgressState(job_count=count), "textinfo": None}
+        image = None
+        if state.preview is not None and not skip_current_image:
+            buf = io.BytesIO()
+            state.preview.save(buf, format="PNG")
+            image = base64.b64encode(buf.getvalue()).decode("ascii")
+        return {
+            "progress": state.progress,
+            "eta_relative": state.eta or 0.0,
+            "state": ProgressState(
+                skipped=state.skipped, interrupted=state.interrupted, job=state.job_id, job_count=count,
+                job_no=state.batch, sampling_step=state.step, sampling_steps=state.total,
+            ),
+            "current_image": image,
+            "textinfo": state.textinfo,
+            "current_task": state.job_id,
+        }
+
+    @r.post("/interrupt")
+    def interrupt() -> dict[str, Any]:
+        studio.queue.interrupt()
+        return {}
+
+    @r.post("/skip")
+    def skip() -> dict[str, Any]:
+        studio.queue.skip()
+        return {}
+
+    @r.post("/unload-checkpoint")
+    def unload_checkpoint() -> dict[str, Any]:
+        studio.queue.run(lambda state: studio.models.unload(), "unload")
+        return {}
+
+    @r.post("/reload-checkpoint")
+    def reload_checkpoint() -> dict[str, Any]:
+        studio.select_checkpoint(studio.settings.get("sd_model_checkpoint"))
+        return {}
+
+    return r
+
+
+def install_api(app: FastAPI, studio: Studio) -> None:
+    """Add the routes and turn our errors into A1111-style ``{"detail": ...}`` 4xx replies."""
+
+    def handler(status: int):
+        async def respond(request: Request, exc: Exception) -> JSONResponse:
+            return JSONResponse({"detail": str(exc), "error": type(exc).__name__}, status_code=status)
+        return respond
+
+    app.add_exception_handler(RequestError, handler(400))
+    app.add_exception_handler(ModelFileError, handler(400))
+    app.add_exception_handler(ModelNotFoundError, handler(404))
+    app.add_exception_handler(RequestValidationError, _validation_handler)
+    app.include_router(build_router(studio))
+
+
+async def _validation_handler(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    summary = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in errors)
+    return JSONResponse({"detail": summary or "invalid request", "errors": json.loads(json.dumps(
+        errors, default=str))}, status_code=422)

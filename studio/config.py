@@ -1,0 +1,214 @@
+"""Command-line flags (A1111 names), folder layout and persisted settings.
+
+Flags are parsed once into an immutable :class:`Flags`; folders derive from them in
+:class:`Paths`; user settings live in ``config.json`` under the data dir and are
+written atomically so a crash mid-write never loses them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# Folder names follow A1111 so an existing models/ tree can be pointed at directly.
+MODEL_FOLDERS = (
+    "Stable-diffusion",
+    "VAE",
+    "Lora",
+    "hypernetworks",
+    "ControlNet",
+    "annotators",
+    "ESRGAN",
+    "embeddings",
+)
+
+
+@dataclass(frozen=True)
+class Flags:
+    listen: bool = False
+    port: int = 7860
+    server_name: str | None = None
+    share: bool = False
+    gradio_auth: str | None = None
+    api: bool = False
+    nowebui: bool = False
+    ckpt_dir: str | None = None
+    data_dir: str | None = None
+    models_dir: str | None = None
+    skip_load_model_at_start: bool = False
+    no_half: bool = False
+    no_half_vae: bool = False
+    precision: str = "autocast"
+    device: str | None = None
+    xformers: bool = False
+    no_hashing: bool = False
+    no_demo: bool = False
+    inbrowser: bool = False
+
+    @property
+    def host(self) -> str:
+        if self.server_name:
+            return self.server_name
+        return "0.0.0.0" if self.listen else "127.0.0.1"
+
+    def as_cmd_flags(self) -> dict[str, Any]:
+        """The dict served by GET /sdapi/v1/cmd-flags (A1111 uses argparse dest names)."""
+        return dict(self.__dict__)
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="app.py", description="Stable Diffusion studio: web UI and A1111-compatible API."
+    )
+    p.add_argument("--listen", action="store_true", help="serve on 0.0.0.0 (reachable from the network)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--server-name", default=None, help="host name or address to bind")
+    p.add_argument("--share", action="store_true", help="ask Gradio for a public share link")
+    p.add_argument("--gradio-auth", default=None, help='UI logins, "user:pass[,user2:pass2]"')
+    p.add_argument("--api", action="store_true", help="serve /sdapi/v1 next to the UI (always on)")
+    p.add_argument("--nowebui", action="store_true", help="serve only the REST API")
+    p.add_argument("--ckpt-dir", default=None, help="extra folder scanned for checkpoints")
+    p.add_argument("--data-dir", default=None, help="where settings, caches and outputs live")
+    p.add_argument("--models-dir", default=None, help="models root (default: <repo>/models)")
+    p.add_argument("--skip-load-model-at-start", action="store_true")
+    p.add_argument("--no-half", action="store_true", help="keep weights in float32")
+    p.add_argument("--no-half-vae", action="store_true", help="keep the VAE in float32")
+    p.add_argument(
+        "--precision", choices=["autocast", "full", "half", "bf16"], default="autocast",
+        help="'full' = float32 everywhere; 'autocast' = the device policy",
+    )
+    p.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1, mps")
+    p.add_argument("--xformers", action="store_true", help="use xformers attention on CUDA")
+    p.add_argument("--no-hashing", action="store_true", help="do not compute sha256 of checkpoints")
+    p.add_argument("--no-demo", action="store_true", help="do not offer the built-in demo model")
+    p.add_argument("--inbrowser", action="store_true", help="open the UI in the default browser")
+    return p
+
+
+def parse_flags(argv: list[str] | None = None) -> Flags:
+    ns = build_arg_parser().parse_args(argv)
+    return Flags(**vars(ns))
+
+
+@dataclass(frozen=True)
+class Paths:
+    data: Path
+    models: Path
+    ckpt_dirs: tuple[Path, ...]
+
+    @classmethod
+    def from_flags(cls, flags: Flags) -> Paths:
+        data = Path(flags.data_dir).expanduser().resolve() if flags.data_dir else REPO_ROOT
+        if flags.models_dir:
+            models = Path(flags.models_dir).expanduser().resolve()
+        else:
+            models = data / "models"
+        ckpt = [models / "Stable-diffusion"]
+        if flags.ckpt_dir:
+            ckpt.append(Path(flags.ckpt_dir).expanduser().resolve())
+        return cls(data=data, models=models, ckpt_dirs=tuple(ckpt))
+
+    @property
+    def vae(self) -> Path:
+        return self.models / "VAE"
+
+    @property
+    def outputs(self) -> Path:
+        return self.data / "outputs"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.data / "cache"
+
+    @property
+    def settings_file(self) -> Path:
+        return self.data / "config.json"
+
+    @property
+    def hash_cache_file(self) -> Path:
+        return self.data / "cache.json"
+
+    def ensure(self) -> None:
+        for sub in MODEL_FOLDERS:
+            (self.models / sub).mkdir(parents=True, exist_ok=True)
+        self.outputs.mkdir(parents=True, exist_ok=True)
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temp file + rename so readers never see a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# Defaults of the options served by /sdapi/v1/options; names are A1111's.
+DEFAULT_SETTINGS: dict[str, Any] = {
+    "sd_model_checkpoint": None,
+    "sd_checkpoint_hash": None,
+    "CLIP_stop_at_last_layers": 1,
+    "samples_format": "png",
+    "outdir_txt2img_samples": "",
+    "live_previews_enable": True,
+    "show_progress_every_n_steps": 1,
+    "show_progress_type": "Approx cheap",
+    "eta_ddim": 0.0,
+    "eta_ancestral": 1.0,
+    "sd_checkpoints_limit": 1,
+    "enable_pnginfo": True,
+    "save_txt": False,
+}
+
+
+@dataclass
+class Settings:
+    """User settings persisted to config.json. Unknown keys are kept so a config.json
+    copied from A1111 survives a round trip through the studio."""
+
+    path: Path
+    values: dict[str, Any] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @classmethod
+    def load(cls, path: Path) -> Settings:
+        values = dict(DEFAULT_SETTINGS)
+        if path.exists():
+            try:
+                stored = json.loads(path.read_text(encoding="utf-8"))
+                if isinstance(stored, dict):
+                    values.update(stored)
+            except (OSError, ValueError):
+                # A corrupt settings file must not stop the studio; keep it for the user.
+                path.replace(path.with_suffix(".json.corrupt"))
+        return cls(path=path, values=values)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        with self._lock:
+            return self.values.get(key, default)
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return dict(self.values)
+
+    def update(self, changes: dict[str, Any], persist: bool = True) -> None:
+        with self._lock:
+            self.values.update(changes)
+            text = json.dumps(self.values, indent=2, ensure_ascii=False)
+        if persist:
+            atomic_write_text(self.path, text)

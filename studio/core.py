@@ -1,0 +1,104 @@
+"""The Studio: the one object that wires flags, settings, the model manager, the job
+queue and the engine together. app.py builds exactly one; the UI, the API and the CLI
+all call it, so every front door runs the same code."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+from studio.config import Flags, Paths, Settings
+from studio.devices import DevicePolicy, resolve_policy
+from studio.generation.request import RequestError, Txt2ImgRequest, validate_txt2img
+from studio.generation.txt2img import GenerationResult, run_txt2img
+from studio.jobs import Job, JobQueue, JobState
+from studio.models.catalog import Catalog, CheckpointInfo, HashCache
+from studio.models.loader import LoadedModel
+from studio.models.manager import ModelManager
+
+log = logging.getLogger(__name__)
+
+
+def force_offline() -> None:
+    """Loading must never reach a hub: make any accidental hub call fail at once."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+
+@dataclass
+class Studio:
+    flags: Flags
+    paths: Paths
+    settings: Settings
+    policy: DevicePolicy
+    models: ModelManager
+    queue: JobQueue
+
+    @classmethod
+    def create(cls, flags: Flags) -> Studio:
+        force_offline()
+        paths = Paths.from_flags(flags)
+        paths.ensure()
+        settings = Settings.load(paths.settings_file)
+        policy = resolve_policy(flags.device, flags.no_half, flags.no_half_vae, flags.precision, flags.xformers)
+        catalog = Catalog(paths.ckpt_dirs, HashCache(paths.hash_cache_file), hashing=not flags.no_hashing)
+        demo_dir = None if flags.no_demo else paths.cache_dir / "demo"
+        models = ModelManager(catalog, policy, paths.cache_dir / "configs", demo_dir)
+        models.refresh()
+        studio = cls(flags, paths, settings, policy, models, JobQueue())
+        log.info("Device policy: %s", policy.label)
+        return studio
+
+    # -- models -------------------------------------------------------------------------
+    def checkpoints(self) -> list[CheckpointInfo]:
+        return self.models.checkpoints()
+
+    def refresh_checkpoints(self) -> list[CheckpointInfo]:
+        return self.queue.run(lambda state: self.models.refresh(), "refresh checkpoints")
+
+    def select_checkpoint(self, query: str | None) -> LoadedModel:
+        """Load a checkpoint on the worker and remember it as the user's choice."""
+        def job(state: JobState) -> LoadedModel:
+            state.textinfo = f"Loading {query}"
+            return self.models.load(query)
+
+        model = self.queue.run(job, f"load {query}")
+        self.settings.update({"sd_model_checkpoint": model.info.title, "sd_checkpoint_hash": model.info.sha256})
+        return model
+
+    def load_initial_model(self) -> LoadedModel | None:
+        preferred = self.settings.get("sd_model_checkpoint")
+        if preferred and self.models.catalog.find(preferred) is None:
+            preferred = None
+        return self.select_checkpoint(preferred) if self.checkpoints() else None
+
+    @property
+    def current_title(self) -> str | None:
+        current = self.models.current
+        return current.info.title if current else None
+
+    # -- generation ---------------------------------------------------------------------
+    def submit_txt2img(self, req: Txt2ImgRequest) -> Job:
+        req = validate_txt2img(req)
+        if req.clip_skip == 1 and self.settings.get("CLIP_stop_at_last_layers", 1) > 1:
+            req = req.with_changes(clip_skip=int(self.settings.get("CLIP_stop_at_last_layers")))
+        every = int(self.settings.get("show_progress_every_n_steps", 1) or 0)
+        if not self.settings.get("live_previews_enable", True):
+            every = 0
+
+        def job(state: JobState) -> GenerationResult:
+            model = self.models.load(req.checkpoint)
+            outdir = self.paths.outputs / "txt2img-images"
+            return run_txt2img(model, req, state, outdir, preview_every=every)
+
+        return self.queue.submit(job, "txt2img")
+
+    def txt2img(self, req: Txt2ImgRequest, timeout: float | None = None) -> GenerationResult:
+        return self.submit_txt2img(req).wait(timeout)
+
+
+__all__ = ["Studio", "RequestError", "force_offline"]

@@ -1,0 +1,90 @@
+"""Typed generation requests: what every front door (UI, API, CLI) builds and submits."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from studio.generation.samplers import UnknownSamplerError, split_sampler_name
+
+MIN_SIZE, MAX_SIZE = 64, 2048
+MAX_STEPS = 150
+MAX_CFG = 30.0
+MAX_BATCH_SIZE = 8
+MAX_BATCH_COUNT = 100
+MAX_SEED = 4294967294  # A1111 draws random seeds with random.randrange(4294967294)
+
+
+class RequestError(ValueError):
+    """Bad input from a user or client: shown in the UI, a 4xx in the API."""
+
+
+@dataclass(frozen=True)
+class Txt2ImgRequest:
+    prompt: str = ""
+    negative_prompt: str = ""
+    steps: int = 20
+    cfg_scale: float = 7.0
+    width: int = 512
+    height: int = 512
+    seed: int = -1
+    batch_size: int = 1
+    n_iter: int = 1
+    sampler_name: str = "DPM++ 2M"
+    scheduler: str = "Automatic"
+    clip_skip: int = 1
+    eta: float | None = None
+    checkpoint: str | None = None      # title/name; None = the loaded one
+    save_images: bool = True
+    notes: tuple[str, ...] = field(default_factory=tuple)  # adjustments made by validate()
+
+    def with_changes(self, **changes: Any) -> Txt2ImgRequest:
+        return replace(self, **changes)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def resolve_seed(seed: int | None) -> int:
+    if seed is None or seed < 0:
+        return random.randrange(MAX_SEED)
+    return int(seed)
+
+
+def _check_range(name: str, value: float, lo: float, hi: float) -> None:
+    if not (lo <= value <= hi):
+        raise RequestError(f"{name} must be between {lo:g} and {hi:g} (got {value:g})")
+
+
+def validate_txt2img(req: Txt2ImgRequest) -> Txt2ImgRequest:
+    """Check ranges and names; returns the request with the adjustments it made listed in
+    ``notes``. Sizes that are not a multiple of 8 are rounded down (the latent is 1/8 of
+    the image), as A1111 does, and said so."""
+    notes = list(req.notes)
+    for name in ("steps", "width", "height", "batch_size", "n_iter", "seed", "clip_skip"):
+        value = getattr(req, name)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RequestError(f"{name} must be an integer (got {value!r})")
+    _check_range("steps", req.steps, 1, MAX_STEPS)
+    _check_range("cfg_scale", req.cfg_scale, 0, MAX_CFG)
+    _check_range("width", req.width, MIN_SIZE, MAX_SIZE)
+    _check_range("height", req.height, MIN_SIZE, MAX_SIZE)
+    _check_range("batch_size", req.batch_size, 1, MAX_BATCH_SIZE)
+    _check_range("n_iter (batch count)", req.n_iter, 1, MAX_BATCH_COUNT)
+    _check_range("clip_skip", req.clip_skip, 1, 12)
+    if req.eta is not None:
+        _check_range("eta", req.eta, 0, 1)
+    if req.seed > MAX_SEED:
+        raise RequestError(f"seed must be at most {MAX_SEED} (or -1 for random)")
+    width, height = req.width - req.width % 8, req.height - req.height % 8
+    if (width, height) != (req.width, req.height):
+        notes.append(f"Size {req.width}x{req.height} rounded down to {width}x{height} (multiple of 8).")
+    try:
+        sampler, schedule = split_sampler_name(req.sampler_name, req.scheduler)
+    except UnknownSamplerError as e:
+        raise RequestError(str(e)) from e
+    return replace(
+        req, width=width, height=height, sampler_name=sampler.name, scheduler=schedule.label,
+        notes=tuple(notes),
+    )

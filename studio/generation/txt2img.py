@@ -1,0 +1,235 @@
+"""txt2img: our own thin sampler loop over diffusers models and schedulers.
+
+Owning the loop (rather than calling StableDiffusionPipeline) lets one place handle
+interrupt/skip between steps, throttled previews, per-image seeds and, later, prompt
+schedules and ControlNet, without re-wrapping a pipeline for each feature.
+
+Noise is drawn on the CPU from one generator per image seeded ``seed + index`` (A1111's
+batch rule), so a seed gives the same image on any device and in any batch position;
+the same generators feed ancestral samplers' per-step noise.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from studio import __version__
+from studio.generation.infotext import build_infotext
+from studio.generation.outputs import save_image
+from studio.generation.preview import latent_preview
+from studio.generation.request import Txt2ImgRequest, resolve_seed
+from studio.generation.samplers import effective_schedule, make_scheduler, split_sampler_name
+from studio.jobs import JobState
+from studio.models.loader import LoadedModel
+from studio.prompts.encode import encode_pair
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationResult:
+    images: list[Image.Image]
+    seeds: list[int]
+    infotexts: list[str]
+    paths: list[Path]
+    request: Txt2ImgRequest
+    model: LoadedModel
+    notes: list[str] = field(default_factory=list)
+    interrupted: bool = False
+
+    def info(self) -> dict[str, Any]:
+        """A1111's ``Processed.js()`` keys (served as a JSON string in ``info``)."""
+        req, m = self.request, self.model
+        return {
+            "prompt": req.prompt,
+            "all_prompts": [req.prompt] * len(self.images),
+            "negative_prompt": req.negative_prompt,
+            "all_negative_prompts": [req.negative_prompt] * len(self.images),
+            "seed": self.seeds[0] if self.seeds else req.seed,
+            "all_seeds": self.seeds,
+            "subseed": -1,
+            "all_subseeds": [-1] * len(self.seeds),
+            "subseed_strength": 0,
+            "width": req.width,
+            "height": req.height,
+            "sampler_name": req.sampler_name,
+            "scheduler": req.scheduler,
+            "cfg_scale": req.cfg_scale,
+            "steps": req.steps,
+            "batch_size": req.batch_size,
+            "restore_faces": False,
+            "face_restoration_model": None,
+            "sd_model_name": m.info.name_for_extra,
+            "sd_model_hash": m.info.shorthash,
+            "sd_vae_name": None,
+            "sd_vae_hash": None,
+            "seed_resize_from_w": -1,
+            "seed_resize_from_h": -1,
+            "denoising_strength": None,
+            "extra_generation_params": {},
+            "index_of_first_image": 0,
+            "infotexts": self.infotexts,
+            "styles": [],
+            "job_timestamp": datetime.now().strftime("%Y%m%d%H%M%S"),
+            "clip_skip": req.clip_skip,
+            "is_using_inpainting_conditioning": m.probe.variant == "inpaint",
+            "version": f"studio-{__version__}",
+            "notes": self.notes,
+            "interrupted": self.interrupted,
+        }
+
+
+def _fmt(x: float) -> str:
+    return f"{x:g}"
+
+
+def make_infotext(req: Txt2ImgRequest, model: LoadedModel, seed: int, schedule_label: str) -> str:
+    params: dict[str, Any] = {
+        "Steps": req.steps,
+        "Sampler": req.sampler_name,
+        "Schedule type": schedule_label,
+        "CFG scale": _fmt(req.cfg_scale),
+        "Seed": seed,
+        "Size": f"{req.width}x{req.height}",
+        "Model hash": model.info.shorthash,
+        "Model": model.info.name_for_extra,
+        "Clip skip": req.clip_skip if req.clip_skip > 1 else None,
+        "RNG": "CPU",
+        "Eta": _fmt(req.eta) if req.eta is not None else None,
+        "Version": f"studio-{__version__}",
+    }
+    return build_infotext(req.prompt, req.negative_prompt, params)
+
+
+def initial_noise(seeds: list[int], shape: tuple[int, int, int]) -> tuple[torch.Tensor, list[torch.Generator]]:
+    gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    noise = torch.stack([torch.randn(shape, generator=g, dtype=torch.float32) for g in gens])
+    return noise, gens
+
+
+def _inpaint_conditioning(model: LoadedModel, batch: int, height: int, width: int) -> torch.Tensor:
+    """9-channel UNets in txt2img get a full mask over a neutral gray image (A1111's
+    ``txt2img_image_conditioning``): channel order mask(1) + masked-image latents(4)."""
+    vae = model.vae
+    gray = torch.zeros(1, 3, height, width, device=vae.device, dtype=vae.dtype)
+    with torch.inference_mode():
+        lat = vae.encode(gray).latent_dist.mode() * vae.config.scaling_factor
+    mask = torch.ones(1, 1, height // 8, width // 8, device=lat.device, dtype=lat.dtype)
+    return torch.cat([mask, lat], dim=1).expand(batch, -1, -1, -1).float()
+
+
+def decode_latents(model: LoadedModel, latents: torch.Tensor) -> list[Image.Image]:
+    vae = model.vae
+    images = []
+    with torch.inference_mode():
+        for lat in latents:  # one at a time bounds VAE memory for big batches
+            x = (lat[None] / vae.config.scaling_factor).to(vae.device, vae.dtype)
+            px = vae.decode(x).sample
+            if torch.isnan(px).any() and vae.dtype != torch.float32:
+                log.warning("VAE produced NaNs in %s; retrying this decode in float32", vae.dtype)
+                vae.to(torch.float32)
+                px = vae.decode(x.float()).sample
+            px = (px[0].float() / 2 + 0.5).clamp(0, 1)
+            arr = (px.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+            images.append(Image.fromarray(arr))
+    return images
+
+
+def run_txt2img(
+    model: LoadedModel,
+    req: Txt2ImgRequest,
+    state: JobState,
+    outdir: Path | None,
+    preview_every: int = 0,
+) -> GenerationResult:
+    sampler, schedule = split_sampler_name(req.sampler_name, req.scheduler)
+    schedule = effective_schedule(sampler, schedule)
+    base_seed = resolve_seed(req.seed)
+    req = req.with_changes(seed=base_seed)
+    policy = model.policy
+    device, dtype = policy.device, policy.dtype
+    unet = model.unet
+    latent_ch = model.vae.config.latent_channels
+    h, w = req.height // 8, req.width // 8
+
+    result = GenerationResult([], [], [], [], req, model, notes=list(req.notes))
+    state.batches = req.n_iter
+    for batch_index in range(req.n_iter):
+        if state.interrupted:
+            break
+        state.batch = batch_index
+        state.skipped = False
+        seeds = [base_seed + batch_index * req.batch_size + j for j in range(req.batch_size)]
+        state.textinfo = f"Batch {batch_index + 1} of {req.n_iter}"
+
+        cond, uncond = encode_pair(model, [req.prompt] * len(seeds), [req.negative_prompt] * len(seeds),
+                                   req.clip_skip)
+        use_cfg = req.cfg_scale != 1.0
+        context = torch.cat([uncond.embeds, cond.embeds]) if use_cfg else cond.embeds
+        context = context.to(device, dtype)
+        added: dict[str, torch.Tensor] | None = None
+        if model.is_sdxl:
+            time_ids = torch.tensor([[req.height, req.width, 0, 0, req.height, req.width]], dtype=dtype)
+            pooled = torch.cat([uncond.pooled, cond.pooled]) if use_cfg else cond.pooled
+            added = {
+                "text_embeds": pooled.to(device, dtype),
+                "time_ids": time_ids.repeat(pooled.shape[0], 1).to(device),
+            }
+
+        scheduler = make_scheduler(sampler, schedule, model.scheduler_config)
+        scheduler.set_timesteps(req.steps, device=device)
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(0)
+        step_params = inspect.signature(scheduler.step).parameters
+        noise, gens = initial_noise(seeds, (latent_ch, h, w))
+        latents = noise.to(device) * scheduler.init_noise_sigma
+        extra_step: dict[str, Any] = {}
+        if "generator" in step_params:
+            extra_step["generator"] = gens if len(gens) > 1 else gens[0]
+        if "eta" in step_params and sampler.uses_eta:
+            extra_step["eta"] = req.eta if req.eta is not None else 0.0
+
+        inpaint_cond = None
+        if unet.config.in_channels == latent_ch + 5:
+            inpaint_cond = _inpaint_conditioning(model, len(seeds), req.height, req.width).to(device)
+
+        timesteps = scheduler.timesteps
+        state.set_total(len(timesteps))
+        with torch.inference_mode():
+            for i, t in enumerate(timesteps):
+                if state.interrupted or state.skipped:
+                    break
+                x = torch.cat([latents, latents]) if use_cfg else latents
+                x = scheduler.scale_model_input(x, t)
+                if inpaint_cond is not None:
+                    ic = torch.cat([inpaint_cond, inpaint_cond]) if use_cfg else inpaint_cond
+                    x = torch.cat([x, ic], dim=1)
+                pred = unet(x.to(dtype), t, encoder_hidden_states=context, added_cond_kwargs=added).sample
+                pred = pred.float()
+                if use_cfg:
+                    p_uncond, p_cond = pred.chunk(2)
+                    pred = p_uncond + req.cfg_scale * (p_cond - p_uncond)
+                latents = scheduler.step(pred, t, latents, **extra_step).prev_sample
+                show = preview_every > 0 and (i + 1) % preview_every == 0 and i + 1 < len(timesteps)
+                state.advance((lambda lat=latents: latent_preview(lat[0], model.is_sdxl)) if show else None)
+
+        if state.interrupted or state.skipped:
+            result.interrupted = result.interrupted or state.interrupted
+        images = decode_latents(model, latents)
+        for seed, image in zip(seeds, images):
+            infotext = make_infotext(req, model, seed, schedule.label)
+            result.images.append(image)
+            result.seeds.append(seed)
+            result.infotexts.append(infotext)
+            if outdir is not None and req.save_images:
+                result.paths.append(save_image(image, infotext, outdir, seed))
+    return result

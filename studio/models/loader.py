@@ -1,0 +1,224 @@
+"""Loading a checkpoint file into diffusers/transformers modules, fully offline.
+
+The file is read once; the family comes from :mod:`studio.models.probe`, the component
+configs from :mod:`studio.models.arch`; each component then goes through diffusers'
+single-file loaders (``from_single_file`` with a local ``config`` dir, and
+``create_diffusers_clip_model_from_ldm`` for CLIP), so key conversion stays diffusers'.
+Configs are written to a cache dir keyed by their content, because those loaders take a
+folder, never a dict. Tokenizers come from :mod:`studio.models.tokenizer` (built from the
+CLIP vocabulary shipped in open_clip), so nothing is ever fetched from a hub.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from studio.devices import DevicePolicy
+from studio.models.arch import derive_configs
+from studio.models.catalog import CheckpointInfo
+from studio.models.probe import SD2_TE, CheckpointProbe, probe_checkpoint
+from studio.models.state_dict import ModelFileError, load_state_dict
+from studio.models.tokenizer import make_clip_tokenizer
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+def scheduler_base_config(prediction_type: str) -> dict[str, Any]:
+    path = CONFIG_DIR / "scheduler" / "scheduler_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config["prediction_type"] = prediction_type
+    return config
+
+
+@dataclass
+class LoadedModel:
+    info: CheckpointInfo
+    probe: CheckpointProbe
+    unet: Any
+    vae: Any
+    text_encoders: list[Any]
+    tokenizers: list[Any]
+    prediction_type: str
+    policy: DevicePolicy
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def family(self) -> str:
+        return self.probe.family
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.probe.family.startswith("sdxl")
+
+    @property
+    def scheduler_config(self) -> dict[str, Any]:
+        return scheduler_base_config(self.prediction_type)
+
+    @property
+    def label(self) -> str:
+        kind = self.probe.label
+        if self.prediction_type == "v_prediction" and "v-prediction" not in kind:
+            kind += " (v-prediction)"
+        return kind
+
+
+class Timer:
+    """A1111-style phase timings: "Model loaded in 1.2s (load weights from disk: 0.3s, ...)"."""
+
+    def __init__(self) -> None:
+        self.start = self.last = time.perf_counter()
+        self.phases: dict[str, float] = {}
+
+    def record(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.phases[phase] = self.phases.get(phase, 0.0) + now - self.last
+        self.last = now
+
+    def summary(self) -> str:
+        total = time.perf_counter() - self.start
+        parts = ", ".join(f"{k}: {v:.2f}s" for k, v in self.phases.items())
+        return f"{total:.2f}s ({parts})"
+
+
+def write_config_dir(configs: dict[str, dict[str, Any]], cache_root: Path) -> Path:
+    """A folder laid out like a diffusers repo (``<component>/config.json``), reused when
+    the same architecture is loaded again."""
+    blob = json.dumps(configs, sort_keys=True).encode()
+    target = cache_root / hashlib.sha1(blob).hexdigest()[:16]
+    if not (target / "done").exists():
+        for name, cfg in configs.items():
+            (target / name).mkdir(parents=True, exist_ok=True)
+            (target / name / "config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
+        (target / "done").write_text("ok", encoding="utf-8")
+    return target
+
+
+def detect_v_prediction(unet: Any) -> bool:
+    """A1111's ``is_using_v_parameterization_for_sd2``: at t=999 an epsilon model predicts
+    roughly its input, a v model roughly its negation."""
+    cfg = unet.config
+    dtype = next(unet.parameters()).dtype
+    device = next(unet.parameters()).device
+    x = torch.full((1, cfg.in_channels, 8, 8), 0.5, dtype=dtype, device=device)
+    ctx = torch.full((1, 77, cfg.cross_attention_dim), 0.5, dtype=dtype, device=device)
+    with torch.no_grad():
+        out = unet(x, torch.tensor([999], device=device), encoder_hidden_states=ctx).sample
+    # only the first 4 channels are noise channels for inpainting UNets
+    return float((out[:, :4] - x[:, :4]).float().mean()) < -1
+
+
+def _drop_unused_sd2_layer(sd: dict[str, torch.Tensor], te_config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """SD2 uses OpenCLIP's penultimate layer: the last resblock has no HF counterpart."""
+    last = te_config["num_hidden_layers"]
+    prefix = f"{SD2_TE}transformer.resblocks.{last}."
+    return {k: v for k, v in sd.items() if not k.startswith(prefix)}
+
+
+def _place(policy: DevicePolicy, *modules: Any) -> None:
+    for module in modules:
+        if next(module.parameters()).device != policy.device:
+            module.to(policy.device)
+        module.eval().requires_grad_(False)
+
+
+def load_checkpoint(info: CheckpointInfo, policy: DevicePolicy, config_cache: Path) -> LoadedModel:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    if info.is_diffusers:
+        return load_diffusers_folder(info, policy)
+
+    timer = Timer()
+    sd = load_state_dict(info.path)
+    timer.record("load weights from disk")
+    shapes = {k: tuple(v.shape) for k, v in sd.items()}
+    probe = probe_checkpoint(shapes, info.name)
+    if not probe.has_vae or not probe.has_text_encoder:
+        missing = "VAE" if not probe.has_vae else "text encoder"
+        raise ModelFileError(f"{info.name}: the checkpoint has no {missing} weights (UNet-only files are not supported)")
+    configs = derive_configs(shapes, probe)
+    config_dir = write_config_dir(configs, config_cache)
+    timer.record("derive config")
+
+    dtype, vae_dtype = policy.dtype, policy.vae_dtype
+    common = {"config": str(config_dir), "local_files_only": True}
+    try:
+        unet = UNet2DConditionModel.from_single_file(sd, subfolder="unet", torch_dtype=dtype, **common)
+        vae = AutoencoderKL.from_single_file(sd, subfolder="vae", torch_dtype=vae_dtype, **common)
+        text_encoders = []
+        if probe.family == "sd2":
+            sd = _drop_unused_sd2_layer(sd, configs["text_encoder"])
+        text_encoders.append(create_diffusers_clip_model_from_ldm(
+            CLIPTextModel, sd, subfolder="text_encoder", torch_dtype=dtype, **common))
+        if "text_encoder_2" in configs:
+            text_encoders.append(create_diffusers_clip_model_from_ldm(
+                CLIPTextModelWithProjection, sd, subfolder="text_encoder_2", torch_dtype=dtype, **common))
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise ModelFileError(f"{info.name}: weights do not fit the detected {probe.label} layout: {e}") from e
+    finally:
+        del sd
+    timer.record("create model")
+
+    prediction = probe.prediction_type or "epsilon"
+    if probe.prediction_type is None:
+        prediction = "v_prediction" if detect_v_prediction(unet) else "epsilon"
+        timer.record("detect v-prediction")
+
+    tokenizers = [make_clip_tokenizer(pad_token="!" if probe.family == "sd2" else "<|endoftext|>")]
+    if len(text_encoders) == 2:
+        tokenizers.append(make_clip_tokenizer(pad_token="!"))
+
+    _place(policy, unet, vae, *text_encoders)
+    timer.record("move model to device")
+    model = LoadedModel(info, probe, unet, vae, text_encoders, tokenizers, prediction, policy, timer.phases)
+    log.info("Model %s (%s) loaded in %s", info.title, model.label, timer.summary())
+    return model
+
+
+def load_diffusers_folder(info: CheckpointInfo, policy: DevicePolicy) -> LoadedModel:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    timer = Timer()
+    root = info.path
+    try:
+        index = json.loads((root / "model_index.json").read_text(encoding="utf-8"))
+        kw = {"local_files_only": True}
+        unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", torch_dtype=policy.dtype, **kw)
+        vae = AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=policy.vae_dtype, **kw)
+        text_encoders = [CLIPTextModel.from_pretrained(root / "text_encoder", dtype=policy.dtype, **kw)]
+        if (root / "text_encoder_2").is_dir():
+            text_encoders.append(CLIPTextModelWithProjection.from_pretrained(
+                root / "text_encoder_2", dtype=policy.dtype, **kw))
+        sched = json.loads((root / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelFileError(f"{info.name}: incomplete or corrupt diffusers folder: {e}") from e
+    timer.record("load weights from disk")
+    sdxl = "XL" in index.get("_class_name", "") or len(text_encoders) == 2
+    hidden = text_encoders[0].config.hidden_size
+    family = "sdxl" if sdxl else ("sd2" if text_encoders[0].config.hidden_act == "gelu" else "sd1")
+    in_ch = unet.config.in_channels
+    probe = CheckpointProbe(
+        family=family, variant={9: "inpaint", 8: "ip2p"}.get(in_ch, "base"), in_channels=in_ch,
+        prediction_type=sched.get("prediction_type", "epsilon"), has_vae=True, has_text_encoder=hidden > 0,
+    )
+    tokenizers = [make_clip_tokenizer(pad_token="!" if family == "sd2" else "<|endoftext|>")]
+    if sdxl:
+        tokenizers.append(make_clip_tokenizer(pad_token="!"))
+    _place(policy, unet, vae, *text_encoders)
+    timer.record("move model to device")
+    model = LoadedModel(info, probe, unet, vae, text_encoders, tokenizers, probe.prediction_type, policy,
+                        timer.phases)
+    log.info("Model %s (%s) loaded in %s", info.title, model.label, timer.summary())
+    return model

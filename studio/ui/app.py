@@ -1,0 +1,110 @@
+"""The Gradio Blocks app: checkpoint bar, tabs, footer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gradio as gr
+
+from studio import __version__
+from studio.core import Studio
+from studio.generation.infotext import infotext_to_fields, parse_infotext
+from studio.generation.outputs import ImageReadError, open_image, read_infotext
+from studio.ui.txt2img import USER_ERRORS, build_txt2img_tab, fields_to_updates
+
+CSS = """
+.studio-progress {position: relative; height: 26px; border-radius: 6px; overflow: hidden;
+  background: var(--block-background-fill); border: 1px solid var(--border-color-primary);}
+.studio-progress .bar {position: absolute; top: 0; left: 0; bottom: 0; background: var(--color-accent);
+  opacity: .35; transition: width .2s;}
+.studio-progress span {position: relative; padding-left: 8px; line-height: 26px; font-size: 13px;}
+#demo_banner {border: 1px solid #d97706; background: #fff7ed; color: #7c2d12; border-radius: 8px;
+  padding: 4px 12px;}
+#studio_footer {text-align: center; opacity: .7; font-size: 12px;}
+"""
+
+
+def demo_banner_text(studio: Studio) -> str:
+    folder = studio.paths.ckpt_dirs[0]
+    if not any(c.is_demo for c in studio.checkpoints()):
+        return ""
+    return (
+        "**Demo model.** No checkpoint was found, so the studio offers its built-in demo model "
+        "(tiny, random weights: it makes abstract images, not pictures). Put your SD 1.x, SD 2.x or "
+        f"SDXL `.safetensors` / `.ckpt` files in `{folder}` and press 🔄."
+    )
+
+
+def build_ui(studio: Studio) -> gr.Blocks:
+    with gr.Blocks(title="Studio", analytics_enabled=False) as blocks:
+        with gr.Row(equal_height=True):
+            checkpoint = gr.Dropdown(
+                choices=[c.title for c in studio.checkpoints()], value=studio.current_title,
+                label="Stable Diffusion checkpoint", elem_id="setting_sd_model_checkpoint", scale=6,
+            )
+            refresh = gr.Button("🔄", elem_id="refresh_sd_model_checkpoint", scale=0, min_width=48)
+            model_status = gr.Markdown(_model_status(studio), elem_id="model_status")
+        banner = gr.Markdown(demo_banner_text(studio), elem_id="demo_banner",
+                             visible=bool(demo_banner_text(studio)))
+
+        with gr.Tabs(elem_id="tabs") as tabs:
+            controls = build_txt2img_tab(studio)
+            with gr.Tab("PNG Info", id="pnginfo", elem_id="tab_pnginfo"):
+                with gr.Row(equal_height=False):
+                    with gr.Column():
+                        upload = gr.File(label="Image (PNG, JPEG or WebP)", file_types=["image"],
+                                         elem_id="pnginfo_image", type="filepath")
+                        shown = gr.Image(label="Image", interactive=False, elem_id="pnginfo_preview", height=320)
+                    with gr.Column():
+                        text = gr.Textbox(label="Parameters", lines=8, interactive=False,
+                                          elem_id="pnginfo_generation_info")
+                        message = gr.Markdown("", elem_id="pnginfo_message")
+                        send = gr.Button("Send to txt2img", elem_id="pnginfo_send_txt2img")
+
+        gr.Markdown(f"Studio {__version__} · {studio.policy.label} · API: /sdapi/v1 · docs: /docs",
+                    elem_id="studio_footer")
+
+        def choose(title):
+            try:
+                studio.select_checkpoint(title)
+            except USER_ERRORS as e:
+                gr.Warning(str(e))
+                return gr.update(value=studio.current_title), f"⚠️ {e}"
+            return gr.update(value=studio.current_title), _model_status(studio)
+
+        def do_refresh():
+            studio.refresh_checkpoints()
+            text = demo_banner_text(studio)
+            return (gr.update(choices=[c.title for c in studio.checkpoints()], value=studio.current_title),
+                    gr.update(value=text, visible=bool(text)))
+
+        checkpoint.input(choose, checkpoint, [checkpoint, model_status])
+        refresh.click(do_refresh, None, [checkpoint, banner])
+
+        def read_png(path):
+            if not path:
+                return None, "", ""
+            try:
+                image = open_image(Path(path).read_bytes())
+            except (ImageReadError, OSError) as e:
+                return None, "", f"**Error:** {e}"
+            info = read_infotext(image)
+            return image.convert("RGB"), info or "", "" if info else "_No generation parameters in this image._"
+
+        upload.change(read_png, upload, [shown, text, message])
+
+        def send_to_txt2img(info):
+            fields = infotext_to_fields(parse_infotext(info)) if info else {}
+            return [*fields_to_updates(controls, fields), gr.Tabs(selected="txt2img")]
+
+        send.click(send_to_txt2img, text,
+                   [controls.prompt, controls.negative, controls.steps, controls.sampler, controls.schedule,
+                    controls.cfg, controls.seed, controls.width, controls.height, controls.clip_skip, tabs])
+    return blocks
+
+
+def _model_status(studio: Studio) -> str:
+    current = studio.models.current
+    if current is None:
+        return "_No model loaded._"
+    return f"{current.label}" + (" · **demo**" if current.info.is_demo else "")
