@@ -15,3 +15,18 @@ ARTIFACTS = os.path.join(os.path.dirname(__file__), "artifacts")
 def artifacts_dir():
     os.makedirs(ARTIFACTS, exist_ok=True)
     return ARTIFACTS
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """One studio server (UI + API) for the API and browser tests."""
+    from tests.helpers import Server, make_models_dir
+
+    root = tmp_path_factory.mktemp("served")
+    make_models_dir(root, (("sd1", ".safetensors"), ("sdxl", ".safetensors")))
+    srv = Server(root)
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()

@@ -70,6 +70,8 @@ class ModelManager:
         info = self.resolve(query)
         if self.current is not None and self.current.info.path == info.path:
             return self.current
+        if not info.path.exists():
+            raise ModelFileError(f"{info.name}: file not found (moved or deleted? press refresh)")
         try:
             self.catalog.ensure_hash(info)
         except OSError as e:

@@ -1,0 +1,68 @@
+"""Shared fixtures' building blocks: a data dir with tiny checkpoints, a studio server."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+from studio.testing import make_checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def make_models_dir(root: Path, families=(("sd1", ".safetensors"),)) -> Path:
+    folder = root / "models" / "Stable-diffusion"
+    folder.mkdir(parents=True, exist_ok=True)
+    for family, suffix in families:
+        path = folder / f"tiny-{family}{suffix}"
+        if not path.exists():
+            make_checkpoint(path, family, seed=1)
+    return folder
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """app.py started the way a user starts it, in a subprocess."""
+
+    def __init__(self, data_dir: Path, *args: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+        self.log = open(data_dir / "server.log", "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(REPO / "app.py"), "--data-dir", str(data_dir), "--port", str(self.port), *args],
+            cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+        )
+        self.data_dir = data_dir
+
+    def wait_ready(self, timeout: float = 120) -> float:
+        start = time.monotonic()
+        while time.monotonic() - start < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError("server exited:\n" + (self.data_dir / "server.log").read_text())
+            try:
+                if requests.get(self.url + "/sdapi/v1/sd-models", timeout=2).status_code == 200:
+                    return time.monotonic() - start
+            except requests.RequestException:
+                pass
+            time.sleep(0.3)
+        raise TimeoutError("server did not start:\n" + (self.data_dir / "server.log").read_text())
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
