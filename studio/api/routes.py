@@ -9,7 +9,7 @@ import json
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, HTTPException, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 from fastapi.responses import JSONResponse
 
 from studio.api.models import (
@@ -83,7 +83,7 @@ def to_request(body: Txt2ImgAPIRequest, studio: Studio) -> tuple[Txt2ImgRequest,
 
 
 def build_router(studio: Studio) -> APIRouter:
-    r = APIRouter(prefix="/sdapi/v1", tags=["sdapi"])
+    r = APIRouter(prefix="/sdapi/v1", tags=["sdapi"], route_class=StudioRoute)
 
     @r.post("/txt2img", response_model=ImageResponse)
     def txt2img(body: Txt2ImgAPIRequest) -> dict[str, Any]:
@@ -211,23 +211,25 @@ def build_router(studio: Studio) -> APIRouter:
     return r
 
 
+class StudioRoute(APIRoute):
+    """Turns user errors into A1111-style ``{"detail": ...}`` 4xx replies. Done per route
+    rather than with app exception handlers because the API is added to Gradio's app after
+    it started, when Starlette no longer picks up new handlers."""
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def guarded(request: Request):
+            try:
+                return await handler(request)
+            except (RequestError, ModelFileError) as e:
+                return JSONResponse({"detail": str(e), "error": type(e).__name__}, status_code=400)
+            except ModelNotFoundError as e:
+                return JSONResponse({"detail": str(e).strip("'\""), "error": type(e).__name__},
+                                    status_code=404)
+
+        return guarded
+
+
 def install_api(app: FastAPI, studio: Studio) -> None:
-    """Add the routes and turn our errors into A1111-style ``{"detail": ...}`` 4xx replies."""
-
-    def handler(status: int):
-        async def respond(request: Request, exc: Exception) -> JSONResponse:
-            return JSONResponse({"detail": str(exc), "error": type(exc).__name__}, status_code=status)
-        return respond
-
-    app.add_exception_handler(RequestError, handler(400))
-    app.add_exception_handler(ModelFileError, handler(400))
-    app.add_exception_handler(ModelNotFoundError, handler(404))
-    app.add_exception_handler(RequestValidationError, _validation_handler)
     app.include_router(build_router(studio))
-
-
-async def _validation_handler(request: Request, exc: RequestValidationError) -> JSONResponse:
-    errors = exc.errors()
-    summary = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in errors)
-    return JSONResponse({"detail": summary or "invalid request", "errors": json.loads(json.dumps(
-        errors, default=str))}, status_code=422)

@@ -1,0 +1,154 @@
+"""REST API against a studio started the way a user starts it (python app.py)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+import time
+
+import pytest
+import requests
+from PIL import Image
+
+from studio.generation.infotext import parse_infotext
+
+SMALL = {"prompt": "a blue sphere", "steps": 3, "width": 64, "height": 64, "seed": 4321,
+         "sampler_name": "Euler a"}
+
+
+def api(server, path):
+    return f"{server.url}/sdapi/v1/{path}"
+
+
+def test_sd_models_titles(server):
+    models = requests.get(api(server, "sd-models")).json()
+    names = {m["model_name"] for m in models}
+    assert {"tiny-sd1", "tiny-sdxl"} <= names
+    for m in models:
+        assert set(m) >= {"title", "model_name", "hash", "sha256", "filename", "config"}
+
+
+def test_samplers_and_schedulers(server):
+    samplers = requests.get(api(server, "samplers")).json()
+    assert "Euler a" in [s["name"] for s in samplers]
+    schedulers = requests.get(api(server, "schedulers")).json()
+    assert {"Automatic", "Karras", "Exponential"} <= {s["label"] for s in schedulers}
+
+
+def test_options_switch_checkpoint(server):
+    models = requests.get(api(server, "sd-models")).json()
+    xl = next(m for m in models if m["model_name"] == "tiny-sdxl")
+    r = requests.post(api(server, "options"), json={"sd_model_checkpoint": xl["title"]})
+    assert r.status_code == 200
+    opts = requests.get(api(server, "options")).json()
+    assert opts["sd_model_checkpoint"].startswith("tiny-sdxl.safetensors [")
+    r = requests.post(api(server, "options"), json={"sd_model_checkpoint": "nope.safetensors"})
+    assert r.status_code == 404 and "not found" in r.json()["detail"]
+    assert requests.get(api(server, "options")).json()["sd_model_checkpoint"] == opts["sd_model_checkpoint"]
+
+
+def test_txt2img_response_shape_and_infotext(server):
+    r = requests.post(api(server, "txt2img"), json={**SMALL, "batch_size": 2})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert set(body) == {"images", "parameters", "info"}
+    info = json.loads(body["info"])
+    assert info["all_seeds"] == [4321, 4322]
+    assert len(info["infotexts"]) == 2
+    image = Image.open(io.BytesIO(base64.b64decode(body["images"][0])))
+    assert image.size == (64, 64)
+    parsed = parse_infotext(image.info["parameters"])
+    assert parsed["Seed"] == "4321" and parsed["Sampler"] == "Euler a"
+    # the same request reproduces the same pixels
+    again = requests.post(api(server, "txt2img"), json={**SMALL, "batch_size": 2}).json()
+    assert again["images"][0] == body["images"][0]
+
+
+def test_txt2img_infotext_field_fills_unset_fields(server):
+    text = "a tree\nNegative prompt: fog\nSteps: 2, Sampler: DPM++ 2M Karras, CFG scale: 5, Seed: 99, Size: 72x64"
+    r = requests.post(api(server, "txt2img"), json={"infotext": text, "width": 64})
+    assert r.status_code == 200, r.text
+    info = json.loads(r.json()["info"])
+    assert (info["prompt"], info["negative_prompt"], info["seed"], info["steps"]) == ("a tree", "fog", 99, 2)
+    assert info["sampler_name"] == "DPM++ 2M" and info["scheduler"] == "Karras"
+    assert (info["width"], info["height"]) == (64, 64)  # explicit width wins
+
+
+def test_png_info_round_trip(server):
+    body = requests.post(api(server, "txt2img"), json=SMALL).json()
+    r = requests.post(api(server, "png-info"), json={"image": "data:image/png;base64," + body["images"][0]})
+    assert r.status_code == 200
+    out = r.json()
+    assert out["parameters"]["Prompt"] == "a blue sphere"
+    assert out["info"].startswith("a blue sphere\nSteps: 3")
+
+
+def test_progress_interrupt_and_skip_while_running(server):
+    result = {}
+
+    def run():
+        result["r"] = requests.post(api(server, "txt2img"),
+                                    json={**SMALL, "steps": 150, "width": 128, "height": 128, "n_iter": 4})
+
+    t = threading.Thread(target=run)
+    t.start()
+    deadline = time.monotonic() + 60
+    seen = None
+    while time.monotonic() < deadline:
+        p = requests.get(api(server, "progress")).json()
+        if p["state"]["sampling_step"] >= 2:
+            seen = p
+            break
+        time.sleep(0.05)
+    assert seen is not None, "progress never reported steps"
+    assert seen["state"]["job_count"] >= 1 and 0 < seen["progress"] < 1
+    assert requests.post(api(server, "skip")).status_code == 200
+    assert requests.post(api(server, "interrupt")).status_code == 200
+    t.join(60)
+    r = result["r"]
+    assert r.status_code == 200
+    assert json.loads(r.json()["info"])["interrupted"] is True
+    idle = requests.get(api(server, "progress")).json()
+    assert idle["state"]["job_count"] == 0
+
+
+@pytest.mark.parametrize("payload,status,needle", [
+    ({**SMALL, "width": 30}, 400, "width"),
+    ({**SMALL, "steps": -1}, 400, "steps"),
+    ({**SMALL, "cfg_scale": 99}, 400, "cfg_scale"),
+    ({**SMALL, "sampler_name": "Bogus"}, 400, "Valid samplers"),
+    ({**SMALL, "scheduler": "Bogus"}, 400, "Valid schedule types"),
+    ({**SMALL, "steps": "many"}, 422, "steps"),
+    ({**SMALL, "override_settings": {"sd_model_checkpoint": "../../secret.ckpt"}}, 404, "not found"),
+    ({**SMALL, "override_settings": {"sd_model_checkpoint": "/etc/passwd"}}, 404, "not found"),
+])
+def test_bad_requests_get_4xx_with_detail(server, payload, status, needle):
+    r = requests.post(api(server, "txt2img"), json=payload)
+    assert r.status_code == status, r.text
+    assert needle in json.dumps(r.json()["detail"])
+    assert requests.post(api(server, "txt2img"), json=SMALL).status_code == 200
+
+
+def test_malformed_json_and_bad_images(server):
+    r = requests.post(api(server, "txt2img"), data="{not json", headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and "detail" in r.json()
+    r = requests.post(api(server, "png-info"), json={"image": "!!!notbase64"})
+    assert r.status_code == 400 and "base64" in r.json()["detail"]
+    r = requests.post(api(server, "png-info"), json={"image": base64.b64encode(b"plain text").decode()})
+    assert r.status_code == 400 and "not a readable image" in r.json()["detail"]
+
+
+def test_webuiapi_client(server):
+    webuiapi = pytest.importorskip("webuiapi")
+    client = webuiapi.WebUIApi(host="127.0.0.1", port=server.port)
+    titles = client.util_get_model_names()
+    sd1 = next(t for t in titles if t.startswith("tiny-sd1"))
+    client.util_set_model(sd1)
+    assert client.util_get_current_model().startswith("tiny-sd1")
+    result = client.txt2img(prompt="a house", steps=2, width=64, height=64, seed=5, cfg_scale=6)
+    assert result.image.size == (64, 64)
+    assert result.info["all_seeds"] == [5]
+    info = client.png_info(result.image)
+    assert info.info.startswith("a house")
