@@ -151,6 +151,10 @@ class Catalog:
         with self._lock:
             self._extra = [e for e in self._extra if e.path != info.path] + [info]
 
+    def clear_extra(self) -> None:
+        with self._lock:
+            self._extra = []
+
     def items(self) -> list[CheckpointInfo]:
         with self._lock:
             return list(self._items) + list(self._extra)

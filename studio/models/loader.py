@@ -29,6 +29,9 @@ from studio.models.state_dict import ModelFileError, load_state_dict
 from studio.models.tokenizer import make_clip_tokenizer
 
 log = logging.getLogger(__name__)
+# diffusers warns about "modules that should be kept in float32: []" on every dtype cast
+# of SD models, which have none; the empty list makes it pure noise in the user's console.
+logging.getLogger("diffusers.models.modeling_utils").setLevel(logging.ERROR)
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 

@@ -36,7 +36,9 @@ class ModelManager:
 
     def refresh(self) -> list[CheckpointInfo]:
         items = self.catalog.refresh()
-        if not items and self.demo_dir is not None:
+        if items:
+            self.catalog.clear_extra()  # the demo is only offered while there is nothing else
+        elif self.demo_dir is not None:
             from studio.models.demo import ensure_demo_checkpoint
 
             self.catalog.add_extra(ensure_demo_checkpoint(self.demo_dir))

@@ -13,7 +13,9 @@ from __future__ import annotations
 import functools
 import gzip
 import importlib.util
+import inspect
 import json
+import tempfile
 from pathlib import Path
 
 from transformers import CLIPTokenizer
@@ -39,7 +41,7 @@ def bpe_vocab_path() -> Path:
     """
     spec = importlib.util.find_spec("open_clip")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("open_clip (open-clip-torch) is not installed; it ships the CLIP BPE vocabulary")
+        raise FileNotFoundError("open-clip-torch is not installed; it ships the CLIP BPE vocabulary")
     path = Path(list(spec.submodule_search_locations)[0]) / VOCAB_FILE_NAME
     if not path.is_file():
         raise FileNotFoundError(f"CLIP BPE vocabulary not found at {path}")
@@ -89,17 +91,15 @@ def make_clip_tokenizer(pad_token: str = EOS_TOKEN) -> CLIPTokenizer:
     ``pad_token`` is ``"<|endoftext|>"`` for SD1 and SDXL ``tokenizer`` and
     ``"!"`` (id 0) for SD2 and SDXL ``tokenizer_2``.
     """
+    if "vocab" not in inspect.signature(CLIPTokenizer.__init__).parameters:
+        # transformers 4 only builds CLIPTokenizer from vocab/merges files.
+        with tempfile.TemporaryDirectory() as directory:
+            write_tokenizer_files(directory, pad_token=pad_token)
+            return CLIPTokenizer.from_pretrained(directory, local_files_only=True)
+    special = {"unk_token": EOS_TOKEN, "bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "pad_token": pad_token}
     vocab, merges = clip_vocab_and_merges()
     # Copies, so that the tokenizer can never alter the cached tables.
-    return CLIPTokenizer(
-        vocab=dict(vocab),
-        merges=list(merges),
-        unk_token=EOS_TOKEN,
-        bos_token=BOS_TOKEN,
-        eos_token=EOS_TOKEN,
-        pad_token=pad_token,
-        model_max_length=MODEL_MAX_LENGTH,
-    )
+    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=MODEL_MAX_LENGTH, **special)
 
 
 def write_tokenizer_files(directory: str | Path, pad_token: str = EOS_TOKEN) -> Path:

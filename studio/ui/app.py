@@ -31,7 +31,7 @@ def demo_banner_text(studio: Studio) -> str:
     return (
         "**Demo model.** No checkpoint was found, so the studio offers its built-in demo model "
         "(tiny, random weights: it makes abstract images, not pictures). Put your SD 1.x, SD 2.x or "
-        f"SDXL `.safetensors` / `.ckpt` files in `{folder}` and press 🔄."
+        f"SDXL `.safetensors` / `.ckpt` files in `{folder}` and press ↻."
     )
 
 
@@ -42,7 +42,7 @@ def build_ui(studio: Studio) -> gr.Blocks:
                 choices=[c.title for c in studio.checkpoints()], value=studio.current_title,
                 label="Stable Diffusion checkpoint", elem_id="setting_sd_model_checkpoint", scale=6,
             )
-            refresh = gr.Button("🔄", elem_id="refresh_sd_model_checkpoint", scale=0, min_width=48)
+            refresh = gr.Button("↻", elem_id="refresh_sd_model_checkpoint", scale=0, min_width=48)
             model_status = gr.Markdown(_model_status(studio), elem_id="model_status")
         banner = gr.Markdown(demo_banner_text(studio), elem_id="demo_banner",
                              visible=bool(demo_banner_text(studio)))

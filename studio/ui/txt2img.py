@@ -76,7 +76,7 @@ def build_txt2img_tab(studio: Studio) -> Txt2ImgControls:
                 cfg = gr.Slider(1, 30, value=7, step=0.5, label="CFG Scale", elem_id="txt2img_cfg_scale")
                 with gr.Row():
                     seed = gr.Number(value=-1, label="Seed", precision=0, elem_id="txt2img_seed", scale=4)
-                    random_seed = gr.Button("🎲", elem_id="txt2img_random_seed", scale=0, min_width=40)
+                    random_seed = gr.Button("⚄", elem_id="txt2img_random_seed", scale=0, min_width=40)
                     reuse_seed = gr.Button("♻️", elem_id="txt2img_reuse_seed", scale=0, min_width=40)
                 clip_skip = gr.Slider(1, 12, value=1, step=1, label="Clip skip", elem_id="txt2img_clip_skip")
             with gr.Column(scale=1):

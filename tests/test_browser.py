@@ -1,0 +1,64 @@
+"""The UI as a user sees it: app.py started, headless Debian Chromium driven by Playwright."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = "/usr/bin/chromium"
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian chromium not installed (.ci/run installs it)"),
+]
+
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    playwright = pytest.importorskip("playwright.sync_api")
+    with playwright.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(server.url, wait_until="domcontentloaded")
+        page.locator("#txt2img_generate").wait_for(timeout=60_000)
+        yield page
+        browser.close()
+
+
+def test_type_prompt_generate_and_see_image(page, artifacts_dir):
+    page.locator("#txt2img_prompt textarea").fill("a lighthouse at dusk, oil painting")
+    for elem, value in (("#txt2img_width", "64"), ("#txt2img_height", "64"), ("#txt2img_steps", "3")):
+        box = page.locator(f"{elem} input[type=number]")
+        box.fill(value)
+        box.press("Enter")
+    page.locator("#txt2img_generate").click()
+    page.locator("#txt2img_gallery img").first.wait_for(timeout=120_000)
+    info = page.locator("#txt2img_info textarea")
+    info.wait_for()
+    page.wait_for_function(
+        "() => document.querySelector('#txt2img_info textarea').value.includes('Steps: 3')", timeout=30_000)
+    text = info.input_value()
+    assert text.startswith("a lighthouse at dusk, oil painting\n")
+    assert "Size: 64x64" in text and "Model hash: " in text
+    page.screenshot(path=str(Path(artifacts_dir) / "txt2img.png"), full_page=True)
+
+
+def test_bad_value_shows_error_and_ui_keeps_working(page, artifacts_dir):
+    seed = page.locator("#txt2img_seed input")
+    seed.fill("99999999999")
+    page.locator("#txt2img_generate").click()
+    error = page.locator("#txt2img_error")
+    page.wait_for_function(
+        "() => document.querySelector('#txt2img_error').innerText.includes('seed must be at most')",
+        timeout=30_000)
+    assert "seed must be at most" in error.inner_text()
+    page.screenshot(path=str(Path(artifacts_dir) / "txt2img-error.png"), full_page=True)
+    seed.fill("7")
+    page.locator("#txt2img_generate").click()
+    page.wait_for_function(
+        "() => document.querySelector('#txt2img_info textarea').value.includes('Seed: 7,')", timeout=120_000)

@@ -1,0 +1,56 @@
+"""The CLI and the built-in demo model, run as a user runs them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from PIL import Image
+
+from studio.config import Flags
+from studio.core import Studio
+from studio.generation.infotext import parse_infotext
+from studio.generation.request import Txt2ImgRequest
+from tests.helpers import REPO, make_models_dir
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "studio", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+
+
+def test_demo_model_offered_when_no_checkpoint(tmp_path):
+    studio = Studio.create(Flags(data_dir=str(tmp_path)))
+    items = studio.checkpoints()
+    assert len(items) == 1 and items[0].is_demo
+    model = studio.select_checkpoint(None)
+    assert model.info.is_demo and model.family == "sd1"
+    result = studio.txt2img(Txt2ImgRequest(prompt="anything", steps=2, width=64, height=64, seed=3))
+    assert result.images[0].size == (64, 64)
+    # once real checkpoints exist the demo is no longer offered
+    make_models_dir(tmp_path)
+    assert all(not c.is_demo for c in studio.refresh_checkpoints())
+
+
+def test_cli_generate_models_and_pnginfo(tmp_path):
+    make_models_dir(tmp_path)
+    listing = run_cli("models", "--data-dir", str(tmp_path))
+    assert listing.returncode == 0 and "tiny-sd1.safetensors" in listing.stdout
+    out = tmp_path / "cli-out"
+    gen = run_cli("generate", "--data-dir", str(tmp_path), "-p", "a small boat, at sea", "--steps", "2",
+                  "--width", "64", "--height", "64", "--seed", "11", "--batch-size", "2", "--out", str(out))
+    assert gen.returncode == 0, gen.stderr
+    files = sorted(out.glob("*.png"))
+    assert [f.name for f in files] == ["00000-11.png", "00001-12.png"]
+    info = parse_infotext(Image.open(files[1]).info["parameters"])
+    assert info["Prompt"] == "a small boat, at sea" and info["Seed"] == "12"
+    shown = run_cli("pnginfo", str(files[0]))
+    assert shown.returncode == 0 and "Seed: 11," in shown.stdout
+
+
+def test_cli_reports_bad_input(tmp_path):
+    make_models_dir(tmp_path)
+    bad = run_cli("generate", "--data-dir", str(tmp_path), "-p", "x", "--sampler", "Nope")
+    assert bad.returncode == 2 and "Valid samplers" in bad.stderr
+    missing = run_cli("pnginfo", str(tmp_path / "none.png"))
+    assert missing.returncode == 2 and "error" in missing.stderr
