@@ -23,6 +23,7 @@ import torch
 
 from studio.devices import DevicePolicy
 from studio.models.arch import derive_configs
+from studio.models.bundled import match_bundled
 from studio.models.catalog import CheckpointInfo
 from studio.models.probe import SD2_TE, CheckpointProbe, probe_checkpoint
 from studio.models.state_dict import ModelFileError, load_state_dict
@@ -151,7 +152,8 @@ def load_checkpoint(info: CheckpointInfo, policy: DevicePolicy, config_cache: Pa
         missing = "VAE" if not probe.has_vae else "text encoder"
         raise ModelFileError(f"{info.name}: the checkpoint has no {missing} weights (UNet-only files are not supported)")
     configs = derive_configs(shapes, probe)
-    config_dir = write_config_dir(configs, config_cache)
+    # Standard-size files use the shipped configs; any other size gets a derived config dir.
+    config_dir = match_bundled(configs) or write_config_dir(configs, config_cache)
     timer.record("derive config")
 
     dtype, vae_dtype = policy.dtype, policy.vae_dtype
