@@ -83,6 +83,11 @@ def bench_dtype(data_dir: Path, no_half: bool, size: int, steps: int, runs: int)
     pipe.set_progress_bar_config(disable=True)
 
     def run_diffusers():
+        # on the studio's worker thread too: two threads driving torch make their OpenMP
+        # pools spin against each other on a 2-core machine, which would skew both timings
+        studio.queue.run(lambda state: run_pipe())
+
+    def run_pipe():
         pipe("a photo of a cat", negative_prompt="blurry", num_inference_steps=steps, height=size, width=size,
              guidance_scale=7.0, generator=torch.Generator("cpu").manual_seed(1))
 

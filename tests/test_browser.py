@@ -62,3 +62,37 @@ def test_bad_value_shows_error_and_ui_keeps_working(page, artifacts_dir):
     page.locator("#txt2img_generate").click()
     page.wait_for_function(
         "() => document.querySelector('#txt2img_info textarea').value.includes('Seed: 7,')", timeout=120_000)
+
+
+def test_png_info_tab_reads_parameters_and_refuses_garbage(page, server, artifacts_dir, tmp_path):
+    import base64
+
+    import requests
+
+    body = requests.post(f"{server.url}/sdapi/v1/txt2img", json={
+        "prompt": "a castle, at night: moody", "steps": 2, "width": 64, "height": 64, "seed": 31}).json()
+    png = tmp_path / "castle.png"
+    png.write_bytes(base64.b64decode(body["images"][0]))
+    garbage = tmp_path / "broken.png"
+    garbage.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+
+    page.get_by_role("tab", name="PNG Info").click()
+    page.locator("#pnginfo_image input[type=file]").set_input_files(str(png))
+    page.wait_for_function(
+        "() => document.querySelector('#pnginfo_generation_info textarea').value.includes('Seed: 31')",
+        timeout=30_000)
+    assert page.locator("#pnginfo_generation_info textarea").input_value().startswith("a castle, at night: moody")
+    page.screenshot(path=str(Path(artifacts_dir) / "pnginfo.png"), full_page=True)
+
+    page.locator("#pnginfo_send_txt2img").click()
+    page.wait_for_function(
+        "() => document.querySelector('#txt2img_prompt textarea').value === 'a castle, at night: moody'",
+        timeout=30_000)
+    assert page.locator("#txt2img_seed input").input_value() == "31"
+
+    page.get_by_role("tab", name="PNG Info").click()
+    page.locator("#pnginfo_image button[aria-label='Clear']").click()
+    page.locator("#pnginfo_image input[type=file]").set_input_files(str(garbage))
+    page.wait_for_function(
+        "() => document.querySelector('#pnginfo_message').innerText.includes('not a readable image')",
+        timeout=30_000)

@@ -156,8 +156,9 @@ def make_scheduler(sampler: SamplerSpec, schedule: ScheduleSpec, base_config: di
     config["timestep_spacing"] = sampler.spacing
     config.update(sampler.kwargs)
     config.update(sched.kwargs)
+    # steps_offset only matters for "leading" spacing; SD's value is 1 (diffusers warns otherwise)
     if "steps_offset" in accepted:
-        config["steps_offset"] = 1 if config.get("timestep_spacing") == "leading" else 0
+        config["steps_offset"] = 1
     return cls(**{k: v for k, v in config.items() if k in accepted})
 
 

@@ -222,8 +222,6 @@ def run_txt2img(
                 show = preview_every > 0 and (i + 1) % preview_every == 0 and i + 1 < len(timesteps)
                 state.advance((lambda lat=latents: latent_preview(lat[0], model.is_sdxl)) if show else None)
 
-        if state.interrupted or state.skipped:
-            result.interrupted = result.interrupted or state.interrupted
         images = decode_latents(model, latents)
         for seed, image in zip(seeds, images):
             infotext = make_infotext(req, model, seed, schedule.label)
@@ -232,4 +230,5 @@ def run_txt2img(
             result.infotexts.append(infotext)
             if outdir is not None and req.save_images:
                 result.paths.append(save_image(image, infotext, outdir, seed))
+    result.interrupted = state.interrupted
     return result

@@ -128,11 +128,14 @@ def _drop_unused_sd2_layer(sd: dict[str, torch.Tensor], te_config: dict[str, Any
     return {k: v for k, v in sd.items() if not k.startswith(prefix)}
 
 
-def _place(policy: DevicePolicy, *modules: Any) -> None:
-    for module in modules:
+def _place(policy: DevicePolicy, unet: Any, vae: Any, *text_encoders: Any) -> None:
+    for module in (unet, vae, *text_encoders):
         if next(module.parameters()).device != policy.device:
             module.to(policy.device)
         module.eval().requires_grad_(False)
+    if policy.channels_last:
+        unet.to(memory_format=torch.channels_last)
+        vae.to(memory_format=torch.channels_last)
 
 
 def load_checkpoint(info: CheckpointInfo, policy: DevicePolicy, config_cache: Path) -> LoadedModel:

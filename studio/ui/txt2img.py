@@ -50,7 +50,7 @@ def build_txt2img_tab(studio: Studio) -> Txt2ImgControls:
         with gr.Row(equal_height=False):
             with gr.Column(scale=4):
                 prompt = gr.Textbox(label="Prompt", lines=3, elem_id="txt2img_prompt",
-                                    placeholder="Prompt (press Ctrl+Enter or Alt+Enter to generate)")
+                                    placeholder="Prompt (A1111 syntax; longer than 75 tokens is fine)")
                 negative = gr.Textbox(label="Negative prompt", lines=2, elem_id="txt2img_neg_prompt")
             with gr.Column(scale=1, min_width=180):
                 generate = gr.Button("Generate", variant="primary", elem_id="txt2img_generate", size="lg")
@@ -127,7 +127,6 @@ def build_txt2img_tab(studio: Studio) -> Txt2ImgControls:
 
     outputs = [gallery, preview, progress, info, error, last_seed]
     generate.click(run, inputs, outputs, concurrency_limit=None)
-    prompt.submit(run, inputs, outputs, concurrency_limit=None)
     interrupt.click(lambda: studio.queue.interrupt() and None, None, None, queue=False)
     skip.click(lambda: studio.queue.skip() and None, None, None, queue=False)
     random_seed.click(lambda: -1, None, seed, queue=False)
