@@ -2,11 +2,12 @@
 
 import logging
 
-from studio.config import parse_flags
+from studio.config import force_offline, parse_flags
 from studio.server import serve
 
 
 def main() -> None:
+    force_offline()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     serve(parse_flags())
 

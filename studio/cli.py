@@ -13,7 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
-from studio.config import Flags, parse_flags
+from studio.config import Flags, force_offline, parse_flags
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None)
@@ -149,6 +149,7 @@ def cmd_pnginfo(ns: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    force_offline()
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if argv[:1] == ["serve"]:

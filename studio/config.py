@@ -18,6 +18,16 @@ from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
+
+def force_offline() -> None:
+    """Nothing may reach a hub: make any accidental hub call fail at once. Must run before
+    huggingface_hub is imported, because it reads these variables at import time."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
 # Folder names follow A1111 so an existing models/ tree can be pointed at directly.
 MODEL_FOLDERS = (
     "Stable-diffusion",

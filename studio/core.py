@@ -5,28 +5,21 @@ all call it, so every front door runs the same code."""
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from studio.config import Flags, Paths, Settings
+from studio.config import Flags, Paths, Settings, force_offline
 from studio.devices import DevicePolicy, resolve_policy
 from studio.generation.request import RequestError, Txt2ImgRequest, validate_txt2img
-from studio.generation.txt2img import GenerationResult, run_txt2img
 from studio.jobs import Job, JobQueue, JobState
 from studio.models.catalog import Catalog, CheckpointInfo, HashCache
-from studio.models.loader import LoadedModel
 from studio.models.manager import ModelManager
 
+if TYPE_CHECKING:  # diffusers/transformers load on first use, not at start-up
+    from studio.generation.txt2img import GenerationResult
+    from studio.models.loader import LoadedModel
+
 log = logging.getLogger(__name__)
-
-
-def force_offline() -> None:
-    """Loading must never reach a hub: make any accidental hub call fail at once."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    os.environ.setdefault("DO_NOT_TRACK", "1")
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 
 @dataclass
@@ -70,11 +63,32 @@ class Studio:
         self.settings.update({"sd_model_checkpoint": model.info.title, "sd_checkpoint_hash": model.info.sha256})
         return model
 
-    def load_initial_model(self) -> LoadedModel | None:
+    def initial_checkpoint(self) -> str | None:
         preferred = self.settings.get("sd_model_checkpoint")
         if preferred and self.models.catalog.find(preferred) is None:
             preferred = None
-        return self.select_checkpoint(preferred) if self.checkpoints() else None
+        return preferred
+
+    def load_initial_model(self) -> LoadedModel | None:
+        return self.select_checkpoint(self.initial_checkpoint()) if self.checkpoints() else None
+
+    def start_initial_load(self) -> Job | None:
+        """Queue the first model load without waiting: the server answers while it loads,
+        and the first generation simply waits behind it in the queue."""
+        if not self.checkpoints():
+            return None
+        query = self.initial_checkpoint()
+
+        def job(state: JobState) -> None:
+            state.textinfo = "Loading model"
+            try:
+                model = self.models.load(query)
+            except Exception as e:  # noqa: BLE001 - reported, the studio keeps serving
+                log.error("Could not load the initial model: %s", e)
+                return
+            self.settings.update({"sd_model_checkpoint": model.info.title, "sd_checkpoint_hash": model.info.sha256})
+
+        return self.queue.submit(job, "initial model load")
 
     @property
     def current_title(self) -> str | None:
@@ -91,6 +105,8 @@ class Studio:
             every = 0
 
         def job(state: JobState) -> GenerationResult:
+            from studio.generation.txt2img import run_txt2img
+
             model = self.models.load(req.checkpoint)
             outdir = self.paths.outputs / "txt2img-images"
             return run_txt2img(model, req, state, outdir, preview_every=every)
@@ -101,4 +117,4 @@ class Studio:
         return self.submit_txt2img(req).wait(timeout)
 
 
-__all__ = ["Studio", "RequestError", "force_offline"]
+__all__ = ["Studio", "RequestError"]

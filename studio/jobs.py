@@ -110,7 +110,7 @@ class JobQueue:
                 job.result = job.fn(job.state)
             except BaseException as e:  # noqa: BLE001 - a failed job must never stop the worker
                 job.error = e
-                if not isinstance(e, (ValueError, KeyError)):
+                if not isinstance(e, (ValueError, LookupError)):  # user errors need no traceback
                     log.exception("job %s failed", job.state.job_id)
             finally:
                 with self._lock:

@@ -34,10 +34,7 @@ def serve(flags: Flags, block: bool = True):
             log.warning("Serving beyond this machine (--listen/--share) without --gradio-auth: anyone who "
                         "can reach the port can use the studio.")
     if not flags.skip_load_model_at_start:
-        try:
-            studio.load_initial_model()
-        except Exception as e:  # noqa: BLE001 - a bad model must not stop the server
-            log.error("Could not load the initial model: %s", e)
+        studio.start_initial_load()
 
     from studio.api.routes import install_api
 

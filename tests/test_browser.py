@@ -96,3 +96,22 @@ def test_png_info_tab_reads_parameters_and_refuses_garbage(page, server, artifac
     page.wait_for_function(
         "() => document.querySelector('#pnginfo_message').innerText.includes('not a readable image')",
         timeout=30_000)
+
+
+def test_batch_gallery_shows_each_images_parameters(page, artifacts_dir):
+    page.get_by_role("tab", name="txt2img").click()
+    page.locator("#txt2img_seed input").fill("100")
+    size = page.locator("#txt2img_batch_size input[type=number]")
+    size.fill("2")
+    size.press("Enter")
+    page.locator("#txt2img_generate").click()
+    page.wait_for_function(
+        "() => document.querySelector('#txt2img_info textarea').value.includes('Seed: 100,')", timeout=120_000)
+    thumbs = page.locator("#txt2img_gallery button.thumbnail-item")
+    thumbs.nth(1).wait_for(timeout=30_000)
+    thumbs.nth(1).click()
+    page.wait_for_function(
+        "() => document.querySelector('#txt2img_info textarea').value.includes('Seed: 101,')", timeout=30_000)
+    page.screenshot(path=str(Path(artifacts_dir) / "txt2img-batch.png"), full_page=True)
+    size.fill("1")
+    size.press("Enter")

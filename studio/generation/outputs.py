@@ -49,8 +49,13 @@ def save_image(image: Image.Image, infotext: str, outdir: Path, seed: int) -> Pa
             return target
         except FileExistsError:
             continue
+        except OSError:
+            # filesystems without hard links: a plain rename (no race protection needed there)
+            os.replace(tmp, target)
+            return target
         finally:
-            os.unlink(tmp)
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
 
 def read_infotext(image: Image.Image) -> str | None:

@@ -6,11 +6,10 @@ API clients still send combined names such as "DPM++ 2M Karras", which are split
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from dataclasses import dataclass, field
 from typing import Any
-
-import diffusers
 
 
 @dataclass(frozen=True)
@@ -142,7 +141,8 @@ def _accepted_kwargs(cls: type) -> set[str]:
 def make_scheduler(sampler: SamplerSpec, schedule: ScheduleSpec, base_config: dict[str, Any]):
     """Build a fresh diffusers scheduler. Raises ValueError if the sampler cannot use the
     schedule (e.g. Karras sigmas on DDIM), naming the schedule types it does accept."""
-    cls = getattr(diffusers, sampler.scheduler_class)
+    # imported here so the UI and API can list samplers without paying diffusers' import time
+    cls = getattr(importlib.import_module("diffusers"), sampler.scheduler_class)
     accepted = _accepted_kwargs(cls)
     sched = effective_schedule(sampler, schedule)
     unsupported = [k for k in sched.kwargs if k not in accepted]

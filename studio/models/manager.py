@@ -10,13 +10,16 @@ from __future__ import annotations
 import gc
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from studio.devices import DevicePolicy
 from studio.models.catalog import Catalog, CheckpointInfo
-from studio.models.loader import LoadedModel, load_checkpoint
 from studio.models.state_dict import ModelFileError
+
+if TYPE_CHECKING:
+    from studio.models.loader import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +81,8 @@ class ModelManager:
             self.catalog.ensure_hash(info)
         except OSError as e:
             raise ModelFileError(f"{info.name}: cannot read file: {e}") from e
+        from studio.models.loader import load_checkpoint  # diffusers: imported on first load
+
         model = load_checkpoint(info, self.policy, self.config_cache)
         previous, self.current = self.current, model
         if previous is not None:

@@ -79,6 +79,10 @@ def build_ui(studio: Studio) -> gr.Blocks:
                     gr.update(value=text, visible=bool(text)))
 
         checkpoint.input(choose, checkpoint, [checkpoint, model_status])
+        # the first model loads in the background; show its state whenever a page opens
+        blocks.load(lambda: (gr.update(choices=[c.title for c in studio.checkpoints()],
+                                       value=studio.current_title), _model_status(studio)),
+                    None, [checkpoint, model_status], queue=False)
         refresh.click(do_refresh, None, [checkpoint, banner])
 
         def read_png(path):
@@ -106,5 +110,6 @@ def build_ui(studio: Studio) -> gr.Blocks:
 def _model_status(studio: Studio) -> str:
     current = studio.models.current
     if current is None:
-        return "_No model loaded._"
+        busy = studio.queue.current
+        return "_Loading model…_" if busy and busy.description == "initial model load" else "_No model loaded._"
     return f"{current.label}" + (" · **demo**" if current.info.is_demo else "")

@@ -76,8 +76,8 @@ def build_txt2img_tab(studio: Studio) -> Txt2ImgControls:
                 cfg = gr.Slider(1, 30, value=7, step=0.5, label="CFG Scale", elem_id="txt2img_cfg_scale")
                 with gr.Row():
                     seed = gr.Number(value=-1, label="Seed", precision=0, elem_id="txt2img_seed", scale=4)
-                    random_seed = gr.Button("⚄", elem_id="txt2img_random_seed", scale=0, min_width=40)
-                    reuse_seed = gr.Button("♻️", elem_id="txt2img_reuse_seed", scale=0, min_width=40)
+                    random_seed = gr.Button("Random", elem_id="txt2img_random_seed", scale=0, min_width=70)
+                    reuse_seed = gr.Button("♻ Last", elem_id="txt2img_reuse_seed", scale=0, min_width=70)
                 clip_skip = gr.Slider(1, 12, value=1, step=1, label="Clip skip", elem_id="txt2img_clip_skip")
             with gr.Column(scale=1):
                 progress = gr.HTML("", elem_id="txt2img_progress")
@@ -89,6 +89,7 @@ def build_txt2img_tab(studio: Studio) -> Txt2ImgControls:
                 info = gr.Textbox(label="Generation parameters", lines=4, interactive=False,
                                   elem_id="txt2img_info", buttons=["copy"])
         last_seed = gr.State(-1)
+        infotexts = gr.State([])
 
     inputs = [prompt, negative, steps, sampler, schedule, cfg, seed, width, height, n_iter, batch_size,
               clip_skip]
@@ -103,7 +104,7 @@ def build_txt2img_tab(studio: Studio) -> Txt2ImgControls:
             )
             job = studio.submit_txt2img(req)
         except USER_ERRORS as e:
-            yield gr.update(), gr.update(visible=False), gr.update(), "", f"**Error:** {e}", gr.update()
+            yield gr.update(), gr.update(visible=False), gr.update(), "", f"**Error:** {e}", gr.update(), gr.update()
             return
         seen = -1
         while not job.done.wait(0.2):
@@ -111,21 +112,29 @@ def build_txt2img_tab(studio: Studio) -> Txt2ImgControls:
             html = progress_html(s.step, s.total, s.batch, s.batches, s.eta, studio.queue.job_count)
             if s.preview is not None and s.preview_id != seen:
                 seen = s.preview_id
-                yield gr.update(), gr.update(value=s.preview, visible=True), html, gr.update(), "", gr.update()
+                yield (gr.update(), gr.update(value=s.preview, visible=True), html, gr.update(), "", gr.update(),
+                       gr.update())
             else:
-                yield gr.update(), gr.update(), html, gr.update(), "", gr.update()
+                yield gr.update(), gr.update(), html, gr.update(), "", gr.update(), gr.update()
             time.sleep(0.05)
         try:
             result = job.wait()
         except USER_ERRORS as e:
-            yield gr.update(), gr.update(visible=False), "", gr.update(), f"**Error:** {e}", gr.update()
+            yield gr.update(), gr.update(visible=False), "", gr.update(), f"**Error:** {e}", gr.update(), gr.update()
             return
         notes = " ".join(result.notes + (["Interrupted."] if result.interrupted else []))
         images = [(img, f"seed {s}") for img, s in zip(result.images, result.seeds)]
         yield (images, gr.update(visible=False), "", result.infotexts[0] if result.infotexts else "",
-               f"_{notes}_" if notes else "", result.seeds[0] if result.seeds else -1)
+               f"_{notes}_" if notes else "", result.seeds[0] if result.seeds else -1, result.infotexts)
 
-    outputs = [gallery, preview, progress, info, error, last_seed]
+    def show_selected(texts: list[str], evt: gr.SelectData):
+        # clicking an image shows its own parameters (each image has its own seed)
+        if texts and evt.index is not None and evt.index < len(texts):
+            return texts[evt.index]
+        return gr.update()
+
+    outputs = [gallery, preview, progress, info, error, last_seed, infotexts]
+    gallery.select(show_selected, infotexts, info, queue=False)
     generate.click(run, inputs, outputs, concurrency_limit=None)
     interrupt.click(lambda: studio.queue.interrupt() and None, None, None, queue=False)
     skip.click(lambda: studio.queue.skip() and None, None, None, queue=False)
