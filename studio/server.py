@@ -61,6 +61,7 @@ def serve(flags: Flags, block: bool = True):
         server_name=flags.host, server_port=flags.port, share=flags.share,
         auth=parse_auth(flags.gradio_auth), prevent_thread_lock=True, inbrowser=flags.inbrowser,
         quiet=True, css=CSS, show_error=True, footer_links=["api"],
+        app_kwargs={"docs_url": "/docs"},  # Gradio turns FastAPI's docs off by default
     )
     install_api(app, studio)
     print(f"Studio running on {local_url}" + (f" and {share_url}" if share_url else ""), flush=True)

@@ -30,6 +30,11 @@ def test_sd_models_titles(server):
         assert set(m) >= {"title", "model_name", "hash", "sha256", "filename", "config"}
 
 
+def test_openapi_docs(server):
+    assert requests.get(server.url + "/docs").status_code == 200
+    assert "/sdapi/v1/txt2img" in requests.get(server.url + "/openapi.json").json()["paths"]
+
+
 def test_samplers_and_schedulers(server):
     samplers = requests.get(api(server, "samplers")).json()
     assert "Euler a" in [s["name"] for s in samplers]
@@ -152,3 +157,18 @@ def test_webuiapi_client(server):
     assert result.info["all_seeds"] == [5]
     info = client.png_info(result.image)
     assert info.info.startswith("a house")
+
+
+def test_nowebui_serves_only_the_api(tmp_path):
+    from tests.helpers import Server, make_models_dir
+
+    make_models_dir(tmp_path)
+    srv = Server(tmp_path, "--nowebui")
+    try:
+        srv.wait_ready()
+        assert requests.get(api(srv, "samplers")).status_code == 200
+        assert requests.get(srv.url + "/").status_code == 404  # no UI
+        r = requests.post(api(srv, "txt2img"), json=SMALL)
+        assert r.status_code == 200 and len(r.json()["images"]) == 1
+    finally:
+        srv.stop()

@@ -115,3 +115,24 @@ def test_batch_gallery_shows_each_images_parameters(page, artifacts_dir):
     page.screenshot(path=str(Path(artifacts_dir) / "txt2img-batch.png"), full_page=True)
     size.fill("1")
     size.press("Enter")
+
+
+def test_corrupt_checkpoint_in_dropdown_shows_error_and_keeps_model(page, server, artifacts_dir):
+    folder = server.data_dir / "models" / "Stable-diffusion"
+    body = b"{broken header, not json"
+    (folder / "broken.safetensors").write_bytes(len(body).to_bytes(8, "little") + body)
+    page.get_by_role("tab", name="txt2img").click()
+    page.locator("#refresh_sd_model_checkpoint").click()
+    dropdown = page.locator("#setting_sd_model_checkpoint input")
+    page.wait_for_timeout(500)
+    dropdown.click()
+    page.get_by_role("option", name="broken.safetensors").click()
+    page.wait_for_function(
+        "() => document.querySelector('#model_status').innerText.includes('corrupt')", timeout=30_000)
+    page.screenshot(path=str(Path(artifacts_dir) / "corrupt-checkpoint.png"), full_page=True)
+    assert dropdown.input_value().startswith("tiny-")  # the previous model is still selected
+    page.locator("#txt2img_seed input").fill("5")
+    page.locator("#txt2img_generate").click()
+    page.wait_for_function(
+        "() => document.querySelector('#txt2img_info textarea').value.includes('Seed: 5,')", timeout=120_000)
+    (folder / "broken.safetensors").unlink()

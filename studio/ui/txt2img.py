@@ -76,8 +76,8 @@ def build_txt2img_tab(studio: Studio) -> Txt2ImgControls:
                 cfg = gr.Slider(1, 30, value=7, step=0.5, label="CFG Scale", elem_id="txt2img_cfg_scale")
                 with gr.Row():
                     seed = gr.Number(value=-1, label="Seed", precision=0, elem_id="txt2img_seed", scale=4)
-                    random_seed = gr.Button("Random", elem_id="txt2img_random_seed", scale=0, min_width=70)
-                    reuse_seed = gr.Button("♻ Last", elem_id="txt2img_reuse_seed", scale=0, min_width=70)
+                    random_seed = gr.Button("Random", elem_id="txt2img_random_seed", scale=0, min_width=84, size="sm")
+                    reuse_seed = gr.Button("Reuse", elem_id="txt2img_reuse_seed", scale=0, min_width=84, size="sm")
                 clip_skip = gr.Slider(1, 12, value=1, step=1, label="Clip skip", elem_id="txt2img_clip_skip")
             with gr.Column(scale=1):
                 progress = gr.HTML("", elem_id="txt2img_progress")
