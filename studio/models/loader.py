@@ -214,12 +214,11 @@ def load_diffusers_folder(info: CheckpointInfo, policy: DevicePolicy) -> LoadedM
         raise ModelFileError(f"{info.name}: incomplete or corrupt diffusers folder: {e}") from e
     timer.record("load weights from disk")
     sdxl = "XL" in index.get("_class_name", "") or len(text_encoders) == 2
-    hidden = text_encoders[0].config.hidden_size
     family = "sdxl" if sdxl else ("sd2" if text_encoders[0].config.hidden_act == "gelu" else "sd1")
     in_ch = unet.config.in_channels
     probe = CheckpointProbe(
         family=family, variant={9: "inpaint", 8: "ip2p"}.get(in_ch, "base"), in_channels=in_ch,
-        prediction_type=sched.get("prediction_type", "epsilon"), has_vae=True, has_text_encoder=hidden > 0,
+        prediction_type=sched.get("prediction_type", "epsilon"), has_vae=True, has_text_encoder=True,
     )
     tokenizers = [make_clip_tokenizer(pad_token="!" if family == "sd2" else "<|endoftext|>")]
     if sdxl:
