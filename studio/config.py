@@ -51,6 +51,8 @@ class Flags:
     api: bool = False
     nowebui: bool = False
     ckpt_dir: str | None = None
+    embeddings_dir: str | None = None
+    styles_file: str | None = None
     data_dir: str | None = None
     models_dir: str | None = None
     skip_load_model_at_start: bool = False
@@ -86,6 +88,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--api", action="store_true", help="serve /sdapi/v1 next to the UI (always on)")
     p.add_argument("--nowebui", action="store_true", help="serve only the REST API")
     p.add_argument("--ckpt-dir", default=None, help="extra folder scanned for checkpoints")
+    p.add_argument("--embeddings-dir", default=None, help="extra folder scanned for textual-inversion embeddings")
+    p.add_argument("--styles-file", default=None, help="prompt styles CSV (default <data-dir>/styles.csv)")
     p.add_argument("--data-dir", default=None, help="where settings, caches and outputs live")
     p.add_argument("--models-dir", default=None, help="models root (default: <repo>/models)")
     p.add_argument("--skip-load-model-at-start", action="store_true")
@@ -113,6 +117,8 @@ class Paths:
     data: Path
     models: Path
     ckpt_dirs: tuple[Path, ...]
+    embedding_dirs: tuple[Path, ...] = ()
+    styles_file: Path | None = None
 
     @classmethod
     def from_flags(cls, flags: Flags) -> Paths:
@@ -124,7 +130,12 @@ class Paths:
         ckpt = [models / "Stable-diffusion"]
         if flags.ckpt_dir:
             ckpt.append(Path(flags.ckpt_dir).expanduser().resolve())
-        return cls(data=data, models=models, ckpt_dirs=tuple(ckpt))
+        # A1111 reads a top-level embeddings/ folder; models/embeddings is read too
+        emb = [data / "embeddings", models / "embeddings"]
+        if flags.embeddings_dir:
+            emb.append(Path(flags.embeddings_dir).expanduser().resolve())
+        styles = Path(flags.styles_file).expanduser().resolve() if flags.styles_file else data / "styles.csv"
+        return cls(data=data, models=models, ckpt_dirs=tuple(ckpt), embedding_dirs=tuple(emb), styles_file=styles)
 
     @property
     def vae(self) -> Path:

@@ -14,6 +14,8 @@ from studio.generation.request import RequestError, Txt2ImgRequest, validate_txt
 from studio.jobs import Job, JobQueue, JobState
 from studio.models.catalog import Catalog, CheckpointInfo, HashCache
 from studio.models.manager import ModelManager
+from studio.networks.embeddings import EmbeddingLibrary
+from studio.prompts.styles import StyleDatabase, StyleError
 
 if TYPE_CHECKING:  # diffusers/transformers load on first use, not at start-up
     from studio.generation.txt2img import GenerationResult
@@ -30,6 +32,8 @@ class Studio:
     policy: DevicePolicy
     models: ModelManager
     queue: JobQueue
+    embeddings: EmbeddingLibrary
+    styles: StyleDatabase
 
     @classmethod
     def create(cls, flags: Flags) -> Studio:
@@ -42,7 +46,9 @@ class Studio:
         demo_dir = None if flags.no_demo else paths.cache_dir / "demo"
         models = ModelManager(catalog, policy, paths.cache_dir / "configs", demo_dir)
         models.refresh()
-        studio = cls(flags, paths, settings, policy, models, JobQueue())
+        embeddings = EmbeddingLibrary(list(paths.embedding_dirs))
+        studio = cls(flags, paths, settings, policy, models, JobQueue(), embeddings,
+                     StyleDatabase(paths.styles_file))
         log.info("Device policy: %s", policy.label)
         return studio
 
@@ -57,7 +63,9 @@ class Studio:
         """Load a checkpoint on the worker and remember it as the user's choice."""
         def job(state: JobState) -> LoadedModel:
             state.textinfo = f"Loading {query}"
-            return self.models.load(query)
+            model = self.models.load(query)
+            self._sync_embeddings()
+            return model
 
         model = self.queue.run(job, f"load {query}")
         self.settings.update({"sd_model_checkpoint": model.info.title, "sd_checkpoint_hash": model.info.sha256})
@@ -83,6 +91,7 @@ class Studio:
             state.textinfo = "Loading model"
             try:
                 model = self.models.load(query)
+                self._sync_embeddings()
             except Exception as e:  # noqa: BLE001 - reported, the studio keeps serving
                 log.error("Could not load the initial model: %s", e)
                 return
@@ -95,8 +104,53 @@ class Studio:
         current = self.models.current
         return current.info.title if current else None
 
+    # -- embeddings and styles ----------------------------------------------------------
+    def refresh_embeddings(self) -> None:
+        self.queue.run(lambda state: self._sync_embeddings(), "refresh embeddings")
+
+    def _sync_embeddings(self) -> None:
+        """Rescan the embedding folders (only changed files are re-read) and hand the
+        embeddings that fit the loaded model to its prompt encoder."""
+        self.embeddings.refresh()
+        model = self.models.current
+        if model is None:
+            return
+        loaded, _skipped = self.embeddings.resolve(model.text_widths)
+        current = model.conditioner.embeddings
+        if {k: id(v) for k, v in loaded.items()} != {k: id(v) for k, v in current.items()}:
+            model.conditioner.set_embeddings(loaded)
+
+    def embeddings_api(self) -> dict:
+        model = self.models.current
+        if model is None:
+            return {"loaded": {}, "skipped": {}}
+        return self.embeddings.api_dict(model.text_widths)
+
+    def token_count(self, text: str, steps: int = 20) -> tuple[int, int]:
+        """A1111's counter: the longest text any step will see, extra-network tags removed.
+        Returns (tokens, limit) where the limit grows in steps of 75."""
+        from studio.prompts.encode import tokenize_prompt
+        from studio.prompts.parser import extract_extra_networks, prompt_schedule, split_and
+
+        text, _ = extract_extra_networks(text or "")
+        model = self.models.current
+        if model is not None:
+            tokenizer, index = model.tokenizers[0], model.conditioner.index
+        else:
+            from studio.models.tokenizer import make_clip_tokenizer
+            tokenizer, index = make_clip_tokenizer(), None
+        texts = [t for sub, _ in split_and(text) for _, t in prompt_schedule(sub, steps)] or [""]
+        count = max(tokenize_prompt(tokenizer, t, index)[1] for t in texts)
+        return count, max(75, -(-count // 75) * 75)
+
     # -- generation ---------------------------------------------------------------------
     def submit_txt2img(self, req: Txt2ImgRequest) -> Job:
+        if req.styles:
+            try:
+                prompt, negative = self.styles.apply(req.styles, req.prompt, req.negative_prompt)
+            except StyleError as e:
+                raise RequestError(str(e)) from e
+            req = req.with_changes(prompt=prompt, negative_prompt=negative, styles=())
         req = validate_txt2img(req)
         if req.clip_skip == 1 and self.settings.get("CLIP_stop_at_last_layers", 1) > 1:
             req = req.with_changes(clip_skip=int(self.settings.get("CLIP_stop_at_last_layers")))
@@ -108,6 +162,7 @@ class Studio:
             from studio.generation.txt2img import run_txt2img
 
             model = self.models.load(req.checkpoint)
+            self._sync_embeddings()
             outdir = self.paths.outputs / "txt2img-images"
             return run_txt2img(model, req, state, outdir, preview_every=every)
 

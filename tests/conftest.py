@@ -22,8 +22,13 @@ def server(tmp_path_factory):
     """One studio server (UI + API) for the API and browser tests."""
     from tests.helpers import Server, make_models_dir
 
+    from studio.testing.embeddings import random_vectors, write_a1111_pt
+
     root = tmp_path_factory.mktemp("served")
     make_models_dir(root, (("sd1", ".safetensors"), ("sdxl", ".safetensors")))
+    write_a1111_pt(root / "embeddings" / "tinyemb.pt", random_vectors(2, 32, seed=1))
+    (root / "styles.csv").write_text("name,prompt,negative_prompt\nframed,\"{prompt}, framed\",blurry\n",
+                                     encoding="utf-8")
     srv = Server(root)
     try:
         srv.wait_ready()

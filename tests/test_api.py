@@ -30,6 +30,24 @@ def test_sd_models_titles(server):
         assert set(m) >= {"title", "model_name", "hash", "sha256", "filename", "config"}
 
 
+def test_embeddings_styles_endpoints(server):
+    models = requests.get(api(server, "sd-models")).json()
+    sd1 = next(m for m in models if m["model_name"] == "tiny-sd1")
+    assert requests.post(api(server, "options"), json={"sd_model_checkpoint": sd1["title"]}).status_code == 200
+    assert requests.post(api(server, "refresh-embeddings")).status_code == 200
+    emb = requests.get(api(server, "embeddings")).json()
+    assert set(emb) == {"loaded", "skipped"}
+    assert emb["loaded"]["tinyemb"]["vectors"] == 2 and emb["loaded"]["tinyemb"]["shape"] == 32
+    styles = requests.get(api(server, "prompt-styles")).json()
+    assert styles == [{"name": "framed", "prompt": "{prompt}, framed", "negative_prompt": "blurry"}]
+    r = requests.post(api(server, "txt2img"), json={**SMALL, "prompt": "tinyemb castle", "styles": ["framed"]})
+    info = json.loads(r.json()["info"])
+    assert info["prompt"] == "tinyemb castle, framed"
+    assert "TI hashes: \"tinyemb: " in info["infotexts"][0] or "TI hashes: tinyemb: " in info["infotexts"][0]
+    bad = requests.post(api(server, "txt2img"), json={**SMALL, "styles": ["missing"]})
+    assert bad.status_code == 400 and "Unknown style" in bad.json()["detail"]
+
+
 def test_openapi_docs(server):
     assert requests.get(server.url + "/docs").status_code == 200
     assert "/sdapi/v1/txt2img" in requests.get(server.url + "/openapi.json").json()["paths"]

@@ -136,3 +136,22 @@ def test_corrupt_checkpoint_in_dropdown_shows_error_and_keeps_model(page, server
     page.wait_for_function(
         "() => document.querySelector('#txt2img_info textarea').value.includes('Seed: 5,')", timeout=120_000)
     (folder / "broken.safetensors").unlink()
+
+
+def test_token_counter_and_styles(page, artifacts_dir):
+    page.get_by_role("tab", name="txt2img").click()
+    page.locator("#txt2img_prompt textarea").fill("a photo of a cat")
+    page.wait_for_function(
+        "() => document.querySelector('#txt2img_token_counter').innerText.trim() === '5/75'", timeout=30_000)
+    page.locator("#txt2img_prompt textarea").fill(" ".join(["tower"] * 80))
+    page.wait_for_function(
+        "() => document.querySelector('#txt2img_token_counter').innerText.trim() === '80/150'", timeout=30_000)
+    page.locator("#txt2img_prompt textarea").fill("cat")
+    page.locator("#txt2img_styles input").click()
+    page.get_by_role("option", name="framed").click()
+    page.locator("#txt2img_style_apply").click()
+    page.wait_for_function(
+        "() => document.querySelector('#txt2img_prompt textarea').value === 'cat, framed'", timeout=30_000)
+    assert page.locator("#txt2img_neg_prompt textarea").input_value() == "blurry"
+    page.screenshot(path=str(Path(artifacts_dir) / "styles.png"), full_page=True)
+    page.locator("#txt2img_neg_prompt textarea").fill("")

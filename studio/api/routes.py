@@ -78,6 +78,7 @@ def to_request(body: Txt2ImgAPIRequest, studio: Studio) -> tuple[Txt2ImgRequest,
         eta=values.get("eta"),
         checkpoint=checkpoint,
         save_images=bool(values["save_images"]),
+        styles=tuple(values.get("styles") or ()),
     )
     return req, checkpoint
 
@@ -147,6 +148,20 @@ def build_router(studio: Studio) -> APIRouter:
         if changes:
             studio.settings.update(changes)
         return {}
+
+    @r.get("/embeddings")
+    def embeddings() -> dict[str, Any]:
+        return studio.embeddings_api()
+
+    @r.post("/refresh-embeddings")
+    def refresh_embeddings() -> dict[str, Any]:
+        studio.refresh_embeddings()
+        return {}
+
+    @r.get("/prompt-styles")
+    def prompt_styles() -> list[dict[str, Any]]:
+        studio.styles.reload()
+        return [s.api_dict() for s in studio.styles.all()]
 
     @r.get("/cmd-flags")
     def cmd_flags() -> dict[str, Any]:

@@ -35,6 +35,7 @@ class Txt2ImgRequest:
     scheduler: str = "Automatic"
     clip_skip: int = 1
     eta: float | None = None
+    styles: tuple[str, ...] = ()       # names from styles.csv, applied before generation
     checkpoint: str | None = None      # title/name; None = the loaded one
     save_images: bool = True
     notes: tuple[str, ...] = field(default_factory=tuple)  # adjustments made by validate()

@@ -30,7 +30,8 @@ from studio.generation.request import Txt2ImgRequest, resolve_seed
 from studio.generation.samplers import effective_schedule, make_scheduler, split_sampler_name
 from studio.jobs import JobState
 from studio.models.loader import LoadedModel
-from studio.prompts.encode import encode_pair
+from studio.prompts.parser import extract_extra_networks
+from studio.prompts.schedule import ConditioningPlan
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,8 @@ def _fmt(x: float) -> str:
     return f"{x:g}"
 
 
-def make_infotext(req: Txt2ImgRequest, model: LoadedModel, seed: int, schedule_label: str) -> str:
+def make_infotext(req: Txt2ImgRequest, model: LoadedModel, seed: int, schedule_label: str,
+                  ti_hashes: dict[str, str] | None = None) -> str:
     params: dict[str, Any] = {
         "Steps": req.steps,
         "Sampler": req.sampler_name,
@@ -105,9 +107,22 @@ def make_infotext(req: Txt2ImgRequest, model: LoadedModel, seed: int, schedule_l
         "Clip skip": req.clip_skip if req.clip_skip > 1 else None,
         "RNG": "CPU",
         "Eta": _fmt(req.eta) if req.eta is not None else None,
+        "TI hashes": ", ".join(f"{k}: {v}" for k, v in ti_hashes.items()) if ti_hashes else None,
         "Version": f"studio-{__version__}",
     }
     return build_infotext(req.prompt, req.negative_prompt, params)
+
+
+def guide(preds: tuple[torch.Tensor, ...], weights: list[float], cfg_scale: float, has_uncond: bool) -> torch.Tensor:
+    """Classifier-free guidance over AND sub-prompts (A1111's composable diffusion):
+    uncond + cfg * sum_i w_i * (cond_i - uncond)."""
+    if not has_uncond:
+        return preds[0]
+    uncond, conds = preds[0], preds[1:]
+    total = torch.zeros_like(uncond)
+    for cond, weight in zip(conds, weights):
+        total += weight * (cond - uncond)
+    return uncond + cfg_scale * total
 
 
 def initial_noise(seeds: list[int], shape: tuple[int, int, int]) -> tuple[torch.Tensor, list[torch.Generator]]:
@@ -161,7 +176,18 @@ def run_txt2img(
     latent_ch = model.vae.config.latent_channels
     h, w = req.height // 8, req.width // 8
 
-    result = GenerationResult([], [], [], [], req, model, notes=list(req.notes))
+    prompt, tags = extract_extra_networks(req.prompt)
+    negative, neg_tags = extract_extra_networks(req.negative_prompt)
+    conditioner = model.conditioner
+    plan = ConditioningPlan(conditioner, prompt, negative, req.steps, req.clip_skip)
+    ti_hashes = {e.name: e.hash for text in plan.all_texts for e in conditioner.used_embeddings(text)}
+    notes = list(req.notes)
+    if tags or neg_tags:
+        names = ", ".join(f"<{t.kind}:{t.name}>" for t in [*tags, *neg_tags])
+        notes.append(f"Extra networks {names} were recognised but not applied: LoRA and hypernetwork "
+                     "support comes with the model-manager work.")
+
+    result = GenerationResult([], [], [], [], req, model, notes=notes)
     state.batches = req.n_iter
     for batch_index in range(req.n_iter):
         if state.interrupted:
@@ -171,19 +197,12 @@ def run_txt2img(
         seeds = [base_seed + batch_index * req.batch_size + j for j in range(req.batch_size)]
         state.textinfo = f"Batch {batch_index + 1} of {req.n_iter}"
 
-        cond, uncond = encode_pair(model, [req.prompt] * len(seeds), [req.negative_prompt] * len(seeds),
-                                   req.clip_skip)
-        use_cfg = req.cfg_scale != 1.0
-        context = torch.cat([uncond.embeds, cond.embeds]) if use_cfg else cond.embeds
-        context = context.to(device, dtype)
-        added: dict[str, torch.Tensor] | None = None
+        use_uncond = req.cfg_scale != 1.0 or len(plan.weights) > 1
+        batch = len(seeds)
+        added_time_ids = None
         if model.is_sdxl:
-            time_ids = torch.tensor([[req.height, req.width, 0, 0, req.height, req.width]], dtype=dtype)
-            pooled = torch.cat([uncond.pooled, cond.pooled]) if use_cfg else cond.pooled
-            added = {
-                "text_embeds": pooled.to(device, dtype),
-                "time_ids": time_ids.repeat(pooled.shape[0], 1).to(device),
-            }
+            added_time_ids = torch.tensor([[req.height, req.width, 0, 0, req.height, req.width]], dtype=dtype,
+                                          device=device)
 
         scheduler = make_scheduler(sampler, schedule, model.scheduler_config)
         scheduler.set_timesteps(req.steps, device=device)
@@ -208,23 +227,28 @@ def run_txt2img(
             for i, t in enumerate(timesteps):
                 if state.interrupted or state.skipped:
                     break
-                x = torch.cat([latents, latents]) if use_cfg else latents
-                x = scheduler.scale_model_input(x, t)
+                # second-order samplers call the model twice per step; prompt schedules count steps
+                embeds, pooled = plan.at(i * req.steps // len(timesteps))
+                if not use_uncond:
+                    embeds, pooled = embeds[1:], (pooled[1:] if pooled is not None else None)
+                groups = embeds.shape[0]
+                context = embeds.to(device, dtype).repeat_interleave(batch, dim=0)
+                added = None
+                if added_time_ids is not None:
+                    added = {"text_embeds": pooled.to(device, dtype).repeat_interleave(batch, dim=0),
+                             "time_ids": added_time_ids.repeat(groups * batch, 1)}
+                x = scheduler.scale_model_input(latents.repeat(groups, 1, 1, 1), t)
                 if inpaint_cond is not None:
-                    ic = torch.cat([inpaint_cond, inpaint_cond]) if use_cfg else inpaint_cond
-                    x = torch.cat([x, ic], dim=1)
-                pred = unet(x.to(dtype), t, encoder_hidden_states=context, added_cond_kwargs=added).sample
-                pred = pred.float()
-                if use_cfg:
-                    p_uncond, p_cond = pred.chunk(2)
-                    pred = p_uncond + req.cfg_scale * (p_cond - p_uncond)
+                    x = torch.cat([x, inpaint_cond.repeat(groups, 1, 1, 1)], dim=1)
+                pred = unet(x.to(dtype), t, encoder_hidden_states=context, added_cond_kwargs=added).sample.float()
+                pred = guide(pred.chunk(groups), plan.weights, req.cfg_scale, use_uncond)
                 latents = scheduler.step(pred, t, latents, **extra_step).prev_sample
                 show = preview_every > 0 and (i + 1) % preview_every == 0 and i + 1 < len(timesteps)
                 state.advance((lambda lat=latents: latent_preview(lat[0], model.is_sdxl)) if show else None)
 
         images = decode_latents(model, latents)
         for seed, image in zip(seeds, images):
-            infotext = make_infotext(req, model, seed, schedule.label)
+            infotext = make_infotext(req, model, seed, schedule.label, ti_hashes)
             result.images.append(image)
             result.seeds.append(seed)
             result.infotexts.append(infotext)

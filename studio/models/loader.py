@@ -55,6 +55,18 @@ class LoadedModel:
     prediction_type: str
     policy: DevicePolicy
     timings: dict[str, float] = field(default_factory=dict)
+    conditioner: Any = None  # the model's TextConditioner (prompt encoding + cache)
+
+    def __post_init__(self) -> None:
+        from studio.prompts.encode import TextConditioner
+
+        self.conditioner = TextConditioner(self)
+
+    @property
+    def text_widths(self) -> dict[str, int]:
+        """Text-encoder widths keyed as embedding files key them."""
+        widths = [te.config.hidden_size for te in self.text_encoders]
+        return {"clip_l": widths[0], "clip_g": widths[1]} if self.is_sdxl else {"default": widths[0]}
 
     @property
     def family(self) -> str:

@@ -1,82 +1,236 @@
-"""CLIP encoding of prompts the way A1111 feeds them to the model.
+"""CLIP encoding of prompts exactly the way A1111 feeds them to the model.
 
-Prompts longer than 75 tokens are split into 75-token chunks, each wrapped in BOS/EOS
-and padded to 77, encoded separately and concatenated along the sequence axis; the
-negative prompt is padded with empty chunks to the same length. Clip skip picks an
-earlier hidden layer (then the final layer norm, as A1111 does for SD1/SD2). SDXL
-concatenates both encoders' penultimate-layer states and takes the pooled output of the
-second encoder's first chunk.
+A1111's ``sd_hijack_clip`` rules, reproduced:
+- the prompt is split into weighted pieces (``parse_attention``); each piece is tokenized and
+  the tokens fill 75-token chunks, each wrapped in BOS/EOS and padded to 77; ``BREAK`` closes
+  the current chunk; when a chunk fills up within 20 tokens after a comma, the tail after the
+  comma moves to the next chunk (``comma_padding_backtrack``);
+- textual-inversion embeddings are found by their name's token ids and take ``n_vectors``
+  placeholder slots; their vectors replace the token embeddings at those slots;
+- every chunk is encoded separately (clip skip: an earlier hidden layer, then the final layer
+  norm for SD1/SD2; SDXL uses the penultimate layer of both encoders), multiplied by the token
+  weights and rescaled to keep its original mean ("Original" emphasis), and the chunks are
+  concatenated; SDXL's pooled vector is the second encoder's, from the first chunk;
+- after the first EOS, OpenCLIP encoders see their own pad id (0), CLIP-L sees EOS.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from studio.prompts.parser import parse_attention
+
 CHUNK = 75
+COMMA_BACKTRACK = 20
+CACHE_SIZE = 64
+
+
+@dataclass
+class Chunk:
+    tokens: list[int] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+    fixes: list[tuple[int, Any]] = field(default_factory=list)  # (offset in chunk, Embedding)
 
 
 @dataclass
 class Conditioning:
-    embeds: torch.Tensor            # [batch, 77 * chunks, width]
-    pooled: torch.Tensor | None     # [batch, proj] for SDXL
+    embeds: torch.Tensor            # [1, 77 * chunks, width]
+    pooled: torch.Tensor | None     # [1, proj] for SDXL
+
+    @property
+    def chunks(self) -> int:
+        return self.embeds.shape[1] // 77
 
 
-def chunk_ids(tokenizer, text: str) -> list[list[int]]:
-    ids = tokenizer(text, add_special_tokens=False, truncation=False)["input_ids"]
-    chunks = [ids[i:i + CHUNK] for i in range(0, len(ids), CHUNK)] or [[]]
+class EmbeddingIndex:
+    """Embeddings keyed by the first token id of their name, longest names first, so the
+    token stream can be matched as A1111's ``find_embedding_at_position`` does."""
+
+    def __init__(self, tokenizer, embeddings: dict[str, Any]):
+        self.by_first: dict[int, list[tuple[tuple[int, ...], Any]]] = {}
+        for name, emb in embeddings.items():
+            ids = tuple(tokenizer(name, add_special_tokens=False)["input_ids"])
+            if ids:
+                self.by_first.setdefault(ids[0], []).append((ids, emb))
+        for entries in self.by_first.values():
+            entries.sort(key=lambda e: len(e[0]), reverse=True)
+
+    def match(self, tokens: list[int], pos: int) -> tuple[Any, int] | tuple[None, int]:
+        for ids, emb in self.by_first.get(tokens[pos], ()):
+            if tuple(tokens[pos:pos + len(ids)]) == ids:
+                return emb, len(ids)
+        return None, 0
+
+
+def tokenize_prompt(tokenizer, text: str, index: EmbeddingIndex | None = None,
+                    comma_backtrack: int = COMMA_BACKTRACK) -> tuple[list[Chunk], int]:
+    """Chunks of exactly 77 tokens (BOS + 75 + EOS) and the prompt's token count."""
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    return [[bos, *c, eos] + [pad] * (CHUNK - len(c)) for c in chunks]
+    comma = tokenizer(",", add_special_tokens=False)["input_ids"][0]
+    chunks: list[Chunk] = []
+    chunk = Chunk()
+    count = 0
+    last_comma = -1
+
+    def close(is_last: bool = False) -> None:
+        nonlocal chunk, count, last_comma
+        count += len(chunk.tokens) if is_last else CHUNK
+        missing = CHUNK - len(chunk.tokens)
+        chunk.tokens = [bos] + chunk.tokens + [eos] * missing + [eos]
+        chunk.weights = [1.0] + chunk.weights + [1.0] * missing + [1.0]
+        chunks.append(chunk)
+        chunk = Chunk()
+        last_comma = -1
+
+    for piece, weight in parse_attention(text):
+        if piece == "BREAK" and weight == -1:
+            close()
+            continue
+        tokens = tokenizer(piece, add_special_tokens=False)["input_ids"]
+        pos = 0
+        while pos < len(tokens):
+            token = tokens[pos]
+            if token == comma:
+                last_comma = len(chunk.tokens)
+            elif (comma_backtrack and len(chunk.tokens) == CHUNK and last_comma != -1
+                  and len(chunk.tokens) - last_comma <= comma_backtrack):
+                cut = last_comma + 1
+                moved_tokens, moved_weights = chunk.tokens[cut:], chunk.weights[cut:]
+                moved_fixes = [(o - cut, e) for o, e in chunk.fixes if o >= cut]
+                chunk.tokens, chunk.weights = chunk.tokens[:cut], chunk.weights[:cut]
+                chunk.fixes = [(o, e) for o, e in chunk.fixes if o < cut]
+                close()
+                chunk.tokens, chunk.weights, chunk.fixes = moved_tokens, moved_weights, moved_fixes
+            if len(chunk.tokens) == CHUNK:
+                close()
+            emb, length = index.match(tokens, pos) if index else (None, 0)
+            if emb is None:
+                chunk.tokens.append(token)
+                chunk.weights.append(weight)
+                pos += 1
+                continue
+            n = emb.n_vectors
+            if len(chunk.tokens) + n > CHUNK:
+                close()
+            chunk.fixes.append((len(chunk.tokens), emb))
+            chunk.tokens += [0] * n
+            chunk.weights += [weight] * n
+            pos += length
+    if chunk.tokens or not chunks:
+        close(is_last=True)
+    return chunks, count
 
 
-def token_count(tokenizer, text: str) -> int:
-    return len(tokenizer(text, add_special_tokens=False, truncation=False)["input_ids"])
+@contextlib.contextmanager
+def _spliced(encoder, rows: list[list[tuple[int, torch.Tensor]]]):
+    """Replace token embeddings at embedding slots (offset + 1 for BOS), A1111's
+    ``EmbeddingsWithFixes``. CLIPTextModel takes only ids, so a forward hook does it."""
+    if not any(rows):
+        yield
+        return
+    module = getattr(encoder, "text_model", encoder).embeddings.token_embedding
+
+    def hook(_module, _inputs, output):
+        output = output.clone()
+        for row, fixes in enumerate(rows):
+            for offset, vec in fixes:
+                n = min(output.shape[1] - offset - 1, vec.shape[0])
+                output[row, offset + 1:offset + 1 + n] = vec[:n].to(output.dtype)
+        return output
+
+    handle = module.register_forward_hook(hook, prepend=True)  # other hooks see the spliced output
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
-def _encode_chunk(encoder, ids: torch.Tensor, layer_from_end: int, final_norm: bool):
-    out = encoder(ids, output_hidden_states=True)
-    hidden = out.hidden_states[-layer_from_end]
-    if final_norm and layer_from_end > 1:
-        hidden = getattr(encoder, "text_model", encoder).final_layer_norm(hidden)
-    elif final_norm:
-        hidden = out.last_hidden_state
-    pooled = getattr(out, "text_embeds", None)
-    return hidden, pooled
+class TextConditioner:
+    """Owned by a loaded model: encodes prompts with its tokenizers and encoders, with the
+    embeddings that fit it, and remembers recent results (a prompt encodes once)."""
 
+    def __init__(self, model, embeddings: dict[str, Any] | None = None):
+        self.model = model
+        self.embeddings = embeddings or {}
+        self.index = EmbeddingIndex(model.tokenizers[0], self.embeddings) if self.embeddings else None
+        self._cache: OrderedDict[tuple[str, int, int], Conditioning] = OrderedDict()
 
-def encode_texts(model, texts: list[str], clip_skip: int, min_chunks: int = 1) -> Conditioning:
-    """Encode each distinct text once; rows follow ``texts``."""
-    device = model.policy.device
-    unique = list(dict.fromkeys(texts))
-    per_text: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
-    chunk_lists = {t: [chunk_ids(tok, t) for tok in model.tokenizers] for t in unique}
-    n_chunks = max([min_chunks] + [len(c[0]) for c in chunk_lists.values()])
-    with torch.inference_mode():
-        for text in unique:
-            parts, pooled = [], None
-            for enc_index, (encoder, chunks) in enumerate(zip(model.text_encoders, chunk_lists[text])):
-                empty = chunk_ids(model.tokenizers[enc_index], "")[0]
-                chunks = chunks + [empty] * (n_chunks - len(chunks))
-                ids = torch.tensor(chunks, device=device)
-                if model.is_sdxl:
-                    hidden, pool = _encode_chunk(encoder, ids, clip_skip + 1, final_norm=False)
+    def set_embeddings(self, embeddings: dict[str, Any]) -> None:
+        self.embeddings = embeddings
+        self.index = EmbeddingIndex(self.model.tokenizers[0], embeddings) if embeddings else None
+        self._cache.clear()
+
+    def token_count(self, text: str) -> int:
+        return tokenize_prompt(self.model.tokenizers[0], text, self.index)[1]
+
+    def chunks(self, text: str) -> list[Chunk]:
+        return tokenize_prompt(self.model.tokenizers[0], text, self.index)[0]
+
+    def used_embeddings(self, text: str) -> list[Any]:
+        seen: dict[str, Any] = {}
+        for chunk in self.chunks(text):
+            for _, emb in chunk.fixes:
+                seen.setdefault(emb.name, emb)
+        return list(seen.values())
+
+    def encode(self, text: str, clip_skip: int, min_chunks: int = 1) -> Conditioning:
+        key = (text, clip_skip, min_chunks)
+        hit = self._cache.get(key)
+        if hit is not None:
+            self._cache.move_to_end(key)
+            return hit
+        result = self._encode(text, clip_skip, min_chunks)
+        self._cache[key] = result
+        while len(self._cache) > CACHE_SIZE:
+            self._cache.popitem(last=False)
+        return result
+
+    def _encode(self, text: str, clip_skip: int, min_chunks: int) -> Conditioning:
+        m = self.model
+        chunks = self.chunks(text)
+        while len(chunks) < min_chunks:
+            chunks += tokenize_prompt(m.tokenizers[0], "")[0]
+        device = m.policy.device
+        weights = torch.tensor([c.weights for c in chunks], dtype=torch.float32, device=device)
+        parts, pooled = [], None
+        with torch.inference_mode():
+            for index, (encoder, tokenizer) in enumerate(zip(m.text_encoders, m.tokenizers)):
+                ids = torch.tensor([_pad_after_eos(c.tokens, tokenizer) for c in chunks], device=device)
+                key = ("clip_l", "clip_g")[index] if m.is_sdxl else "default"
+                rows = [[(o, e.vectors[key].to(device)) for o, e in c.fixes if key in e.vectors] for c in chunks]
+                with _spliced(encoder, rows):
+                    out = encoder(ids, output_hidden_states=True)
+                if m.is_sdxl:
+                    hidden = out.hidden_states[-(clip_skip + 1)]
+                elif clip_skip > 1:
+                    hidden = getattr(encoder, "text_model", encoder).final_layer_norm(out.hidden_states[-clip_skip])
                 else:
-                    hidden, pool = _encode_chunk(encoder, ids, clip_skip, final_norm=True)
+                    hidden = out.last_hidden_state
+                hidden = _emphasis(hidden.float(), weights)
                 parts.append(hidden.reshape(1, -1, hidden.shape[-1]))
-                if pool is not None:
-                    pooled = pool[:1]
-            per_text[text] = (torch.cat(parts, dim=-1), pooled)
-    embeds = torch.cat([per_text[t][0] for t in texts])
-    pooled = None
-    if model.is_sdxl:
-        pooled = torch.cat([per_text[t][1] for t in texts])
-    return Conditioning(embeds, pooled)
+                if getattr(out, "text_embeds", None) is not None:
+                    pooled = out.text_embeds[:1].float()
+        return Conditioning(torch.cat(parts, dim=-1), pooled)
 
 
-def encode_pair(model, prompts: list[str], negatives: list[str], clip_skip: int) -> tuple[Conditioning, Conditioning]:
-    """Positive and negative conditioning with equal chunk counts so they batch together."""
-    tok = model.tokenizers[0]
-    chunks = max(len(chunk_ids(tok, t)) for t in [*prompts, *negatives])
-    return (encode_texts(model, prompts, clip_skip, chunks), encode_texts(model, negatives, clip_skip, chunks))
+def _pad_after_eos(tokens: list[int], tokenizer) -> list[int]:
+    pad = tokenizer.pad_token_id
+    eos = tokenizer.eos_token_id
+    if pad is None or pad == eos:
+        return tokens
+    first = tokens.index(eos)
+    return tokens[:first + 1] + [pad] * (len(tokens) - first - 1)
+
+
+def _emphasis(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """A1111 "Original" emphasis: scale by token weight, then restore the chunk's mean."""
+    if bool((weights == 1.0).all()):
+        return z
+    original = z.mean(dim=(1, 2), keepdim=True)
+    z = z * weights[..., None]
+    return z * (original / z.mean(dim=(1, 2), keepdim=True))

@@ -20,6 +20,8 @@ CSS = """
 .studio-progress span {position: relative; padding-left: 8px; line-height: 26px; font-size: 13px;}
 #demo_banner {border: 1px solid #d97706; background: #fff7ed; color: #7c2d12; border-radius: 8px;
   padding: 4px 12px;}
+.token-counter {font-size: 12px; opacity: .7; float: right; margin-top: -6px;}
+.token-counter.over {color: #dc2626; opacity: 1;}
 #studio_footer {text-align: center; opacity: .7; font-size: 12px;}
 """
 

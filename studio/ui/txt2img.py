@@ -13,8 +13,9 @@ from studio.generation.request import MAX_BATCH_COUNT, MAX_BATCH_SIZE, RequestEr
 from studio.generation.samplers import SAMPLER_NAMES, SCHEDULE_LABELS
 from studio.models.manager import ModelNotFoundError
 from studio.models.state_dict import ModelFileError
+from studio.prompts.styles import StyleError
 
-USER_ERRORS = (RequestError, ModelFileError, ModelNotFoundError)
+USER_ERRORS = (RequestError, ModelFileError, ModelNotFoundError, StyleError)
 
 
 @dataclass
@@ -51,7 +52,22 @@ def build_txt2img_tab(studio: Studio) -> Txt2ImgControls:
             with gr.Column(scale=4):
                 prompt = gr.Textbox(label="Prompt", lines=3, elem_id="txt2img_prompt",
                                     placeholder="Prompt (A1111 syntax; longer than 75 tokens is fine)")
+                prompt_tokens = gr.HTML("<span class='token-counter'>0/75</span>",
+                                        elem_id="txt2img_token_counter")
                 negative = gr.Textbox(label="Negative prompt", lines=2, elem_id="txt2img_neg_prompt")
+                negative_tokens = gr.HTML("<span class='token-counter'>0/75</span>",
+                                          elem_id="txt2img_negative_token_counter")
+                with gr.Row(equal_height=True):
+                    styles = gr.Dropdown(studio.styles.names(), value=[], multiselect=True, label="Styles",
+                                         elem_id="txt2img_styles", scale=4)
+                    apply_styles = gr.Button("Apply styles", elem_id="txt2img_style_apply", scale=0,
+                                             min_width=110, size="sm")
+                    refresh_styles = gr.Button("↻", elem_id="txt2img_style_refresh", scale=0, min_width=40,
+                                               size="sm")
+                with gr.Accordion("Save prompt as a style", open=False):
+                    with gr.Row(equal_height=True):
+                        style_name = gr.Textbox(label="Style name", elem_id="txt2img_style_name", scale=4)
+                        save_style = gr.Button("Save style", elem_id="txt2img_style_save", scale=1, size="sm")
             with gr.Column(scale=1, min_width=180):
                 generate = gr.Button("Generate", variant="primary", elem_id="txt2img_generate", size="lg")
                 with gr.Row():
@@ -92,15 +108,15 @@ def build_txt2img_tab(studio: Studio) -> Txt2ImgControls:
         infotexts = gr.State([])
 
     inputs = [prompt, negative, steps, sampler, schedule, cfg, seed, width, height, n_iter, batch_size,
-              clip_skip]
+              clip_skip, styles]
 
-    def run(p, neg, st, samp, sched, cfg_v, seed_v, w, h, count, size, skip_v):
+    def run(p, neg, st, samp, sched, cfg_v, seed_v, w, h, count, size, skip_v, style_names):
         try:
             req = Txt2ImgRequest(
                 prompt=p or "", negative_prompt=neg or "", steps=int(st), cfg_scale=float(cfg_v),
                 width=int(w), height=int(h), seed=int(seed_v if seed_v is not None else -1),
                 batch_size=int(size), n_iter=int(count), sampler_name=samp, scheduler=sched,
-                clip_skip=int(skip_v),
+                clip_skip=int(skip_v), styles=tuple(style_names or ()),
             )
             job = studio.submit_txt2img(req)
         except USER_ERRORS as e:
@@ -138,6 +154,43 @@ def build_txt2img_tab(studio: Studio) -> Txt2ImgControls:
     generate.click(run, inputs, outputs, concurrency_limit=None)
     interrupt.click(lambda: studio.queue.interrupt() and None, None, None, queue=False)
     skip.click(lambda: studio.queue.skip() and None, None, None, queue=False)
+    def count(text, st):
+        tokens, limit = studio.token_count(text or "", int(st or 20))
+        warn = " over" if tokens > limit else ""
+        return f"<span class='token-counter{warn}'>{tokens}/{limit}</span>"
+
+    prompt.change(count, [prompt, steps], prompt_tokens, queue=False, show_progress="hidden")
+    negative.change(count, [negative, steps], negative_tokens, queue=False, show_progress="hidden")
+
+    def apply_selected(names, p, neg):
+        # A1111: the styles' text moves into the prompt boxes and the selection is cleared
+        try:
+            p, neg = studio.styles.apply(names or [], p or "", neg or "")
+        except USER_ERRORS as e:
+            gr.Warning(str(e))
+            return gr.update(), gr.update(), gr.update()
+        return p, neg, []
+
+    def save(name, p, neg):
+        from studio.prompts.styles import Style
+
+        try:
+            studio.styles.save(Style((name or "").strip(), p or "", neg or ""))
+        except (USER_ERRORS + (OSError,)) as e:
+            gr.Warning(str(e))
+            return gr.update()
+        gr.Info(f"Style {name!r} saved to {studio.styles.path.name}")
+        return gr.update(choices=studio.styles.names())
+
+    def reload_styles():
+        studio.styles.reload()
+        if studio.styles.error:
+            gr.Warning(studio.styles.error)
+        return gr.update(choices=studio.styles.names())
+
+    apply_styles.click(apply_selected, [styles, prompt, negative], [prompt, negative, styles], queue=False)
+    save_style.click(save, [style_name, prompt, negative], styles, queue=False)
+    refresh_styles.click(reload_styles, None, styles, queue=False)
     random_seed.click(lambda: -1, None, seed, queue=False)
     reuse_seed.click(lambda s: s, last_seed, seed, queue=False)
     return Txt2ImgControls(prompt, negative, steps, sampler, schedule, cfg, seed, width, height, clip_skip, tab)

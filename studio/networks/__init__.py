@@ -1,0 +1,1 @@
+"""Extra networks: textual-inversion embeddings and friends (files, not model integration)."""
