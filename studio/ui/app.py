@@ -20,7 +20,10 @@ CSS = """
 .studio-progress span {position: relative; padding-left: 8px; line-height: 26px; font-size: 13px;}
 #demo_banner {border: 1px solid #d97706; background: #fff7ed; color: #7c2d12; border-radius: 8px;
   padding: 4px 12px;}
-.token-counter {font-size: 12px; opacity: .7; float: right; margin-top: -6px;}
+.prompt-box {position: relative; gap: 0 !important;}
+.token-box {position: absolute !important; top: 6px; right: 12px; z-index: 5; width: auto !important;
+  min-width: 0 !important; padding: 0 !important; border: none !important; background: none !important;}
+.token-counter {font-size: 12px; opacity: .75;}
 .token-counter.over {color: #dc2626; opacity: 1;}
 #studio_footer {text-align: center; opacity: .7; font-size: 12px;}
 """
@@ -81,10 +84,17 @@ def build_ui(studio: Studio) -> gr.Blocks:
                     gr.update(value=text, visible=bool(text)))
 
         checkpoint.input(choose, checkpoint, [checkpoint, model_status])
-        # the first model loads in the background; show its state whenever a page opens
-        blocks.load(lambda: (gr.update(choices=[c.title for c in studio.checkpoints()],
-                                       value=studio.current_title), _model_status(studio)),
-                    None, [checkpoint, model_status], queue=False)
+        # The first model loads in the background: a page opened meanwhile polls until it is
+        # there, then the timer switches itself off.
+        watcher = gr.Timer(1.0)
+
+        def sync():
+            loading = studio.models.current is None and studio.queue.current is not None
+            return (gr.update(choices=[c.title for c in studio.checkpoints()], value=studio.current_title),
+                    _model_status(studio), gr.Timer(active=loading))
+
+        blocks.load(sync, None, [checkpoint, model_status, watcher], queue=False)
+        watcher.tick(sync, None, [checkpoint, model_status, watcher], queue=False, show_progress="hidden")
         refresh.click(do_refresh, None, [checkpoint, banner])
 
         def read_png(path):

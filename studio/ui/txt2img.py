@@ -50,14 +50,16 @@ def build_txt2img_tab(studio: Studio) -> Txt2ImgControls:
     with gr.Tab("txt2img", id="txt2img", elem_id="tab_txt2img") as tab:
         with gr.Row(equal_height=False):
             with gr.Column(scale=4):
-                prompt = gr.Textbox(label="Prompt", lines=3, elem_id="txt2img_prompt",
-                                    placeholder="Prompt (A1111 syntax; longer than 75 tokens is fine)")
-                prompt_tokens = gr.HTML("<span class='token-counter'>0/75</span>",
-                                        elem_id="txt2img_token_counter")
-                negative = gr.Textbox(label="Negative prompt", lines=2, elem_id="txt2img_neg_prompt")
-                negative_tokens = gr.HTML("<span class='token-counter'>0/75</span>",
-                                          elem_id="txt2img_negative_token_counter")
-                with gr.Row(equal_height=True):
+                with gr.Column(elem_classes="prompt-box"):
+                    prompt = gr.Textbox(label="Prompt", lines=3, elem_id="txt2img_prompt",
+                                        placeholder="Prompt (A1111 syntax; longer than 75 tokens is fine)")
+                    prompt_tokens = gr.HTML("<span class='token-counter'>0/75</span>",
+                                            elem_id="txt2img_token_counter", elem_classes="token-box")
+                with gr.Column(elem_classes="prompt-box"):
+                    negative = gr.Textbox(label="Negative prompt", lines=2, elem_id="txt2img_neg_prompt")
+                    negative_tokens = gr.HTML("<span class='token-counter'>0/75</span>",
+                                              elem_id="txt2img_negative_token_counter", elem_classes="token-box")
+                with gr.Row(equal_height=False):
                     styles = gr.Dropdown(studio.styles.names(), value=[], multiselect=True, label="Styles",
                                          elem_id="txt2img_styles", scale=4)
                     apply_styles = gr.Button("Apply styles", elem_id="txt2img_style_apply", scale=0,
