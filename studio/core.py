@@ -130,7 +130,8 @@ class Studio:
         """A1111's counter: the longest text any step will see, extra-network tags removed.
         Returns (tokens, limit) where the limit grows in steps of 75."""
         from studio.prompts.encode import tokenize_prompt
-        from studio.prompts.parser import extract_extra_networks, prompt_schedule, split_and
+        from studio.prompts.parser import extract_extra_networks, split_and
+        from studio.prompts.schedule import cached_schedule
 
         text, _ = extract_extra_networks(text or "")
         model = self.models.current
@@ -139,7 +140,7 @@ class Studio:
         else:
             from studio.models.tokenizer import make_clip_tokenizer
             tokenizer, index = make_clip_tokenizer(), None
-        texts = [t for sub, _ in split_and(text) for _, t in prompt_schedule(sub, steps)] or [""]
+        texts = [t for sub, _ in split_and(text) for _, t in cached_schedule(sub, steps)] or [""]
         count = max(tokenize_prompt(tokenizer, t, index)[1] for t in texts)
         return count, max(75, -(-count // 75) * 75)
 

@@ -159,17 +159,27 @@ class TextConditioner:
         self.embeddings = embeddings or {}
         self.index = EmbeddingIndex(model.tokenizers[0], self.embeddings) if self.embeddings else None
         self._cache: OrderedDict[tuple[str, int, int], Conditioning] = OrderedDict()
+        self._chunks: OrderedDict[str, tuple[list[Chunk], int]] = OrderedDict()
 
     def set_embeddings(self, embeddings: dict[str, Any]) -> None:
         self.embeddings = embeddings
         self.index = EmbeddingIndex(self.model.tokenizers[0], embeddings) if embeddings else None
         self._cache.clear()
+        self._chunks.clear()
+
+    def _tokenized(self, text: str) -> tuple[list[Chunk], int]:
+        hit = self._chunks.get(text)
+        if hit is None:
+            hit = self._chunks[text] = tokenize_prompt(self.model.tokenizers[0], text, self.index)
+            while len(self._chunks) > CACHE_SIZE:
+                self._chunks.popitem(last=False)
+        return hit
 
     def token_count(self, text: str) -> int:
-        return tokenize_prompt(self.model.tokenizers[0], text, self.index)[1]
+        return self._tokenized(text)[1]
 
     def chunks(self, text: str) -> list[Chunk]:
-        return tokenize_prompt(self.model.tokenizers[0], text, self.index)[0]
+        return self._tokenized(text)[0]
 
     def used_embeddings(self, text: str) -> list[Any]:
         seen: dict[str, Any] = {}

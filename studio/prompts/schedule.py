@@ -5,12 +5,23 @@ distinct text, and stacked so the sampler loop can run them as one batch."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
 
 from studio.prompts.encode import TextConditioner
 from studio.prompts.parser import prompt_schedule, split_and
+
+
+@functools.lru_cache(maxsize=256)
+def cached_schedule(prompt: str, steps: int) -> tuple[tuple[int, str], ...]:
+    """``prompt_schedule`` without its cost where possible: the Earley parse of a long prompt
+    takes ~0.5 s on a small CPU, yet text without ``[`` can hold no editing or alternation,
+    and a repeated prompt parses once (A1111 likewise skips parsing for an unchanged prompt)."""
+    if "[" not in prompt:
+        return ((steps, prompt),)
+    return tuple(prompt_schedule(prompt, steps))
 
 
 def _pick(schedule: list[tuple[int, str]], step: int) -> str:
@@ -35,8 +46,9 @@ class ConditioningPlan:
     _last_value: tuple | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
-        self.positive = [(prompt_schedule(text, self.steps), weight) for text, weight in split_and(self.prompt)]
-        self.negative_schedule = prompt_schedule(self.negative, self.steps)
+        self.positive = [(list(cached_schedule(text, self.steps)), weight)
+                         for text, weight in split_and(self.prompt)]
+        self.negative_schedule = list(cached_schedule(self.negative, self.steps))
         texts = {t for sched, _ in self.positive for _, t in sched} | {t for _, t in self.negative_schedule}
         # every text is padded to the longest one so they batch together
         self.chunks = max(len(self.conditioner.chunks(t)) for t in texts)

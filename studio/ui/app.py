@@ -83,7 +83,7 @@ def build_ui(studio: Studio) -> gr.Blocks:
             return (gr.update(choices=[c.title for c in studio.checkpoints()], value=studio.current_title),
                     gr.update(value=text, visible=bool(text)))
 
-        checkpoint.input(choose, checkpoint, [checkpoint, model_status])
+        checkpoint.select(choose, checkpoint, [checkpoint, model_status])
         # The first model loads in the background: a page opened meanwhile polls until it is
         # there, then the timer switches itself off.
         watcher = gr.Timer(1.0)
