@@ -29,7 +29,6 @@ import math
 import re
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Union
 
 import lark
 
@@ -62,10 +61,10 @@ _ATTENTION_TOKEN = re.compile(
     | (?P<text>[^\\()\[\]:]+)
     | (?P<colon>:)
     """,
-    re.X,
+    re.VERBOSE,
 )
 
-_BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
+_BREAK = re.compile(r"\s*\bBREAK\b\s*", re.DOTALL)
 
 
 def parse_attention(text: str) -> list[tuple[str, float]]:
@@ -252,7 +251,7 @@ class _Alternate:
     options: tuple  # of parts tuples; an empty option is ()
 
 
-_Part = Union[str, _Scheduled, _Alternate]
+_Part = str | _Scheduled | _Alternate
 
 
 class _Lowering:
@@ -393,7 +392,7 @@ def prompt_schedule(prompt: str, steps: int, hires_steps: int | None = None,
             _render(parts, step, out)
             schedule.append((step, "".join(out)))
         return schedule
-    except Exception:  # lark.exceptions.LarkError, RecursionError, ...
+    except Exception:  # noqa: BLE001 - lark.exceptions.LarkError, RecursionError, ...
         return [(effective_steps, prompt)]
 
 
