@@ -224,6 +224,12 @@ def test_schedule_parse_failure_returns_prompt_unchanged():
     assert g("a \\", 10, 20) == [[20, "a \\"]]     # hires: in hires steps
 
 
+def test_schedule_without_square_brackets_is_unchanged():
+    assert g("a|b (c:1.2) ((d)) e:3]", 10, 20) == [[20, "a|b (c:1.2) ((d)) e:3]"]]
+    deep = "(" * 3000 + "a" + ")" * 3000  # must not go through Earley (fast path)
+    assert g(deep) == [[10, deep]]
+
+
 def test_schedule_hires_offsets():
     # int `when` counts from the start of the first pass; > steps is in the hires pass
     assert g("a [b:c:15] d", 10, 20) == [[5, "a b d"], [20, "a c d"]]
