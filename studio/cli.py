@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sampler", default="DPM++ 2M")
     g.add_argument("--scheduler", default="Automatic")
     g.add_argument("--clip-skip", type=int, default=1)
+    g.add_argument("--style", action="append", default=[], help="a style from styles.csv (repeatable)")
     g.add_argument("--checkpoint", "-m", default=None, help="title, name or hash; default: last used")
     g.add_argument("--out", "-o", default=None, help="output folder (default outputs/txt2img-images)")
 
@@ -77,6 +78,7 @@ def cmd_generate(ns: argparse.Namespace) -> int:
         prompt=ns.prompt, negative_prompt=ns.negative_prompt, steps=ns.steps, cfg_scale=ns.cfg_scale,
         width=ns.width, height=ns.height, seed=ns.seed, batch_size=ns.batch_size, n_iter=ns.batch_count,
         sampler_name=ns.sampler, scheduler=ns.scheduler, clip_skip=ns.clip_skip, checkpoint=checkpoint,
+        styles=tuple(ns.style),
         save_images=ns.out is None,
     )
     try:

@@ -48,6 +48,21 @@ def test_cli_generate_models_and_pnginfo(tmp_path):
     assert shown.returncode == 0 and "Seed: 11," in shown.stdout
 
 
+def test_cli_styles_and_embeddings(tmp_path):
+    from studio.testing.embeddings import random_vectors, write_a1111_pt
+
+    make_models_dir(tmp_path)
+    write_a1111_pt(tmp_path / "embeddings" / "clitoken.pt", random_vectors(1, 32, seed=2))
+    (tmp_path / "styles.csv").write_text("name,prompt,negative_prompt\nsea,\"{prompt} by the sea\",fog\n")
+    out = tmp_path / "o"
+    gen = run_cli("generate", "--data-dir", str(tmp_path), "-p", "clitoken boat", "--style", "sea", "--steps", "2",
+                  "--width", "64", "--height", "64", "--seed", "1", "--out", str(out))
+    assert gen.returncode == 0, gen.stderr
+    info = parse_infotext(Image.open(next(out.glob("*.png"))).info["parameters"])
+    assert info["Prompt"] == "clitoken boat by the sea" and info["Negative prompt"] == "fog"
+    assert info["TI hashes"].startswith("clitoken: ")
+
+
 def test_cli_reports_bad_input(tmp_path):
     make_models_dir(tmp_path)
     bad = run_cli("generate", "--data-dir", str(tmp_path), "-p", "x", "--sampler", "Nope")
