@@ -21,6 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.bench_txt2img import make_full_size_checkpoint  # noqa: E402
+from bench.report import write_section  # noqa: E402
 
 PROMPT = ", ".join(
     ["(masterpiece:1.2)", "best quality", "a [red:blue:0.5] lighthouse on a cliff at dusk", "((dramatic sky))",
@@ -76,16 +77,7 @@ def main() -> None:
         *[f"| {d} | {t} | {k} | {n} | {c:.3f} | {w:.4f} |" for d, t, k, n, c, w in rows],
         "",
     ]
-    path = REPO / "docs" / "benchmarks.md"
-    text = path.read_text()
-    marker = lines[0]
-    if marker in text:
-        head, _, rest = text.partition(marker)
-        tail = rest.split("\n## ", 1)
-        text = head + "\n".join(lines) + (("\n## " + tail[1]) if len(tail) > 1 else "")
-    else:
-        text = text.rstrip() + "\n\n" + "\n".join(lines)
-    path.write_text(text)
+    write_section(REPO / "docs" / "benchmarks.md", lines)
     print("\n".join(lines))
 
 

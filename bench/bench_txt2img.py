@@ -31,6 +31,8 @@ sys.path.insert(0, str(REPO))
 import requests  # noqa: E402
 import torch  # noqa: E402
 
+from bench.report import write_section  # noqa: E402
+
 
 def make_full_size_checkpoint(folder: Path) -> Path:
     from safetensors.torch import save_file
@@ -223,16 +225,7 @@ def write_report(results: dict, path: Path) -> None:
         f"| ratio | {st['studio app.py'] / st['bare gr.Blocks']:.2f} |",
         "",
     ]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    marker = "## txt2img (bench/bench_txt2img.py)"
-    if marker in text:
-        head, _, rest = text.partition(marker)
-        tail = rest.split("\n## ", 1)
-        text = head + "\n".join(lines) + (("\n## " + tail[1]) if len(tail) > 1 else "")
-    else:
-        text = text.rstrip() + "\n\n" + "\n".join(lines)
-    path.write_text(text)
+    write_section(path, lines)
 
 
 def main() -> None:
