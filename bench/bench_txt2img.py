@@ -120,7 +120,6 @@ def bench_dtype(data_dir: Path, no_half: bool, size: int, steps: int, runs: int)
     dtype = str(model.policy.dtype).removeprefix("torch.")
     studio.models.unload()
     studio.queue.shutdown()
-    del pipe, model, studio
     gc.collect()
     return {"dtype": dtype, "load_s": load_s, "studio_s": s_times, "diffusers_s": d_times,
             "studio_median": statistics.median(s_times), "diffusers_median": statistics.median(d_times),

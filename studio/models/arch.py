@@ -47,7 +47,6 @@ def _transformer_depth(shapes: Shapes, block_prefix: str) -> int:
 
 def derive_unet_config(shapes: Shapes, probe: CheckpointProbe) -> dict[str, Any]:
     conv_in = shapes[UNET + "input_blocks.0.0.weight"]
-    model_channels = conv_in[0]
     input_ids = sorted(_indices(shapes, re.escape(UNET) + r"input_blocks\.(\d+)\."))
     down_ids = [i for i in input_ids if UNET + f"input_blocks.{i}.0.op.weight" in shapes]
     layers = down_ids[0] - 1 if down_ids else len(input_ids) - 1
