@@ -223,20 +223,23 @@ def run_txt2img(
 
         timesteps = scheduler.timesteps
         state.set_total(len(timesteps))
+        last_embeds = None
         with torch.inference_mode():
             for i, t in enumerate(timesteps):
                 if state.interrupted or state.skipped:
                     break
                 # second-order samplers call the model twice per step; prompt schedules count steps
                 embeds, pooled = plan.at(i * req.steps // len(timesteps))
-                if not use_uncond:
-                    embeds, pooled = embeds[1:], (pooled[1:] if pooled is not None else None)
-                groups = embeds.shape[0]
-                context = embeds.to(device, dtype).repeat_interleave(batch, dim=0)
-                added = None
-                if added_time_ids is not None:
-                    added = {"text_embeds": pooled.to(device, dtype).repeat_interleave(batch, dim=0),
-                             "time_ids": added_time_ids.repeat(groups * batch, 1)}
+                if embeds is not last_embeds:  # the plan returns the same tensors until the text changes
+                    last_embeds = embeds
+                    if not use_uncond:
+                        embeds, pooled = embeds[1:], (pooled[1:] if pooled is not None else None)
+                    groups = embeds.shape[0]
+                    context = embeds.to(device, dtype).repeat_interleave(batch, dim=0)
+                    added = None
+                    if added_time_ids is not None:
+                        added = {"text_embeds": pooled.to(device, dtype).repeat_interleave(batch, dim=0),
+                                 "time_ids": added_time_ids.repeat(groups * batch, 1)}
                 x = scheduler.scale_model_input(latents.repeat(groups, 1, 1, 1), t)
                 if inpaint_cond is not None:
                     x = torch.cat([x, inpaint_cond.repeat(groups, 1, 1, 1)], dim=1)

@@ -11,6 +11,7 @@ CLIP vocabulary shipped in open_clip), so nothing is ever fetched from a hub.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -37,9 +38,13 @@ logging.getLogger("diffusers.models.modeling_utils").setLevel(logging.ERROR)
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
+@functools.lru_cache(maxsize=1)
+def _shipped_scheduler_config() -> str:
+    return (CONFIG_DIR / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8")
+
+
 def scheduler_base_config(prediction_type: str) -> dict[str, Any]:
-    path = CONFIG_DIR / "scheduler" / "scheduler_config.json"
-    config = json.loads(path.read_text(encoding="utf-8"))
+    config = json.loads(_shipped_scheduler_config())  # a fresh dict: callers may change it
     config["prediction_type"] = prediction_type
     return config
 

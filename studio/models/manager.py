@@ -90,9 +90,6 @@ class ModelManager:
             self._free()
         return model
 
-    def ensure(self, query: str | None = None) -> LoadedModel:
-        return self.load(query)
-
     def unload(self) -> None:
         self.current = None
         self._free()

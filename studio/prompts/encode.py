@@ -42,10 +42,6 @@ class Conditioning:
     embeds: torch.Tensor            # [1, 77 * chunks, width]
     pooled: torch.Tensor | None     # [1, proj] for SDXL
 
-    @property
-    def chunks(self) -> int:
-        return self.embeds.shape[1] // 77
-
 
 class EmbeddingIndex:
     """Embeddings keyed by the first token id of their name, longest names first, so the
