@@ -38,7 +38,7 @@ def make_full_size_checkpoint(folder: Path) -> Path:
     from safetensors.torch import save_file
 
     from studio.testing.fullsize import STANDARD, build_components
-    from studio.testing.ldm_keys import to_ldm_state_dict
+    from studio.models.ldm_keys import to_ldm_state_dict
 
     path = folder / "models" / "Stable-diffusion" / "random-sd15.safetensors"
     if path.exists():

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,9 +82,9 @@ class HashCache:
         except (OSError, ValueError):
             return {}
 
-    def get(self, key: str, path: Path) -> str | None:
+    def get(self, key: str, path: Path, section: str = "hashes") -> str | None:
         with self._lock:
-            entry = self._read().get("hashes", {}).get(key)
+            entry = self._read().get(section, {}).get(key)
         try:
             mtime = path.stat().st_mtime
         except OSError:
@@ -92,15 +93,18 @@ class HashCache:
             return entry.get("sha256")
         return None
 
-    def compute(self, key: str, path: Path) -> str:
-        cached = self.get(key, path)
+    def compute(self, key: str, path: Path, section: str = "hashes",
+                hasher: Callable[[Path], str] = sha256_file) -> str:
+        """The cached digest of ``path`` or a fresh one. A1111 keeps whole-file hashes in
+        ``"hashes"`` and LoRA addnet hashes (a different digest) in ``"hashes-addnet"``."""
+        cached = self.get(key, path, section)
         if cached:
             return cached
-        digest = sha256_file(path)
+        digest = hasher(path)
         mtime = path.stat().st_mtime
         with self._lock:
             data = self._read()
-            data.setdefault("hashes", {})[key] = {"mtime": mtime, "sha256": digest}
+            data.setdefault(section, {})[key] = {"mtime": mtime, "sha256": digest}
             atomic_write_text(self.path, json.dumps(data, indent=2))
         return digest
 

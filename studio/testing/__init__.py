@@ -11,7 +11,7 @@ from studio.testing.factory import (
     te_heads,
     tiny_components,
 )
-from studio.testing.ldm_keys import base_family, to_ldm_state_dict
+from studio.models.ldm_keys import base_family, to_ldm_state_dict
 
 __all__ = [
     "FAMILIES",

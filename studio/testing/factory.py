@@ -39,7 +39,7 @@ from studio.models.tokenizer import (
     make_clip_tokenizer,
     write_tokenizer_files,
 )
-from studio.testing.ldm_keys import base_family, to_ldm_state_dict, vae_to_ldm
+from studio.models.ldm_keys import base_family, to_ldm_state_dict, vae_to_ldm
 
 FAMILIES = ("sd1", "sd1-inpaint", "sd2", "sd2-v", "sd2-inpaint", "sdxl", "sdxl-inpaint")
 

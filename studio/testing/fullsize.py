@@ -73,7 +73,7 @@ def build_components(spec: dict[str, Any], device: str = "meta") -> dict[str, An
 
 def full_size_shapes(spec: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """Key names and shapes of a real single-file checkpoint of this architecture."""
-    from studio.testing.ldm_keys import to_ldm_state_dict
+    from studio.models.ldm_keys import to_ldm_state_dict
 
     family = spec["family"] + ("-inpaint" if spec["unet"].get("in_channels") == 9 else "")
     if spec["prediction_type"] == "v_prediction":

@@ -1,4 +1,5 @@
-"""diffusers -> original (LDM / A1111) single-file key layout.
+"""diffusers -> original (LDM / A1111) key layout: used to write test checkpoints and to
+name UNet modules the way SDXL kohya LoRA files name them.
 
 The reverse of diffusers' ``convert_ldm_*`` single-file converters, written for
 any block count and ``layers_per_block`` (diffusers' own
