@@ -192,6 +192,9 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "eta_ddim": 0.0,
     "eta_ancestral": 1.0,
     "sd_checkpoints_limit": 1,
+    # Ours: RAM the checkpoint cache may use, in MB; 0 = half of the machine's RAM.
+    "sd_checkpoint_cache_mb": 0,
+    "sd_vae": "Automatic",
     "enable_pnginfo": True,
     "save_txt": False,
 }

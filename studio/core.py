@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from studio.config import Flags, Paths, Settings, force_offline
 from studio.devices import DevicePolicy, resolve_policy
 from studio.generation.request import RequestError, Txt2ImgRequest, validate_txt2img
 from studio.jobs import Job, JobQueue, JobState
 from studio.models.catalog import Catalog, CheckpointInfo, HashCache
-from studio.models.manager import ModelManager
+from studio.models.manager import CacheLimits, ModelManager, default_budget_bytes
 from studio.networks.embeddings import EmbeddingLibrary
 from studio.prompts.styles import StyleDatabase, StyleError
 
@@ -22,6 +22,18 @@ if TYPE_CHECKING:  # diffusers/transformers load on first use, not at start-up
     from studio.models.loader import LoadedModel
 
 log = logging.getLogger(__name__)
+
+
+def cache_limits(settings: Settings) -> CacheLimits:
+    def number(key: str, default: int) -> int:
+        try:
+            return int(settings.get(key, default) or default)
+        except (TypeError, ValueError):
+            return default
+
+    budget_mb = number("sd_checkpoint_cache_mb", 0)
+    return CacheLimits(models=max(1, number("sd_checkpoints_limit", 1)),
+                       budget_bytes=budget_mb << 20 if budget_mb > 0 else default_budget_bytes())
 
 
 @dataclass
@@ -44,7 +56,8 @@ class Studio:
         policy = resolve_policy(flags.device, flags.no_half, flags.no_half_vae, flags.precision, flags.xformers)
         catalog = Catalog(paths.ckpt_dirs, HashCache(paths.hash_cache_file), hashing=not flags.no_hashing)
         demo_dir = None if flags.no_demo else paths.cache_dir / "demo"
-        models = ModelManager(catalog, policy, paths.cache_dir / "configs", demo_dir)
+        models = ModelManager(catalog, policy, paths.cache_dir / "configs", demo_dir,
+                              limits=lambda: cache_limits(settings))
         models.refresh()
         embeddings = EmbeddingLibrary(list(paths.embedding_dirs))
         studio = cls(flags, paths, settings, policy, models, JobQueue(), embeddings,
@@ -70,6 +83,32 @@ class Studio:
         model = self.queue.run(job, f"load {query}")
         self.settings.update({"sd_model_checkpoint": model.info.title, "sd_checkpoint_hash": model.info.sha256})
         return model
+
+    def apply_options(self, changes: dict[str, Any]) -> None:
+        """POST /sdapi/v1/options and the UI's settings: validate, load what must be loaded,
+        then persist. A bad value raises RequestError and changes nothing."""
+        changes = dict(changes)
+        if "CLIP_stop_at_last_layers" in changes:
+            try:
+                skip = int(changes["CLIP_stop_at_last_layers"])
+            except (TypeError, ValueError):
+                skip = 0
+            if not 1 <= skip <= 12:
+                raise RequestError("CLIP_stop_at_last_layers must be an integer 1-12")
+            changes["CLIP_stop_at_last_layers"] = skip
+        for key in ("sd_checkpoints_limit", "sd_checkpoint_cache_mb"):
+            if key in changes:
+                try:
+                    changes[key] = int(changes[key])
+                except (TypeError, ValueError) as e:
+                    raise RequestError(f"{key} must be an integer") from e
+                if changes[key] < (1 if key == "sd_checkpoints_limit" else 0):
+                    raise RequestError(f"{key} is out of range")
+        title = changes.pop("sd_model_checkpoint", None)
+        if title is not None:
+            self.select_checkpoint(str(title))
+        if changes:
+            self.settings.update(changes)
 
     def initial_checkpoint(self) -> str | None:
         preferred = self.settings.get("sd_model_checkpoint")
@@ -162,7 +201,7 @@ class Studio:
         def job(state: JobState) -> GenerationResult:
             from studio.generation.txt2img import run_txt2img
 
-            model = self.models.load(req.checkpoint)
+            model = self.models.load(req.checkpoint or self.initial_checkpoint())
             self._sync_embeddings()
             outdir = self.paths.outputs / "txt2img-images"
             return run_txt2img(model, req, state, outdir, preview_every=every)

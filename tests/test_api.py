@@ -190,3 +190,22 @@ def test_nowebui_serves_only_the_api(tmp_path):
         assert r.status_code == 200 and len(r.json()["images"]) == 1
     finally:
         srv.stop()
+
+
+def test_override_settings_checkpoint_is_restored_afterwards(server):
+    models = requests.get(api(server, "sd-models")).json()
+    sd1 = next(m for m in models if "sd1" in m["title"])
+    xl = next(m for m in models if "sdxl" in m["title"])
+    assert requests.post(api(server, "options"), json={"sd_model_checkpoint": sd1["title"]}).status_code == 200
+    body = {**SMALL, "override_settings": {"sd_model_checkpoint": xl["title"]}}
+    r = requests.post(api(server, "txt2img"), json=body)
+    assert r.status_code == 200, r.text
+    assert json.loads(r.json()["info"])["sd_model_name"] == "tiny-sdxl"
+    assert requests.get(api(server, "options")).json()["sd_model_checkpoint"] == sd1["title"]
+    r = requests.post(api(server, "txt2img"), json=SMALL)
+    assert json.loads(r.json()["info"])["sd_model_name"] == "tiny-sd1"
+    # without restore the override becomes the user's setting
+    body["override_settings_restore_afterwards"] = False
+    assert requests.post(api(server, "txt2img"), json=body).status_code == 200
+    assert requests.get(api(server, "options")).json()["sd_model_checkpoint"] == xl["title"]
+    requests.post(api(server, "options"), json={"sd_model_checkpoint": sd1["title"]})

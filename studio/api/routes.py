@@ -59,6 +59,7 @@ def to_request(body: Txt2ImgAPIRequest, studio: Studio) -> tuple[Txt2ImgRequest,
                 values[name] = value
     overrides = body.override_settings or {}
     checkpoint = overrides.get("sd_model_checkpoint")
+    vae = overrides.get("sd_vae")
     clip_skip = values.get("clip_skip") or overrides.get("CLIP_stop_at_last_layers") \
         or studio.settings.get("CLIP_stop_at_last_layers", 1)
     sampler = values.get("sampler_name") or values.get("sampler_index") or "Euler"
@@ -77,6 +78,7 @@ def to_request(body: Txt2ImgAPIRequest, studio: Studio) -> tuple[Txt2ImgRequest,
         clip_skip=int(clip_skip),
         eta=values.get("eta"),
         checkpoint=checkpoint,
+        vae=str(vae) if vae is not None else None,
         save_images=bool(values["save_images"]),
         styles=tuple(values.get("styles") or ()),
     )
@@ -88,16 +90,12 @@ def build_router(studio: Studio) -> APIRouter:
 
     @r.post("/txt2img", response_model=ImageResponse)
     def txt2img(body: Txt2ImgAPIRequest) -> dict[str, Any]:
-        req, override = to_request(body, studio)
-        restore = studio.current_title if (override and body.override_settings_restore_afterwards) else None
-        try:
-            result = studio.txt2img(req)
-        finally:
-            if restore and studio.current_title != restore:
-                try:
-                    studio.select_checkpoint(restore)
-                except (ModelFileError, ModelNotFoundError):
-                    pass
+        req, _override = to_request(body, studio)
+        result = studio.txt2img(req)
+        # Overrides travel with the request, so "restore afterwards" needs no work: the next
+        # request runs on the user's settings again. Without restore they become the settings.
+        if body.override_settings and not body.override_settings_restore_afterwards:
+            studio.apply_options(dict(body.override_settings))
         images = [encode_png(i, t) for i, t in zip(result.images, result.infotexts)] if body.send_images else []
         params = body.model_dump()
         return {"images": images, "parameters": params, "info": json.dumps(result.info(), ensure_ascii=False)}
@@ -127,26 +125,14 @@ def build_router(studio: Studio) -> APIRouter:
     def get_options() -> dict[str, Any]:
         opts = studio.settings.snapshot()
         current = studio.models.current
-        if current is not None:
+        if current is not None and not opts.get("sd_model_checkpoint"):
             opts["sd_model_checkpoint"] = current.info.title
             opts["sd_checkpoint_hash"] = current.info.sha256
         return opts
 
     @r.post("/options")
     def set_options(body: dict[str, Any]) -> dict[str, Any]:
-        changes = dict(body)
-        title = changes.pop("sd_model_checkpoint", None)
-        if title is not None:
-            studio.select_checkpoint(str(title))
-        if "CLIP_stop_at_last_layers" in changes:
-            try:
-                skip = int(changes["CLIP_stop_at_last_layers"])
-            except (TypeError, ValueError) as e:
-                raise HTTPException(400, "CLIP_stop_at_last_layers must be an integer 1-12") from e
-            if not 1 <= skip <= 12:
-                raise HTTPException(400, "CLIP_stop_at_last_layers must be an integer 1-12")
-        if changes:
-            studio.settings.update(changes)
+        studio.apply_options(body)
         return {}
 
     @r.get("/embeddings")

@@ -36,7 +36,8 @@ class Txt2ImgRequest:
     clip_skip: int = 1
     eta: float | None = None
     styles: tuple[str, ...] = ()       # names from styles.csv, applied before generation
-    checkpoint: str | None = None      # title/name; None = the loaded one
+    checkpoint: str | None = None      # title/name; None = the user's chosen checkpoint (settings)
+    vae: str | None = None             # "Automatic" | "None" | file name; None = the sd_vae setting
     save_images: bool = True
     notes: tuple[str, ...] = field(default_factory=tuple)  # adjustments made by validate()
 

@@ -60,12 +60,29 @@ class LoadedModel:
     prediction_type: str
     policy: DevicePolicy
     timings: dict[str, float] = field(default_factory=dict)
+    # Two files with equal arch_key can swap weights into the same module objects.
+    arch_key: tuple = ()
     conditioner: Any = None  # the model's TextConditioner (prompt encoding + cache)
 
     def __post_init__(self) -> None:
         from studio.prompts.encode import TextConditioner
 
         self.conditioner = TextConditioner(self)
+
+    @property
+    def modules(self) -> list[Any]:
+        return [self.unet, self.vae, *self.text_encoders]
+
+    @functools.cached_property
+    def nbytes(self) -> int:
+        """Bytes of every parameter and buffer: what keeping this model cached costs."""
+        return sum(t.numel() * t.element_size() for m in self.modules
+                   for t in (*m.parameters(), *m.buffers()))
+
+    def move_to(self, device: torch.device) -> None:
+        for module in self.modules:
+            if next(module.parameters()).device != device:
+                module.to(device)
 
     @property
     def text_widths(self) -> dict[str, int]:
@@ -155,14 +172,27 @@ def _place(policy: DevicePolicy, unet: Any, vae: Any, *text_encoders: Any) -> No
         vae.to(memory_format=torch.channels_last)
 
 
-def load_checkpoint(info: CheckpointInfo, policy: DevicePolicy, config_cache: Path) -> LoadedModel:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+@dataclass
+class CheckpointFile:
+    """A checkpoint read from disk and probed, before any module exists."""
 
-    if info.is_diffusers:
-        return load_diffusers_folder(info, policy)
+    info: CheckpointInfo
+    state_dict: dict[str, torch.Tensor]
+    probe: CheckpointProbe
+    configs: dict[str, dict[str, Any]]
+    config_dir: Path
+    timer: Timer
 
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.state_dict.values())
+
+    def arch_key(self, policy: DevicePolicy) -> tuple:
+        return (str(self.config_dir), self.probe.family, self.probe.variant, str(policy.dtype),
+                str(policy.vae_dtype))
+
+
+def read_checkpoint(info: CheckpointInfo, config_cache: Path) -> CheckpointFile:
     timer = Timer()
     sd = load_state_dict(info.path)
     timer.record("load weights from disk")
@@ -174,27 +204,90 @@ def load_checkpoint(info: CheckpointInfo, policy: DevicePolicy, config_cache: Pa
     configs = derive_configs(shapes, probe)
     # Standard-size files use the shipped configs; any other size gets a derived config dir.
     config_dir = match_bundled(configs) or write_config_dir(configs, config_cache)
+    if probe.family == "sd2":
+        sd = _drop_unused_sd2_layer(sd, configs["text_encoder"])
     timer.record("derive config")
+    return CheckpointFile(info, sd, probe, configs, config_dir, timer)
 
+
+def load_checkpoint(info: CheckpointInfo, policy: DevicePolicy, config_cache: Path) -> LoadedModel:
+    if info.is_diffusers:
+        return load_diffusers_folder(info, policy)
+    return build_model(read_checkpoint(info, config_cache), policy)
+
+
+def build_model(ckpt: CheckpointFile, policy: DevicePolicy) -> LoadedModel:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    info, sd, probe, timer = ckpt.info, ckpt.state_dict, ckpt.probe, ckpt.timer
     dtype, vae_dtype = policy.dtype, policy.vae_dtype
-    common = {"config": str(config_dir), "local_files_only": True}
+    common = {"config": str(ckpt.config_dir), "local_files_only": True}
     try:
         unet = UNet2DConditionModel.from_single_file(sd, subfolder="unet", torch_dtype=dtype, **common)
         vae = AutoencoderKL.from_single_file(sd, subfolder="vae", torch_dtype=vae_dtype, **common)
-        text_encoders = []
-        if probe.family == "sd2":
-            sd = _drop_unused_sd2_layer(sd, configs["text_encoder"])
-        text_encoders.append(create_diffusers_clip_model_from_ldm(
-            CLIPTextModel, sd, subfolder="text_encoder", torch_dtype=dtype, **common))
-        if "text_encoder_2" in configs:
+        text_encoders = [create_diffusers_clip_model_from_ldm(
+            CLIPTextModel, sd, subfolder="text_encoder", torch_dtype=dtype, **common)]
+        if "text_encoder_2" in ckpt.configs:
             text_encoders.append(create_diffusers_clip_model_from_ldm(
                 CLIPTextModelWithProjection, sd, subfolder="text_encoder_2", torch_dtype=dtype, **common))
     except (KeyError, RuntimeError, ValueError) as e:
         raise ModelFileError(f"{info.name}: weights do not fit the detected {probe.label} layout: {e}") from e
     finally:
+        ckpt.state_dict = {}
         del sd
     timer.record("create model")
+    return _finish(ckpt, policy, unet, vae, text_encoders)
 
+
+def reuse_model(old: LoadedModel, ckpt: CheckpointFile, policy: DevicePolicy) -> LoadedModel:
+    """Load a checkpoint's weights into the module objects of ``old`` (same architecture),
+    as A1111 does at ``sd_checkpoints_limit`` 1: no modules are built and no second copy of
+    the model ever exists. Key conversion is diffusers' own (the converters
+    ``from_single_file`` uses). ``old`` must not be used afterwards."""
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_clip_checkpoint,
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+        convert_open_clip_checkpoint,
+    )
+
+    sd, probe, timer = ckpt.state_dict, ckpt.probe, ckpt.timer
+    te_prefix = {"sd2": "cond_stage_model.model.", "sdxl": "conditioner.embedders.1.model."}
+    converted = [
+        (old.unet, convert_ldm_unet_checkpoint(sd, dict(old.unet.config))),
+        (old.vae, convert_ldm_vae_checkpoint(sd, dict(old.vae.config))),
+    ]
+    if probe.family == "sd2":
+        converted.append((old.text_encoders[0], convert_open_clip_checkpoint(old.text_encoders[0], sd,
+                                                                             te_prefix["sd2"])))
+    else:
+        converted.append((old.text_encoders[0], convert_ldm_clip_checkpoint(sd)))
+    if len(old.text_encoders) == 2:
+        converted.append((old.text_encoders[1], convert_open_clip_checkpoint(old.text_encoders[1], sd,
+                                                                             te_prefix["sdxl"])))
+    ckpt.state_dict = {}
+    del sd
+    # transformers >= 5.6 flattened CLIPTextModel (no ``text_model.`` level)
+    for i, (module, weights) in enumerate(converted):
+        if not hasattr(module, "text_model"):
+            converted[i] = (module, {k.removeprefix("text_model."): v for k, v in weights.items()})
+    for module, weights in converted:
+        expected = {k for k, _ in (*module.named_parameters(), *module.named_buffers())}
+        missing = expected - set(weights) - {k for k in expected if k.endswith("position_ids")}
+        if missing:
+            raise ModelFileError(f"{ckpt.info.name}: weights do not fit the {probe.label} layout "
+                                 f"(missing {sorted(missing)[:3]})")
+    with torch.no_grad():
+        for module, weights in converted:
+            module.load_state_dict(weights, strict=False)
+    timer.record("load weights into existing model")
+    return _finish(ckpt, policy, old.unet, old.vae, list(old.text_encoders))
+
+
+def _finish(ckpt: CheckpointFile, policy: DevicePolicy, unet: Any, vae: Any, text_encoders: list[Any]) -> LoadedModel:
+    info, probe, timer = ckpt.info, ckpt.probe, ckpt.timer
     prediction = probe.prediction_type or "epsilon"
     if probe.prediction_type is None:
         prediction = "v_prediction" if detect_v_prediction(unet) else "epsilon"
@@ -206,7 +299,8 @@ def load_checkpoint(info: CheckpointInfo, policy: DevicePolicy, config_cache: Pa
 
     _place(policy, unet, vae, *text_encoders)
     timer.record("move model to device")
-    model = LoadedModel(info, probe, unet, vae, text_encoders, tokenizers, prediction, policy, timer.phases)
+    model = LoadedModel(info, probe, unet, vae, text_encoders, tokenizers, prediction, policy, timer.phases,
+                        arch_key=ckpt.arch_key(policy))
     log.info("Model %s (%s) loaded in %s", info.title, model.label, timer.summary())
     return model
 

@@ -1,14 +1,25 @@
-"""The one owner of loaded models.
+"""The one owner of loaded models, with an LRU cache of checkpoints.
 
 All loads run on the job worker (callers go through the queue), so there is never more
 than one model being built at a time. A failed load leaves the previous model loaded
 and usable.
+
+The cache follows A1111's ``sd_checkpoints_limit`` (how many built models to keep) and adds
+a byte budget, because a limit in models means very different RAM for SD1 and SDXL. When a
+new file has the same architecture as the model that would be evicted for it, its weights
+are loaded into that model's modules instead of building new ones (A1111's "Reusing loaded
+model"), so switching never holds two copies and RAM does not grow. On CUDA inactive
+cached models wait in CPU RAM (A1111's ``sd_checkpoints_keep_in_cpu``).
 """
 
 from __future__ import annotations
 
 import gc
 import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,15 +39,41 @@ class ModelNotFoundError(LookupError):
     pass
 
 
+@dataclass(frozen=True)
+class CacheLimits:
+    models: int = 1           # A1111's sd_checkpoints_limit
+    budget_bytes: int = 0     # 0 = no byte limit
+
+
+def default_budget_bytes() -> int:
+    """Half of the machine's RAM: room for the OS, the browser and one generation."""
+    try:
+        pages, page_size = _sysconf("SC_PHYS_PAGES"), _sysconf("SC_PAGE_SIZE")
+        return pages * page_size // 2
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+def _sysconf(name: str) -> int:
+    import os
+
+    return int(os.sysconf(name))
+
+
 class ModelManager:
     def __init__(self, catalog: Catalog, policy: DevicePolicy, config_cache: Path,
-                 demo_dir: Path | None = None):
+                 demo_dir: Path | None = None, limits: Callable[[], CacheLimits] = CacheLimits):
         self.catalog = catalog
         self.policy = policy
         self.config_cache = config_cache
         self.demo_dir = demo_dir
+        self.limits = limits
         self.current: LoadedModel | None = None
+        # path -> model, least recently used first; includes the current model
+        self._cache: OrderedDict[Path, LoadedModel] = OrderedDict()
+        self.last_switch_seconds = 0.0
 
+    # -- catalog --------------------------------------------------------------------------
     def refresh(self) -> list[CheckpointInfo]:
         items = self.catalog.refresh()
         if items:
@@ -71,26 +108,118 @@ class ModelManager:
             )
         return items[0]
 
+    # -- cache ----------------------------------------------------------------------------
+    def cached(self) -> list[LoadedModel]:
+        return list(self._cache.values())
+
+    def cached_bytes(self) -> int:
+        return sum(m.nbytes for m in self._cache.values())
+
     def load(self, query: str | None) -> LoadedModel:
         info = self.resolve(query)
-        if self.current is not None and self.current.info.path == info.path:
+        started = time.perf_counter()
+        key = info.path.resolve()
+        if self.current is not None and self.current.info.path.resolve() == key:
             return self.current
+        hit = self._cache.get(key)
+        if hit is not None:
+            self._activate(hit)
+            self.last_switch_seconds = time.perf_counter() - started
+            log.info("Switched to cached model %s in %.2fs", info.title, self.last_switch_seconds)
+            return hit
         if not info.path.exists():
             raise ModelFileError(f"{info.name}: file not found (moved or deleted? press refresh)")
         try:
             self.catalog.ensure_hash(info)
         except OSError as e:
             raise ModelFileError(f"{info.name}: cannot read file: {e}") from e
-        from studio.models.loader import load_checkpoint  # diffusers: imported on first load
+        from studio.models import loader  # diffusers: imported on first load
 
-        model = load_checkpoint(info, self.policy, self.config_cache)
-        previous, self.current = self.current, model
-        if previous is not None:
-            del previous
-            self._free()
+        if info.is_diffusers:
+            model = loader.load_diffusers_folder(info, self.policy)
+        else:
+            ckpt = loader.read_checkpoint(info, self.config_cache)
+            victim = self._reusable(ckpt.arch_key(self.policy))
+            if victim is not None:
+                log.info("Reusing loaded model %s to load %s", victim.info.title, info.title)
+                self._forget(victim)
+                if self.current is victim:
+                    self.current = None
+                try:
+                    model = loader.reuse_model(victim, ckpt, self.policy)
+                except ModelFileError:
+                    # The modules may hold a mix of both files now: they can't be trusted.
+                    self._free()
+                    raise
+            else:
+                # Building before evicting keeps the previous model if the build fails; when
+                # the budget can't hold both, memory wins and the old one goes first.
+                if not self._fits(ckpt.nbytes):
+                    self._make_room(incoming=1)
+                model = loader.build_model(ckpt, self.policy)
+        self._cache[key] = model
+        self._activate(model)
+        self._evict_over_limits()
+        self.last_switch_seconds = time.perf_counter() - started
         return model
 
+    def _reusable(self, arch_key: tuple) -> LoadedModel | None:
+        """The least recently used model that must go to make room for one more, if it has
+        the same architecture as the incoming file."""
+        limits = self.limits()
+        if not self._cache or len(self._cache) < max(1, limits.models):
+            return None
+        victim = next(iter(self._cache.values()))
+        return victim if victim.arch_key == arch_key else None
+
+    def _fits(self, incoming_bytes: int) -> bool:
+        budget = self.limits().budget_bytes
+        return budget <= 0 or self.cached_bytes() + incoming_bytes <= budget
+
+    def _make_room(self, incoming: int) -> None:
+        limits = self.limits()
+        while self._cache and len(self._cache) + incoming > max(1, limits.models):
+            self._evict(next(iter(self._cache.values())))
+        self._free()
+
+    def _evict_over_limits(self) -> None:
+        """Drop least recently used models until the count and byte budget fit; the current
+        model always stays, even when it alone is over the budget."""
+        limits = self.limits()
+        evicted = False
+        while len(self._cache) > 1:
+            over_count = len(self._cache) > max(1, limits.models)
+            over_bytes = limits.budget_bytes > 0 and self.cached_bytes() > limits.budget_bytes
+            if not (over_count or over_bytes):
+                break
+            victim = next(m for m in self._cache.values() if m is not self.current)
+            self._evict(victim)
+            evicted = True
+        if evicted:
+            self._free()
+
+    def _activate(self, model: LoadedModel) -> None:
+        previous = self.current
+        if previous is not None and previous is not model and self.policy.device.type != "cpu":
+            previous.move_to(torch.device("cpu"))
+        model.move_to(self.policy.device)
+        self.current = model
+        self._cache.move_to_end(model.info.path.resolve())
+
+    def _forget(self, model: LoadedModel) -> None:
+        for key, cached in list(self._cache.items()):
+            if cached is model:
+                del self._cache[key]
+
+    def _evict(self, model: LoadedModel) -> None:
+        log.info("Unloading cached model %s (%.0f MB)", model.info.title, model.nbytes / 2**20)
+        self._forget(model)
+        if self.current is model:
+            self.current = None
+
     def unload(self) -> None:
+        for model in list(self._cache.values()):
+            self._forget(model)
         self.current = None
         self._free()
 
