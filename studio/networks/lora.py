@@ -1,0 +1,546 @@
+"""LoRA files on disk and merging them into a loaded model, A1111-style.
+
+- :class:`LoraLibrary` lists ``models/Lora`` (names are file stems, the alias is the metadata's
+  ``ss_output_name``, hashes are A1111's "addnet" sha256 cached in ``cache.json`` under
+  ``hashes-addnet``) and parses files on demand, keeping the last few parsed.
+- :class:`NetworkPatcher` merges the wanted networks into the model's weights, like A1111's
+  default (non-"functional") mode: every touched tensor is backed up once, on the CPU, and each
+  set change starts again from the backups, so sampling with LoRAs costs exactly what it costs
+  without them, and removing them restores the original bits.
+
+Merging is done per weight tensor, in float32, and rounded once to the weight's dtype
+(A1111: ``(w.float() + ΔW).to(w.dtype)``). Networks are applied in a canonical order (path,
+then multipliers), so a prompt's order never changes the result. A tensor whose contributions
+are the same as the ones already merged into it is left alone, which makes, e.g., changing only
+the UNet multiplier cheap and leaves the text encoders (and the caller's prompt cache) valid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from studio.models.catalog import HashCache
+from studio.models.state_dict import (
+    SAFETENSORS_SUFFIXES,
+    ModelFileError,
+    load_state_dict,
+    read_safetensors_header,
+)
+from studio.networks.lora_formats import (
+    FAMILY_NAMES,
+    LoraFileError,
+    NetworkModule,
+    ParsedNetwork,
+    detect_family,
+    family_from_keys,
+    parse_network,
+)
+from studio.networks.lora_keys import UNET, Target, build_alias_table, components_by_name
+
+__all__ = [
+    "ActiveNetwork",
+    "LoraFileError",
+    "LoraInfo",
+    "LoraLibrary",
+    "NetworkPatcher",
+    "PatchReport",
+    "addnet_hash",
+]
+
+log = logging.getLogger(__name__)
+
+LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")
+SHORTHASH_LENGTH = 12
+_HASH_BLOCK = 1 << 20
+_PARSED_CACHE_SIZE = 3
+# On the CPU, rows of a weight are merged through one reused float32 buffer of this many elements
+# (2 MiB, about a core's L2): materialising a float32 ΔW per tensor instead was several times
+# slower, its fresh allocations page-faulting on every set change; smaller blocks cost more in
+# per-call overhead and matmul efficiency.
+_CPU_CHUNK_ELEMENTS = 1 << 19
+_CHANNELS_LAST = (0, 2, 3, 1)
+
+
+# --------------------------------------------------------------------------- files
+
+
+@dataclass
+class LoraInfo:
+    """One file in models/Lora."""
+
+    name: str                   # file stem, as used in ``<lora:NAME:1>``
+    path: Path
+    metadata: dict[str, str] = field(default_factory=dict)   # safetensors metadata ({} for pickles)
+    alias: str = ""             # metadata ss_output_name, else the name
+    family: str | None = None   # "sd1" | "sd2" | "sdxl" | None when unknown
+    sha256: str | None = None   # addnet hash, once computed
+    error: str | None = None    # why the file cannot be read, for files listed anyway
+
+    def __post_init__(self) -> None:
+        self.alias = self.alias or self.name
+
+    def shorthash(self) -> str | None:
+        return self.sha256[:SHORTHASH_LENGTH] if self.sha256 else None
+
+    def api_dict(self) -> dict[str, Any]:
+        """An item of A1111's ``GET /sdapi/v1/loras``; like A1111, JSON-looking metadata values
+        (``ss_tag_frequency``, ``ss_dataset_dirs``…) are returned parsed."""
+        return {"name": self.name, "alias": self.alias, "path": str(self.path),
+                "metadata": {k: _maybe_json(v) for k, v in self.metadata.items()}}
+
+
+def _maybe_json(value: str) -> Any:
+    if isinstance(value, str) and value[:1] == "{":
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
+
+
+def addnet_hash(path: Path) -> str:
+    """A1111's LoRA hash: for safetensors the sha256 of everything after the header (so editing
+    metadata keeps it), for other files the sha256 of the whole file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        if Path(path).suffix.lower() in SAFETENSORS_SUFFIXES:
+            header_size = int.from_bytes(f.read(8), "little")
+            f.seek(8 + header_size)
+        for block in iter(lambda: f.read(_HASH_BLOCK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _scan(folders: Iterable[Path]) -> Iterable[Path]:
+    seen: set[Path] = set()
+    for root in folders:
+        if not root.is_dir():
+            continue
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for filename in sorted(filenames):
+                path = Path(dirpath) / filename
+                if filename.startswith(".") or path.suffix.lower() not in LORA_SUFFIXES:
+                    continue
+                resolved = path.resolve()
+                if resolved not in seen:
+                    seen.add(resolved)
+                    yield path
+
+
+class LoraLibrary:
+    def __init__(self, folders: list[Path], hash_cache: HashCache):
+        self.folders = [Path(f) for f in folders]
+        self.hash_cache = hash_cache
+        self._lock = threading.Lock()
+        self._items: list[LoraInfo] = []
+        self._parsed: OrderedDict[tuple[str, int, int], ParsedNetwork] = OrderedDict()
+
+    def refresh(self) -> list[LoraInfo]:
+        """Rescan the folders, reading safetensors headers only; never raises for a bad file."""
+        items = [self._describe(path) for path in _scan(self.folders)]
+        items.sort(key=lambda i: (i.name.lower(), str(i.path)))
+        with self._lock:
+            self._items = items
+        return list(items)
+
+    def _describe(self, path: Path) -> LoraInfo:
+        info = LoraInfo(name=path.stem, path=path)
+        try:
+            if path.suffix.lower() in SAFETENSORS_SUFFIXES:
+                header = read_safetensors_header(path)
+                raw = header.get("__metadata__") or {}
+                info.metadata = {str(k): str(v) for k, v in raw.items()} if isinstance(raw, dict) else {}
+                shapes = {k: tuple(v.get("shape", ())) for k, v in header.items()
+                          if k != "__metadata__" and isinstance(v, dict)}
+                info.family = detect_family(info.metadata, shapes)
+            info.alias = info.metadata.get("ss_output_name") or info.name
+            info.sha256 = self.hash_cache.get(f"lora/{info.name}", path, section="hashes-addnet")
+        except (ModelFileError, OSError, ValueError, AttributeError, TypeError) as e:
+            info.error = str(e)
+            log.warning("Lora %s: %s", path, e)
+        return info
+
+    def items(self) -> list[LoraInfo]:
+        with self._lock:
+            return list(self._items)
+
+    def find(self, name: str) -> LoraInfo | None:
+        """By file stem first, then by alias (A1111's ``available_network_aliases``)."""
+        items = self.items()
+        for info in items:
+            if info.name == name:
+                return info
+        for info in items:
+            if info.alias == name:
+                return info
+        return None
+
+    def hash(self, info: LoraInfo) -> str:
+        info.sha256 = self.hash_cache.compute(f"lora/{info.name}", info.path, section="hashes-addnet",
+                                              hasher=addnet_hash)
+        return info.sha256
+
+    def load(self, info: LoraInfo) -> ParsedNetwork:
+        """The parsed file, from a small cache keyed by (path, mtime, size)."""
+        try:
+            stat = info.path.stat()
+        except OSError as e:
+            raise LoraFileError(f"{info.name}: cannot read {info.path}: {e}") from e
+        key = (str(info.path), stat.st_mtime_ns, stat.st_size)
+        with self._lock:
+            if key in self._parsed:
+                self._parsed.move_to_end(key)
+                return self._parsed[key]
+        try:
+            state_dict = load_state_dict(info.path)
+            metadata = info.metadata
+            if info.path.suffix.lower() in SAFETENSORS_SUFFIXES:
+                raw = read_safetensors_header(info.path).get("__metadata__") or {}
+                metadata = {str(k): str(v) for k, v in raw.items()}
+        except ModelFileError as e:
+            raise LoraFileError(f"{info.name}: {e}") from e
+        try:
+            parsed = parse_network(state_dict, metadata, info.name)
+        except LoraFileError:
+            raise
+        except (RuntimeError, IndexError, TypeError, ValueError) as e:
+            raise LoraFileError(f"{info.name}: unreadable LoRA weights ({e})") from e
+        if not parsed.modules:
+            sample = ", ".join(list(state_dict)[:3]) or "no tensors"
+            raise LoraFileError(f"{info.name}: no LoRA/LyCORIS weights found (keys: {sample}…)")
+        if info.family is None:
+            info.family = family_from_keys({k: tuple(v.shape) for k, v in state_dict.items()})
+        with self._lock:
+            self._parsed[key] = parsed
+            while len(self._parsed) > _PARSED_CACHE_SIZE:
+                self._parsed.popitem(last=False)
+        return parsed
+
+
+# --------------------------------------------------------------------------- patching
+
+
+@dataclass(frozen=True)
+class ActiveNetwork:
+    """A network wanted for the next generation. ``dyn`` (A1111's dynamic-rank cut) is accepted
+    for prompt compatibility and ignored: the whole rank is always merged."""
+
+    info: LoraInfo = field(hash=False)  # LoraInfo is mutable, hence unhashable
+    te_multiplier: float
+    unet_multiplier: float
+    dyn: int | None = None
+
+
+@dataclass
+class PatchReport:
+    applied: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    changed: bool = False      # False: the wanted set was already applied and nothing was done
+    te_changed: bool = False   # text-encoder weights changed: prompt encodings are stale
+
+
+@dataclass(frozen=True)
+class _Contribution:
+    module: NetworkModule
+    multiplier: float
+    part: str                  # "weight" | "bias"
+    in_channels: int | None    # ΔW's input channels when they are fewer than the weight's (inpaint conv_in)
+    signature: tuple
+
+
+_Op = Callable[[Tensor, int, int], None]
+
+
+def _rows(t: Tensor) -> tuple[Tensor, tuple[int, ...] | None] | None:
+    """A ``[out, -1]`` view of ``t`` in memory order, and the permutation that order implies."""
+    if t.dim() <= 1:
+        return t.view(-1, 1), None
+    if t.is_contiguous():
+        return t.view(t.shape[0], -1), None
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return t.permute(*_CHANNELS_LAST).view(t.shape[0], -1), _CHANNELS_LAST
+    return None
+
+
+def _layout(t: Tensor, shape: torch.Size, perm: tuple[int, ...] | None) -> Tensor:
+    """Lay a ``[lead, in, kh, kw]`` factor out like the weight: zero-pad missing input channels
+    (a 4-channel ΔW on a 9-channel inpainting conv_in, as A1111 does), follow its memory order."""
+    if len(shape) == 4 and t.dim() == 4 and t.shape[1] < shape[1]:
+        t = torch.nn.functional.pad(t, (0, 0, 0, 0, 0, shape[1] - t.shape[1]))
+    if perm is not None and t.dim() == 4:
+        t = t.permute(*perm)
+    return t.reshape(t.shape[0], -1)
+
+
+def _prepare(c: _Contribution, shape: torch.Size, perm: tuple[int, ...] | None, device: torch.device) -> _Op:
+    if c.part == "bias":
+        dense = c.module.bias_delta(device).mul_(c.multiplier).reshape(-1, 1)
+        return lambda buf, r0, r1: buf.add_(dense[r0:r1])
+    delta_shape = tuple(shape) if c.in_channels is None else (shape[0], c.in_channels, *shape[2:])
+    factors = c.module.low_rank(device)
+    if factors is not None:
+        up, down = factors
+        down = _layout(down.reshape(down.shape[0], *delta_shape[1:]), shape, perm).contiguous()
+        alpha = c.module.scale * c.multiplier
+        return lambda buf, r0, r1: buf.addmm_(up[r0:r1], down, alpha=alpha)
+    dense = _layout(c.module.delta(delta_shape, device).mul_(c.multiplier), shape, perm)
+    return lambda buf, r0, r1: buf.add_(dense[r0:r1])
+
+
+def _merge(weight: Tensor, original: Tensor, parts: Sequence[_Contribution], scratch: Tensor | None) -> Tensor | None:
+    """weight = round(original + Σ multiplier·ΔW), in float32 row blocks. Returns the scratch
+    buffer for reuse by the next tensor."""
+    device = weight.device
+    source = original.to(device) if original.device != device else original
+    view = _rows(weight)
+    if view is None:  # unusual strides: work on a contiguous float32 copy
+        staged = source.to(torch.float32).contiguous()
+        rows, perm = _rows(staged)
+        for op in [_prepare(c, weight.shape, perm, device) for c in parts]:
+            op(rows, 0, rows.shape[0])
+        weight.copy_(staged)
+        return scratch
+    rows, perm = view
+    src_view = _rows(source)
+    src_rows = src_view[0] if src_view is not None and src_view[1] == perm else _layout(source, source.shape, perm)
+    ops = [_prepare(c, weight.shape, perm, device) for c in parts]
+    out, cols = rows.shape
+    step = max(1, _CPU_CHUNK_ELEMENTS // cols) if device.type == "cpu" else out
+    need = min(step, out) * cols
+    if scratch is None or scratch.device != device or scratch.numel() < need:
+        scratch = torch.empty(need, dtype=torch.float32, device=device)
+    for r0 in range(0, out, step):
+        r1 = min(out, r0 + step)
+        buf = scratch[: (r1 - r0) * cols].view(r1 - r0, cols)
+        buf.copy_(src_rows[r0:r1])
+        for op in ops:
+            op(buf, r0, r1)
+        rows[r0:r1].copy_(buf)
+    return scratch
+
+
+def _base_family(family: str) -> str:
+    return "sdxl" if family.startswith("sdxl") else family.split("-", 1)[0]
+
+
+def _family_name(family: str) -> str:
+    return FAMILY_NAMES.get(family, family)
+
+
+class NetworkPatcher:
+    """Merges LoRA-family networks into one loaded model's weights, reversibly."""
+
+    def __init__(self, unet: nn.Module, text_encoders: list, family: str, is_sdxl: bool):
+        self.family = family
+        self.is_sdxl = is_sdxl
+        self._components = components_by_name(unet, text_encoders, family)
+        self._text_encoders = list(text_encoders)
+        self._aliases: dict[str, Target] | None = None
+        self._modules: dict[str, dict[str, nn.Module]] = {}
+        self._backups: dict[Target, Tensor] = {}
+        self._applied: dict[Target, tuple] = {}
+        self._current: tuple = ()
+        self._last = PatchReport()
+        self._lock = threading.RLock()
+
+    @property
+    def current(self) -> tuple:
+        """The signature of the applied set: ``(path, mtime_ns, te, unet)`` per network."""
+        return self._current
+
+    @property
+    def backed_up(self) -> int:
+        """How many tensors have a backup (the memory cost of the applied networks)."""
+        return len(self._backups)
+
+    # ---------------------------------------------------------------- public
+
+    def apply(self, active: list[ActiveNetwork], library: LoraLibrary) -> PatchReport:
+        with self._lock:
+            wanted = self._canonical(active)
+            signature = tuple(sig for sig, _ in wanted)
+            if signature == self._current:
+                return PatchReport(list(self._last.applied), list(self._last.warnings), False, False)
+            report = PatchReport(changed=True)
+            contributions: dict[Target, list[_Contribution]] = {}
+            for sig, network in wanted:
+                planned = self._plan(network, sig, library, report.warnings)
+                if planned is None:
+                    continue
+                report.applied.append(network.info.name)
+                for target, contribution in planned:
+                    contributions.setdefault(target, []).append(contribution)
+            try:
+                report.te_changed = self._write(contributions)
+            except BaseException:
+                self.restore()
+                raise
+            self._current = signature
+            self._last = report
+            for warning in report.warnings:
+                log.warning("%s", warning)
+            return PatchReport(list(report.applied), list(report.warnings), True, report.te_changed)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Every touched tensor back to its original bits; backups are dropped."""
+        with self._lock:
+            for target, backup in self._backups.items():
+                self._tensor(target).copy_(backup)
+            self._backups.clear()
+            self._applied.clear()
+            self._current = ()
+            self._last = PatchReport()
+
+    # ---------------------------------------------------------------- planning
+
+    @staticmethod
+    def _canonical(active: Iterable[ActiveNetwork]) -> list[tuple[tuple, ActiveNetwork]]:
+        wanted = []
+        for network in active:
+            te, unet = float(network.te_multiplier), float(network.unet_multiplier)
+            if te == 0 and unet == 0:
+                continue  # contributes nothing: leaving it out keeps the weights exact
+            try:
+                mtime = network.info.path.stat().st_mtime_ns
+            except OSError:
+                mtime = -1
+            wanted.append(((str(network.info.path), mtime, te, unet), network))
+        wanted.sort(key=lambda item: item[0])
+        return wanted
+
+    def _alias_table(self) -> dict[str, Target]:
+        if self._aliases is None:
+            self._aliases = build_alias_table(self._components[UNET], self._text_encoders, self.family)
+        return self._aliases
+
+    def _tensor(self, target: Target) -> Tensor | None:
+        modules = self._modules.get(target.component)
+        if modules is None:
+            modules = self._modules[target.component] = dict(self._components[target.component].named_modules())
+        param = getattr(modules.get(target.module), target.param, None)
+        return param.data if isinstance(param, Tensor) else None
+
+    @staticmethod
+    def _input_channels(module: NetworkModule, target: Target, shape: torch.Size) -> int | None | bool:
+        """None when ΔW fits as is, 4 for a 4-channel ΔW on a 9-channel inpainting conv_in,
+        False when it does not fit."""
+        if module.fits(tuple(shape)):
+            return None
+        natural = module.shape
+        if (target.component == UNET and target.module == "conv_in" and len(shape) == 4 and shape[1] == 9
+                and natural is not None and natural[0] == shape[0]
+                and torch.Size(natural).numel() == shape[0] * 4 * shape[2] * shape[3]):
+            return 4
+        return False
+
+    def _plan(self, network: ActiveNetwork, sig: tuple, library: LoraLibrary,
+              warnings: list[str]) -> list[tuple[Target, _Contribution]] | None:
+        """Check a whole file against the model before anything is written; None: skip it."""
+        name = network.info.name
+        try:
+            parsed = library.load(network.info)
+        except LoraFileError as e:
+            warnings.append(f"lora '{name}': {e}: skipped")
+            return None
+        model_family = _base_family(self.family)
+        if network.info.family and network.info.family != model_family:
+            warnings.append(f"lora '{name}' is for {_family_name(network.info.family)}, "
+                            f"the loaded model is {_family_name(model_family)}: skipped")
+            return None
+
+        aliases = self._alias_table()
+        # A tensor's contributions are identified by file and its own multiplier only, so that
+        # changing the UNet multiplier leaves text-encoder tensors (and prompt caches) alone.
+        file_id = sig[:2]
+        planned: list[tuple[Target, _Contribution]] = []
+        unmatched: list[str] = []
+        misfits: list[str] = []
+        matched = 0
+        for module_name, module in parsed.modules.items():
+            target = aliases.get(module_name)
+            if target is None:
+                unmatched.append(module_name)
+                continue
+            multiplier = network.te_multiplier if target.is_text_encoder else network.unet_multiplier
+            multiplier = float(multiplier)
+            if module.shape is not None:
+                weight = self._tensor(target)
+                channels = self._input_channels(module, target, weight.shape)
+                if channels is False:
+                    misfits.append(f"{module_name} {list(module.shape)} vs {list(weight.shape)}")
+                    continue
+                if multiplier:
+                    planned.append((target, _Contribution(module, multiplier, "weight", channels,
+                                                           (file_id, module_name, "weight", multiplier))))
+            if module.bias is not None:
+                bias_target = target.with_param("bias")
+                bias = self._tensor(bias_target)
+                if bias is None or tuple(bias.shape) != tuple(module.bias.shape):
+                    misfits.append(f"{module_name} bias {list(module.bias.shape)}")
+                    continue
+                if multiplier:
+                    planned.append((bias_target, _Contribution(module, multiplier, "bias", None,
+                                                               (file_id, module_name, "bias", multiplier))))
+            matched += 1
+
+        total = len(parsed.modules)
+        if misfits:
+            warnings.append(f"lora '{name}': {len(misfits)} of {total} modules do not fit the loaded model's "
+                            f"layers (e.g. {misfits[0]}): skipped")
+            return None
+        if matched == 0:
+            warnings.append(f"lora '{name}': none of its {total} modules match a layer of the loaded "
+                            f"{_family_name(model_family)} model (e.g. {unmatched[0]}): skipped")
+            return None
+        if unmatched:
+            warnings.append(f"lora '{name}': {len(unmatched)} of {total} modules match no layer of the "
+                            f"loaded model and were ignored (e.g. {unmatched[0]})")
+        if parsed.unsupported:
+            example, reason = next(iter(parsed.unsupported.items()))
+            warnings.append(f"lora '{name}': {len(parsed.unsupported)} modules ignored "
+                            f"(e.g. {example}: {reason})")
+        if parsed.unknown_keys:
+            warnings.append(f"lora '{name}': {len(parsed.unknown_keys)} unrecognised keys ignored "
+                            f"(e.g. {parsed.unknown_keys[0]})")
+        warnings.extend(f"lora '{name}': {note}" for note in parsed.notes)
+        return planned
+
+    # ---------------------------------------------------------------- writing
+
+    @torch.no_grad()
+    def _write(self, contributions: dict[Target, list[_Contribution]]) -> bool:
+        """Bring every tensor to original + its contributions; returns whether a text-encoder
+        tensor was written."""
+        te_changed = False
+        scratch: Tensor | None = None
+        for target in [*self._backups, *(t for t in contributions if t not in self._backups)]:
+            parts = contributions.get(target, [])
+            signature = tuple(c.signature for c in parts)
+            if self._applied.get(target, ()) == signature:
+                continue  # already holds exactly this
+            weight = self._tensor(target)
+            if not parts:
+                weight.copy_(self._backups[target])
+                del self._applied[target]
+            else:
+                original = self._backups.get(target)
+                if original is None:
+                    original = self._backups[target] = weight.detach().to("cpu", copy=True)
+                scratch = _merge(weight, original, parts, scratch)
+                self._applied[target] = signature
+            te_changed = te_changed or target.is_text_encoder
+        return te_changed
