@@ -34,17 +34,17 @@ import torch  # noqa: E402
 from bench.report import write_section  # noqa: E402
 
 
-def make_full_size_checkpoint(folder: Path) -> Path:
+def make_full_size_checkpoint(folder: Path, name: str = "random-sd15.safetensors", seed: int = 0) -> Path:
     from safetensors.torch import save_file
 
-    from studio.testing.fullsize import STANDARD, build_components
     from studio.models.ldm_keys import to_ldm_state_dict
+    from studio.testing.fullsize import STANDARD, build_components
 
-    path = folder / "models" / "Stable-diffusion" / "random-sd15.safetensors"
+    path = folder / "models" / "Stable-diffusion" / name
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     comps = build_components(STANDARD["sd15"], device="cpu")
     for name in ("unet", "vae", "text_encoder"):
         for p in comps[name].parameters():

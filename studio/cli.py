@@ -22,6 +22,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--no-half", action="store_true")
     p.add_argument("--no-demo", action="store_true")
+    p.add_argument("--vae-dir", default=None)
+    p.add_argument("--lora-dir", default=None)
+    p.add_argument("--hypernetwork-dir", default=None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,10 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--clip-skip", type=int, default=1)
     g.add_argument("--style", action="append", default=[], help="a style from styles.csv (repeatable)")
     g.add_argument("--checkpoint", "-m", default=None, help="title, name or hash; default: last used")
+    g.add_argument("--vae", default=None,
+                   help='"Automatic", "None" or a file from models/VAE; default: the sd_vae setting')
     g.add_argument("--out", "-o", default=None, help="output folder (default outputs/txt2img-images)")
 
-    m = sub.add_parser("models", help="list checkpoints")
+    m = sub.add_parser("models", help="list checkpoints, VAEs, LoRAs, hypernetworks and embeddings")
     _common(m)
+    m.add_argument("--kind", choices=["all", "checkpoints", "vae", "lora", "hypernetworks", "embeddings"],
+                   default="all")
 
     i = sub.add_parser("pnginfo", help="print the generation parameters stored in an image")
     i.add_argument("image")
@@ -59,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _flags(ns: argparse.Namespace) -> Flags:
     return Flags(data_dir=ns.data_dir, models_dir=ns.models_dir, ckpt_dir=ns.ckpt_dir, device=ns.device,
-                 no_half=ns.no_half, no_demo=ns.no_demo)
+                 no_half=ns.no_half, no_demo=ns.no_demo, vae_dir=ns.vae_dir, lora_dir=ns.lora_dir,
+                 hypernetwork_dir=ns.hypernetwork_dir)
 
 
 def cmd_generate(ns: argparse.Namespace) -> int:
@@ -78,7 +86,7 @@ def cmd_generate(ns: argparse.Namespace) -> int:
         prompt=ns.prompt, negative_prompt=ns.negative_prompt, steps=ns.steps, cfg_scale=ns.cfg_scale,
         width=ns.width, height=ns.height, seed=ns.seed, batch_size=ns.batch_size, n_iter=ns.batch_count,
         sampler_name=ns.sampler, scheduler=ns.scheduler, clip_skip=ns.clip_skip, checkpoint=checkpoint,
-        styles=tuple(ns.style),
+        styles=tuple(ns.style), vae=ns.vae,
         save_images=ns.out is None,
     )
     try:
@@ -129,8 +137,27 @@ def cmd_models(ns: argparse.Namespace) -> int:
     from studio.core import Studio
 
     studio = Studio.create(_flags(ns))
-    for c in studio.checkpoints():
-        print(f"{c.title}\t{c.path}" + ("\t(demo)" if c.is_demo else ""))
+    show = (lambda kind: ns.kind in ("all", kind))
+    sections = []
+    if show("checkpoints"):
+        sections.append(("checkpoints", [f"{c.title}\t{c.path}" + ("\t(demo)" if c.is_demo else "")
+                                         for c in studio.checkpoints()]))
+    if show("vae"):
+        sections.append(("vae", [f"{v.name}\t{v.path}" for v in studio.vaes.items()]))
+    if show("lora"):
+        sections.append(("lora", [f"{i.name}\t{i.family or '?'}\t{i.path}"
+                                  + (f"\talias={i.alias}" if i.alias != i.name else "")
+                                  for i in studio.networks.loras.items()]))
+    if show("hypernetworks"):
+        sections.append(("hypernetworks", [f"{i.name}\t{i.path}" for i in studio.networks.hypernetworks.items()]))
+    if show("embeddings"):
+        studio.embeddings.refresh()
+        sections.append(("embeddings", [f"{name}\t{e.path}" for name, e in studio.embeddings.embeddings.items()]))
+    for title, lines in sections:
+        if ns.kind == "all":
+            print(f"# {title}")
+        for line in lines:
+            print(line)
     return 0
 
 

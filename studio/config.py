@@ -52,6 +52,12 @@ class Flags:
     nowebui: bool = False
     ckpt_dir: str | None = None
     embeddings_dir: str | None = None
+    vae_dir: str | None = None
+    lora_dir: str | None = None
+    hypernetwork_dir: str | None = None
+    medvram: bool = False
+    medvram_sdxl: bool = False
+    lowvram: bool = False
     styles_file: str | None = None
     data_dir: str | None = None
     models_dir: str | None = None
@@ -89,6 +95,14 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--nowebui", action="store_true", help="serve only the REST API")
     p.add_argument("--ckpt-dir", default=None, help="extra folder scanned for checkpoints")
     p.add_argument("--embeddings-dir", default=None, help="extra folder scanned for textual-inversion embeddings")
+    p.add_argument("--vae-dir", default=None, help="VAE folder (default models/VAE)")
+    p.add_argument("--lora-dir", default=None, help="LoRA / LyCORIS folder (default models/Lora)")
+    p.add_argument("--hypernetwork-dir", default=None, help="hypernetwork folder (default models/hypernetworks)")
+    p.add_argument("--medvram", action="store_true",
+                   help="small GPUs: keep models in RAM, move one component at a time to the GPU")
+    p.add_argument("--medvram-sdxl", action="store_true", help="--medvram for SDXL models only")
+    p.add_argument("--lowvram", action="store_true",
+                   help="very small GPUs: like --medvram, block by block (slow)")
     p.add_argument("--styles-file", default=None, help="prompt styles CSV (default <data-dir>/styles.csv)")
     p.add_argument("--data-dir", default=None, help="where settings, caches and outputs live")
     p.add_argument("--models-dir", default=None, help="models root (default: <repo>/models)")
@@ -119,6 +133,9 @@ class Paths:
     ckpt_dirs: tuple[Path, ...]
     embedding_dirs: tuple[Path, ...] = ()
     styles_file: Path | None = None
+    vae_dirs: tuple[Path, ...] = ()
+    lora_dirs: tuple[Path, ...] = ()
+    hypernetwork_dirs: tuple[Path, ...] = ()
 
     @classmethod
     def from_flags(cls, flags: Flags) -> Paths:
@@ -135,11 +152,18 @@ class Paths:
         if flags.embeddings_dir:
             emb.append(Path(flags.embeddings_dir).expanduser().resolve())
         styles = Path(flags.styles_file).expanduser().resolve() if flags.styles_file else data / "styles.csv"
-        return cls(data=data, models=models, ckpt_dirs=tuple(ckpt), embedding_dirs=tuple(emb), styles_file=styles)
+
+        def folders(default: str, flag: str | None) -> tuple[Path, ...]:
+            # As in A1111, --vae-dir / --lora-dir / --hypernetwork-dir replace the default folder.
+            return (Path(flag).expanduser().resolve(),) if flag else (models / default,)
+
+        return cls(data=data, models=models, ckpt_dirs=tuple(ckpt), embedding_dirs=tuple(emb), styles_file=styles,
+                   vae_dirs=folders("VAE", flags.vae_dir), lora_dirs=folders("Lora", flags.lora_dir),
+                   hypernetwork_dirs=folders("hypernetworks", flags.hypernetwork_dir))
 
     @property
     def vae(self) -> Path:
-        return self.models / "VAE"
+        return self.vae_dirs[0] if self.vae_dirs else self.models / "VAE"
 
     @property
     def outputs(self) -> Path:

@@ -13,8 +13,13 @@ from studio.devices import DevicePolicy, resolve_policy
 from studio.generation.request import RequestError, Txt2ImgRequest, validate_txt2img
 from studio.jobs import Job, JobQueue, JobState
 from studio.models.catalog import Catalog, CheckpointInfo, HashCache
-from studio.models.manager import CacheLimits, ModelManager, default_budget_bytes
+from studio.models.manager import CacheLimits, ModelManager, OffloadFlags, default_budget_bytes
+from studio.models.vae import VaeCatalog, VaeNotFoundError, VaeSwapper
+from studio.networks.activation import ExtraNetworks
+from studio.networks.cards import Card, hypernet_tag, lora_tag
 from studio.networks.embeddings import EmbeddingLibrary
+from studio.networks.hypernetworks import HypernetworkLibrary
+from studio.networks.lora import LoraLibrary
 from studio.prompts.styles import StyleDatabase, StyleError
 
 if TYPE_CHECKING:  # diffusers/transformers load on first use, not at start-up
@@ -22,6 +27,12 @@ if TYPE_CHECKING:  # diffusers/transformers load on first use, not at start-up
     from studio.models.loader import LoadedModel
 
 log = logging.getLogger(__name__)
+
+
+def _embedding_family(widths: dict[str, int]) -> str | None:
+    if "clip_g" in widths:
+        return "sdxl"
+    return {768: "sd1", 1024: "sd2"}.get(widths.get("default", 0))
 
 
 def cache_limits(settings: Settings) -> CacheLimits:
@@ -46,6 +57,8 @@ class Studio:
     queue: JobQueue
     embeddings: EmbeddingLibrary
     styles: StyleDatabase
+    vaes: VaeCatalog
+    networks: ExtraNetworks
 
     @classmethod
     def create(cls, flags: Flags) -> Studio:
@@ -57,11 +70,18 @@ class Studio:
         catalog = Catalog(paths.ckpt_dirs, HashCache(paths.hash_cache_file), hashing=not flags.no_hashing)
         demo_dir = None if flags.no_demo else paths.cache_dir / "demo"
         models = ModelManager(catalog, policy, paths.cache_dir / "configs", demo_dir,
-                              limits=lambda: cache_limits(settings))
+                              limits=lambda: cache_limits(settings),
+                              offload=OffloadFlags(flags.medvram, flags.lowvram, flags.medvram_sdxl))
         models.refresh()
         embeddings = EmbeddingLibrary(list(paths.embedding_dirs))
+        hashes = HashCache(paths.hash_cache_file)
+        vaes = VaeCatalog(paths.vae, paths.ckpt_dirs, hashes)
+        vaes.refresh()
+        networks = ExtraNetworks(LoraLibrary(list(paths.lora_dirs), hashes),
+                                 HypernetworkLibrary(list(paths.hypernetwork_dirs)))
+        networks.refresh()
         studio = cls(flags, paths, settings, policy, models, JobQueue(), embeddings,
-                     StyleDatabase(paths.styles_file))
+                     StyleDatabase(paths.styles_file), vaes, networks)
         log.info("Device policy: %s", policy.label)
         return studio
 
@@ -107,6 +127,9 @@ class Studio:
         title = changes.pop("sd_model_checkpoint", None)
         if title is not None:
             self.select_checkpoint(str(title))
+        vae = changes.pop("sd_vae", None)
+        if vae is not None:
+            self.select_vae(str(vae))
         if changes:
             self.settings.update(changes)
 
@@ -142,6 +165,70 @@ class Studio:
     def current_title(self) -> str | None:
         current = self.models.current
         return current.info.title if current else None
+
+    # -- VAE ----------------------------------------------------------------------------
+    def vae_choices(self) -> list[str]:
+        return self.vaes.choices()
+
+    def refresh_vaes(self) -> None:
+        self.vaes.refresh()
+
+    def _apply_vae(self, model: LoadedModel, setting: str | None) -> Any:
+        """Runs on the worker: put the wanted VAE into ``model`` (request value, else the
+        ``sd_vae`` setting) and return its VaeInfo, or None for the checkpoint's own."""
+        if setting is None:
+            setting = self.settings.get("sd_vae", "Automatic")
+        try:
+            info = self.vaes.resolve(setting, model.info.path)
+        except VaeNotFoundError as e:
+            raise RequestError(str(e)) from e
+        if model.vae_swapper is None:
+            if info is None:
+                return None  # nothing was ever swapped into this model
+            model.vae_swapper = VaeSwapper(model.vae)
+        model.vae_swapper.apply(info)
+        return info
+
+    def select_vae(self, name: str) -> None:
+        """The UI's VAE dropdown and POST /options ``sd_vae``: check it, apply it to the loaded
+        model now, and remember it."""
+        if name not in ("Automatic", "None") and self.vaes.find(name) is None:
+            self.vaes.refresh()
+        try:
+            self.vaes.resolve(name, None)
+        except VaeNotFoundError as e:
+            raise RequestError(str(e)) from e
+
+        def job(state: JobState) -> None:
+            if self.models.current is not None:
+                self._apply_vae(self.models.current, name)
+
+        self.queue.run(job, f"VAE {name}")
+        self.settings.update({"sd_vae": name})
+
+    # -- extra networks -----------------------------------------------------------------
+    def refresh_networks(self) -> None:
+        self.networks.refresh()
+        self.vaes.refresh()
+        self.refresh_embeddings()
+
+    def network_cards(self, kind: str) -> list[Card]:
+        """The extra-networks browser's cards of one kind (see studio.networks.cards)."""
+        if kind == "checkpoints":
+            families = {m.info.path: m.family.split("-")[0] for m in self.models.cached()}
+            return [Card(kind, c.model_name, c.path, c.title, families.get(c.path)) for c in self.checkpoints()]
+        if kind == "lora":
+            return [Card(kind, i.name, i.path, lora_tag(i.name), i.family)
+                    for i in self.networks.loras.items()]
+        if kind == "hypernetworks":
+            return [Card(kind, i.name, i.path, hypernet_tag(i.name)) for i in self.networks.hypernetworks.items()]
+        if kind == "textual_inversion":
+            model = self.models.current
+            skipped = self.embeddings.resolve(model.text_widths)[1] if model is not None else {}
+            return [Card(kind, name, emb.path, name, _embedding_family(emb.widths),
+                         "does not fit the loaded model" if name in skipped else "")
+                    for name, emb in self.embeddings.embeddings.items()]
+        raise ValueError(f"unknown extra network kind {kind!r}")
 
     # -- embeddings and styles ----------------------------------------------------------
     def refresh_embeddings(self) -> None:
@@ -203,8 +290,9 @@ class Studio:
 
             model = self.models.load(req.checkpoint or self.initial_checkpoint())
             self._sync_embeddings()
+            vae = self._apply_vae(model, req.vae)
             outdir = self.paths.outputs / "txt2img-images"
-            return run_txt2img(model, req, state, outdir, preview_every=every)
+            return run_txt2img(model, req, state, outdir, preview_every=every, networks=self.networks, vae=vae)
 
         return self.queue.submit(job, "txt2img")
 

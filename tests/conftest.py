@@ -22,10 +22,17 @@ def server(tmp_path_factory):
     """One studio server (UI + API) for the API and browser tests."""
     from tests.helpers import Server, make_models_dir
 
+    from studio.testing import make_vae, tiny_components
     from studio.testing.embeddings import random_vectors, write_a1111_pt
+    from studio.testing.hypernetworks import tiny_widths, write_hypernetwork
+    from studio.testing.loras import write_kohya_lora
 
     root = tmp_path_factory.mktemp("served")
     make_models_dir(root, (("sd1", ".safetensors"), ("sdxl", ".safetensors")))
+    sd1 = tiny_components("sd1", seed=1)
+    write_kohya_lora(root / "models" / "Lora" / "tinylora.safetensors", sd1, "sd1", seed=2, output_name="tinyAlias")
+    write_hypernetwork(root / "models" / "hypernetworks" / "tinyhn.pt", widths=tiny_widths("sd1"), seed=3)
+    make_vae(root / "models" / "VAE" / "tinyvae.safetensors", "sd1", seed=4)
     write_a1111_pt(root / "embeddings" / "tinyemb.pt", random_vectors(2, 32, seed=1))
     (root / "styles.csv").write_text("name,prompt,negative_prompt\nframed,\"{prompt}, framed\",blurry\n",
                                      encoding="utf-8")

@@ -209,3 +209,48 @@ def test_override_settings_checkpoint_is_restored_afterwards(server):
     assert requests.post(api(server, "txt2img"), json=body).status_code == 200
     assert requests.get(api(server, "options")).json()["sd_model_checkpoint"] == xl["title"]
     requests.post(api(server, "options"), json={"sd_model_checkpoint": sd1["title"]})
+
+
+def test_network_and_vae_lists(server, tmp_path):
+    loras = requests.get(api(server, "loras")).json()
+    assert [(x["name"], x["alias"]) for x in loras] == [("tinylora", "tinyAlias")]
+    assert loras[0]["metadata"]["ss_base_model_version"] == "sd_v1"
+    assert loras[0]["path"].endswith("tinylora.safetensors")
+    assert requests.get(api(server, "hypernetworks")).json()[0]["name"] == "tinyhn"
+    vaes = requests.get(api(server, "sd-vae")).json()
+    assert vaes == [{"model_name": "tinyvae.safetensors", "filename": vaes[0]["filename"]}]
+    # a file dropped in while running appears after refresh
+    from studio.testing import tiny_components
+    from studio.testing.loras import write_kohya_lora
+
+    write_kohya_lora(server.data_dir / "models" / "Lora" / "late.safetensors", tiny_components("sd1", seed=1),
+                     "sd1", seed=9)
+    assert requests.post(api(server, "refresh-loras")).status_code == 200
+    assert "late" in [x["name"] for x in requests.get(api(server, "loras")).json()]
+    assert requests.post(api(server, "refresh-vae")).status_code == 200
+
+
+def test_lora_and_vae_in_a_request(server):
+    models = requests.get(api(server, "sd-models")).json()
+    sd1 = next(m for m in models if "sd1" in m["title"])
+    body = {**SMALL, "prompt": "a cube <lora:tinylora:0.8>", "override_settings": {
+        "sd_model_checkpoint": sd1["title"], "sd_vae": "tinyvae.safetensors"}}
+    r = requests.post(api(server, "txt2img"), json=body)
+    assert r.status_code == 200, r.text
+    info = json.loads(r.json()["info"])
+    params = parse_infotext(info["infotexts"][0])
+    assert params["Lora hashes"].startswith("tinyAlias: ")
+    assert params["VAE"] == "tinyvae.safetensors"
+    assert info["sd_vae_name"] == "tinyvae.safetensors"
+    # the VAE override was restored: the next plain request uses the checkpoint's own VAE
+    r = requests.post(api(server, "txt2img"), json={**SMALL, "override_settings": {
+        "sd_model_checkpoint": sd1["title"]}})
+    assert "VAE" not in parse_infotext(json.loads(r.json()["info"])["infotexts"][0])
+
+
+def test_options_sd_vae(server):
+    r = requests.post(api(server, "options"), json={"sd_vae": "nope.safetensors"})
+    assert r.status_code == 400 and "nope" in r.json()["detail"]
+    assert requests.post(api(server, "options"), json={"sd_vae": "tinyvae.safetensors"}).status_code == 200
+    assert requests.get(api(server, "options")).json()["sd_vae"] == "tinyvae.safetensors"
+    assert requests.post(api(server, "options"), json={"sd_vae": "Automatic"}).status_code == 200

@@ -155,3 +155,35 @@ def test_token_counter_and_styles(page, artifacts_dir):
     assert page.locator("#txt2img_neg_prompt textarea").input_value() == "blurry"
     page.screenshot(path=str(Path(artifacts_dir) / "styles.png"), full_page=True)
     page.locator("#txt2img_neg_prompt textarea").fill("")
+
+
+def test_extra_networks_cards_insert_tags_and_vae_dropdown(page, artifacts_dir):
+    page.get_by_role("tab", name="txt2img").click()
+    prompt = page.locator("#txt2img_prompt textarea")
+    prompt.fill("a quiet harbour")
+    page.locator("#txt2img_extra_networks").get_by_text("Extra networks").click()
+    page.locator("#txt2img_extra_networks").get_by_role("tab", name="Lora").click()
+    card = page.locator("#txt2img_extra_lora button.thumbnail-item").first
+    card.wait_for(timeout=30_000)
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('#txt2img_extra_lora img')].some(i => i.complete && i.naturalWidth)",
+        timeout=30_000)
+    page.screenshot(path=str(Path(artifacts_dir) / "extra-networks-lora.png"), full_page=True)
+    card.click()
+    page.wait_for_function(
+        "() => document.querySelector('#txt2img_prompt textarea').value.includes('<lora:tinylora:1>')",
+        timeout=30_000)
+    assert prompt.input_value() == "a quiet harbour <lora:tinylora:1>"
+    card.click()  # a second click takes the tag out again
+    page.wait_for_function(
+        "() => !document.querySelector('#txt2img_prompt textarea').value.includes('<lora')", timeout=30_000)
+    page.locator("#txt2img_extra_networks").get_by_role("tab", name="Hypernetworks").click()
+    page.locator("#txt2img_extra_hypernetworks button.thumbnail-item").first.click()
+    page.wait_for_function(
+        "() => document.querySelector('#txt2img_prompt textarea').value.includes('<hypernet:tinyhn:1>')",
+        timeout=30_000)
+    # the VAE dropdown lists the file from models/VAE
+    page.locator("#setting_sd_vae input").click()
+    page.get_by_role("option", name="tinyvae.safetensors").wait_for(timeout=10_000)
+    page.keyboard.press("Escape")
+    page.screenshot(path=str(Path(artifacts_dir) / "extra-networks-hypernet.png"), full_page=True)

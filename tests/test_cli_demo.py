@@ -69,3 +69,27 @@ def test_cli_reports_bad_input(tmp_path):
     assert bad.returncode == 2 and "Valid samplers" in bad.stderr
     missing = run_cli("pnginfo", str(tmp_path / "none.png"))
     assert missing.returncode == 2 and "error" in missing.stderr
+
+
+def test_cli_lora_hypernet_and_vae(tmp_path):
+    from studio.testing import make_vae, tiny_components
+    from studio.testing.hypernetworks import tiny_widths, write_hypernetwork
+    from studio.testing.loras import write_kohya_lora
+
+    make_models_dir(tmp_path)
+    write_kohya_lora(tmp_path / "models" / "Lora" / "clilora.safetensors", tiny_components("sd1", seed=1), "sd1")
+    write_hypernetwork(tmp_path / "models" / "hypernetworks" / "clihn.pt", widths=tiny_widths("sd1"))
+    make_vae(tmp_path / "models" / "VAE" / "clivae.safetensors", "sd1", seed=5)
+    listing = run_cli("models", "--data-dir", str(tmp_path))
+    assert listing.returncode == 0, listing.stderr
+    for expected in ("# lora", "clilora\tsd1", "# hypernetworks", "clihn", "# vae", "clivae.safetensors"):
+        assert expected in listing.stdout
+    out = tmp_path / "o"
+    gen = run_cli("generate", "--data-dir", str(tmp_path), "-p", "boat <lora:clilora:0.5> <hypernet:clihn:0.3>",
+                  "--vae", "clivae.safetensors", "--steps", "2", "--width", "64", "--height", "64", "--out", str(out))
+    assert gen.returncode == 0, gen.stderr
+    info = parse_infotext(Image.open(next(out.glob("*.png"))).info["parameters"])
+    assert info["Lora hashes"].startswith("clilora: ") and info["VAE"] == "clivae.safetensors"
+    bad = run_cli("generate", "--data-dir", str(tmp_path), "-p", "x", "--vae", "nope.pt", "--steps", "1",
+                  "--width", "64", "--height", "64")
+    assert bad.returncode == 2 and "nope.pt" in bad.stderr

@@ -119,7 +119,25 @@ def build_router(studio: Studio) -> APIRouter:
 
     @r.get("/sd-vae")
     def sd_vae() -> list[dict[str, Any]]:
-        return []
+        return [v.api_dict() for v in studio.vaes.items()]
+
+    @r.post("/refresh-vae")
+    def refresh_vae() -> dict[str, Any]:
+        studio.refresh_vaes()
+        return {}
+
+    @r.get("/loras")
+    def loras() -> list[dict[str, Any]]:
+        return [i.api_dict() for i in studio.networks.loras.items()]
+
+    @r.post("/refresh-loras")
+    def refresh_loras() -> dict[str, Any]:
+        studio.networks.loras.refresh()
+        return {}
+
+    @r.get("/hypernetworks")
+    def hypernetworks() -> list[dict[str, Any]]:
+        return studio.networks.hypernetworks.api_dict()
 
     @r.get("/options")
     def get_options() -> dict[str, Any]:

@@ -30,6 +30,7 @@ from studio.generation.request import Txt2ImgRequest, resolve_seed
 from studio.generation.samplers import effective_schedule, make_scheduler, split_sampler_name
 from studio.jobs import JobState
 from studio.models.loader import LoadedModel
+from studio.networks.activation import ExtraNetworks, NetworkActivation
 from studio.prompts.parser import extract_extra_networks
 from studio.prompts.schedule import ConditioningPlan
 
@@ -46,6 +47,7 @@ class GenerationResult:
     model: LoadedModel
     notes: list[str] = field(default_factory=list)
     interrupted: bool = False
+    vae: Any = None            # the external VaeInfo in use, None = the checkpoint's own
 
     def info(self) -> dict[str, Any]:
         """A1111's ``Processed.js()`` keys (served as a JSON string in ``info``)."""
@@ -71,8 +73,8 @@ class GenerationResult:
             "face_restoration_model": None,
             "sd_model_name": m.info.name_for_extra,
             "sd_model_hash": m.info.shorthash,
-            "sd_vae_name": None,
-            "sd_vae_hash": None,
+            "sd_vae_name": self.vae.filename if self.vae else None,
+            "sd_vae_hash": self.vae.shorthash if self.vae else None,
             "seed_resize_from_w": -1,
             "seed_resize_from_h": -1,
             "denoising_strength": None,
@@ -94,7 +96,9 @@ def _fmt(x: float) -> str:
 
 
 def make_infotext(req: Txt2ImgRequest, model: LoadedModel, seed: int, schedule_label: str,
-                  ti_hashes: dict[str, str] | None = None) -> str:
+                  ti_hashes: dict[str, str] | None = None, extra: dict[str, Any] | None = None) -> str:
+    """A1111's parameter order: sampling, seed, size, model, VAE, networks, version."""
+    extra = extra or {}
     params: dict[str, Any] = {
         "Steps": req.steps,
         "Sampler": req.sampler_name,
@@ -104,9 +108,12 @@ def make_infotext(req: Txt2ImgRequest, model: LoadedModel, seed: int, schedule_l
         "Size": f"{req.width}x{req.height}",
         "Model hash": model.info.shorthash,
         "Model": model.info.name_for_extra,
+        "VAE hash": extra.get("VAE hash"),
+        "VAE": extra.get("VAE"),
         "Clip skip": req.clip_skip if req.clip_skip > 1 else None,
         "RNG": "CPU",
         "Eta": _fmt(req.eta) if req.eta is not None else None,
+        "Lora hashes": extra.get("Lora hashes"),
         "TI hashes": ", ".join(f"{k}: {v}" for k, v in ti_hashes.items()) if ti_hashes else None,
         "Version": f"studio-{__version__}",
     }
@@ -135,7 +142,8 @@ def _inpaint_conditioning(model: LoadedModel, batch: int, height: int, width: in
     """9-channel UNets in txt2img get a full mask over a neutral gray image (A1111's
     ``txt2img_image_conditioning``): channel order mask(1) + masked-image latents(4)."""
     vae = model.vae
-    gray = torch.zeros(1, 3, height, width, device=vae.device, dtype=vae.dtype)
+    # the policy device, not vae.device: with --medvram the VAE waits in RAM until it runs
+    gray = torch.zeros(1, 3, height, width, device=model.policy.device, dtype=vae.dtype)
     with torch.inference_mode():
         lat = vae.encode(gray).latent_dist.mode() * vae.config.scaling_factor
     mask = torch.ones(1, 1, height // 8, width // 8, device=lat.device, dtype=lat.dtype)
@@ -147,7 +155,7 @@ def decode_latents(model: LoadedModel, latents: torch.Tensor) -> list[Image.Imag
     images = []
     with torch.inference_mode():
         for lat in latents:  # one at a time bounds VAE memory for big batches
-            x = (lat[None] / vae.config.scaling_factor).to(vae.device, vae.dtype)
+            x = (lat[None] / vae.config.scaling_factor).to(model.policy.device, vae.dtype)
             px = vae.decode(x).sample
             if torch.isnan(px).any() and vae.dtype != torch.float32:
                 log.warning("VAE produced NaNs in %s; retrying this decode in float32", vae.dtype)
@@ -165,7 +173,33 @@ def run_txt2img(
     state: JobState,
     outdir: Path | None,
     preview_every: int = 0,
+    networks: ExtraNetworks | None = None,
+    vae: Any = None,
 ) -> GenerationResult:
+    """``networks`` applies the prompt's LoRA/hypernetwork tags (None: tags are only noted);
+    ``vae`` is the external VAE already swapped in, recorded in the infotext."""
+    prompt, tags = extract_extra_networks(req.prompt)
+    negative, neg_tags = extract_extra_networks(req.negative_prompt)
+    notes = list(req.notes)
+    if neg_tags:
+        # A1111 activates networks from the positive prompt only
+        notes.append("Extra networks in the negative prompt are ignored: "
+                     + ", ".join(f"<{t.kind}:{t.name}>" for t in neg_tags))
+    if networks is not None:
+        activation = networks.activate(model, tags)
+    else:
+        activation = NetworkActivation()
+        if tags:
+            activation.notes.append("Extra networks were not applied: " + ", ".join(t.name for t in tags))
+    notes += activation.notes
+    try:
+        return _run(model, req, state, outdir, preview_every, prompt, negative, notes, activation, vae)
+    finally:
+        activation.close()
+
+
+def _run(model: LoadedModel, req: Txt2ImgRequest, state: JobState, outdir: Path | None, preview_every: int,
+         prompt: str, negative: str, notes: list[str], activation: NetworkActivation, vae: Any) -> GenerationResult:
     sampler, schedule = split_sampler_name(req.sampler_name, req.scheduler)
     schedule = effective_schedule(sampler, schedule)
     base_seed = resolve_seed(req.seed)
@@ -176,18 +210,14 @@ def run_txt2img(
     latent_ch = model.vae.config.latent_channels
     h, w = req.height // 8, req.width // 8
 
-    prompt, tags = extract_extra_networks(req.prompt)
-    negative, neg_tags = extract_extra_networks(req.negative_prompt)
     conditioner = model.conditioner
     plan = ConditioningPlan(conditioner, prompt, negative, req.steps, req.clip_skip)
     ti_hashes = {e.name: e.hash for text in plan.all_texts for e in conditioner.used_embeddings(text)}
-    notes = list(req.notes)
-    if tags or neg_tags:
-        names = ", ".join(f"<{t.kind}:{t.name}>" for t in [*tags, *neg_tags])
-        notes.append(f"Extra networks {names} were recognised but not applied: LoRA and hypernetwork "
-                     "support comes with the model-manager work.")
+    extra: dict[str, Any] = dict(activation.infotext_params())
+    if vae is not None:
+        extra |= {"VAE hash": vae.shorthash, "VAE": vae.filename}
 
-    result = GenerationResult([], [], [], [], req, model, notes=notes)
+    result = GenerationResult([], [], [], [], req, model, notes=notes, vae=vae)
     state.batches = req.n_iter
     for batch_index in range(req.n_iter):
         if state.interrupted:
@@ -251,7 +281,7 @@ def run_txt2img(
 
         images = decode_latents(model, latents)
         for seed, image in zip(seeds, images):
-            infotext = make_infotext(req, model, seed, schedule.label, ti_hashes)
+            infotext = make_infotext(req, model, seed, schedule.label, ti_hashes, extra)
             result.images.append(image)
             result.seeds.append(seed)
             result.infotexts.append(infotext)

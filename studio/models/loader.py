@@ -63,6 +63,9 @@ class LoadedModel:
     # Two files with equal arch_key can swap weights into the same module objects.
     arch_key: tuple = ()
     conditioner: Any = None  # the model's TextConditioner (prompt encoding + cache)
+    # per-model state made on first use: LoRA backups, the external-VAE swap
+    lora_patcher: Any = None
+    vae_swapper: Any = None
 
     def __post_init__(self) -> None:
         from studio.prompts.encode import TextConditioner
@@ -163,9 +166,9 @@ def _drop_unused_sd2_layer(sd: dict[str, torch.Tensor], te_config: dict[str, Any
 
 
 def _place(policy: DevicePolicy, unet: Any, vae: Any, *text_encoders: Any) -> None:
+    """Inference mode and memory layout. Moving to the device is the manager's job: with
+    --medvram/--lowvram the weights stay in RAM and move piecewise while they run."""
     for module in (unet, vae, *text_encoders):
-        if next(module.parameters()).device != policy.device:
-            module.to(policy.device)
         module.eval().requires_grad_(False)
     if policy.channels_last:
         unet.to(memory_format=torch.channels_last)
@@ -298,7 +301,7 @@ def _finish(ckpt: CheckpointFile, policy: DevicePolicy, unet: Any, vae: Any, tex
         tokenizers.append(make_clip_tokenizer(pad_token="!"))
 
     _place(policy, unet, vae, *text_encoders)
-    timer.record("move model to device")
+    timer.record("prepare modules")
     model = LoadedModel(info, probe, unet, vae, text_encoders, tokenizers, prediction, policy, timer.phases,
                         arch_key=ckpt.arch_key(policy))
     log.info("Model %s (%s) loaded in %s", info.title, model.label, timer.summary())
@@ -335,7 +338,7 @@ def load_diffusers_folder(info: CheckpointInfo, policy: DevicePolicy) -> LoadedM
     if sdxl:
         tokenizers.append(make_clip_tokenizer(pad_token="!"))
     _place(policy, unet, vae, *text_encoders)
-    timer.record("move model to device")
+    timer.record("prepare modules")
     model = LoadedModel(info, probe, unet, vae, text_encoders, tokenizers, probe.prediction_type, policy,
                         timer.phases)
     log.info("Model %s (%s) loaded in %s", info.title, model.label, timer.summary())

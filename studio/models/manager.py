@@ -28,6 +28,7 @@ import torch
 from studio.devices import DevicePolicy
 from studio.models.catalog import Catalog, CheckpointInfo
 from studio.models.state_dict import ModelFileError
+from studio.offload import Offloader, OffloadMode, offload_mode
 
 if TYPE_CHECKING:
     from studio.models.loader import LoadedModel
@@ -37,6 +38,13 @@ log = logging.getLogger(__name__)
 
 class ModelNotFoundError(LookupError):
     pass
+
+
+@dataclass(frozen=True)
+class OffloadFlags:
+    medvram: bool = False
+    lowvram: bool = False
+    medvram_sdxl: bool = False
 
 
 @dataclass(frozen=True)
@@ -62,7 +70,8 @@ def _sysconf(name: str) -> int:
 
 class ModelManager:
     def __init__(self, catalog: Catalog, policy: DevicePolicy, config_cache: Path,
-                 demo_dir: Path | None = None, limits: Callable[[], CacheLimits] = CacheLimits):
+                 demo_dir: Path | None = None, limits: Callable[[], CacheLimits] = CacheLimits,
+                 offload: OffloadFlags | None = None):
         self.catalog = catalog
         self.policy = policy
         self.config_cache = config_cache
@@ -72,6 +81,8 @@ class ModelManager:
         # path -> model, least recently used first; includes the current model
         self._cache: OrderedDict[Path, LoadedModel] = OrderedDict()
         self.last_switch_seconds = 0.0
+        self.offload = offload or OffloadFlags()
+        self._offloader: Offloader | None = None
 
     # -- catalog --------------------------------------------------------------------------
     def refresh(self) -> list[CheckpointInfo]:
@@ -200,13 +211,26 @@ class ModelManager:
 
     def _activate(self, model: LoadedModel) -> None:
         previous = self.current
+        if self._offloader is not None:
+            self._offloader.detach()  # leaves every component in RAM
+            self._offloader = None
         if previous is not None and previous is not model and self.policy.device.type != "cpu":
             previous.move_to(torch.device("cpu"))
-        model.move_to(self.policy.device)
+        mode = offload_mode(self.offload.medvram, self.offload.lowvram, self.offload.medvram_sdxl,
+                            model.is_sdxl)
+        if mode is OffloadMode.NONE or self.policy.device.type == "cpu":
+            model.move_to(self.policy.device)
+        else:
+            self._offloader = Offloader(self.policy.device)
+            self._offloader.attach(mode, model.unet, model.vae, list(model.text_encoders))
+            log.info("%s: %s (%d units)", model.info.title, mode.value, len(self._offloader.units()))
         self.current = model
         self._cache.move_to_end(model.info.path.resolve())
 
     def _forget(self, model: LoadedModel) -> None:
+        if self.current is model and self._offloader is not None:
+            self._offloader.detach()
+            self._offloader = None
         for key, cached in list(self._cache.items()):
             if cached is model:
                 del self._cache[key]

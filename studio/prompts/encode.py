@@ -154,8 +154,14 @@ class TextConditioner:
         self.model = model
         self.embeddings = embeddings or {}
         self.index = EmbeddingIndex(model.tokenizers[0], self.embeddings) if self.embeddings else None
-        self._cache: OrderedDict[tuple[str, int, int], Conditioning] = OrderedDict()
+        self._cache: OrderedDict[tuple, Conditioning] = OrderedDict()
         self._chunks: OrderedDict[str, tuple[list[Chunk], int]] = OrderedDict()
+        # Which text-encoder weights are in force (LoRAs merged into them): part of the cache
+        # key, so turning a LoRA on and off again still hits the cache.
+        self.weights_key: tuple = ()
+
+    def set_weights_key(self, key: tuple) -> None:
+        self.weights_key = key
 
     def set_embeddings(self, embeddings: dict[str, Any]) -> None:
         self.embeddings = embeddings
@@ -185,7 +191,7 @@ class TextConditioner:
         return list(seen.values())
 
     def encode(self, text: str, clip_skip: int, min_chunks: int = 1) -> Conditioning:
-        key = (text, clip_skip, min_chunks)
+        key = (text, clip_skip, min_chunks, self.weights_key)
         hit = self._cache.get(key)
         if hit is not None:
             self._cache.move_to_end(key)

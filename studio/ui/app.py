@@ -10,6 +10,7 @@ from studio import __version__
 from studio.core import Studio
 from studio.generation.infotext import infotext_to_fields, parse_infotext
 from studio.generation.outputs import ImageReadError, open_image, read_infotext
+from studio.ui.extra_networks import checkpoint_card_title
 from studio.ui.txt2img import USER_ERRORS, build_txt2img_tab, fields_to_updates
 
 CSS = """
@@ -26,6 +27,10 @@ CSS = """
 .token-counter {font-size: 12px; opacity: .75;}
 .token-counter.over {color: #dc2626; opacity: 1;}
 #studio_footer {text-align: center; opacity: .7; font-size: 12px;}
+.extra-network-cards .caption-label {font-size: 12px;}
+/* fixed-size cards: Gradio stretches a gallery's few items across its whole width */
+.extra-network-cards .grid-container {grid-template-columns: repeat(auto-fill, minmax(140px, 160px)) !important;}
+.extra-network-cards .thumbnail-item {aspect-ratio: 4 / 5 !important; height: auto !important;}
 """
 
 
@@ -48,6 +53,8 @@ def build_ui(studio: Studio) -> gr.Blocks:
                 label="Stable Diffusion checkpoint", elem_id="setting_sd_model_checkpoint", scale=6,
             )
             refresh = gr.Button("↻", elem_id="refresh_sd_model_checkpoint", scale=0, min_width=48)
+            vae = gr.Dropdown(choices=studio.vae_choices(), value=studio.settings.get("sd_vae", "Automatic"),
+                              label="SD VAE", elem_id="setting_sd_vae", scale=3)
             model_status = gr.Markdown(_model_status(studio), elem_id="model_status")
         banner = gr.Markdown(demo_banner_text(studio), elem_id="demo_banner",
                              visible=bool(demo_banner_text(studio)))
@@ -79,9 +86,31 @@ def build_ui(studio: Studio) -> gr.Blocks:
 
         def do_refresh():
             studio.refresh_checkpoints()
+            studio.refresh_vaes()
             text = demo_banner_text(studio)
             return (gr.update(choices=[c.title for c in studio.checkpoints()], value=studio.current_title),
-                    gr.update(value=text, visible=bool(text)))
+                    gr.update(value=text, visible=bool(text)), gr.update(choices=studio.vae_choices()))
+
+        def choose_vae(name):
+            try:
+                studio.select_vae(name)
+            except USER_ERRORS as e:
+                gr.Warning(str(e))
+                return gr.update(value=studio.settings.get("sd_vae", "Automatic"))
+            return gr.update(value=name)
+
+        vae.select(choose_vae, vae, vae)
+
+        def choose_card(names, evt: gr.SelectData):
+            title = checkpoint_card_title(studio, names, evt.index)
+            if title is None:
+                return gr.update(), gr.update()
+            return choose(title)
+
+        controls.extra.galleries["checkpoints"].select(choose_card, controls.extra.shown,
+                                                       [checkpoint, model_status])
+        blocks.load(lambda: controls.extra.fill(""), None,
+                    [*controls.extra.galleries.values(), controls.extra.shown], queue=False)
 
         checkpoint.select(choose, checkpoint, [checkpoint, model_status])
         # The first model loads in the background: a page opened meanwhile polls until it is
@@ -95,7 +124,7 @@ def build_ui(studio: Studio) -> gr.Blocks:
 
         blocks.load(sync, None, [checkpoint, model_status, watcher], queue=False)
         watcher.tick(sync, None, [checkpoint, model_status, watcher], queue=False, show_progress="hidden")
-        refresh.click(do_refresh, None, [checkpoint, banner])
+        refresh.click(do_refresh, None, [checkpoint, banner, vae])
 
         def read_png(path):
             if not path:

@@ -14,6 +14,7 @@ from studio.generation.samplers import SAMPLER_NAMES, SCHEDULE_LABELS
 from studio.models.manager import ModelNotFoundError
 from studio.models.state_dict import ModelFileError
 from studio.prompts.styles import StyleError
+from studio.ui.extra_networks import ExtraNetworksBrowser, build_extra_networks
 
 USER_ERRORS = (RequestError, ModelFileError, ModelNotFoundError, StyleError)
 
@@ -32,6 +33,7 @@ class Txt2ImgControls:
     height: gr.Slider
     clip_skip: gr.Slider
     tab: gr.Tab
+    extra: ExtraNetworksBrowser
 
 
 def progress_html(step: int, total: int, batch: int, batches: int, eta: float | None, waiting: int) -> str:
@@ -70,6 +72,7 @@ def build_txt2img_tab(studio: Studio) -> Txt2ImgControls:
                     with gr.Row(equal_height=True):
                         style_name = gr.Textbox(label="Style name", elem_id="txt2img_style_name", scale=4)
                         save_style = gr.Button("Save style", elem_id="txt2img_style_save", scale=1, size="sm")
+                extra = build_extra_networks(studio, prompt, "txt2img")
             with gr.Column(scale=1, min_width=180):
                 generate = gr.Button("Generate", variant="primary", elem_id="txt2img_generate", size="lg")
                 with gr.Row():
@@ -195,7 +198,8 @@ def build_txt2img_tab(studio: Studio) -> Txt2ImgControls:
     refresh_styles.click(reload_styles, None, styles, queue=False)
     random_seed.click(lambda: -1, None, seed, queue=False)
     reuse_seed.click(lambda s: s, last_seed, seed, queue=False)
-    return Txt2ImgControls(prompt, negative, steps, sampler, schedule, cfg, seed, width, height, clip_skip, tab)
+    return Txt2ImgControls(prompt, negative, steps, sampler, schedule, cfg, seed, width, height, clip_skip, tab,
+                           extra)
 
 
 def fields_to_updates(controls: Txt2ImgControls, fields: dict[str, Any]) -> list[Any]:
