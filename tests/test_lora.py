@@ -178,14 +178,21 @@ def kron(w1, w2):
     return (w1 * w2).reshape(a * c, b * d, *rest)
 
 
-def kohya_delta(parts: dict, shape) -> torch.Tensor:
-    """ΔW·scale of one kohya / LyCORIS module, from its raw tensors."""
+def kohya_delta(parts: dict, shape, factors_in: torch.dtype | None = None, multiplier: float = 1.0) -> torch.Tensor:
+    """ΔW·scale of one kohya / LyCORIS module, from its raw tensors. ``factors_in``: round
+    up·scale·multiplier and down to that dtype first (what a half-precision merge multiplies);
+    the result then already includes the multiplier."""
     alpha = float(parts["alpha"]) if "alpha" in parts else None
     if "lora_down.weight" in parts:
         down, up = parts["lora_down.weight"], parts["lora_up.weight"]
         rank = down.shape[0]
+        scale = (alpha or rank) / rank
+        if factors_in is not None:
+            up = (up.float() * (scale * multiplier)).to(factors_in).float()
+            down = down.to(factors_in).float()
+            return (up.reshape(up.shape[0], rank) @ down.reshape(rank, -1)).reshape(shape)
         delta = up.reshape(up.shape[0], rank) @ down.reshape(rank, -1)
-        return delta.reshape(shape) * ((alpha or rank) / rank)
+        return delta.reshape(shape) * scale
     if "hada_w1_a" in parts:
         halves = []
         for i in (1, 2):
@@ -211,7 +218,8 @@ def kohya_delta(parts: dict, shape) -> torch.Tensor:
     raise AssertionError(f"unknown module {sorted(parts)}")
 
 
-def expected_kohya(path: Path, model) -> dict[tuple, torch.Tensor]:
+def expected_kohya(path: Path, model, factors_in: torch.dtype | None = None,
+                   multiplier_for=lambda component: 1.0) -> dict[tuple, torch.Tensor]:
     tensors, _ = read_file(path)
     modules = group(tensors, lambda k: tuple(k.split(".", 1)))
     names = kohya_name_map(model)
@@ -220,7 +228,7 @@ def expected_kohya(path: Path, model) -> dict[tuple, torch.Tensor]:
     for name, parts in modules.items():
         component, module = names[name]
         shape = layers[(component, module + ".weight")].shape
-        out[(component, module)] = kohya_delta(parts, shape)
+        out[(component, module)] = kohya_delta(parts, shape, factors_in, multiplier_for(component))
     return out
 
 
@@ -535,18 +543,19 @@ def test_bf16_channels_last_weights_round_once(models, tmp_path):
     patcher = patcher_for(model)
     try:
         patcher.apply([ActiveNetwork(lib.find("a"), TE_MULT, UNET_MULT)], lib)
-        touched = {(c, m + ".weight"): d for (c, m), d in expected_kohya(path, model).items()}
+        # Low-rank updates on half weights run as one bf16 addmm: the factors (up·scale·mult,
+        # down) are rounded to bf16, then the kernel accumulates in float32 and rounds once.
+        touched = {(c, m + ".weight"): d for (c, m), d in expected_kohya(
+            path, model, torch.bfloat16, lambda c: UNET_MULT if c == "unet" else TE_MULT).items()}
         mismatches = total = 0
         for key, param in params(model).items():
             if key not in touched:
                 assert torch.equal(param, original[key]), key
                 continue
-            mult = UNET_MULT if key[0] == "unet" else TE_MULT
-            exact = original[key].float() + mult * touched[key]
+            exact = original[key].float() + touched[key]
             expected = exact.to(torch.bfloat16)
             assert param.dtype == torch.bfloat16
-            # Rounded once from the fp32 sum: the nearest bf16, up to ties that fp32 summation
-            # order may break either way.
+            # the nearest bf16 to that sum, up to ties that the summation order may break
             slack = 1e-5 * exact.abs() + 1e-7
             assert bool(((param.float() - exact).abs() <= (expected.float() - exact).abs() + slack).all()), key
             mismatches += int((param != expected).sum())
