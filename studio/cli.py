@@ -15,6 +15,7 @@ from pathlib import Path
 
 from studio.config import Flags, force_offline, parse_flags
 
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--models-dir", default=None)
@@ -137,7 +138,9 @@ def cmd_models(ns: argparse.Namespace) -> int:
     from studio.core import Studio
 
     studio = Studio.create(_flags(ns))
-    show = (lambda kind: ns.kind in ("all", kind))
+    def show(kind: str) -> bool:
+        return ns.kind in ("all", kind)
+
     sections = []
     if show("checkpoints"):
         sections.append(("checkpoints", [f"{c.title}\t{c.path}" + ("\t(demo)" if c.is_demo else "")

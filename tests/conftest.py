@@ -20,12 +20,11 @@ def artifacts_dir():
 @pytest.fixture(scope="session")
 def server(tmp_path_factory):
     """One studio server (UI + API) for the API and browser tests."""
-    from tests.helpers import Server, make_models_dir
-
     from studio.testing import make_vae, tiny_components
     from studio.testing.embeddings import random_vectors, write_a1111_pt
     from studio.testing.hypernetworks import tiny_widths, write_hypernetwork
     from studio.testing.loras import write_kohya_lora
+    from tests.helpers import Server, make_models_dir
 
     root = tmp_path_factory.mktemp("served")
     make_models_dir(root, (("sd1", ".safetensors"), ("sdxl", ".safetensors")))

@@ -163,7 +163,8 @@ def test_extra_networks_cards_insert_tags_and_vae_dropdown(page, artifacts_dir):
     prompt.fill("a quiet harbour")
     page.locator("#txt2img_extra_networks").get_by_text("Extra networks").click()
     page.locator("#txt2img_extra_networks").get_by_role("tab", name="Lora").click()
-    card = page.locator("#txt2img_extra_lora button.thumbnail-item").first
+    # other tests may add LoRAs to the served folder: pick the card by its caption
+    card = page.locator("#txt2img_extra_lora button.thumbnail-item", has_text="tinylora").first
     card.wait_for(timeout=30_000)
     page.wait_for_function(
         "() => [...document.querySelectorAll('#txt2img_extra_lora img')].some(i => i.complete && i.naturalWidth)",

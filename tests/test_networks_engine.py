@@ -126,3 +126,33 @@ def test_cards_list_every_kind(studio):
     lora = {c.name: c for c in studio.network_cards("lora")}
     assert lora["style"].insert == "<lora:style:1>"
     assert lora["xl-only"].family == "sdxl" and lora["style"].family == "sd1"
+
+
+def test_vae_nan_decode_is_retried_in_float32(caplog):
+    """A half-precision VAE that overflows to NaN (SDXL's VAE in fp16 does) is retried in
+    float32 for that decode, logged, and stays float32 afterwards."""
+    import logging
+    from types import SimpleNamespace
+
+    import torch
+
+    from studio.generation.txt2img import decode_latents
+
+    vae = tiny_components("sd1", seed=1)["vae"].to(torch.bfloat16)
+    real_decode = vae.decode
+
+    def overflowing(x, *a, **kw):
+        out = real_decode(x, *a, **kw)
+        if vae.dtype != torch.float32:
+            out.sample.fill_(float("nan"))
+        return out
+
+    vae.decode = overflowing
+    model = SimpleNamespace(vae=vae, policy=SimpleNamespace(device=torch.device("cpu")))
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with caplog.at_level(logging.WARNING):
+        [image] = decode_latents(model, latents)
+    assert vae.dtype == torch.float32
+    assert "retrying" in caplog.text and "float32" in caplog.text
+    arr = np.asarray(image)
+    assert arr.shape == (64, 64, 3) and arr.std() > 0

@@ -9,8 +9,8 @@ import json
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, HTTPException, Request
-from fastapi.routing import APIRoute
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 
 from studio.api.models import (
     ImageResponse,

@@ -220,16 +220,17 @@ def load_checkpoint(info: CheckpointInfo, policy: DevicePolicy, config_cache: Pa
 
 
 def build_model(ckpt: CheckpointFile, policy: DevicePolicy) -> LoadedModel:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     info, sd, probe, timer = ckpt.info, ckpt.state_dict, ckpt.probe, ckpt.timer
-    dtype, vae_dtype = policy.dtype, policy.vae_dtype
+    dtype = policy.dtype
     common = {"config": str(ckpt.config_dir), "local_files_only": True}
     try:
-        unet = UNet2DConditionModel.from_single_file(sd, subfolder="unet", torch_dtype=dtype, **common)
-        vae = AutoencoderKL.from_single_file(sd, subfolder="vae", torch_dtype=vae_dtype, **common)
+        unet, vae = _empty_unet_and_vae(ckpt.config_dir, policy)
+        timer.record("create model")
+        _copy_weights(ckpt, _convert_unet_and_vae(sd, unet, vae))
+        timer.record("load weights into model")
         text_encoders = [create_diffusers_clip_model_from_ldm(
             CLIPTextModel, sd, subfolder="text_encoder", torch_dtype=dtype, **common)]
         if "text_encoder_2" in ckpt.configs:
@@ -240,8 +241,50 @@ def build_model(ckpt: CheckpointFile, policy: DevicePolicy) -> LoadedModel:
     finally:
         ckpt.state_dict = {}
         del sd
-    timer.record("create model")
+    timer.record("load text encoders")
     return _finish(ckpt, policy, unet, vae, text_encoders)
+
+
+def _empty_unet_and_vae(config_dir: Path, policy: DevicePolicy) -> tuple[Any, Any]:
+    """UNet and VAE with uninitialised storage already in the final dtype and memory layout,
+    so the checkpoint's tensors are copied (and cast) into them in a single pass. diffusers'
+    ``from_single_file`` casts each tensor, makes it contiguous, and channels_last then copies
+    the convs again: measured on a full SD1.5 file, 3.4 s against 1.1 s for one pass. Neither
+    module has buffers, which ``to_empty`` would leave uninitialised."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    modules = []
+    for cls, sub, dtype in ((UNet2DConditionModel, "unet", policy.dtype),
+                            (AutoencoderKL, "vae", policy.vae_dtype)):
+        with init_empty_weights():
+            module = cls.from_config(cls.load_config(config_dir, subfolder=sub, local_files_only=True))
+        module.to(dtype=dtype)
+        if policy.channels_last:
+            module.to(memory_format=torch.channels_last)
+        modules.append(module.to_empty(device="cpu"))
+    return modules[0], modules[1]
+
+
+def _convert_unet_and_vae(sd: dict[str, torch.Tensor], unet: Any, vae: Any) -> list[tuple[Any, dict]]:
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+
+    return [(unet, convert_ldm_unet_checkpoint(sd, dict(unet.config))),
+            (vae, convert_ldm_vae_checkpoint(sd, dict(vae.config)))]
+
+
+def _copy_weights(ckpt: CheckpointFile, converted: list[tuple[Any, dict]]) -> None:
+    """Copy converted weights into existing modules, after checking every parameter and
+    buffer has a value (a partial copy would leave garbage or the previous model's weights)."""
+    for module, weights in converted:
+        expected = {k for k, _ in (*module.named_parameters(), *module.named_buffers())}
+        missing = expected - set(weights) - {k for k in expected if k.endswith("position_ids")}
+        if missing:
+            raise ModelFileError(f"{ckpt.info.name}: weights do not fit the {ckpt.probe.label} layout "
+                                 f"(missing {sorted(missing)[:3]})")
+    with torch.no_grad():
+        for module, weights in converted:
+            module.load_state_dict(weights, strict=False)
 
 
 def reuse_model(old: LoadedModel, ckpt: CheckpointFile, policy: DevicePolicy) -> LoadedModel:
@@ -249,19 +292,11 @@ def reuse_model(old: LoadedModel, ckpt: CheckpointFile, policy: DevicePolicy) ->
     as A1111 does at ``sd_checkpoints_limit`` 1: no modules are built and no second copy of
     the model ever exists. Key conversion is diffusers' own (the converters
     ``from_single_file`` uses). ``old`` must not be used afterwards."""
-    from diffusers.loaders.single_file_utils import (
-        convert_ldm_clip_checkpoint,
-        convert_ldm_unet_checkpoint,
-        convert_ldm_vae_checkpoint,
-        convert_open_clip_checkpoint,
-    )
+    from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_open_clip_checkpoint
 
     sd, probe, timer = ckpt.state_dict, ckpt.probe, ckpt.timer
     te_prefix = {"sd2": "cond_stage_model.model.", "sdxl": "conditioner.embedders.1.model."}
-    converted = [
-        (old.unet, convert_ldm_unet_checkpoint(sd, dict(old.unet.config))),
-        (old.vae, convert_ldm_vae_checkpoint(sd, dict(old.vae.config))),
-    ]
+    converted = _convert_unet_and_vae(sd, old.unet, old.vae)
     if probe.family == "sd2":
         converted.append((old.text_encoders[0], convert_open_clip_checkpoint(old.text_encoders[0], sd,
                                                                              te_prefix["sd2"])))
@@ -276,15 +311,7 @@ def reuse_model(old: LoadedModel, ckpt: CheckpointFile, policy: DevicePolicy) ->
     for i, (module, weights) in enumerate(converted):
         if not hasattr(module, "text_model"):
             converted[i] = (module, {k.removeprefix("text_model."): v for k, v in weights.items()})
-    for module, weights in converted:
-        expected = {k for k, _ in (*module.named_parameters(), *module.named_buffers())}
-        missing = expected - set(weights) - {k for k in expected if k.endswith("position_ids")}
-        if missing:
-            raise ModelFileError(f"{ckpt.info.name}: weights do not fit the {probe.label} layout "
-                                 f"(missing {sorted(missing)[:3]})")
-    with torch.no_grad():
-        for module, weights in converted:
-            module.load_state_dict(weights, strict=False)
+    _copy_weights(ckpt, converted)
     timer.record("load weights into existing model")
     return _finish(ckpt, policy, old.unet, old.vae, list(old.text_encoders))
 

@@ -65,7 +65,7 @@ class ExtraNetworks:
 
 
 def activate_networks(model: Any, tags: list[ExtraNetworkTag], loras: Any, hypernetworks: Any) -> NetworkActivation:
-    from studio.networks.lora import ActiveNetwork, LoraFileError
+    from studio.networks.lora import ActiveNetwork
 
     result = NetworkActivation()
     wanted: list[ActiveNetwork] = []
@@ -91,11 +91,7 @@ def activate_networks(model: Any, tags: list[ExtraNetworkTag], loras: Any, hyper
 
     patcher = lora_patcher(model) if (wanted or model.lora_patcher is not None) else None
     if patcher is not None:
-        try:
-            report = patcher.apply(wanted, loras)
-        except LoraFileError as e:
-            result.notes.append(str(e))
-            report = patcher.apply([w for w in wanted if _readable(loras, w.info)], loras)
+        report = patcher.apply(wanted, loras)  # unreadable or unfitting files come back as warnings
         result.notes.extend(report.warnings)
         model.conditioner.set_weights_key(patcher.current)
         applied = set(report.applied)
@@ -116,13 +112,3 @@ def activate_networks(model: Any, tags: list[ExtraNetworkTag], loras: Any, hyper
         if loaded:
             result.hooks = apply_hypernetworks(model.unet, loaded, model.policy.dtype, model.policy.device)
     return result
-
-
-def _readable(loras: Any, info: Any) -> bool:
-    from studio.networks.lora import LoraFileError
-
-    try:
-        loras.load(info)
-    except LoraFileError:
-        return False
-    return True

@@ -1,5 +1,6 @@
 """Tiny random Stable Diffusion models for tests and the built-in demo model."""
 
+from studio.models.ldm_keys import base_family, to_ldm_state_dict
 from studio.testing.factory import (
     FAMILIES,
     heads_for,
@@ -11,7 +12,6 @@ from studio.testing.factory import (
     te_heads,
     tiny_components,
 )
-from studio.models.ldm_keys import base_family, to_ldm_state_dict
 
 __all__ = [
     "FAMILIES",

@@ -32,6 +32,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+from studio.models.ldm_keys import base_family, to_ldm_state_dict, vae_to_ldm
 from studio.models.tokenizer import (
     BOS_TOKEN_ID,
     EOS_TOKEN,
@@ -39,7 +40,6 @@ from studio.models.tokenizer import (
     make_clip_tokenizer,
     write_tokenizer_files,
 )
-from studio.models.ldm_keys import base_family, to_ldm_state_dict, vae_to_ldm
 
 FAMILIES = ("sd1", "sd1-inpaint", "sd2", "sd2-v", "sd2-inpaint", "sdxl", "sdxl-inpaint")
 
