@@ -132,6 +132,8 @@ class Studio:
             self.select_vae(str(vae))
         if changes:
             self.settings.update(changes)
+        if {"sd_checkpoints_limit", "sd_checkpoint_cache_mb"} & set(changes):
+            self.queue.run(lambda state: self.models.trim(), "apply cache limits")
 
     def initial_checkpoint(self) -> str | None:
         preferred = self.settings.get("sd_model_checkpoint")

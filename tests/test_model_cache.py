@@ -137,3 +137,15 @@ def test_request_checkpoint_override_leaves_the_users_choice(studio):
     req = Txt2ImgRequest(prompt="x", steps=1, width=64, height=64, seed=1, save_images=False)
     result = studio.txt2img(req)
     assert result.model.info.title == chosen
+
+
+def test_lowering_the_limit_through_options_evicts_at_once(studio):
+    set_limits(studio, 3)
+    for name in ("a", "b", "c"):
+        studio.select_checkpoint(name)
+    studio.apply_options({"sd_checkpoints_limit": 1})
+    assert [m.info.name for m in studio.models.cached()] == ["c.ckpt"]
+    from studio.generation.request import RequestError
+
+    with pytest.raises(RequestError, match="sd_checkpoints_limit"):
+        studio.apply_options({"sd_checkpoints_limit": 0})

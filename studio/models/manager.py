@@ -193,6 +193,10 @@ class ModelManager:
             self._evict(next(iter(self._cache.values())))
         self._free()
 
+    def trim(self) -> None:
+        """Apply lowered limits now rather than at the next load."""
+        self._evict_over_limits()
+
     def _evict_over_limits(self) -> None:
         """Drop least recently used models until the count and byte budget fit; the current
         model always stays, even when it alone is over the budget."""
