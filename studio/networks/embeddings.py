@@ -17,9 +17,6 @@ Pickles are only ever opened with ``torch.load(weights_only=True)``; the one ext
 
 from __future__ import annotations
 
-import hashlib
-import os
-import re
 import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -29,11 +26,19 @@ from typing import Any
 import torch
 from safetensors.torch import load_file as load_safetensors
 
+from studio.models.catalog import sha256_file
+from studio.networks.files import (
+    load_weights_only,
+    optional_int,
+    optional_str,
+    pickle_failure_message,
+    scan_files,
+)
+
 EMBEDDING_SUFFIXES = (".pt", ".bin", ".safetensors")
 TI_HASH_LENGTH = 12  # A1111 shows LoRA / TI hashes with 12 hex characters
 DEFAULT_ENCODER = "default"  # key for single-text-encoder files (SD1 / SD2)
 SDXL_ENCODERS = ("clip_l", "clip_g")
-_HASH_BLOCK = 1 << 20
 
 
 class EmbeddingFileError(ValueError):
@@ -82,14 +87,6 @@ class Embedding:
         }
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(_HASH_BLOCK), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 # ---------------------------------------------------------------------------------------------
 # Reading one file
 
@@ -104,9 +101,9 @@ def read_embedding(path: Path) -> Embedding:
         name=path.stem,
         path=path,
         vectors=vectors,
-        step=_optional_int(meta.get("step")),
-        sd_checkpoint=_optional_str(meta.get("sd_checkpoint")),
-        sd_checkpoint_name=_optional_str(meta.get("sd_checkpoint_name")),
+        step=optional_int(meta.get("step")),
+        sd_checkpoint=optional_str(meta.get("sd_checkpoint")),
+        sd_checkpoint_name=optional_str(meta.get("sd_checkpoint_name")),
     )
 
 
@@ -124,7 +121,7 @@ def _load_raw(path: Path) -> Any:
 
 def _load_pickle(path: Path) -> Any:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return load_weights_only(path)
     except Exception as exc:
         if "ParameterDict" not in str(exc):
             raise EmbeddingFileError(_pickle_failure_message(path, exc)) from exc
@@ -136,20 +133,13 @@ def _load_pickle(path: Path) -> Any:
             "re-save it with a newer trainer"
         )
     try:
-        with torch.serialization.safe_globals([torch.nn.ParameterDict, torch.nn.Parameter]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+        return load_weights_only(path, [torch.nn.ParameterDict, torch.nn.Parameter])
     except Exception as exc:
         raise EmbeddingFileError(_pickle_failure_message(path, exc)) from exc
 
 
 def _pickle_failure_message(path: Path, exc: Exception) -> str:
-    text = str(exc)
-    # torch's weights_only message is a long how-to-bypass text; keep only the actual reason.
-    match = re.search(r"WeightsUnpickler error: (.*?)(?: Please use|\n|$)", text)
-    if match:
-        return f"{path}: refused to load, the pickle holds more than tensors ({match.group(1).strip()})"
-    first_line = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
-    return f"{path}: not a readable torch file ({first_line})"
+    return pickle_failure_message(path, exc, "an embedding")
 
 
 def _vectors_from_data(data: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -207,20 +197,6 @@ def _as_matrix(value: Any, path: Path, label: str) -> torch.Tensor:
 def _keys(data: Mapping[Any, Any]) -> str:
     names = [str(key) for key in list(data)[:8]]
     return ", ".join(names) + (", …" if len(data) > 8 else "")
-
-
-def _optional_int(value: Any) -> int | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
-        return int(value.item())
-    return None
-
-
-def _optional_str(value: Any) -> str | None:
-    return value if isinstance(value, str) else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,33 +297,8 @@ class EmbeddingLibrary:
         }
 
     def _scan(self) -> Iterator[tuple[Path, tuple[int, int]]]:
-        seen_dirs: set[str] = set()
-        for folder in self.folders:
-            yield from _scan_folder(folder, seen_dirs)
-
-
-def _scan_folder(folder: Path, seen_dirs: set[str]) -> Iterator[tuple[Path, tuple[int, int]]]:
-    if not folder.is_dir():
-        return  # a configured folder that does not exist yet is simply empty
-    # Symlinks are followed like A1111 does; remembering real paths stops link loops.
-    for root, dirs, files in os.walk(folder, followlinks=True):
-        real = os.path.realpath(root)
-        if real in seen_dirs:
-            dirs[:] = []
-            continue
-        seen_dirs.add(real)
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for filename in sorted(files):
-            if filename.startswith(".") or not filename.lower().endswith(EMBEDDING_SUFFIXES):
-                continue
-            path = Path(root) / filename
-            try:
-                st = path.stat()
-            except OSError:
-                continue  # vanished between listing and stat
-            if st.st_size == 0:
-                continue  # A1111 skips empty files; usually a copy still in progress
-            yield path, (st.st_mtime_ns, st.st_size)
+        # Sorted walk order across the folders in turn: _register lets the first file of a stem win.
+        return scan_files(self.folders, EMBEDDING_SUFFIXES)
 
 
 def _read_cached(path: Path, stamp: tuple[int, int]) -> _CachedFile:

@@ -19,10 +19,7 @@ but dicts, tuples, lists, tensors and plain scalars, so anything else is refused
 from __future__ import annotations
 
 import copy
-import hashlib
 import inspect
-import os
-import re
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
@@ -34,11 +31,19 @@ from typing import Any
 import torch
 from torch import nn
 
+from studio.models.catalog import sha256_file
+from studio.networks.files import (
+    load_weights_only,
+    optional_int,
+    optional_str,
+    pickle_failure_message,
+    scan_files,
+)
+
 HYPERNETWORK_SUFFIX = ".pt"
 SHORTHASH_LENGTH = 10  # A1111's Hypernetwork.shorthash
 DEFAULT_LAYER_STRUCTURE = (1.0, 2.0, 1.0)
 DEFAULT_DROPOUT = 0.3  # what A1111 trains with when only ``use_dropout`` is stored
-_HASH_BLOCK = 1 << 20
 
 # Names A1111 lists explicitly; any other torch.nn activation is found by its lowercased class name.
 # "swish" really is Hardswish in A1111, and files trained there depend on that.
@@ -275,14 +280,6 @@ def _stamp(path: Path) -> tuple[int, int]:
     return (st.st_mtime_ns, st.st_size)
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(_HASH_BLOCK), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def read_hypernetwork(path: Path, name: str | None = None) -> Hypernetwork:
     """Read a hypernetwork file; raise :class:`HypernetworkFileError` for anything unusable."""
     path = Path(path)
@@ -338,12 +335,12 @@ def read_hypernetwork(path: Path, name: str | None = None) -> Hypernetwork:
         use_dropout=use_dropout,
         dropout_structure=dropout_structure,
         last_layer_dropout=last_layer_dropout,
-        weight_initialization=_optional_str(data.get("weight_initialization")) or "Normal",
-        internal_name=_optional_str(data.get("name")),
-        step=_optional_int(data.get("step")) or 0,
-        sd_checkpoint=_optional_str(data.get("sd_checkpoint")),
-        sd_checkpoint_name=_optional_str(data.get("sd_checkpoint_name")),
-        optional_info=_optional_str(data.get("optional_info")),
+        weight_initialization=optional_str(data.get("weight_initialization")) or "Normal",
+        internal_name=optional_str(data.get("name")),
+        step=optional_int(data.get("step")) or 0,
+        sd_checkpoint=optional_str(data.get("sd_checkpoint")),
+        sd_checkpoint_name=optional_str(data.get("sd_checkpoint_name")),
+        optional_info=optional_str(data.get("optional_info")),
     )
 
 
@@ -386,27 +383,11 @@ def _build_module(
 
 def _load_pickle(path: Path) -> Any:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return load_weights_only(path)
     except FileNotFoundError as exc:
         raise HypernetworkFileError(f"{path}: file not found") from exc
     except Exception as exc:
-        raise HypernetworkFileError(_pickle_failure_message(path, exc)) from exc
-
-
-def _pickle_failure_message(path: Path, exc: Exception) -> str:
-    text = str(exc)
-    wanted = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
-    if wanted:
-        return (
-            f"{path}: refused to load, the file needs the Python object {wanted.group(1)}, which a "
-            "hypernetwork never contains and which could run code when loaded"
-        )
-    # torch's weights_only message is a long how-to-bypass text; keep only the actual reason.
-    reason = re.search(r"WeightsUnpickler error:\s*(.*?)(?:\n\n|Please |$)", text, re.DOTALL)
-    if reason and reason.group(1).strip():
-        return f"{path}: refused to load, the pickle holds more than tensors ({reason.group(1).strip()})"
-    first_line = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
-    return f"{path}: not a readable torch file ({first_line})"
+        raise HypernetworkFileError(pickle_failure_message(path, exc, "a hypernetwork")) from exc
 
 
 def _layer_structure(value: Any, path: Path) -> list[float]:
@@ -441,20 +422,6 @@ def _number_list(value: Any, path: Path, label: str) -> list[float]:
     ):
         raise HypernetworkFileError(f"{path}: {label} must be a list of numbers, got {value!r}")
     return [float(item) for item in value]
-
-
-def _optional_int(value: Any) -> int | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
-        return int(value.item())
-    return None
-
-
-def _optional_str(value: Any) -> str | None:
-    return value if isinstance(value, str) else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -542,37 +509,12 @@ class HypernetworkLibrary:
         return [info.api_dict() for info in self.items()]
 
     def _scan(self) -> Iterator[tuple[Path, tuple[int, int]]]:
+        # One real folder is walked only once, even when several configured folders reach it.
         seen_dirs: set[str] = set()
         for folder in self.folders:
-            yield from _scan_folder(folder, seen_dirs)
-
-
-def _scan_folder(folder: Path, seen_dirs: set[str]) -> Iterator[tuple[Path, tuple[int, int]]]:
-    if not folder.is_dir():
-        return
-    found: list[tuple[Path, tuple[int, int]]] = []
-    # Symlinks are followed; remembering real paths stops link loops.
-    for root, dirs, files in os.walk(folder, followlinks=True):
-        real = os.path.realpath(root)
-        if real in seen_dirs:
-            dirs[:] = []
-            continue
-        seen_dirs.add(real)
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        for filename in files:
-            if filename.startswith(".") or not filename.lower().endswith(HYPERNETWORK_SUFFIX):
-                continue
-            path = Path(root) / filename
-            try:
-                st = path.stat()
-            except OSError:
-                continue
-            if st.st_size == 0:
-                continue  # usually a copy still in progress
-            found.append((path, (st.st_mtime_ns, st.st_size)))
-    # A1111 orders by the lowercased path.
-    found.sort(key=lambda item: str(item[0]).lower())
-    yield from found
+            found = scan_files([folder], (HYPERNETWORK_SUFFIX,), seen_dirs=seen_dirs)
+            # A1111 orders each folder's files by the lowercased path (not by walk order).
+            yield from sorted(found, key=lambda item: str(item[0]).lower())
 
 
 # ---------------------------------------------------------------------------------------------

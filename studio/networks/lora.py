@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
@@ -38,6 +37,7 @@ from studio.models.state_dict import (
     load_state_dict,
     read_safetensors_header,
 )
+from studio.networks.files import walk_files
 from studio.networks.lora_formats import (
     FAMILY_NAMES,
     LoraFileError,
@@ -124,20 +124,15 @@ def addnet_hash(path: Path) -> str:
 
 
 def _scan(folders: Iterable[Path]) -> Iterable[Path]:
+    # Unlike embeddings and hypernetworks, LoRA folders are listed without following symlinked
+    # sub-folders, and empty or unreadable files are kept (refresh reports why they fail). A file
+    # reached under two names (a symlinked file, overlapping folders) is listed once, first seen.
     seen: set[Path] = set()
-    for root in folders:
-        if not root.is_dir():
-            continue
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for filename in sorted(filenames):
-                path = Path(dirpath) / filename
-                if filename.startswith(".") or path.suffix.lower() not in LORA_SUFFIXES:
-                    continue
-                resolved = path.resolve()
-                if resolved not in seen:
-                    seen.add(resolved)
-                    yield path
+    for path in walk_files(folders, LORA_SUFFIXES, follow_links=False):
+        resolved = path.resolve()
+        if resolved not in seen:
+            seen.add(resolved)
+            yield path
 
 
 class LoraLibrary:
