@@ -11,7 +11,6 @@ the same generators feed ancestral samplers' per-step noise.
 
 from __future__ import annotations
 
-import inspect
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -25,9 +24,9 @@ from PIL import Image
 from studio import __version__
 from studio.generation.infotext import build_infotext
 from studio.generation.outputs import save_image
-from studio.generation.preview import latent_preview
 from studio.generation.request import Txt2ImgRequest, resolve_seed
-from studio.generation.samplers import effective_schedule, make_scheduler, split_sampler_name
+from studio.generation.samplers import effective_schedule, split_sampler_name
+from studio.generation.sampling import BatchSpec, sample
 from studio.jobs import JobState
 from studio.models.loader import LoadedModel
 from studio.networks.activation import ExtraNetworks, NetworkActivation
@@ -120,36 +119,6 @@ def make_infotext(req: Txt2ImgRequest, model: LoadedModel, seed: int, schedule_l
     return build_infotext(req.prompt, req.negative_prompt, params)
 
 
-def guide(preds: tuple[torch.Tensor, ...], weights: list[float], cfg_scale: float, has_uncond: bool) -> torch.Tensor:
-    """Classifier-free guidance over AND sub-prompts (A1111's composable diffusion):
-    uncond + cfg * sum_i w_i * (cond_i - uncond)."""
-    if not has_uncond:
-        return preds[0]
-    uncond, conds = preds[0], preds[1:]
-    total = torch.zeros_like(uncond)
-    for cond, weight in zip(conds, weights):
-        total += weight * (cond - uncond)
-    return uncond + cfg_scale * total
-
-
-def initial_noise(seeds: list[int], shape: tuple[int, int, int]) -> tuple[torch.Tensor, list[torch.Generator]]:
-    gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-    noise = torch.stack([torch.randn(shape, generator=g, dtype=torch.float32) for g in gens])
-    return noise, gens
-
-
-def _inpaint_conditioning(model: LoadedModel, batch: int, height: int, width: int) -> torch.Tensor:
-    """9-channel UNets in txt2img get a full mask over a neutral gray image (A1111's
-    ``txt2img_image_conditioning``): channel order mask(1) + masked-image latents(4)."""
-    vae = model.vae
-    # the policy device, not vae.device: with --medvram the VAE waits in RAM until it runs
-    gray = torch.zeros(1, 3, height, width, device=model.policy.device, dtype=vae.dtype)
-    with torch.inference_mode():
-        lat = vae.encode(gray).latent_dist.mode() * vae.config.scaling_factor
-    mask = torch.ones(1, 1, height // 8, width // 8, device=lat.device, dtype=lat.dtype)
-    return torch.cat([mask, lat], dim=1).expand(batch, -1, -1, -1).float()
-
-
 def decode_latents(model: LoadedModel, latents: torch.Tensor) -> list[Image.Image]:
     vae = model.vae
     images = []
@@ -204,12 +173,6 @@ def _run(model: LoadedModel, req: Txt2ImgRequest, state: JobState, outdir: Path 
     schedule = effective_schedule(sampler, schedule)
     base_seed = resolve_seed(req.seed)
     req = req.with_changes(seed=base_seed)
-    policy = model.policy
-    device, dtype = policy.device, policy.dtype
-    unet = model.unet
-    latent_ch = model.vae.config.latent_channels
-    h, w = req.height // 8, req.width // 8
-
     conditioner = model.conditioner
     plan = ConditioningPlan(conditioner, prompt, negative, req.steps, req.clip_skip)
     ti_hashes = {e.name: e.hash for text in plan.all_texts for e in conditioner.used_embeddings(text)}
@@ -227,57 +190,10 @@ def _run(model: LoadedModel, req: Txt2ImgRequest, state: JobState, outdir: Path 
         seeds = [base_seed + batch_index * req.batch_size + j for j in range(req.batch_size)]
         state.textinfo = f"Batch {batch_index + 1} of {req.n_iter}"
 
-        use_uncond = req.cfg_scale != 1.0 or len(plan.weights) > 1
-        batch = len(seeds)
-        added_time_ids = None
-        if model.is_sdxl:
-            added_time_ids = torch.tensor([[req.height, req.width, 0, 0, req.height, req.width]], dtype=dtype,
-                                          device=device)
-
-        scheduler = make_scheduler(sampler, schedule, model.scheduler_config)
-        scheduler.set_timesteps(req.steps, device=device)
-        if hasattr(scheduler, "set_begin_index"):
-            scheduler.set_begin_index(0)
-        step_params = inspect.signature(scheduler.step).parameters
-        noise, gens = initial_noise(seeds, (latent_ch, h, w))
-        latents = noise.to(device) * scheduler.init_noise_sigma
-        extra_step: dict[str, Any] = {}
-        if "generator" in step_params:
-            extra_step["generator"] = gens if len(gens) > 1 else gens[0]
-        if "eta" in step_params and sampler.uses_eta:
-            extra_step["eta"] = req.eta if req.eta is not None else 0.0
-
-        inpaint_cond = None
-        if unet.config.in_channels == latent_ch + 5:
-            inpaint_cond = _inpaint_conditioning(model, len(seeds), req.height, req.width).to(device)
-
-        timesteps = scheduler.timesteps
-        state.set_total(len(timesteps))
-        last_embeds = None
-        with torch.inference_mode():
-            for i, t in enumerate(timesteps):
-                if state.interrupted or state.skipped:
-                    break
-                # second-order samplers call the model twice per step; prompt schedules count steps
-                embeds, pooled = plan.at(i * req.steps // len(timesteps))
-                if embeds is not last_embeds:  # the plan returns the same tensors until the text changes
-                    last_embeds = embeds
-                    if not use_uncond:
-                        embeds, pooled = embeds[1:], (pooled[1:] if pooled is not None else None)
-                    groups = embeds.shape[0]
-                    context = embeds.to(device, dtype).repeat_interleave(batch, dim=0)
-                    added = None
-                    if added_time_ids is not None:
-                        added = {"text_embeds": pooled.to(device, dtype).repeat_interleave(batch, dim=0),
-                                 "time_ids": added_time_ids.repeat(groups * batch, 1)}
-                x = scheduler.scale_model_input(latents.repeat(groups, 1, 1, 1), t)
-                if inpaint_cond is not None:
-                    x = torch.cat([x, inpaint_cond.repeat(groups, 1, 1, 1)], dim=1)
-                pred = unet(x.to(dtype), t, encoder_hidden_states=context, added_cond_kwargs=added).sample.float()
-                pred = guide(pred.chunk(groups), plan.weights, req.cfg_scale, use_uncond)
-                latents = scheduler.step(pred, t, latents, **extra_step).prev_sample
-                show = preview_every > 0 and (i + 1) % preview_every == 0 and i + 1 < len(timesteps)
-                state.advance((lambda lat=latents: latent_preview(lat[0], model.is_sdxl)) if show else None)
+        spec = BatchSpec(plan=plan, sampler=sampler, schedule=schedule, steps=req.steps, cfg_scale=req.cfg_scale,
+                         eta=req.eta, width=req.width, height=req.height, seeds=seeds,
+                         preview_every=preview_every)
+        latents = sample(model, spec, state)
 
         images = decode_latents(model, latents)
         for seed, image in zip(seeds, images):
