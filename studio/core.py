@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from studio.config import Flags, Paths, Settings, force_offline
 from studio.devices import DevicePolicy, resolve_policy
-from studio.generation.request import RequestError, Txt2ImgRequest, validate_txt2img
+from studio.generation.request import Img2ImgRequest, RequestError, Txt2ImgRequest
 from studio.jobs import Job, JobQueue, JobState
 from studio.models.catalog import Catalog, CheckpointInfo, HashCache
 from studio.models.manager import CacheLimits, ModelManager, OffloadFlags, default_budget_bytes
@@ -274,13 +274,28 @@ class Studio:
 
     # -- generation ---------------------------------------------------------------------
     def submit_txt2img(self, req: Txt2ImgRequest) -> Job:
+        from studio.generation.request import validate_txt2img
+
+        return self._submit(req, validate_txt2img, "txt2img", "txt2img-images")
+
+    def submit_img2img(self, req: Img2ImgRequest) -> Job:
+        from studio.generation.request import validate_img2img
+
+        return self._submit(req, validate_img2img, "img2img", "img2img-images")
+
+    def img2img(self, req: Img2ImgRequest, timeout: float | None = None) -> GenerationResult:
+        return self.submit_img2img(req).wait(timeout)
+
+    def _submit(self, req: Txt2ImgRequest, validate: Any, kind: str, outdir_name: str) -> Job:
+        """Styles, validation and settings happen here, before queueing, so bad input never
+        occupies the worker; the job loads the model and runs the mode's loop."""
         if req.styles:
             try:
                 prompt, negative = self.styles.apply(req.styles, req.prompt, req.negative_prompt)
             except StyleError as e:
                 raise RequestError(str(e)) from e
             req = req.with_changes(prompt=prompt, negative_prompt=negative, styles=())
-        req = validate_txt2img(req)
+        req = validate(req)
         if req.clip_skip == 1 and self.settings.get("CLIP_stop_at_last_layers", 1) > 1:
             req = req.with_changes(clip_skip=int(self.settings.get("CLIP_stop_at_last_layers")))
         every = int(self.settings.get("show_progress_every_n_steps", 1) or 0)
@@ -288,15 +303,18 @@ class Studio:
             every = 0
 
         def job(state: JobState) -> GenerationResult:
-            from studio.generation.txt2img import run_txt2img
+            if kind == "img2img":
+                from studio.generation.img2img import run_img2img as run
+            else:
+                from studio.generation.txt2img import run_txt2img as run
 
             model = self.models.load(req.checkpoint or self.initial_checkpoint())
             self._sync_embeddings()
             vae = self._apply_vae(model, req.vae)
-            outdir = self.paths.outputs / "txt2img-images"
-            return run_txt2img(model, req, state, outdir, preview_every=every, networks=self.networks, vae=vae)
+            return run(model, req, state, self.paths.outputs / outdir_name, preview_every=every,
+                       networks=self.networks, vae=vae)
 
-        return self.queue.submit(job, "txt2img")
+        return self.queue.submit(job, kind)
 
     def txt2img(self, req: Txt2ImgRequest, timeout: float | None = None) -> GenerationResult:
         return self.submit_txt2img(req).wait(timeout)

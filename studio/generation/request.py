@@ -90,3 +90,53 @@ def validate_txt2img(req: Txt2ImgRequest) -> Txt2ImgRequest:
         req, width=width, height=height, sampler_name=sampler.name, scheduler=schedule.label,
         notes=tuple(notes),
     )
+
+
+INPAINT_FILL = ("fill", "original", "latent noise", "latent nothing")
+RESIZE_MODES = ("Just resize", "Crop and resize", "Resize and fill", "Just resize (latent upscale)")
+MAX_MASK_BLUR = 64
+MAX_PADDING = 256
+
+
+@dataclass(frozen=True)
+class Img2ImgRequest(Txt2ImgRequest):
+    """img2img and inpainting: txt2img's fields plus the init image(s) and A1111's mask controls.
+    ``width``/``height`` are the generation size; the init image is brought to it by ``resize_mode``."""
+
+    init_images: tuple[Any, ...] = ()      # PIL images; one per batch item, cycled
+    mask: Any = None                       # PIL image, white = repaint; None = plain img2img
+    resize_mode: int = 0                   # index into RESIZE_MODES
+    denoising_strength: float = 0.75
+    mask_blur_x: int = 4
+    mask_blur_y: int = 4
+    inpainting_fill: int = 1               # index into INPAINT_FILL; A1111's UI default "original"
+    inpaint_full_res: bool = False         # "Only masked"
+    inpaint_full_res_padding: int = 32
+    inpainting_mask_invert: bool = False   # "Inpaint not masked"
+
+
+def validate_img2img(req: Img2ImgRequest) -> Img2ImgRequest:
+    """txt2img's checks, the mask controls' ranges, and the images themselves: decoded, made RGB
+    (grayscale, RGBA, 16-bit, CMYK...) and the mask checked, so a bad upload is refused before
+    it reaches the queue."""
+    from studio.generation.imageops import ImageInputError, normalize_image, normalize_mask
+
+    if not req.init_images:
+        raise RequestError("img2img needs an init image")
+    try:
+        images = tuple(normalize_image(image) for image in req.init_images)
+        mask = req.mask
+        if mask is not None:
+            normalize_mask(mask, images[0].size)
+    except ImageInputError as e:
+        raise RequestError(str(e)) from e
+    req = replace(req, init_images=images)
+    _check_range("denoising_strength", req.denoising_strength, 0, 1)
+    for name, limit in (("resize_mode", len(RESIZE_MODES) - 1), ("inpainting_fill", len(INPAINT_FILL) - 1),
+                        ("mask_blur_x", MAX_MASK_BLUR), ("mask_blur_y", MAX_MASK_BLUR),
+                        ("inpaint_full_res_padding", MAX_PADDING)):
+        value = getattr(req, name)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RequestError(f"{name} must be an integer (got {value!r})")
+        _check_range(name, value, 0, limit)
+    return validate_txt2img(req)  # dataclasses.replace keeps the Img2ImgRequest type

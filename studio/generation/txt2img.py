@@ -47,6 +47,8 @@ class GenerationResult:
     notes: list[str] = field(default_factory=list)
     interrupted: bool = False
     vae: Any = None            # the external VaeInfo in use, None = the checkpoint's own
+    denoising_strength: float | None = None
+    extra_params: dict[str, Any] = field(default_factory=dict)   # infotext keys of the mode (img2img)
 
     def info(self) -> dict[str, Any]:
         """A1111's ``Processed.js()`` keys (served as a JSON string in ``info``)."""
@@ -76,8 +78,8 @@ class GenerationResult:
             "sd_vae_hash": self.vae.shorthash if self.vae else None,
             "seed_resize_from_w": -1,
             "seed_resize_from_h": -1,
-            "denoising_strength": None,
-            "extra_generation_params": {},
+            "denoising_strength": self.denoising_strength,
+            "extra_generation_params": self.extra_params,
             "index_of_first_image": 0,
             "infotexts": self.infotexts,
             "styles": [],
@@ -88,6 +90,22 @@ class GenerationResult:
             "notes": self.notes,
             "interrupted": self.interrupted,
         }
+
+
+# img2img / inpainting infotext keys
+MODE_PARAMS = ("Denoising strength", "Mask blur", "Mask mode", "Masked content", "Inpaint area",
+               "Masked area padding")
+
+
+@dataclass
+class ModeHooks:
+    """What img2img and inpainting add to the shared generation loop."""
+
+    spec_extras: Any = None        # (batch_index, seeds) -> BatchSpec field overrides (init latents, mask…)
+    postprocess: Any = None        # (image_index, decoded image) -> final image (compositing)
+    decode: Any = None             # (batch_index, seeds) -> latents to decode instead of sampling
+    params: dict[str, Any] = field(default_factory=dict)   # infotext keys, MODE_PARAMS order
+    denoising_strength: float | None = None
 
 
 def _fmt(x: float) -> str:
@@ -109,9 +127,12 @@ def make_infotext(req: Txt2ImgRequest, model: LoadedModel, seed: int, schedule_l
         "Model": model.info.name_for_extra,
         "VAE hash": extra.get("VAE hash"),
         "VAE": extra.get("VAE"),
+        "Denoising strength": extra.get("Denoising strength"),
         "Clip skip": req.clip_skip if req.clip_skip > 1 else None,
         "RNG": "CPU",
         "Eta": _fmt(req.eta) if req.eta is not None else None,
+        # the mode's extra_generation_params (mask settings), where A1111 appends them
+        **{k: v for k, v in extra.items() if k in MODE_PARAMS and k != "Denoising strength"},
         "Lora hashes": extra.get("Lora hashes"),
         "TI hashes": ", ".join(f"{k}: {v}" for k, v in ti_hashes.items()) if ti_hashes else None,
         "Version": f"studio-{__version__}",
@@ -144,9 +165,11 @@ def run_txt2img(
     preview_every: int = 0,
     networks: ExtraNetworks | None = None,
     vae: Any = None,
+    hooks: ModeHooks | None = None,
 ) -> GenerationResult:
     """``networks`` applies the prompt's LoRA/hypernetwork tags (None: tags are only noted);
-    ``vae`` is the external VAE already swapped in, recorded in the infotext."""
+    ``vae`` is the external VAE already swapped in, recorded in the infotext; ``hooks`` turn
+    the loop into img2img / inpainting (see generation/img2img.py)."""
     prompt, tags = extract_extra_networks(req.prompt)
     negative, neg_tags = extract_extra_networks(req.negative_prompt)
     notes = list(req.notes)
@@ -162,13 +185,15 @@ def run_txt2img(
             activation.notes.append("Extra networks were not applied: " + ", ".join(t.name for t in tags))
     notes += activation.notes
     try:
-        return _run(model, req, state, outdir, preview_every, prompt, negative, notes, activation, vae)
+        return _run(model, req, state, outdir, preview_every, prompt, negative, notes, activation, vae,
+                    hooks or ModeHooks())
     finally:
         activation.close()
 
 
 def _run(model: LoadedModel, req: Txt2ImgRequest, state: JobState, outdir: Path | None, preview_every: int,
-         prompt: str, negative: str, notes: list[str], activation: NetworkActivation, vae: Any) -> GenerationResult:
+         prompt: str, negative: str, notes: list[str], activation: NetworkActivation, vae: Any,
+         hooks: ModeHooks) -> GenerationResult:
     sampler, schedule = split_sampler_name(req.sampler_name, req.scheduler)
     schedule = effective_schedule(sampler, schedule)
     base_seed = resolve_seed(req.seed)
@@ -179,8 +204,10 @@ def _run(model: LoadedModel, req: Txt2ImgRequest, state: JobState, outdir: Path 
     extra: dict[str, Any] = dict(activation.infotext_params())
     if vae is not None:
         extra |= {"VAE hash": vae.shorthash, "VAE": vae.filename}
+    extra |= hooks.params
 
-    result = GenerationResult([], [], [], [], req, model, notes=notes, vae=vae)
+    result = GenerationResult([], [], [], [], req, model, notes=notes, vae=vae,
+                              denoising_strength=hooks.denoising_strength, extra_params=dict(hooks.params))
     state.batches = req.n_iter
     for batch_index in range(req.n_iter):
         if state.interrupted:
@@ -190,12 +217,18 @@ def _run(model: LoadedModel, req: Txt2ImgRequest, state: JobState, outdir: Path 
         seeds = [base_seed + batch_index * req.batch_size + j for j in range(req.batch_size)]
         state.textinfo = f"Batch {batch_index + 1} of {req.n_iter}"
 
-        spec = BatchSpec(plan=plan, sampler=sampler, schedule=schedule, steps=req.steps, cfg_scale=req.cfg_scale,
-                         eta=req.eta, width=req.width, height=req.height, seeds=seeds,
-                         preview_every=preview_every)
-        latents = sample(model, spec, state)
+        latents = hooks.decode(batch_index, seeds) if hooks.decode is not None else None
+        if latents is None:
+            spec = BatchSpec(plan=plan, sampler=sampler, schedule=schedule, steps=req.steps,
+                             cfg_scale=req.cfg_scale, eta=req.eta, width=req.width, height=req.height, seeds=seeds,
+                             preview_every=preview_every,
+                             **(hooks.spec_extras(batch_index, seeds) if hooks.spec_extras else {}))
+            latents = sample(model, spec, state)
 
         images = decode_latents(model, latents)
+        if hooks.postprocess is not None:
+            first = batch_index * req.batch_size
+            images = [hooks.postprocess(first + j, image) for j, image in enumerate(images)]
         for seed, image in zip(seeds, images):
             infotext = make_infotext(req, model, seed, schedule.label, ti_hashes, extra)
             result.images.append(image)

@@ -1,0 +1,156 @@
+"""img2img and inpainting through the engine with tiny real-layout checkpoints."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from studio.config import Flags
+from studio.core import Studio
+from studio.generation.infotext import parse_infotext
+from studio.generation.request import Img2ImgRequest, RequestError
+from tests.helpers import make_models_dir
+
+
+@pytest.fixture(scope="module")
+def studio(tmp_path_factory):
+    root = tmp_path_factory.mktemp("img2img")
+    make_models_dir(root, (("sd1", ".safetensors"), ("sd1-inpaint", ".safetensors"), ("sdxl", ".safetensors")))
+    s = Studio.create(Flags(data_dir=str(root), no_half=True))
+    yield s
+    s.queue.shutdown()
+
+
+def picture(w: int = 64, h: int = 64, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    # smooth colours: something a VAE can reproduce roughly
+    base = rng.integers(0, 255, size=(h // 16 + 1, w // 16 + 1, 3), dtype=np.uint8)
+    return Image.fromarray(base).resize((w, h), Image.Resampling.BICUBIC)
+
+
+def centre_mask(w: int = 64, h: int = 64, box=(16, 16, 48, 48)) -> Image.Image:
+    arr = np.zeros((h, w), dtype=np.uint8)
+    x1, y1, x2, y2 = box
+    arr[y1:y2, x1:x2] = 255
+    return Image.fromarray(arr, "L")
+
+
+def request(**kw) -> Img2ImgRequest:
+    base = dict(prompt="a stone bridge", steps=4, width=64, height=64, seed=5, sampler_name="Euler",
+                save_images=False, init_images=(picture(),), checkpoint="tiny-sd1.safetensors")
+    base.update(kw)
+    return Img2ImgRequest(**base)
+
+
+def arr(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB")).astype(np.int16)
+
+
+def test_denoising_zero_returns_the_vae_round_trip(studio):
+    image = picture()
+    result = studio.img2img(request(init_images=(image,), denoising_strength=0.0))
+    model = result.model
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        lat = model.vae.encode(x).latent_dist.mode()
+        px = model.vae.decode(lat).sample[0]
+    expected = ((px.float() / 2 + 0.5).clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    # equal up to rounding: the engine scales latents by the VAE's factor and back
+    assert np.abs(np.asarray(result.images[0]).astype(int) - expected.astype(int)).max() <= 1
+    info = parse_infotext(result.infotexts[0])
+    assert info["Denoising strength"] == "0" and result.info()["denoising_strength"] == 0
+
+
+def test_strength_changes_the_result_and_seeds_repeat(studio):
+    low = studio.img2img(request(denoising_strength=0.3))
+    high = studio.img2img(request(denoising_strength=0.9))
+    again = studio.img2img(request(denoising_strength=0.9))
+    assert not np.array_equal(arr(low.images[0]), arr(high.images[0]))
+    np.testing.assert_array_equal(arr(high.images[0]), arr(again.images[0]))
+    assert low.images[0].size == (64, 64)
+
+
+@pytest.mark.parametrize("mode", [0, 1, 2, 3])
+def test_resize_modes_give_the_requested_geometry(studio, mode):
+    # a tall init image into a wide generation: every mode must give exactly the requested size
+    result = studio.img2img(request(init_images=(picture(64, 128),), width=96, height=64, resize_mode=mode,
+                                    denoising_strength=0.5))
+    assert result.images[0].size == (96, 64)
+
+
+@pytest.mark.parametrize("full_res", [False, True])
+@pytest.mark.parametrize("invert", [False, True])
+def test_pixels_outside_the_mask_are_the_original(studio, full_res, invert):
+    image, mask = picture(seed=3), centre_mask()
+    result = studio.img2img(request(init_images=(image,), mask=mask, mask_blur_x=0, mask_blur_y=0,
+                                    inpaint_full_res=full_res, inpaint_full_res_padding=8,
+                                    inpainting_mask_invert=invert, denoising_strength=1.0))
+    out = arr(result.images[0])
+    assert result.images[0].size == image.size
+    repaint = np.asarray(mask) > 0
+    if invert:
+        repaint = ~repaint
+    np.testing.assert_array_equal(out[~repaint], arr(image)[~repaint])
+    assert np.abs(out[repaint] - arr(image)[repaint]).mean() > 1  # something was painted inside
+    info = parse_infotext(result.infotexts[0])
+    assert info["Mask blur"] == "0"
+    assert (info.get("Inpaint area") == "Only masked") == full_res
+    assert (info.get("Mask mode") == "Inpaint not masked") == invert
+
+
+def test_blurred_mask_blends_softly_and_keeps_far_pixels(studio):
+    image, mask = picture(seed=4), centre_mask()
+    result = studio.img2img(request(init_images=(image,), mask=mask, mask_blur_x=4, mask_blur_y=4,
+                                    denoising_strength=1.0))
+    out, orig = arr(result.images[0]), arr(image)
+    np.testing.assert_array_equal(out[:4], orig[:4])  # rows far from the mask
+    assert parse_infotext(result.infotexts[0])["Mask blur"] == "4"
+
+
+@pytest.mark.parametrize("fill", [0, 1, 2, 3])
+def test_masked_content_modes_run(studio, fill):
+    result = studio.img2img(request(mask=centre_mask(), inpainting_fill=fill, denoising_strength=0.8))
+    names = ["fill", "original", "latent noise", "latent nothing"]
+    assert parse_infotext(result.infotexts[0])["Masked content"] == names[fill]
+
+
+def test_nine_channel_inpainting_checkpoint(studio):
+    image, mask = picture(seed=6), centre_mask()
+    result = studio.img2img(request(checkpoint="tiny-sd1-inpaint.safetensors", init_images=(image,), mask=mask,
+                                    mask_blur_x=0, mask_blur_y=0, denoising_strength=1.0))
+    assert result.info()["is_using_inpainting_conditioning"] is True
+    out, orig = arr(result.images[0]), arr(image)
+    keep = np.asarray(mask) == 0
+    np.testing.assert_array_equal(out[keep], orig[keep])
+
+
+def test_sdxl_img2img(studio):
+    result = studio.img2img(request(checkpoint="tiny-sdxl.safetensors", denoising_strength=0.6))
+    assert result.images[0].size == (64, 64)
+
+
+def test_odd_inputs_are_accepted_or_refused_clearly(studio):
+    gray = picture().convert("L")
+    rgba = picture().convert("RGBA")
+    buf = io.BytesIO()
+    Image.fromarray((np.linspace(0, 65535, 64 * 64).reshape(64, 64)).astype(np.uint16)).save(buf, "PNG")
+    sixteen = Image.open(io.BytesIO(buf.getvalue()))
+    for image in (gray, rgba, sixteen, picture(1024, 768)):
+        assert studio.img2img(request(init_images=(image,), denoising_strength=0.2)).images[0].size == (64, 64)
+    # a mask of another size is resized, and the result says so
+    result = studio.img2img(request(mask=centre_mask(32, 32, (8, 8, 24, 24)), denoising_strength=0.5))
+    assert any("resized" in n for n in result.notes)
+    empty = studio.img2img(request(mask=Image.new("L", (64, 64), 0), denoising_strength=0.5, mask_blur_x=0,
+                                   mask_blur_y=0))
+    assert any("empty" in n for n in empty.notes)
+    np.testing.assert_array_equal(arr(empty.images[0]), arr(picture()))
+    with pytest.raises(RequestError, match="init image"):
+        studio.submit_img2img(request(init_images=()))
+    with pytest.raises(RequestError):
+        studio.submit_img2img(request(init_images=(b"not an image at all",)))
+    with pytest.raises(RequestError, match="denoising_strength"):
+        studio.submit_img2img(request(denoising_strength=1.5))
