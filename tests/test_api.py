@@ -254,3 +254,44 @@ def test_options_sd_vae(server):
     assert requests.post(api(server, "options"), json={"sd_vae": "tinyvae.safetensors"}).status_code == 200
     assert requests.get(api(server, "options")).json()["sd_vae"] == "tinyvae.safetensors"
     assert requests.post(api(server, "options"), json={"sd_vae": "Automatic"}).status_code == 200
+
+
+def _b64_png(image, data_uri=False) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    text = base64.b64encode(buf.getvalue()).decode()
+    return f"data:image/png;base64,{text}" if data_uri else text
+
+
+def test_img2img_with_mask(server):
+    import numpy as np
+
+    init = Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    body = {**SMALL, "init_images": [_b64_png(init, data_uri=True)], "mask": _b64_png(mask),
+            "denoising_strength": 0.9, "mask_blur": 0, "inpainting_fill": 1, "inpaint_full_res": False}
+    r = requests.post(api(server, "img2img"), json=body)
+    assert r.status_code == 200, r.text
+    out = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).convert("RGB")
+    assert out.size == (64, 64)
+    keep = np.asarray(mask) == 0
+    assert (np.asarray(out)[keep] == np.asarray(init)[keep]).all()
+    info = json.loads(r.json()["info"])
+    assert info["denoising_strength"] == 0.9
+    params = parse_infotext(info["infotexts"][0])
+    assert params["Denoising strength"] == "0.9" and params["Mask blur"] == "0"
+    assert r.json()["parameters"]["init_images"] is None  # include_init_images is false by default
+
+
+@pytest.mark.parametrize("body,fragment", [
+    ({}, "init_images"),
+    ({"init_images": ["!!!not base64!!!"]}, "base64"),
+    ({"init_images": [base64.b64encode(b"plain text, not a picture").decode()]}, "image"),
+    ({"init_images": ["iVBORw0KGgo="], "denoising_strength": 2}, ""),
+])
+def test_img2img_bad_input_is_a_4xx(server, body, fragment):
+    r = requests.post(api(server, "img2img"), json={**SMALL, **body})
+    assert 400 <= r.status_code < 500, r.text
+    assert fragment.lower() in r.json()["detail"].lower()
+    assert requests.get(api(server, "progress")).status_code == 200

@@ -47,6 +47,25 @@ class Txt2ImgAPIRequest(BaseModel):
     script_args: list[Any] = Field(default_factory=list)
 
 
+class Img2ImgAPIRequest(Txt2ImgAPIRequest):
+    """A1111's ``StableDiffusionImg2ImgProcessingAPI``: txt2img's fields plus these (API defaults)."""
+
+    init_images: list[str] | None = None
+    resize_mode: int = 0
+    image_cfg_scale: float | None = None
+    mask: str | None = None
+    mask_blur_x: int = 4
+    mask_blur_y: int = 4
+    mask_blur: int | None = None
+    mask_round: bool = True
+    inpainting_fill: int = 0
+    inpaint_full_res: bool = True
+    inpaint_full_res_padding: int = 0
+    inpainting_mask_invert: int = 0
+    initial_noise_multiplier: float | None = None
+    include_init_images: bool = False
+
+
 class ImageResponse(BaseModel):
     images: list[str] | None = None
     parameters: dict[str, Any]

@@ -14,6 +14,7 @@ from fastapi.routing import APIRoute
 
 from studio.api.models import (
     ImageResponse,
+    Img2ImgAPIRequest,
     PNGInfoRequest,
     PNGInfoResponse,
     ProgressResponse,
@@ -24,7 +25,7 @@ from studio.core import Studio
 from studio.devices import memory_report
 from studio.generation.infotext import infotext_to_fields, parse_infotext
 from studio.generation.outputs import ImageReadError, open_image, png_bytes, read_infotext
-from studio.generation.request import RequestError, Txt2ImgRequest
+from studio.generation.request import Img2ImgRequest, RequestError, Txt2ImgRequest
 from studio.generation.samplers import samplers_api, schedules_api
 from studio.models.manager import ModelNotFoundError
 from studio.models.state_dict import ModelFileError
@@ -47,6 +48,27 @@ def decode_base64_image(data: str):
 
 def encode_png(image, infotext: str | None) -> str:
     return base64.b64encode(png_bytes(image, infotext)).decode("ascii")
+
+
+def to_img2img_request(body: Img2ImgAPIRequest, studio: Studio) -> Img2ImgRequest:
+    """A1111 img2img fields on top of the txt2img mapping. ``mask_blur`` (old clients) sets
+    both axes; images may be raw base64 or data URIs."""
+    if not body.init_images:
+        raise HTTPException(400, "init_images: at least one base64 image is required")
+    base, _ = to_request(body, studio)
+    images = tuple(decode_base64_image(data) for data in body.init_images)
+    mask = decode_base64_image(body.mask) if body.mask else None
+    blur_x, blur_y = body.mask_blur_x, body.mask_blur_y
+    if body.mask_blur is not None:
+        blur_x = blur_y = body.mask_blur
+    strength = body.denoising_strength if body.denoising_strength is not None else 0.75
+    fields = {k: getattr(base, k) for k in Txt2ImgRequest.__dataclass_fields__}
+    return Img2ImgRequest(
+        **fields, init_images=images, mask=mask, resize_mode=body.resize_mode, denoising_strength=strength,
+        mask_blur_x=blur_x, mask_blur_y=blur_y, inpainting_fill=body.inpainting_fill,
+        inpaint_full_res=bool(body.inpaint_full_res), inpaint_full_res_padding=body.inpaint_full_res_padding,
+        inpainting_mask_invert=bool(body.inpainting_mask_invert),
+    )
 
 
 def to_request(body: Txt2ImgAPIRequest, studio: Studio) -> tuple[Txt2ImgRequest, str | None]:
@@ -98,6 +120,19 @@ def build_router(studio: Studio) -> APIRouter:
             studio.apply_options(dict(body.override_settings))
         images = [encode_png(i, t) for i, t in zip(result.images, result.infotexts)] if body.send_images else []
         params = body.model_dump()
+        return {"images": images, "parameters": params, "info": json.dumps(result.info(), ensure_ascii=False)}
+
+    @r.post("/img2img", response_model=ImageResponse)
+    def img2img(body: Img2ImgAPIRequest) -> dict[str, Any]:
+        req = to_img2img_request(body, studio)
+        result = studio.img2img(req)
+        if body.override_settings and not body.override_settings_restore_afterwards:
+            studio.apply_options(dict(body.override_settings))
+        images = [encode_png(i, t) for i, t in zip(result.images, result.infotexts)] if body.send_images else []
+        params = body.model_dump()
+        if not body.include_init_images:
+            params["init_images"] = None  # A1111 leaves the (large) inputs out of the echo
+            params["mask"] = None
         return {"images": images, "parameters": params, "info": json.dumps(result.info(), ensure_ascii=False)}
 
     @r.get("/sd-models")
