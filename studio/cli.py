@@ -107,8 +107,10 @@ def cmd_generate(ns: argparse.Namespace) -> int:
         return 2
     paths = result.paths
     if ns.out is not None:
+        from studio.generation.outputs import save_image
+
         out = Path(ns.out)
-        paths = [_save_flat(img, text, out, seed)
+        paths = [save_image(img, text, out, seed, dated=False)
                  for img, text, seed in zip(result.images, result.infotexts, result.seeds)]
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
@@ -116,22 +118,6 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     for p in paths:
         print(p)
     return 0
-
-
-def _save_flat(image, infotext: str, folder: Path, seed: int) -> Path:
-    """--out writes straight into the folder (no date subfolder), A1111-numbered."""
-    import os
-    import tempfile
-
-    from studio.generation.outputs import next_number, png_bytes
-
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / f"{next_number(folder):05d}-{seed}.png"
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(png_bytes(image, infotext))
-    os.replace(tmp, target)
-    return target
 
 
 def cmd_models(ns: argparse.Namespace) -> int:

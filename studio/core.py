@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from studio.config import Flags, Paths, Settings, force_offline
@@ -285,6 +286,32 @@ class Studio:
 
     def img2img(self, req: Img2ImgRequest, timeout: float | None = None) -> GenerationResult:
         return self.submit_img2img(req).wait(timeout)
+
+    def img2img_folder(self, fields: dict[str, Any], folder_in: Path, folder_out: Path | None) -> list[Path]:
+        """A1111's img2img Batch: every image in ``folder_in`` (not recursive) with the same
+        settings, written to ``folder_out`` (default outputs/img2img-images) with infotext.
+        Unreadable files are skipped and reported in the log; nothing is overwritten."""
+        from studio.generation.outputs import ImageReadError, open_image, save_image
+
+        if not folder_in.is_dir():
+            raise RequestError(f"input directory {str(folder_in)!r} does not exist")
+        files = sorted(p for p in folder_in.iterdir()
+                       if p.is_file() and p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp"))
+        if not files:
+            raise RequestError(f"no images in {folder_in}")
+        target = folder_out or self.paths.outputs / "img2img-images"
+        saved: list[Path] = []
+        for path in files:
+            try:
+                image = open_image(path.read_bytes())
+            except (ImageReadError, OSError) as e:
+                log.warning("img2img batch: skipping %s: %s", path, e)
+                continue
+            req = Img2ImgRequest(init_images=(image,), save_images=False, **fields)
+            result = self.img2img(req)
+            for image_out, text, seed in zip(result.images, result.infotexts, result.seeds):
+                saved.append(save_image(image_out, text, target, seed, dated=folder_out is None))
+        return saved
 
     def _submit(self, req: Txt2ImgRequest, validate: Any, kind: str, outdir_name: str) -> Job:
         """Styles, validation and settings happen here, before queueing, so bad input never

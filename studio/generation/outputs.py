@@ -34,8 +34,10 @@ def png_bytes(image: Image.Image, infotext: str | None) -> bytes:
     return buf.getvalue()
 
 
-def save_image(image: Image.Image, infotext: str, outdir: Path, seed: int) -> Path:
-    folder = outdir / date.today().isoformat()
+def save_image(image: Image.Image, infotext: str, outdir: Path, seed: int, dated: bool = True) -> Path:
+    """``outdir/<date>/NNNNN-seed.png`` (A1111's layout), or straight in ``outdir`` when not
+    ``dated`` (the CLI's --out, img2img Batch's output directory)."""
+    folder = outdir / date.today().isoformat() if dated else outdir
     folder.mkdir(parents=True, exist_ok=True)
     data = png_bytes(image, infotext)
     # Write to a temp file then rename: an interrupted save never leaves a broken PNG.

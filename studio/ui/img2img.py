@@ -1,0 +1,175 @@
+"""img2img tab (upload, Sketch, Batch) and the Inpaint tab, on the shared building blocks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import numpy as np
+from PIL import Image
+
+from studio.core import Studio
+from studio.generation.request import INPAINT_FILL, RESIZE_MODES, Img2ImgRequest
+from studio.ui.common import (
+    USER_ERRORS,
+    build_output_area,
+    build_prompt_area,
+    build_sampling_controls,
+    sampling_values,
+    stream_job,
+)
+
+INPAINT_AREAS = ("Whole picture", "Only masked")
+MASK_MODES = ("Inpaint masked", "Inpaint not masked")
+
+
+def editor_parts(value: Any) -> tuple[Image.Image | None, Image.Image | None]:
+    """(image, mask) from a gr.ImageEditor value: the background is the picture, the painted
+    layers' alpha is the mask (white = repaint). The composite is used as the image when
+    there is no background (a sketch drawn on an empty canvas)."""
+    if not value:
+        return None, None
+    background, layers, composite = value.get("background"), value.get("layers") or [], value.get("composite")
+    image = background if background is not None else composite
+    mask = None
+    painted = [layer for layer in layers if layer is not None]
+    if painted:
+        alpha = np.zeros(painted[0].size[::-1], dtype=np.uint8)
+        for layer in painted:
+            alpha = np.maximum(alpha, np.asarray(layer.convert("RGBA").getchannel("A")))
+        if alpha.any():
+            mask = Image.fromarray(alpha, "L")
+    return image, mask
+
+
+def _mode_controls(tab_id: str, inpaint: bool) -> dict[str, Any]:
+    c: dict[str, Any] = {}
+    c["resize_mode"] = gr.Radio(list(RESIZE_MODES), value=RESIZE_MODES[0], type="index", label="Resize mode",
+                                elem_id=f"{tab_id}_resize_mode")
+    c["denoising"] = gr.Slider(0, 1, value=0.75, step=0.01, label="Denoising strength",
+                               elem_id=f"{tab_id}_denoising_strength")
+    if inpaint:
+        c["mask_blur"] = gr.Slider(0, 64, value=4, step=1, label="Mask blur", elem_id=f"{tab_id}_mask_blur")
+        with gr.Row():
+            c["mask_mode"] = gr.Radio(list(MASK_MODES), value=MASK_MODES[0], type="index", label="Mask mode",
+                                      elem_id=f"{tab_id}_mask_mode")
+            c["fill"] = gr.Radio(list(INPAINT_FILL), value="original", type="index", label="Masked content",
+                                 elem_id=f"{tab_id}_inpainting_fill")
+        with gr.Row():
+            c["area"] = gr.Radio(list(INPAINT_AREAS), value=INPAINT_AREAS[0], type="index", label="Inpaint area",
+                                 elem_id=f"{tab_id}_inpaint_full_res")
+            c["padding"] = gr.Slider(0, 256, value=32, step=4, label="Only masked padding, pixels",
+                                     elem_id=f"{tab_id}_inpaint_full_res_padding")
+    return c
+
+
+def build_img2img_tab(studio: Studio) -> None:
+    with gr.Tab("img2img", id="img2img", elem_id="tab_img2img"):
+        area = build_prompt_area(studio, "img2img")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=1):
+                with gr.Tabs(elem_id="mode_img2img") as sources:
+                    with gr.Tab("img2img", id="upload", elem_id="img2img_img2img_tab"):
+                        upload = gr.Image(label="Image for img2img", type="pil", image_mode="RGBA",
+                                          sources=["upload", "clipboard"], elem_id="img2img_image", height=360)
+                    with gr.Tab("Sketch", id="sketch", elem_id="img2img_img2img_sketch_tab"):
+                        sketch = gr.ImageEditor(label="Sketch", type="pil", elem_id="img2img_sketch", height=360,
+                                                brush=gr.Brush(colors=["#000000", "#ffffff", "#e11d48", "#2563eb",
+                                                                       "#16a34a", "#f59e0b"]))
+                    with gr.Tab("Batch", id="batch", elem_id="img2img_batch_tab"):
+                        batch_in = gr.Textbox(label="Input directory", elem_id="img2img_batch_input_dir")
+                        batch_out = gr.Textbox(label="Output directory (empty: outputs/img2img-images)",
+                                               elem_id="img2img_batch_output_dir")
+                mode = _mode_controls("img2img", inpaint=False)
+                controls = build_sampling_controls("img2img")
+            with gr.Column(scale=1):
+                out = build_output_area("img2img")
+        source = gr.State("upload")
+    area.wire_token_counters(studio, controls.steps)
+    sources.select(_tab_id, None, source, queue=False)
+
+    def run(which, image, sketched, folder_in, folder_out, resize, strength, p, neg, styles, *values):
+        fields = dict(prompt=p or "", negative_prompt=neg or "", styles=tuple(styles or ()),
+                      resize_mode=int(resize), denoising_strength=float(strength), **sampling_values(*values))
+        if which == "batch":
+            yield from _run_batch(studio, fields, folder_in, folder_out)
+            return
+        init = editor_parts(sketched)[0] if which == "sketch" else image
+        if init is None:
+            yield gr.update(), gr.update(visible=False), "", gr.update(), "**Error:** upload an image first", \
+                gr.update(), gr.update()
+            return
+        yield from stream_job(studio, lambda: studio.submit_img2img(Img2ImgRequest(init_images=(init,), **fields)))
+
+    inputs = [source, upload, sketch, batch_in, batch_out, mode["resize_mode"], mode["denoising"],
+              area.prompt, area.negative, area.styles, *controls.inputs()]
+    area.generate.click(run, inputs, out.outputs(), concurrency_limit=None)
+    controls.reuse_seed.click(lambda s: s, out.last_seed, controls.seed, queue=False)
+
+
+def _tab_id(evt: gr.SelectData) -> str:
+    """Which source sub-tab is open (the Generate button reads it)."""
+    ids = {"img2img": "upload", "Sketch": "sketch", "Batch": "batch", "upload": "upload", "sketch": "sketch",
+           "batch": "batch"}
+    for key in (evt.value, evt.index):
+        if isinstance(key, str) and key in ids:
+            return ids[key]
+    if isinstance(evt.index, int):
+        return ("upload", "sketch", "batch")[min(evt.index, 2)]
+    return "upload"
+
+
+def _run_batch(studio: Studio, fields: dict[str, Any], folder_in: str, folder_out: str):
+    """A1111's Batch tab: every image of a folder through img2img, saved to the output folder."""
+    try:
+        paths = studio.img2img_folder(fields, Path(folder_in or ""), Path(folder_out) if folder_out else None)
+    except USER_ERRORS + (OSError,) as e:
+        yield gr.update(), gr.update(visible=False), "", gr.update(), f"**Error:** {e}", gr.update(), gr.update()
+        return
+    images = [(str(p), p.name) for p in paths[:16]]
+    yield images, gr.update(visible=False), "", "", f"_Saved {len(paths)} images._", gr.update(), gr.update()
+
+
+def build_inpaint_tab(studio: Studio) -> None:
+    with gr.Tab("Inpaint", id="inpaint", elem_id="tab_inpaint"):
+        area = build_prompt_area(studio, "inpaint")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=1):
+                editor = gr.ImageEditor(label="Image: paint over what to repaint", type="pil", elem_id="inpaint_image",
+                                        height=420, brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"),
+                                        layers=False, transforms=())
+                with gr.Accordion("Upload a mask instead", open=False):
+                    mask_upload = gr.Image(label="Mask (white = repaint)", type="pil", image_mode="L",
+                                           elem_id="inpaint_mask_upload", height=240)
+                mode = _mode_controls("inpaint", inpaint=True)
+                controls = build_sampling_controls("inpaint")
+            with gr.Column(scale=1):
+                out = build_output_area("inpaint")
+    area.wire_token_counters(studio, controls.steps)
+
+    def run(painted, uploaded_mask, resize, strength, blur, mask_mode, fill, inpaint_area, padding, p, neg, styles,
+            *values):
+        image, mask = editor_parts(painted)
+        if uploaded_mask is not None:
+            mask = uploaded_mask
+        if image is None:
+            yield gr.update(), gr.update(visible=False), "", gr.update(), "**Error:** upload an image first", \
+                gr.update(), gr.update()
+            return
+        if mask is None:
+            yield gr.update(), gr.update(visible=False), "", gr.update(), \
+                "**Error:** paint over the area to repaint (or upload a mask)", gr.update(), gr.update()
+            return
+        req = Img2ImgRequest(
+            prompt=p or "", negative_prompt=neg or "", styles=tuple(styles or ()), init_images=(image,), mask=mask,
+            resize_mode=int(resize), denoising_strength=float(strength), mask_blur_x=int(blur),
+            mask_blur_y=int(blur), inpainting_mask_invert=bool(mask_mode), inpainting_fill=int(fill),
+            inpaint_full_res=bool(inpaint_area), inpaint_full_res_padding=int(padding), **sampling_values(*values))
+        yield from stream_job(studio, lambda: studio.submit_img2img(req))
+
+    inputs = [editor, mask_upload, mode["resize_mode"], mode["denoising"], mode["mask_blur"], mode["mask_mode"],
+              mode["fill"], mode["area"], mode["padding"], area.prompt, area.negative, area.styles,
+              *controls.inputs()]
+    area.generate.click(run, inputs, out.outputs(), concurrency_limit=None)
+    controls.reuse_seed.click(lambda s: s, out.last_seed, controls.seed, queue=False)
