@@ -104,7 +104,9 @@ def pickle_failure_message(path: Path, exc: Exception, what: str) -> str:
     global is something such a file never contains, which is worth saying plainly.
     """
     text = str(exc)
-    wanted = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    # torch words it "Unsupported global: GLOBAL x.y" or, for blocked modules (2.14),
+    # "Trying to load unsupported GLOBAL x.y whose module x is blocked"
+    wanted = re.search(r"unsupported (?:global: )?GLOBAL ([\w.]+)", text, re.IGNORECASE)
     if wanted:
         return (
             f"{path}: refused to load, the file needs the Python object {wanted.group(1)}, which "
