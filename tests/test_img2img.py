@@ -154,3 +154,46 @@ def test_odd_inputs_are_accepted_or_refused_clearly(studio):
         studio.submit_img2img(request(init_images=(b"not an image at all",)))
     with pytest.raises(RequestError, match="denoising_strength"):
         studio.submit_img2img(request(denoising_strength=1.5))
+
+
+def test_variation_seed_and_resize_seed(studio):
+    from studio.generation.request import Txt2ImgRequest
+
+    def run(**kw):
+        base = dict(prompt="a lake", steps=3, width=64, height=64, seed=9, sampler_name="Euler", save_images=False,
+                    checkpoint="tiny-sd1.safetensors")
+        return studio.txt2img(Txt2ImgRequest(**{**base, **kw}))
+
+    plain = run()
+    zero = run(subseed=123, subseed_strength=0.0)
+    np.testing.assert_array_equal(arr(plain.images[0]), arr(zero.images[0]))
+    half = run(subseed=123, subseed_strength=0.5)
+    assert not np.array_equal(arr(plain.images[0]), arr(half.images[0]))
+    info = parse_infotext(half.infotexts[0])
+    assert info["Variation seed"] == "123" and info["Variation seed strength"] == "0.5"
+    batch = run(subseed=123, subseed_strength=0.5, batch_size=2)
+    assert batch.seeds == [9, 9] and batch.info()["all_subseeds"] == [123, 124]
+    resized = run(seed_resize_from_w=128, seed_resize_from_h=64)
+    parsed = parse_infotext(resized.infotexts[0])
+    assert (parsed["Seed resize from-1"], parsed["Seed resize from-2"]) == ("128", "64")
+    assert "Seed resize from: 128x64" in resized.infotexts[0]
+    assert not np.array_equal(arr(plain.images[0]), arr(resized.images[0]))
+
+
+def test_tiling_makes_left_and_right_edges_continuous(studio):
+    from studio.generation.request import Txt2ImgRequest
+
+    def edges(tiling: bool) -> float:
+        req = Txt2ImgRequest(prompt="a pattern", steps=3, width=64, height=64, seed=2, sampler_name="Euler",
+                             save_images=False, checkpoint="tiny-sd1.safetensors", tiling=tiling)
+        result = studio.txt2img(req)
+        a = arr(result.images[0]).astype(float)
+        wrap = np.abs(a[:, 0] - a[:, -1]).mean()        # across the seam
+        inner = np.abs(a[:, 1:] - a[:, :-1]).mean()     # between neighbours inside
+        if tiling:
+            assert parse_infotext(result.infotexts[0])["Tiling"] == "True"
+        return wrap / inner
+
+    # the wrap-around step looks like any other step between neighbours only with tiling
+    assert edges(True) < 1.5
+    assert edges(True) < edges(False)

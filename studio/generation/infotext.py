@@ -111,6 +111,12 @@ INFOTEXT_FIELDS = {
     "Size-2": ("height", int),
     "Clip skip": ("clip_skip", int),
     "Eta": ("eta", float),
+    "Variation seed": ("subseed", int),
+    "Variation seed strength": ("subseed_strength", float),
+    "Seed resize from-1": ("seed_resize_from_w", int),
+    "Seed resize from-2": ("seed_resize_from_h", int),
+    "Denoising strength": ("denoising_strength", float),
+    "Tiling": ("tiling", lambda v: str(v).strip().lower() == "true"),
 }
 
 

@@ -35,6 +35,11 @@ class Txt2ImgRequest:
     scheduler: str = "Automatic"
     clip_skip: int = 1
     eta: float | None = None
+    subseed: int = -1                  # variation seed (-1 = random when strength > 0)
+    subseed_strength: float = 0.0      # variation strength, 0 = off
+    seed_resize_from_w: int = 0        # "Resize seed from width/height"; 0 = off
+    seed_resize_from_h: int = 0
+    tiling: bool = False               # seamless textures
     styles: tuple[str, ...] = ()       # names from styles.csv, applied before generation
     checkpoint: str | None = None      # title/name; None = the user's chosen checkpoint (settings)
     vae: str | None = None             # "Automatic" | "None" | file name; None = the sd_vae setting
@@ -79,6 +84,15 @@ def validate_txt2img(req: Txt2ImgRequest) -> Txt2ImgRequest:
         _check_range("eta", req.eta, 0, 1)
     if req.seed > MAX_SEED:
         raise RequestError(f"seed must be at most {MAX_SEED} (or -1 for random)")
+    if req.subseed > MAX_SEED:
+        raise RequestError(f"subseed (variation seed) must be at most {MAX_SEED} (or -1 for random)")
+    _check_range("subseed_strength (variation strength)", req.subseed_strength, 0, 1)
+    for name in ("seed_resize_from_w", "seed_resize_from_h"):
+        value = getattr(req, name)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RequestError(f"{name} must be an integer (got {value!r})")
+        if value > 0:
+            _check_range(name, value, MIN_SIZE, MAX_SIZE)
     width, height = req.width - req.width % 8, req.height - req.height % 8
     if (width, height) != (req.width, req.height):
         notes.append(f"Size {req.width}x{req.height} rounded down to {width}x{height} (multiple of 8).")

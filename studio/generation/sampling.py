@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from studio.generation.noise import make_noise
 from studio.generation.preview import latent_preview
 from studio.generation.samplers import SamplerSpec, ScheduleSpec, make_scheduler
 from studio.jobs import JobState
@@ -37,6 +38,9 @@ class BatchSpec:
     height: int
     seeds: list[int]
     preview_every: int = 0
+    subseeds: list[int] | None = None           # variation seeds, with subseed_strength > 0
+    subseed_strength: float = 0.0
+    resize_from: tuple[int, int] | None = None  # "resize seed from" size in pixels
     init_latents: torch.Tensor | None = None    # [B, C, h, w] scaled latents: img2img
     strength: float = 1.0                       # denoising strength for init_latents
     mask: torch.Tensor | None = None            # [B or 1, 1, h, w], 1 = repaint: inpainting
@@ -93,7 +97,10 @@ def sample(model: Any, spec: BatchSpec, state: JobState) -> torch.Tensor:
         scheduler.set_begin_index(start)
     timesteps = scheduler.timesteps[start:]
     step_params = inspect.signature(scheduler.step).parameters
-    noise, gens = initial_noise(spec.seeds, (latent_ch, h, w))
+    resize = None
+    if spec.resize_from and spec.resize_from[0] > 0 and spec.resize_from[1] > 0:
+        resize = (spec.resize_from[0] // 8, spec.resize_from[1] // 8)
+    noise, gens = make_noise(spec.seeds, (latent_ch, h, w), spec.subseeds, spec.subseed_strength, resize)
     noise = noise.to(device)
     init = spec.init_latents.to(device) if spec.init_latents is not None else None
     if init is not None:

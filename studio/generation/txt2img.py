@@ -23,10 +23,12 @@ from PIL import Image
 
 from studio import __version__
 from studio.generation.infotext import build_infotext
+from studio.generation.noise import batch_seeds
 from studio.generation.outputs import save_image
 from studio.generation.request import Txt2ImgRequest, resolve_seed
 from studio.generation.samplers import effective_schedule, split_sampler_name
 from studio.generation.sampling import BatchSpec, sample
+from studio.generation.tiling import seamless
 from studio.jobs import JobState
 from studio.models.loader import LoadedModel
 from studio.networks.activation import ExtraNetworks, NetworkActivation
@@ -47,6 +49,7 @@ class GenerationResult:
     notes: list[str] = field(default_factory=list)
     interrupted: bool = False
     vae: Any = None            # the external VaeInfo in use, None = the checkpoint's own
+    subseeds: list[int] = field(default_factory=list)
     denoising_strength: float | None = None
     extra_params: dict[str, Any] = field(default_factory=dict)   # infotext keys of the mode (img2img)
 
@@ -60,9 +63,9 @@ class GenerationResult:
             "all_negative_prompts": [req.negative_prompt] * len(self.images),
             "seed": self.seeds[0] if self.seeds else req.seed,
             "all_seeds": self.seeds,
-            "subseed": -1,
-            "all_subseeds": [-1] * len(self.seeds),
-            "subseed_strength": 0,
+            "subseed": self.subseeds[0] if self.subseeds else req.subseed,
+            "all_subseeds": self.subseeds,
+            "subseed_strength": req.subseed_strength,
             "width": req.width,
             "height": req.height,
             "sampler_name": req.sampler_name,
@@ -76,8 +79,8 @@ class GenerationResult:
             "sd_model_hash": m.info.shorthash,
             "sd_vae_name": self.vae.filename if self.vae else None,
             "sd_vae_hash": self.vae.shorthash if self.vae else None,
-            "seed_resize_from_w": -1,
-            "seed_resize_from_h": -1,
+            "seed_resize_from_w": req.seed_resize_from_w or -1,
+            "seed_resize_from_h": req.seed_resize_from_h or -1,
             "denoising_strength": self.denoising_strength,
             "extra_generation_params": self.extra_params,
             "index_of_first_image": 0,
@@ -113,7 +116,8 @@ def _fmt(x: float) -> str:
 
 
 def make_infotext(req: Txt2ImgRequest, model: LoadedModel, seed: int, schedule_label: str,
-                  ti_hashes: dict[str, str] | None = None, extra: dict[str, Any] | None = None) -> str:
+                  ti_hashes: dict[str, str] | None = None, extra: dict[str, Any] | None = None,
+                  subseed: int | None = None) -> str:
     """A1111's parameter order: sampling, seed, size, model, VAE, networks, version."""
     extra = extra or {}
     params: dict[str, Any] = {
@@ -127,10 +131,15 @@ def make_infotext(req: Txt2ImgRequest, model: LoadedModel, seed: int, schedule_l
         "Model": model.info.name_for_extra,
         "VAE hash": extra.get("VAE hash"),
         "VAE": extra.get("VAE"),
+        "Variation seed": subseed if req.subseed_strength > 0 else None,
+        "Variation seed strength": _fmt(req.subseed_strength) if req.subseed_strength > 0 else None,
+        "Seed resize from": (f"{req.seed_resize_from_w}x{req.seed_resize_from_h}"
+                             if req.seed_resize_from_w > 0 and req.seed_resize_from_h > 0 else None),
         "Denoising strength": extra.get("Denoising strength"),
         "Clip skip": req.clip_skip if req.clip_skip > 1 else None,
         "RNG": "CPU",
         "Eta": _fmt(req.eta) if req.eta is not None else None,
+        "Tiling": True if req.tiling else None,
         # the mode's extra_generation_params (mask settings), where A1111 appends them
         **{k: v for k, v in extra.items() if k in MODE_PARAMS and k != "Denoising strength"},
         "Lora hashes": extra.get("Lora hashes"),
@@ -197,7 +206,8 @@ def _run(model: LoadedModel, req: Txt2ImgRequest, state: JobState, outdir: Path 
     sampler, schedule = split_sampler_name(req.sampler_name, req.scheduler)
     schedule = effective_schedule(sampler, schedule)
     base_seed = resolve_seed(req.seed)
-    req = req.with_changes(seed=base_seed)
+    base_subseed = resolve_seed(req.subseed) if req.subseed_strength > 0 else req.subseed
+    req = req.with_changes(seed=base_seed, subseed=base_subseed)
     conditioner = model.conditioner
     plan = ConditioningPlan(conditioner, prompt, negative, req.steps, req.clip_skip)
     ti_hashes = {e.name: e.hash for text in plan.all_texts for e in conditioner.used_embeddings(text)}
@@ -214,25 +224,29 @@ def _run(model: LoadedModel, req: Txt2ImgRequest, state: JobState, outdir: Path 
             break
         state.batch = batch_index
         state.skipped = False
-        seeds = [base_seed + batch_index * req.batch_size + j for j in range(req.batch_size)]
+        seeds, subseeds = batch_seeds(base_seed, base_subseed, req.subseed_strength, batch_index, req.batch_size)
         state.textinfo = f"Batch {batch_index + 1} of {req.n_iter}"
 
         latents = hooks.decode(batch_index, seeds) if hooks.decode is not None else None
         if latents is None:
             spec = BatchSpec(plan=plan, sampler=sampler, schedule=schedule, steps=req.steps,
                              cfg_scale=req.cfg_scale, eta=req.eta, width=req.width, height=req.height, seeds=seeds,
-                             preview_every=preview_every,
+                             preview_every=preview_every, subseeds=subseeds, subseed_strength=req.subseed_strength,
+                             resize_from=(req.seed_resize_from_w, req.seed_resize_from_h),
                              **(hooks.spec_extras(batch_index, seeds) if hooks.spec_extras else {}))
-            latents = sample(model, spec, state)
+            with seamless(model.unet, model.vae, enabled=req.tiling):
+                latents = sample(model, spec, state)
 
-        images = decode_latents(model, latents)
+        with seamless(model.vae, enabled=req.tiling):
+            images = decode_latents(model, latents)
         if hooks.postprocess is not None:
             first = batch_index * req.batch_size
             images = [hooks.postprocess(first + j, image) for j, image in enumerate(images)]
-        for seed, image in zip(seeds, images):
-            infotext = make_infotext(req, model, seed, schedule.label, ti_hashes, extra)
+        for seed, subseed, image in zip(seeds, subseeds, images):
+            infotext = make_infotext(req, model, seed, schedule.label, ti_hashes, extra, subseed)
             result.images.append(image)
             result.seeds.append(seed)
+            result.subseeds.append(subseed)
             result.infotexts.append(infotext)
             if outdir is not None and req.save_images:
                 result.paths.append(save_image(image, infotext, outdir, seed))

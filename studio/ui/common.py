@@ -61,11 +61,17 @@ class SamplingControls:
     clip_skip: gr.Slider
     random_seed: gr.Button
     reuse_seed: gr.Button
+    subseed: gr.Number
+    subseed_strength: gr.Slider
+    resize_w: gr.Slider
+    resize_h: gr.Slider
+    tiling: gr.Checkbox
 
     def inputs(self) -> list[Any]:
         """In the order :func:`sampling_values` reads them."""
         return [self.steps, self.sampler, self.schedule, self.cfg, self.seed, self.width, self.height,
-                self.n_iter, self.batch_size, self.clip_skip]
+                self.n_iter, self.batch_size, self.clip_skip, self.subseed, self.subseed_strength,
+                self.resize_w, self.resize_h, self.tiling]
 
 
 @dataclass
@@ -174,10 +180,23 @@ def build_sampling_controls(tab_id: str) -> SamplingControls:
         seed = gr.Number(value=-1, label="Seed", precision=0, elem_id=f"{tab_id}_seed", scale=4)
         random_seed = gr.Button("Random", elem_id=f"{tab_id}_random_seed", scale=0, min_width=84, size="sm")
         reuse_seed = gr.Button("Reuse", elem_id=f"{tab_id}_reuse_seed", scale=0, min_width=84, size="sm")
-    clip_skip = gr.Slider(1, 12, value=1, step=1, label="Clip skip", elem_id=f"{tab_id}_clip_skip")
+    with gr.Accordion("Variation seed", open=False, elem_id=f"{tab_id}_seed_extras"):
+        with gr.Row():
+            subseed = gr.Number(value=-1, label="Variation seed", precision=0, elem_id=f"{tab_id}_subseed")
+            subseed_strength = gr.Slider(0, 1, value=0, step=0.01, label="Variation strength",
+                                         elem_id=f"{tab_id}_subseed_strength")
+        with gr.Row():
+            resize_w = gr.Slider(0, 2048, value=0, step=8, label="Resize seed from width",
+                                 elem_id=f"{tab_id}_seed_resize_from_w")
+            resize_h = gr.Slider(0, 2048, value=0, step=8, label="Resize seed from height",
+                                 elem_id=f"{tab_id}_seed_resize_from_h")
+    with gr.Row():
+        clip_skip = gr.Slider(1, 12, value=1, step=1, label="Clip skip", elem_id=f"{tab_id}_clip_skip", scale=4)
+        tiling = gr.Checkbox(False, label="Tiling", elem_id=f"{tab_id}_tiling", scale=1,
+                             info="seamless textures")
     random_seed.click(lambda: -1, None, seed, queue=False)
     return SamplingControls(sampler, schedule, steps, width, height, n_iter, batch_size, cfg, seed, clip_skip,
-                            random_seed, reuse_seed)
+                            random_seed, reuse_seed, subseed, subseed_strength, resize_w, resize_h, tiling)
 
 
 def build_output_area(tab_id: str) -> OutputArea:
@@ -201,11 +220,14 @@ def build_output_area(tab_id: str) -> OutputArea:
     return out
 
 
-def sampling_values(steps, sampler, schedule, cfg, seed, width, height, n_iter, batch_size, clip_skip) -> dict:
+def sampling_values(steps, sampler, schedule, cfg, seed, width, height, n_iter, batch_size, clip_skip,
+                    subseed=-1, subseed_strength=0.0, resize_w=0, resize_h=0, tiling=False) -> dict:
     """Request fields from the values of :meth:`SamplingControls.inputs`."""
     return dict(steps=int(steps), sampler_name=sampler, scheduler=schedule, cfg_scale=float(cfg),
                 seed=int(seed if seed is not None else -1), width=int(width), height=int(height),
-                n_iter=int(n_iter), batch_size=int(batch_size), clip_skip=int(clip_skip))
+                n_iter=int(n_iter), batch_size=int(batch_size), clip_skip=int(clip_skip),
+                subseed=int(subseed if subseed is not None else -1), subseed_strength=float(subseed_strength or 0),
+                seed_resize_from_w=int(resize_w or 0), seed_resize_from_h=int(resize_h or 0), tiling=bool(tiling))
 
 
 def stream_job(studio: Studio, submit: Callable[[], Any]) -> Iterator[tuple]:
