@@ -22,6 +22,7 @@ from studio.networks.embeddings import EmbeddingLibrary
 from studio.networks.hypernetworks import HypernetworkLibrary
 from studio.networks.lora import LoraLibrary
 from studio.prompts.styles import StyleDatabase, StyleError
+from studio.upscale import UpscalerLibrary, default_folders
 
 if TYPE_CHECKING:  # diffusers/transformers load on first use, not at start-up
     from studio.generation.txt2img import GenerationResult
@@ -60,6 +61,7 @@ class Studio:
     styles: StyleDatabase
     vaes: VaeCatalog
     networks: ExtraNetworks
+    upscalers: UpscalerLibrary
 
     @classmethod
     def create(cls, flags: Flags) -> Studio:
@@ -81,8 +83,9 @@ class Studio:
         networks = ExtraNetworks(LoraLibrary(list(paths.lora_dirs), hashes),
                                  HypernetworkLibrary(list(paths.hypernetwork_dirs)))
         networks.refresh()
+        upscalers = UpscalerLibrary(default_folders(paths.models), policy.device, policy.dtype)
         studio = cls(flags, paths, settings, policy, models, JobQueue(), embeddings,
-                     StyleDatabase(paths.styles_file), vaes, networks)
+                     StyleDatabase(paths.styles_file), vaes, networks, upscalers)
         log.info("Device policy: %s", policy.label)
         return studio
 
@@ -338,8 +341,9 @@ class Studio:
             model = self.models.load(req.checkpoint or self.initial_checkpoint())
             self._sync_embeddings()
             vae = self._apply_vae(model, req.vae)
+            extra = {"upscalers": self.upscalers} if kind == "txt2img" else {}
             return run(model, req, state, self.paths.outputs / outdir_name, preview_every=every,
-                       networks=self.networks, vae=vae)
+                       networks=self.networks, vae=vae, **extra)
 
         return self.queue.submit(job, kind)
 

@@ -197,3 +197,31 @@ def test_tiling_makes_left_and_right_edges_continuous(studio):
     # the wrap-around step looks like any other step between neighbours only with tiling
     assert edges(True) < 1.5
     assert edges(True) < edges(False)
+
+
+@pytest.mark.parametrize("upscaler", ["Latent", "Lanczos", "tiny4x"])
+def test_hires_fix_size_steps_and_infotext(studio, upscaler):
+    from studio.generation.request import Txt2ImgRequest
+    from studio.testing.upscalers import write_esrgan
+
+    write_esrgan(studio.paths.models / "ESRGAN" / "tiny4x.pth", scale=4, nf=8, nb=1)
+    studio.upscalers.refresh()
+    calls = []
+    handle = studio.models.load("tiny-sd1.safetensors").unet.register_forward_pre_hook(
+        lambda module, args: calls.append(tuple(args[0].shape[2:])))
+    try:
+        req = Txt2ImgRequest(prompt="a tower", steps=4, width=64, height=64, seed=3, sampler_name="Euler",
+                             save_images=False, checkpoint="tiny-sd1.safetensors", enable_hr=True, hr_scale=1.5,
+                             hr_upscaler=upscaler, hr_second_pass_steps=6, hr_denoising_strength=0.5)
+        result = studio.txt2img(req)
+    finally:
+        handle.remove()
+    assert result.images[0].size == (96, 96)
+    # first pass: 4 steps at 8x8 latents; second: A1111 runs int(0.5 * 6) + 1 = 4 of 6 steps at 12x12
+    assert calls.count((8, 8)) == 4 and calls.count((12, 12)) == 4
+    info = parse_infotext(result.infotexts[0])
+    assert (info["Size-1"], info["Size-2"]) == ("64", "64")  # the first pass's size, as A1111
+    assert info["Hires upscale"] == "1.5" and info["Hires steps"] == "6" and info["Hires upscaler"] == upscaler
+    assert info["Denoising strength"] == "0.5"
+    with pytest.raises(RequestError, match="hr_upscaler"):
+        studio.txt2img(req.with_changes(hr_upscaler="no-such-upscaler"))

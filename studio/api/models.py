@@ -39,6 +39,16 @@ class Txt2ImgAPIRequest(BaseModel):
     override_settings_restore_afterwards: bool = True
     disable_extra_networks: bool = False
     enable_hr: bool = False
+    hr_scale: float = 2.0
+    hr_upscaler: str | None = None
+    hr_second_pass_steps: int = 0
+    hr_resize_x: int = 0
+    hr_resize_y: int = 0
+    hr_checkpoint_name: str | None = None
+    hr_sampler_name: str | None = None
+    hr_scheduler: str | None = None
+    hr_prompt: str = ""
+    hr_negative_prompt: str = ""
     send_images: bool = True
     save_images: bool = False
     alwayson_scripts: dict[str, Any] = Field(default_factory=dict)

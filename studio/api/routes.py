@@ -104,6 +104,19 @@ def to_request(body: Txt2ImgAPIRequest, studio: Studio) -> tuple[Txt2ImgRequest,
         seed_resize_from_w=max(0, int(values.get("seed_resize_from_w") or 0)),
         seed_resize_from_h=max(0, int(values.get("seed_resize_from_h") or 0)),
         tiling=bool(values.get("tiling")),
+        enable_hr=bool(values.get("enable_hr")),
+        hr_scale=float(values.get("hr_scale") or 2.0),
+        hr_upscaler=values.get("hr_upscaler") or "Latent",
+        hr_second_pass_steps=int(values.get("hr_second_pass_steps") or 0),
+        hr_resize_x=int(values.get("hr_resize_x") or 0),
+        hr_resize_y=int(values.get("hr_resize_y") or 0),
+        # A1111 reuses denoising_strength for the hires pass in txt2img
+        hr_denoising_strength=float(values["denoising_strength"]) if values.get("denoising_strength") is not None
+        else 0.7,
+        hr_sampler_name=values.get("hr_sampler_name") or None,
+        hr_scheduler=values.get("hr_scheduler") or None,
+        hr_prompt=values.get("hr_prompt") or "",
+        hr_negative_prompt=values.get("hr_negative_prompt") or "",
         checkpoint=checkpoint,
         vae=str(vae) if vae is not None else None,
         save_images=bool(values["save_images"]),
@@ -165,6 +178,17 @@ def build_router(studio: Studio) -> APIRouter:
     def refresh_vae() -> dict[str, Any]:
         studio.refresh_vaes()
         return {}
+
+    @r.get("/upscalers")
+    def upscalers() -> list[dict[str, Any]]:
+        studio.upscalers.refresh()
+        return studio.upscalers.api_list()
+
+    @r.get("/latent-upscale-modes")
+    def latent_upscale_modes() -> list[dict[str, Any]]:
+        from studio.upscale import latent_modes_api
+
+        return latent_modes_api()
 
     @r.get("/loras")
     def loras() -> list[dict[str, Any]]:

@@ -40,6 +40,18 @@ class Txt2ImgRequest:
     seed_resize_from_w: int = 0        # "Resize seed from width/height"; 0 = off
     seed_resize_from_h: int = 0
     tiling: bool = False               # seamless textures
+    # Hires. fix (txt2img): a second pass at hr_scale× (or hr_resize_x × hr_resize_y)
+    enable_hr: bool = False
+    hr_scale: float = 2.0
+    hr_upscaler: str = "Latent"
+    hr_second_pass_steps: int = 0      # 0 = the same as steps
+    hr_resize_x: int = 0
+    hr_resize_y: int = 0
+    hr_denoising_strength: float = 0.7
+    hr_sampler_name: str | None = None
+    hr_scheduler: str | None = None
+    hr_prompt: str = ""
+    hr_negative_prompt: str = ""
     styles: tuple[str, ...] = ()       # names from styles.csv, applied before generation
     checkpoint: str | None = None      # title/name; None = the user's chosen checkpoint (settings)
     vae: str | None = None             # "Automatic" | "None" | file name; None = the sd_vae setting
@@ -93,6 +105,19 @@ def validate_txt2img(req: Txt2ImgRequest) -> Txt2ImgRequest:
             raise RequestError(f"{name} must be an integer (got {value!r})")
         if value > 0:
             _check_range(name, value, MIN_SIZE, MAX_SIZE)
+    if req.enable_hr:
+        _check_range("hr_scale", req.hr_scale, 1, 4)
+        _check_range("hr_second_pass_steps", req.hr_second_pass_steps, 0, MAX_STEPS)
+        _check_range("hr_denoising_strength (denoising_strength)", req.hr_denoising_strength, 0, 1)
+        for name in ("hr_resize_x", "hr_resize_y"):
+            value = getattr(req, name)
+            if value:
+                _check_range(name, value, MIN_SIZE, MAX_SIZE)
+        if req.hr_sampler_name:
+            try:
+                split_sampler_name(req.hr_sampler_name, req.hr_scheduler)
+            except UnknownSamplerError as e:
+                raise RequestError(f"hr_sampler_name: {e}") from e
     width, height = req.width - req.width % 8, req.height - req.height % 8
     if (width, height) != (req.width, req.height):
         notes.append(f"Size {req.width}x{req.height} rounded down to {width}x{height} (multiple of 8).")

@@ -22,6 +22,8 @@ import torch
 from PIL import Image
 
 from studio import __version__
+from studio.generation.hires import infotext_params as hires_params
+from studio.generation.hires import make_plan, second_pass
 from studio.generation.infotext import build_infotext
 from studio.generation.noise import batch_seeds
 from studio.generation.outputs import save_image
@@ -140,6 +142,7 @@ def make_infotext(req: Txt2ImgRequest, model: LoadedModel, seed: int, schedule_l
         "RNG": "CPU",
         "Eta": _fmt(req.eta) if req.eta is not None else None,
         "Tiling": True if req.tiling else None,
+        **{k: v for k, v in extra.items() if k.startswith("Hires")},
         # the mode's extra_generation_params (mask settings), where A1111 appends them
         **{k: v for k, v in extra.items() if k in MODE_PARAMS and k != "Denoising strength"},
         "Lora hashes": extra.get("Lora hashes"),
@@ -175,6 +178,7 @@ def run_txt2img(
     networks: ExtraNetworks | None = None,
     vae: Any = None,
     hooks: ModeHooks | None = None,
+    upscalers: Any = None,
 ) -> GenerationResult:
     """``networks`` applies the prompt's LoRA/hypernetwork tags (None: tags are only noted);
     ``vae`` is the external VAE already swapped in, recorded in the infotext; ``hooks`` turn
@@ -195,14 +199,14 @@ def run_txt2img(
     notes += activation.notes
     try:
         return _run(model, req, state, outdir, preview_every, prompt, negative, notes, activation, vae,
-                    hooks or ModeHooks())
+                    hooks or ModeHooks(), upscalers)
     finally:
         activation.close()
 
 
 def _run(model: LoadedModel, req: Txt2ImgRequest, state: JobState, outdir: Path | None, preview_every: int,
          prompt: str, negative: str, notes: list[str], activation: NetworkActivation, vae: Any,
-         hooks: ModeHooks) -> GenerationResult:
+         hooks: ModeHooks, upscalers: Any = None) -> GenerationResult:
     sampler, schedule = split_sampler_name(req.sampler_name, req.scheduler)
     schedule = effective_schedule(sampler, schedule)
     base_seed = resolve_seed(req.seed)
@@ -215,9 +219,19 @@ def _run(model: LoadedModel, req: Txt2ImgRequest, state: JobState, outdir: Path 
     if vae is not None:
         extra |= {"VAE hash": vae.shorthash, "VAE": vae.filename}
     extra |= hooks.params
+    hires = hires_cond = None
+    denoising = hooks.denoising_strength
+    if req.enable_hr and hooks.spec_extras is None:  # hires fix is a txt2img feature
+        hires = make_plan(req, upscalers)
+        extra |= hires_params(req, hires)
+        denoising = hires.strength
+        hr_prompt, _ = extract_extra_networks(req.hr_prompt) if req.hr_prompt else (prompt, [])
+        hr_negative, _ = extract_extra_networks(req.hr_negative_prompt) if req.hr_negative_prompt else (negative, [])
+        hires_cond = ConditioningPlan(conditioner, hr_prompt, hr_negative, hires.steps, req.clip_skip)
 
     result = GenerationResult([], [], [], [], req, model, notes=notes, vae=vae,
-                              denoising_strength=hooks.denoising_strength, extra_params=dict(hooks.params))
+                              denoising_strength=denoising,
+                              extra_params={k: v for k, v in extra.items() if k in MODE_PARAMS or k.startswith("Hires")})
     state.batches = req.n_iter
     for batch_index in range(req.n_iter):
         if state.interrupted:
@@ -236,6 +250,10 @@ def _run(model: LoadedModel, req: Txt2ImgRequest, state: JobState, outdir: Path 
                              **(hooks.spec_extras(batch_index, seeds) if hooks.spec_extras else {}))
             with seamless(model.unet, model.vae, enabled=req.tiling):
                 latents = sample(model, spec, state)
+                if hires is not None and not (state.interrupted or state.skipped):
+                    first = latents
+                    latents = second_pass(model, req, hires, first, lambda: decode_latents(model, first), hires_cond,
+                                          seeds, subseeds, state, upscalers, preview_every)
 
         with seamless(model.vae, enabled=req.tiling):
             images = decode_latents(model, latents)

@@ -12,10 +12,9 @@ import math
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import spandrel
 import torch
 from PIL import Image
 from safetensors import SafetensorError
@@ -24,6 +23,9 @@ from torch import Tensor
 
 from studio.networks.files import load_weights_only, pickle_failure_message
 from studio.upscale.errors import UpscalerError
+
+if TYPE_CHECKING:  # spandrel takes ~2 s to import: only when a model file is first used
+    import spandrel
 
 MODEL_SUFFIXES = (".pth", ".pt", ".safetensors")
 
@@ -39,6 +41,8 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
     Wrappers trainers put around the weights (``params_ema``, ``state_dict``, a ``module.``
     prefix, ...) are removed the way spandrel expects; non-tensor entries are dropped.
     """
+    import spandrel
+
     suffix = path.suffix.lower()
     raw: Any
     if suffix == ".safetensors":
@@ -82,6 +86,8 @@ def load_model(path: Path) -> spandrel.ImageModelDescriptor:
     architecture spandrel does not know, weights that do not fit it, or a model that is no
     upscaler.
     """
+    import spandrel
+
     state = read_state_dict(path)
     try:
         descriptor = spandrel.ModelLoader(device="cpu").load_from_state_dict(state)
@@ -199,6 +205,8 @@ def run_model(descriptor: spandrel.ImageModelDescriptor, image: Tensor, tile: in
     cross-faded over their overlap in float32 so no seam shows where a tile's border pixels,
     which saw zero padding instead of their neighbours, would otherwise meet.
     """
+    import spandrel
+
     _, _, height, width = image.shape
     untiled = (
         tile <= 0 or (height <= tile and width <= tile) or descriptor.tiling == spandrel.ModelTiling.INTERNAL

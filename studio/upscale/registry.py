@@ -19,8 +19,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
-import spandrel
 import torch
 from PIL import Image
 
@@ -35,6 +35,9 @@ from studio.upscale.models import (
     run_model,
     tensor_to_image,
 )
+
+if TYPE_CHECKING:  # spandrel takes ~2 s to import: only when a model file is first used
+    import spandrel
 
 # A1111's folder names under models/ for the upscalers spandrel can read.
 UPSCALER_FOLDERS = ("ESRGAN", "RealESRGAN", "SwinIR", "DAT")

@@ -1,0 +1,107 @@
+"""Hires. fix: a second, img2img-like pass at a larger size (A1111's txt2img ``enable_hr``).
+
+The first pass runs at the request's width × height. Its result is brought to the target
+size either in latent space (the "Latent …" modes: the latents are interpolated) or in pixel
+space (Lanczos, Nearest, ESRGAN-family files: decode, upscale, encode), then denoised again
+from ``int(strength · hires steps) + 1`` steps before the end of the schedule, with the same
+seeds, and optionally another sampler and prompt. The infotext records all of it, with
+A1111's keys; ``Size`` stays the first pass's size, as in A1111.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from studio.generation.request import RequestError, Txt2ImgRequest
+from studio.generation.sampling import BatchSpec, encode_images, sample
+from studio.jobs import JobState
+from studio.prompts.schedule import ConditioningPlan
+
+
+@dataclass(frozen=True)
+class HiresPlan:
+    width: int
+    height: int
+    upscaler: str
+    steps: int
+    strength: float
+    sampler: Any
+    schedule: Any
+
+
+def target_size(req: Txt2ImgRequest) -> tuple[int, int]:
+    """A1111's rules: ``hr_resize_x/y`` win over ``hr_scale``; with only one of them the other
+    follows the first pass's aspect ratio; sizes are rounded down to multiples of 8."""
+    w, h = req.width, req.height
+    if req.hr_resize_x > 0 and req.hr_resize_y > 0:
+        tw, th = req.hr_resize_x, req.hr_resize_y
+    elif req.hr_resize_x > 0:
+        tw, th = req.hr_resize_x, round(req.hr_resize_x * h / w)
+    elif req.hr_resize_y > 0:
+        tw, th = round(req.hr_resize_y * w / h), req.hr_resize_y
+    else:
+        tw, th = round(w * req.hr_scale), round(h * req.hr_scale)
+    return max(64, tw - tw % 8), max(64, th - th % 8)
+
+
+def infotext_params(req: Txt2ImgRequest, plan: HiresPlan) -> dict[str, Any]:
+    params: dict[str, Any] = {"Denoising strength": f"{plan.strength:g}"}
+    if req.hr_resize_x > 0 or req.hr_resize_y > 0:
+        params["Hires resize"] = f"{plan.width}x{plan.height}"
+    else:
+        params["Hires upscale"] = f"{req.hr_scale:g}"
+    if req.hr_second_pass_steps:
+        params["Hires steps"] = req.hr_second_pass_steps
+    params["Hires upscaler"] = plan.upscaler
+    if req.hr_sampler_name and req.hr_sampler_name != req.sampler_name:
+        params["Hires sampler"] = req.hr_sampler_name
+    if req.hr_prompt and req.hr_prompt != req.prompt:
+        params["Hires prompt"] = req.hr_prompt
+    if req.hr_negative_prompt and req.hr_negative_prompt != req.negative_prompt:
+        params["Hires negative prompt"] = req.hr_negative_prompt
+    return params
+
+
+def make_plan(req: Txt2ImgRequest, upscalers: Any) -> HiresPlan:
+    from studio.generation.samplers import effective_schedule, split_sampler_name
+    from studio.upscale import is_latent_mode, latent_mode
+
+    name = req.hr_upscaler or "Latent"
+    if is_latent_mode(name):
+        name = latent_mode(name)
+    elif upscalers is None or upscalers.find(name) is None:
+        known = ", ".join([*(u.name for u in (upscalers.items() if upscalers else [])), "Latent …"])
+        raise RequestError(f"hr_upscaler {name!r} not found. Available: {known}")
+    sampler, schedule = split_sampler_name(req.hr_sampler_name or req.sampler_name,
+                                           req.hr_scheduler or req.scheduler)
+    width, height = target_size(req)
+    return HiresPlan(width, height, name, req.hr_second_pass_steps or req.steps, req.hr_denoising_strength,
+                     sampler, effective_schedule(sampler, schedule))
+
+
+def second_pass(model: Any, req: Txt2ImgRequest, plan: HiresPlan, latents: torch.Tensor, images_first: Any,
+                cond: ConditioningPlan, seeds: list[int], subseeds: list[int], state: JobState, upscalers: Any,
+                preview_every: int) -> torch.Tensor:
+    """The upscaled, re-denoised latents of one batch."""
+    from studio.upscale import is_latent_mode, latent_upscale
+
+    h, w = plan.height // 8, plan.width // 8
+    if is_latent_mode(plan.upscaler):
+        init = latent_upscale(latents, plan.upscaler, h, w)
+    else:
+        pixels = []
+        for image in images_first():
+            big = upscalers.upscale(image, plan.upscaler, size=(plan.width, plan.height))
+            arr = np.asarray(big.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+            pixels.append(torch.from_numpy(arr).permute(2, 0, 1))
+        init = encode_images(model, torch.stack(pixels))
+    state.textinfo = f"Hires fix: {plan.width}x{plan.height}"
+    spec = BatchSpec(plan=cond, sampler=plan.sampler, schedule=plan.schedule, steps=plan.steps,
+                     cfg_scale=req.cfg_scale, eta=req.eta, width=plan.width, height=plan.height, seeds=seeds,
+                     preview_every=preview_every, subseeds=subseeds, subseed_strength=req.subseed_strength,
+                     init_latents=init, strength=plan.strength)
+    return sample(model, spec, state)
