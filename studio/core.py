@@ -290,6 +290,54 @@ class Studio:
     def img2img(self, req: Img2ImgRequest, timeout: float | None = None) -> GenerationResult:
         return self.submit_img2img(req).wait(timeout)
 
+    def upscale_image(self, image: Any, upscaler: str, scale: float | None = None, size: tuple[int, int] | None = None,
+                      upscaler_2: str | None = None, visibility_2: float = 0.0, save: bool = True) -> tuple[Any, str, Path | None]:
+        """The Extras tab / POST /extra-single-image: one image through an upscaler (and, blended
+        in at ``visibility_2``, a second one), on the worker. Returns (image, info text, saved path)."""
+        from PIL import Image
+
+        from studio.generation.imageops import ImageInputError, normalize_image
+        from studio.generation.outputs import save_image
+        from studio.upscale import UpscalerError
+
+        for name in (upscaler, upscaler_2):
+            if name and name != "None" and self.upscalers.find(name) is None:
+                self.upscalers.refresh()
+                if self.upscalers.find(name) is None:
+                    names = ", ".join(u.name for u in self.upscalers.items())
+                    raise RequestError(f"upscaler {name!r} not found. Available: {names}")
+        if (scale is None) == (size is None):
+            raise RequestError("give either an upscale factor or a target size")
+        if scale is not None and not 0.05 <= scale <= 8:
+            raise RequestError(f"upscaling_resize must be between 0.05 and 8 (got {scale:g})")
+        if size is not None and not all(8 <= v <= 8192 for v in size):
+            raise RequestError(f"target size must be between 8 and 8192 (got {size[0]}x{size[1]})")
+        try:
+            image = normalize_image(image)
+        except ImageInputError as e:
+            raise RequestError(str(e)) from e
+
+        def job(state: JobState) -> Any:
+            state.textinfo = f"Upscaling with {upscaler}"
+            try:
+                out = self.upscalers.upscale(image, upscaler or "None", scale=scale, size=size)
+                if upscaler_2 and upscaler_2 != "None" and visibility_2 > 0:
+                    second = self.upscalers.upscale(image, upscaler_2, size=out.size)
+                    out = Image.blend(out, second, float(visibility_2))
+            except UpscalerError as e:
+                raise RequestError(str(e)) from e
+            return out
+
+        out = self.queue.run(job, "upscale")
+        parts = [f"Postprocess upscale {'by' if scale is not None else 'to'}: "
+                 + (f"{scale:g}" if scale is not None else f"{size[0]}x{size[1]}"),
+                 f"Postprocess upscaler: {upscaler}"]
+        if upscaler_2 and upscaler_2 != "None" and visibility_2 > 0:
+            parts += [f"Postprocess upscaler 2: {upscaler_2}", f"Postprocess upscaler 2 visibility: {visibility_2:g}"]
+        info = ", ".join(parts)
+        path = save_image(out, info, self.paths.outputs / "extras-images", 0) if save else None
+        return out, info, path
+
     def img2img_folder(self, fields: dict[str, Any], folder_in: Path, folder_out: Path | None) -> list[Path]:
         """A1111's img2img Batch: every image in ``folder_in`` (not recursive) with the same
         settings, written to ``folder_out`` (default outputs/img2img-images) with infotext.

@@ -295,3 +295,36 @@ def test_img2img_bad_input_is_a_4xx(server, body, fragment):
     assert 400 <= r.status_code < 500, r.text
     assert fragment.lower() in r.json()["detail"].lower()
     assert requests.get(api(server, "progress")).status_code == 200
+
+
+def test_upscalers_hires_and_extras(server):
+    import numpy as np
+
+    ups = requests.get(api(server, "upscalers")).json()
+    assert [u["name"] for u in ups][:3] == ["None", "Lanczos", "Nearest"]
+    assert set(ups[0]) == {"name", "model_name", "model_path", "model_url", "scale"}
+    modes = [m["name"] for m in requests.get(api(server, "latent-upscale-modes")).json()]
+    assert modes[0] == "Latent" and "Latent (nearest-exact)" in modes
+    body = {**SMALL, "enable_hr": True, "hr_scale": 1.5, "hr_upscaler": "Lanczos", "hr_second_pass_steps": 2,
+            "denoising_strength": 0.4}
+    r = requests.post(api(server, "txt2img"), json=body)
+    assert r.status_code == 200, r.text
+    out = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
+    assert out.size == (96, 96)
+    params = parse_infotext(json.loads(r.json()["info"])["infotexts"][0])
+    assert params["Hires upscaler"] == "Lanczos" and params["Denoising strength"] == "0.4"
+    bad = requests.post(api(server, "txt2img"), json={**body, "hr_upscaler": "Nope"})
+    assert bad.status_code == 400 and "hr_upscaler" in bad.json()["detail"]
+
+    src = Image.fromarray(np.random.default_rng(2).integers(0, 255, (40, 30, 3), dtype=np.uint8))
+    r = requests.post(api(server, "extra-single-image"), json={"image": _b64_png(src), "upscaler_1": "Lanczos",
+                                                                "upscaling_resize": 2})
+    assert r.status_code == 200, r.text
+    assert Image.open(io.BytesIO(base64.b64decode(r.json()["image"]))).size == (60, 80)
+    r = requests.post(api(server, "extra-batch-images"), json={
+        "resize_mode": 1, "upscaling_resize_w": 64, "upscaling_resize_h": 48, "upscaler_1": "Nearest",
+        "imageList": [{"data": _b64_png(src), "name": "a.png"}, {"data": _b64_png(src, True), "name": "b.png"}]})
+    assert r.status_code == 200, r.text
+    assert [Image.open(io.BytesIO(base64.b64decode(i))).size for i in r.json()["images"]] == [(64, 48)] * 2
+    r = requests.post(api(server, "extra-single-image"), json={"image": _b64_png(src), "upscaler_1": "Nope"})
+    assert r.status_code == 400 and "Nope" in r.json()["detail"]

@@ -13,6 +13,8 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 
 from studio.api.models import (
+    ExtrasBatchRequest,
+    ExtrasSingleRequest,
     ImageResponse,
     Img2ImgAPIRequest,
     PNGInfoRequest,
@@ -178,6 +180,27 @@ def build_router(studio: Studio) -> APIRouter:
     def refresh_vae() -> dict[str, Any]:
         studio.refresh_vaes()
         return {}
+
+    def extras(body: Any, data: str) -> tuple[str, str]:
+        image = decode_base64_image(data)
+        scale, size = (body.upscaling_resize, None) if body.resize_mode == 0 else \
+            (None, (body.upscaling_resize_w, body.upscaling_resize_h))
+        out, info, _ = studio.upscale_image(image, body.upscaler_1, scale=scale, size=size,
+                                            upscaler_2=body.upscaler_2,
+                                            visibility_2=body.extras_upscaler_2_visibility)
+        return encode_png(out, info), info
+
+    @r.post("/extra-single-image")
+    def extra_single_image(body: ExtrasSingleRequest) -> dict[str, Any]:
+        image, info = extras(body, body.image)
+        return {"html_info": f"<p>{info}</p>", "image": image}
+
+    @r.post("/extra-batch-images")
+    def extra_batch_images(body: ExtrasBatchRequest) -> dict[str, Any]:
+        if not body.imageList:
+            raise HTTPException(400, "imageList: at least one image is required")
+        results = [extras(body, item.data) for item in body.imageList]
+        return {"html_info": f"<p>{results[0][1]}</p>", "images": [image for image, _ in results]}
 
     @r.get("/upscalers")
     def upscalers() -> list[dict[str, Any]]:

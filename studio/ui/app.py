@@ -11,6 +11,7 @@ from studio.core import Studio
 from studio.generation.infotext import infotext_to_fields, parse_infotext
 from studio.generation.outputs import ImageReadError, open_image, read_infotext
 from studio.ui.extra_networks import checkpoint_card_title
+from studio.ui.extras import build_extras_tab
 from studio.ui.img2img import build_img2img_tab, build_inpaint_tab
 from studio.ui.txt2img import USER_ERRORS, build_txt2img_tab, fields_to_updates
 
@@ -64,6 +65,7 @@ def build_ui(studio: Studio) -> gr.Blocks:
             controls = build_txt2img_tab(studio)
             build_img2img_tab(studio)
             build_inpaint_tab(studio)
+            build_extras_tab(studio)
             with gr.Tab("PNG Info", id="pnginfo", elem_id="tab_pnginfo"):
                 with gr.Row(equal_height=False):
                     with gr.Column():

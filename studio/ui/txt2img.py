@@ -46,23 +46,58 @@ def build_txt2img_tab(studio: Studio) -> Txt2ImgControls:
         with gr.Row(equal_height=False):
             with gr.Column(scale=1):
                 controls = build_sampling_controls("txt2img")
+                hires = build_hires_controls(studio)
             with gr.Column(scale=1):
                 out = build_output_area("txt2img")
     area.wire_token_counters(studio, controls.steps)
 
-    def run(p, neg, style_names, *values):
+    def run(p, neg, style_names, enable, upscaler, by, steps, strength, rx, ry, hr_sampler, hr_p, hr_neg, *values):
         def submit():
-            req = Txt2ImgRequest(prompt=p or "", negative_prompt=neg or "", styles=tuple(style_names or ()),
-                                 **sampling_values(*values))
+            req = Txt2ImgRequest(
+                prompt=p or "", negative_prompt=neg or "", styles=tuple(style_names or ()), enable_hr=bool(enable),
+                hr_upscaler=upscaler or "Latent", hr_scale=float(by), hr_second_pass_steps=int(steps),
+                hr_denoising_strength=float(strength), hr_resize_x=int(rx or 0), hr_resize_y=int(ry or 0),
+                hr_sampler_name=None if hr_sampler in (None, "Use same sampler") else hr_sampler,
+                hr_prompt=hr_p or "", hr_negative_prompt=hr_neg or "", **sampling_values(*values))
             return studio.submit_txt2img(req)
         yield from stream_job(studio, submit)
 
-    area.generate.click(run, [area.prompt, area.negative, area.styles, *controls.inputs()], out.outputs(),
-                        concurrency_limit=None)
+    hires_inputs = [hires[k] for k in ("enable", "upscaler", "scale", "steps", "denoising", "resize_x", "resize_y",
+                                       "sampler", "prompt", "negative")]
+    area.generate.click(run, [area.prompt, area.negative, area.styles, *hires_inputs, *controls.inputs()],
+                        out.outputs(), concurrency_limit=None)
     controls.reuse_seed.click(lambda s: s, out.last_seed, controls.seed, queue=False)
     return Txt2ImgControls(area.prompt, area.negative, controls.steps, controls.sampler, controls.schedule,
                            controls.cfg, controls.seed, controls.width, controls.height, controls.clip_skip, tab,
                            area.extra)
+
+
+def build_hires_controls(studio: Studio) -> dict[str, Any]:
+    """A1111's Hires. fix accordion: a second pass at a larger size."""
+    from studio.upscale import LATENT_MODES
+
+    names = [*LATENT_MODES, *(u.name for u in studio.upscalers.items() if u.kind != "none")]
+    c: dict[str, Any] = {}
+    with gr.Accordion("Hires. fix", open=False, elem_id="txt2img_hr"):
+        c["enable"] = gr.Checkbox(False, label="Enable", elem_id="txt2img_enable_hr")
+        with gr.Row():
+            c["upscaler"] = gr.Dropdown(names, value="Latent", label="Upscaler", elem_id="txt2img_hr_upscaler")
+            c["steps"] = gr.Slider(0, 150, value=0, step=1, label="Hires steps (0 = same)",
+                                   elem_id="txt2img_hires_steps")
+            c["denoising"] = gr.Slider(0, 1, value=0.7, step=0.01, label="Denoising strength",
+                                       elem_id="txt2img_denoising_strength")
+        with gr.Row():
+            c["scale"] = gr.Slider(1, 4, value=2, step=0.05, label="Upscale by", elem_id="txt2img_hr_scale")
+            c["resize_x"] = gr.Slider(0, 2048, value=0, step=8, label="Resize width to",
+                                      elem_id="txt2img_hr_resize_x")
+            c["resize_y"] = gr.Slider(0, 2048, value=0, step=8, label="Resize height to",
+                                      elem_id="txt2img_hr_resize_y")
+        c["sampler"] = gr.Dropdown(["Use same sampler", *SAMPLER_NAMES], value="Use same sampler",
+                                   label="Hires sampling method", elem_id="txt2img_hr_sampler")
+        c["prompt"] = gr.Textbox(label="Hires prompt (empty = same)", lines=2, elem_id="txt2img_hr_prompt")
+        c["negative"] = gr.Textbox(label="Hires negative prompt (empty = same)", lines=2,
+                                   elem_id="txt2img_hr_neg_prompt")
+    return c
 
 
 def fields_to_updates(controls: Txt2ImgControls, fields: dict[str, Any]) -> list[Any]:
