@@ -1,6 +1,8 @@
 """Command line: the same engine without a browser.
 
     python -m studio generate --prompt "a lighthouse at dusk" --steps 20 --out outputs/cli
+    python -m studio generate -p "a red door" --init-image in.png --mask mask.png --out outputs/cli
+    python -m studio upscale photo.png --upscaler 4x-UltraSharp --scale 2
     python -m studio models
     python -m studio pnginfo image.png
     python -m studio serve [app.py flags]
@@ -52,6 +54,34 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--vae", default=None,
                    help='"Automatic", "None" or a file from models/VAE; default: the sd_vae setting')
     g.add_argument("--out", "-o", default=None, help="output folder (default outputs/txt2img-images)")
+    g.add_argument("--variation-seed", type=int, default=-1)
+    g.add_argument("--variation-strength", type=float, default=0.0)
+    g.add_argument("--tiling", action="store_true", help="seamless textures")
+    i2i = g.add_argument_group("img2img / inpainting (give --init-image)")
+    i2i.add_argument("--init-image", default=None, help="start from this image (img2img)")
+    i2i.add_argument("--mask", default=None, help="inpaint where this mask is white")
+    i2i.add_argument("--denoising-strength", type=float, default=0.75)
+    i2i.add_argument("--resize-mode", type=int, default=0, choices=[0, 1, 2, 3],
+                     help="0 just resize, 1 crop and resize, 2 resize and fill, 3 latent upscale")
+    i2i.add_argument("--mask-blur", type=int, default=4)
+    i2i.add_argument("--inpainting-fill", type=int, default=1, choices=[0, 1, 2, 3],
+                     help="0 fill, 1 original, 2 latent noise, 3 latent nothing")
+    i2i.add_argument("--only-masked", action="store_true", help='inpaint area "Only masked"')
+    i2i.add_argument("--padding", type=int, default=32, help="only-masked padding, pixels")
+    i2i.add_argument("--invert-mask", action="store_true", help='"Inpaint not masked"')
+    hr = g.add_argument_group("hires fix (txt2img)")
+    hr.add_argument("--hires", action="store_true", help="second pass at --hr-scale")
+    hr.add_argument("--hr-scale", type=float, default=2.0)
+    hr.add_argument("--hr-upscaler", default="Latent")
+    hr.add_argument("--hr-steps", type=int, default=0)
+    hr.add_argument("--hr-denoising-strength", type=float, default=0.7)
+
+    u = sub.add_parser("upscale", help="upscale images with an upscaler (Extras)")
+    _common(u)
+    u.add_argument("images", nargs="+")
+    u.add_argument("--upscaler", default="Lanczos")
+    u.add_argument("--scale", type=float, default=2.0)
+    u.add_argument("--out", "-o", default=None, help="output folder (default outputs/extras-images)")
 
     m = sub.add_parser("models", help="list checkpoints, VAEs, LoRAs, hypernetworks and embeddings")
     _common(m)
@@ -83,15 +113,32 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     checkpoint = ns.checkpoint or studio.settings.get("sd_model_checkpoint")
     if checkpoint and not ns.checkpoint and studio.models.catalog.find(checkpoint) is None:
         checkpoint = None
-    req = Txt2ImgRequest(
+    fields = dict(
         prompt=ns.prompt, negative_prompt=ns.negative_prompt, steps=ns.steps, cfg_scale=ns.cfg_scale,
         width=ns.width, height=ns.height, seed=ns.seed, batch_size=ns.batch_size, n_iter=ns.batch_count,
         sampler_name=ns.sampler, scheduler=ns.scheduler, clip_skip=ns.clip_skip, checkpoint=checkpoint,
-        styles=tuple(ns.style), vae=ns.vae,
-        save_images=ns.out is None,
+        styles=tuple(ns.style), vae=ns.vae, subseed=ns.variation_seed, subseed_strength=ns.variation_strength,
+        tiling=ns.tiling, save_images=ns.out is None,
     )
     try:
-        job = studio.submit_txt2img(req)
+        if ns.init_image:
+            from studio.generation.outputs import ImageReadError, open_image
+            from studio.generation.request import Img2ImgRequest
+
+            try:
+                init = open_image(Path(ns.init_image).read_bytes())
+                mask = open_image(Path(ns.mask).read_bytes()) if ns.mask else None
+            except (OSError, ImageReadError) as e:
+                raise RequestError(str(e)) from e
+            job = studio.submit_img2img(Img2ImgRequest(
+                **fields, init_images=(init,), mask=mask, denoising_strength=ns.denoising_strength,
+                resize_mode=ns.resize_mode, mask_blur_x=ns.mask_blur, mask_blur_y=ns.mask_blur,
+                inpainting_fill=ns.inpainting_fill, inpaint_full_res=ns.only_masked,
+                inpaint_full_res_padding=ns.padding, inpainting_mask_invert=ns.invert_mask))
+        else:
+            job = studio.submit_txt2img(Txt2ImgRequest(
+                **fields, enable_hr=ns.hires, hr_scale=ns.hr_scale, hr_upscaler=ns.hr_upscaler,
+                hr_second_pass_steps=ns.hr_steps, hr_denoising_strength=ns.hr_denoising_strength))
         bar = tqdm(total=0, unit="step", desc="txt2img", file=sys.stderr)
         while not job.done.wait(0.1):
             s = job.state
@@ -150,6 +197,28 @@ def cmd_models(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_upscale(ns: argparse.Namespace) -> int:
+    from studio.core import Studio
+    from studio.generation.outputs import ImageReadError, open_image, save_image
+    from studio.generation.request import RequestError
+
+    studio = Studio.create(_flags(ns))
+    status = 0
+    for name in ns.images:
+        try:
+            image = open_image(Path(name).read_bytes())
+            out, info, path = studio.upscale_image(image, ns.upscaler, scale=ns.scale, save=ns.out is None)
+        except (OSError, ImageReadError, RequestError) as e:
+            print(f"error: {name}: {e}", file=sys.stderr)
+            status = 2
+            continue
+        if ns.out is not None:
+            path = save_image(out, info, Path(ns.out), 0, dated=False)
+        print(path)
+    studio.queue.shutdown()
+    return status
+
+
 def cmd_pnginfo(ns: argparse.Namespace) -> int:
     from studio.generation.outputs import ImageReadError, open_image, read_infotext
 
@@ -177,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         serve(parse_flags(argv[1:]))
         return 0
     ns = build_parser().parse_args(argv)
-    return {"generate": cmd_generate, "models": cmd_models, "pnginfo": cmd_pnginfo}[ns.command](ns)
+    commands = {"generate": cmd_generate, "models": cmd_models, "pnginfo": cmd_pnginfo, "upscale": cmd_upscale}
+    return commands[ns.command](ns)
 
 
 if __name__ == "__main__":

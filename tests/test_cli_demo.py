@@ -93,3 +93,61 @@ def test_cli_lora_hypernet_and_vae(tmp_path):
     bad = run_cli("generate", "--data-dir", str(tmp_path), "-p", "x", "--vae", "nope.pt", "--steps", "1",
                   "--width", "64", "--height", "64")
     assert bad.returncode == 2 and "nope.pt" in bad.stderr
+
+
+def test_cli_img2img_inpaint_hires_and_upscale(tmp_path):
+    import numpy as np
+
+    make_models_dir(tmp_path)
+    init = tmp_path / "init.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(init)
+    mask = tmp_path / "mask.png"
+    m = Image.new("L", (64, 64), 0)
+    m.paste(255, (16, 16, 48, 48))
+    m.save(mask)
+    out = tmp_path / "o"
+    gen = run_cli("generate", "--data-dir", str(tmp_path), "-p", "a door", "--init-image", str(init), "--mask",
+                  str(mask), "--mask-blur", "0", "--denoising-strength", "0.9", "--steps", "2", "--width", "64",
+                  "--height", "64", "--out", str(out))
+    assert gen.returncode == 0, gen.stderr
+    result = Image.open(next(out.glob("*.png")))
+    info = parse_infotext(result.info["parameters"])
+    assert info["Denoising strength"] == "0.9" and info["Mask blur"] == "0"
+    keep = np.asarray(m) == 0
+    assert (np.asarray(result.convert("RGB"))[keep] == np.asarray(Image.open(init))[keep]).all()
+    hr = tmp_path / "hr"
+    gen = run_cli("generate", "--data-dir", str(tmp_path), "-p", "a door", "--hires", "--hr-scale", "1.5",
+                  "--hr-upscaler", "Lanczos", "--steps", "2", "--width", "64", "--height", "64", "--out", str(hr))
+    assert gen.returncode == 0, gen.stderr
+    assert Image.open(next(hr.glob("*.png"))).size == (96, 96)
+    ups = tmp_path / "ups"
+    up = run_cli("upscale", "--data-dir", str(tmp_path), str(init), "--upscaler", "Nearest", "--scale", "2",
+                 "--out", str(ups))
+    assert up.returncode == 0, up.stderr
+    assert Image.open(next(ups.glob("*.png"))).size == (128, 128)
+    bad = run_cli("upscale", "--data-dir", str(tmp_path), str(init), "--upscaler", "Nope")
+    assert bad.returncode == 2 and "Nope" in bad.stderr
+
+
+def test_img2img_batch_folder(tmp_path):
+    import numpy as np
+
+    make_models_dir(tmp_path)
+    folder_in, folder_out = tmp_path / "in", tmp_path / "out"
+    folder_in.mkdir()
+    for i in range(2):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(
+            folder_in / f"{i}.png")
+    (folder_in / "notes.txt").write_text("not an image")
+    (folder_in / "broken.png").write_bytes(b"not a png")
+    studio = Studio.create(Flags(data_dir=str(tmp_path), no_half=True))
+    fields = dict(prompt="a field", steps=2, width=64, height=64, seed=1, denoising_strength=0.5)
+    paths = studio.img2img_folder(fields, folder_in, folder_out)
+    assert sorted(p.parent for p in paths) == [folder_out, folder_out] and len(paths) == 2
+    assert "Denoising strength: 0.5" in Image.open(paths[0]).info["parameters"]
+    import pytest
+
+    from studio.generation.request import RequestError
+    with pytest.raises(RequestError, match="does not exist"):
+        studio.img2img_folder(fields, tmp_path / "missing", None)
+    studio.queue.shutdown()
