@@ -19,7 +19,8 @@ from tests.helpers import make_models_dir
 @pytest.fixture(scope="module")
 def studio(tmp_path_factory):
     root = tmp_path_factory.mktemp("img2img")
-    make_models_dir(root, (("sd1", ".safetensors"), ("sd1-inpaint", ".safetensors"), ("sdxl", ".safetensors")))
+    make_models_dir(root, (("sd1", ".safetensors"), ("sd1-inpaint", ".safetensors"), ("sdxl", ".safetensors"),
+                           ("sd2", ".safetensors"), ("sdxl-inpaint", ".safetensors")))
     s = Studio.create(Flags(data_dir=str(root), no_half=True))
     yield s
     s.queue.shutdown()
@@ -118,11 +119,12 @@ def test_masked_content_modes_run(studio, fill):
     assert parse_infotext(result.infotexts[0])["Masked content"] == names[fill]
 
 
-def test_nine_channel_inpainting_checkpoint(studio):
+@pytest.mark.parametrize("checkpoint", ["tiny-sd1-inpaint", "tiny-sdxl-inpaint", "tiny-sd2", "tiny-sdxl"])
+def test_inpainting_on_every_family(studio, checkpoint):
     image, mask = picture(seed=6), centre_mask()
-    result = studio.img2img(request(checkpoint="tiny-sd1-inpaint.safetensors", init_images=(image,), mask=mask,
+    result = studio.img2img(request(checkpoint=f"{checkpoint}.safetensors", init_images=(image,), mask=mask,
                                     mask_blur_x=0, mask_blur_y=0, denoising_strength=1.0))
-    assert result.info()["is_using_inpainting_conditioning"] is True
+    assert result.info()["is_using_inpainting_conditioning"] is checkpoint.endswith("inpaint")
     out, orig = arr(result.images[0]), arr(image)
     keep = np.asarray(mask) == 0
     np.testing.assert_array_equal(out[keep], orig[keep])
@@ -148,6 +150,8 @@ def test_odd_inputs_are_accepted_or_refused_clearly(studio):
                                    mask_blur_y=0))
     assert any("empty" in n for n in empty.notes)
     np.testing.assert_array_equal(arr(empty.images[0]), arr(picture()))
+    full = studio.img2img(request(mask=Image.new("L", (64, 64), 255), denoising_strength=0.5))
+    assert any("whole image" in n for n in full.notes) and full.images[0].size == (64, 64)
     with pytest.raises(RequestError, match="init image"):
         studio.submit_img2img(request(init_images=()))
     with pytest.raises(RequestError):
