@@ -8,7 +8,6 @@ from diffusers.models.downsampling import Downsample2D
 from torch import nn
 
 from studio.generation.noise import batch_seeds, make_noise, slerp
-from studio.generation.sampling import initial_noise
 from studio.generation.tiling import seamless
 from studio.testing import tiny_components
 
@@ -66,6 +65,12 @@ def test_slerp_interpolates_along_dim_1_like_a1111():
 
 
 # --------------------------------------------------------------------------- make_noise
+
+
+def initial_noise(seeds, shape):
+    """The engine's noise before variation seeds existed: one CPU generator per seed."""
+    gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    return torch.stack([torch.randn(shape, generator=g, dtype=torch.float32) for g in gens]), gens
 
 
 def test_make_noise_is_initial_noise_when_off():

@@ -2,7 +2,7 @@
 
 Noise is drawn on the CPU, one ``torch.Generator`` per image seeded with that image's seed, so an
 image depends only on its own seed and not on its place in the batch or on the device. With no
-variation and no resize the result is exactly :func:`studio.generation.sampling.initial_noise`'s,
+variation and no resize the result is exactly the plain per-seed CPU noise,
 so images made before these options existed keep their pixels.
 
 - **Variation** (``subseed_strength > 0``): the seed's noise is spherically interpolated towards

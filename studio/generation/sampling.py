@@ -60,12 +60,6 @@ def guide(preds: tuple[torch.Tensor, ...], weights: list[float], cfg_scale: floa
     return uncond + cfg_scale * total
 
 
-def initial_noise(seeds: list[int], shape: tuple[int, int, int]) -> tuple[torch.Tensor, list[torch.Generator]]:
-    gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-    noise = torch.stack([torch.randn(shape, generator=g, dtype=torch.float32) for g in gens])
-    return noise, gens
-
-
 def img2img_start(steps: int, strength: float) -> int:
     """Index of the first of ``steps`` schedule steps that img2img runs. A1111 runs
     ``int(min(strength, 0.999) * steps) + 1`` steps, so 0.75 of 20 runs 16 and 1.0 runs all."""
