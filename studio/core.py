@@ -70,14 +70,15 @@ class Studio:
         paths.ensure()
         settings = Settings.load(paths.settings_file)
         policy = resolve_policy(flags.device, flags.no_half, flags.no_half_vae, flags.precision, flags.xformers)
-        catalog = Catalog(paths.ckpt_dirs, HashCache(paths.hash_cache_file), hashing=not flags.no_hashing)
+        # one HashCache for every kind of file: it owns cache.json and its lock
+        hashes = HashCache(paths.hash_cache_file)
+        catalog = Catalog(paths.ckpt_dirs, hashes, hashing=not flags.no_hashing)
         demo_dir = None if flags.no_demo else paths.cache_dir / "demo"
         models = ModelManager(catalog, policy, paths.cache_dir / "configs", demo_dir,
                               limits=lambda: cache_limits(settings),
                               offload=OffloadFlags(flags.medvram, flags.lowvram, flags.medvram_sdxl))
         models.refresh()
         embeddings = EmbeddingLibrary(list(paths.embedding_dirs))
-        hashes = HashCache(paths.hash_cache_file)
         vaes = VaeCatalog(paths.vae, paths.ckpt_dirs, hashes)
         vaes.refresh()
         networks = ExtraNetworks(LoraLibrary(list(paths.lora_dirs), hashes),
