@@ -1,0 +1,1 @@
+"""ControlNet support: preprocessors (annotators) and, elsewhere, units and models."""

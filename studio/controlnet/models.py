@@ -1,0 +1,378 @@
+"""ControlNet files: the library under ``models/ControlNet``, probing and loading.
+
+Files come in the original layout (lllyasviel's ``.pth``, the A1111 extension's
+``.safetensors``, with or without the ``control_model.`` prefix) or as diffusers
+folders. What a file is comes from tensor names and shapes only, as in the A1111
+extension; the diffusers config is derived from those shapes with the UNet's rules
+(:mod:`studio.models.arch`), so pruned and tiny files load like full-size ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from studio.models.arch import derive_unet_config
+from studio.models.catalog import HashCache
+from studio.models.loader import write_config_dir
+from studio.models.probe import UNET, CheckpointProbe
+from studio.models.state_dict import ModelFileError, Shapes, load_state_dict
+
+log = logging.getLogger(__name__)
+
+CONTROLNET_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt")
+ORIGINAL_PREFIX = "control_model."
+HINT_KEY = "input_hint_block.0.weight"
+FAMILY_LABELS = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
+# Real SDXL: 6 size/crop numbers Fourier-embedded at 256 each plus bigG's 1280-wide pooled text.
+_SDXL_POOLED = 1280
+# Config keys a ControlNet shares with the UNet whose encoder it copies.
+_UNET_KEYS_KEPT = (
+    "act_fn", "attention_head_dim", "block_out_channels", "cross_attention_dim", "down_block_types",
+    "downsample_padding", "flip_sin_to_cos", "freq_shift", "in_channels", "layers_per_block",
+    "mid_block_scale_factor", "mid_block_type", "norm_eps", "norm_num_groups", "transformer_layers_per_block",
+    "upcast_attention", "use_linear_projection", "addition_embed_type", "addition_time_embed_dim",
+    "projection_class_embeddings_input_dim",
+)
+
+
+# --------------------------------------------------------------------------- library
+
+
+@dataclass(eq=False)
+class ControlNetInfo:
+    path: Path
+    name: str  # relative to the scanned folder, "/" separated, with extension
+    is_diffusers: bool = False
+    hash_cache: HashCache | None = field(default=None, repr=False)
+    _sha256: str | None = field(default=None, repr=False)
+
+    @property
+    def weights_path(self) -> Path:
+        """The file whose hash names the model (a folder's weights file)."""
+        if self.is_diffusers:
+            return _folder_weights(self.path) or self.path
+        return self.path
+
+    @property
+    def stem(self) -> str:
+        return self.path.name if self.is_diffusers else self.path.stem
+
+    @property
+    def model_name(self) -> str:
+        stem = self.name if self.is_diffusers else self.name.rsplit(".", 1)[0]
+        return stem.replace("/", "_").replace("\\", "_")
+
+    @property
+    def cache_key(self) -> str:
+        return f"controlnet/{self.name}"
+
+    @property
+    def known_sha256(self) -> str | None:
+        """The hash if already computed or cached; never reads the file."""
+        if self._sha256 is None and self.hash_cache is not None:
+            self._sha256 = self.hash_cache.get(self.cache_key, self.weights_path)
+        return self._sha256
+
+    @property
+    def sha256(self) -> str | None:
+        # Hashing a 1.4 GB ControlNet takes seconds, so it happens on first use only.
+        if self.known_sha256 is None and self.hash_cache is not None and self.weights_path.is_file():
+            self._sha256 = self.hash_cache.compute(self.cache_key, self.weights_path)
+        return self._sha256
+
+    @property
+    def shorthash(self) -> str | None:
+        return self.sha256[:10] if self.sha256 else None
+
+    @property
+    def title(self) -> str:
+        return self.name if self.shorthash is None else f"{self.name} [{self.shorthash}]"
+
+    @property
+    def api_name(self) -> str:
+        """How the A1111 extension's ``/controlnet/model_list`` names a model."""
+        return self.stem if self.sha256 is None else f"{self.stem} [{self.sha256[:8]}]"
+
+
+def _folder_weights(folder: Path) -> Path | None:
+    for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
+                 "diffusion_pytorch_model.fp16.safetensors"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def _is_controlnet_folder(path: Path) -> bool:
+    return (path / "config.json").is_file() and _folder_weights(path) is not None
+
+
+def scan_controlnets(folders: list[Path] | tuple[Path, ...], hash_cache: HashCache | None) -> list[ControlNetInfo]:
+    found: dict[Path, ControlNetInfo] = {}
+    for root in folders:
+        root = Path(root)
+        if not root.is_dir():
+            continue
+        folders_seen: list[Path] = []
+        for path in sorted(root.rglob("*")):
+            rel_parts = path.relative_to(root).parts
+            if any(part.startswith(".") for part in rel_parts):
+                continue
+            # Files inside a diffusers folder belong to it.
+            if any(f in path.parents for f in folders_seen):
+                continue
+            rel = path.relative_to(root).as_posix()
+            if path.is_dir() and _is_controlnet_folder(path):
+                folders_seen.append(path)
+                found.setdefault(path.resolve(), ControlNetInfo(path, rel, True, hash_cache))
+            elif path.is_file() and path.suffix.lower() in CONTROLNET_SUFFIXES:
+                found.setdefault(path.resolve(), ControlNetInfo(path, rel, False, hash_cache))
+    return sorted(found.values(), key=lambda c: c.name.lower())
+
+
+class ControlNetLibrary:
+    def __init__(self, folders: list[Path] | tuple[Path, ...], hash_cache: HashCache | None):
+        self.folders = [Path(f) for f in folders]
+        self.hash_cache = hash_cache
+        self._lock = threading.Lock()
+        self._items: list[ControlNetInfo] = []
+
+    def refresh(self) -> list[ControlNetInfo]:
+        items = scan_controlnets(self.folders, self.hash_cache)
+        with self._lock:
+            self._items = items
+        return self.items()
+
+    def items(self) -> list[ControlNetInfo]:
+        with self._lock:
+            return list(self._items)
+
+    def find(self, query: str | None) -> ControlNetInfo | None:
+        """By name, stem, model name, then title or ``stem [hash8]`` (the extension's
+        API name); a ``[hash]`` suffix that no longer matches still finds the stem."""
+        q = (query or "").strip()
+        if not q or q.lower() == "none":
+            return None
+        items = self.items()
+        # The cheap names first: titles and API names may need the file hashed.
+        for getter in (lambda c: c.name, lambda c: c.stem, lambda c: c.model_name):
+            for c in items:
+                if getter(c) == q:
+                    return c
+        bare = q.rsplit(" [", 1)[0] if q.endswith("]") else q
+        if bare != q:
+            candidates = [c for c in items if bare in (c.name, c.stem, c.model_name)]
+            for c in candidates:
+                if q in (c.title, c.api_name):
+                    return c
+            if candidates:
+                return candidates[0]
+        return None
+
+
+# --------------------------------------------------------------------------- probing
+
+
+@dataclass(frozen=True)
+class ControlNetProbe:
+    family: str  # "sd1" | "sd2" | "sdxl"
+    context_dim: int
+    hint_channels: int
+    in_channels: int
+
+    @property
+    def label(self) -> str:
+        return FAMILY_LABELS[self.family]
+
+
+def strip_prefix(shapes_or_sd: dict[str, Any]) -> dict[str, Any]:
+    """Files cut from training checkpoints prefix every name with ``control_model.``."""
+    if any(k.startswith(ORIGINAL_PREFIX) for k in shapes_or_sd):
+        return {k[len(ORIGINAL_PREFIX):]: v for k, v in shapes_or_sd.items() if k.startswith(ORIGINAL_PREFIX)}
+    return dict(shapes_or_sd)
+
+
+def _not_a_controlnet(shapes: Shapes, name: str) -> ModelFileError:
+    keys = list(shapes)
+    if any("lora_" in k or ".alpha" in k for k in keys):
+        what = "a LoRA"
+    elif any(k.startswith(UNET) for k in keys):
+        what = "a Stable Diffusion checkpoint"
+    elif any(k.startswith(("adapter.", "body.")) for k in keys):
+        what = "a T2I-Adapter (not supported)"
+    elif any(k.startswith("controlnet_cond_embedding.") for k in keys):
+        what = "a diffusers-layout ControlNet weights file; put its folder (with config.json) in models/ControlNet"
+    else:
+        what = "an unknown kind of model file"
+    return ModelFileError(f"{name}: {what}, not a ControlNet model (no {HINT_KEY!r} tensor)")
+
+
+def _context_dim(shapes: Shapes) -> int:
+    for k, shape in shapes.items():
+        if re.fullmatch(r"(input_blocks|middle_block)\.\d+\.1\.transformer_blocks\.0\.attn2\.to_k\.weight", k):
+            return shape[1]
+    raise ModelFileError("ControlNet has no cross-attention layers")
+
+
+def probe_controlnet(shapes: Shapes, name: str = "ControlNet") -> ControlNetProbe:
+    """What a ControlNet file is, from its tensor names and shapes."""
+    shapes = strip_prefix(shapes)
+    hint = shapes.get(HINT_KEY)
+    if hint is None or "input_blocks.0.0.weight" not in shapes:
+        raise _not_a_controlnet(shapes, name)
+    context_dim = _context_dim(shapes)
+    if "label_emb.0.0.weight" in shapes:
+        family = "sdxl"
+    elif context_dim == 1024:
+        family = "sd2"
+    elif context_dim == 768:
+        family = "sd1"
+    else:
+        # Small files: SD2 uses linear proj_in, SD1 a 1x1 conv.
+        proj = next((s for k, s in shapes.items() if k.endswith(".1.proj_in.weight")), None)
+        family = "sd2" if proj is not None and len(proj) == 2 else "sd1"
+    return ControlNetProbe(family, context_dim, hint[1], shapes["input_blocks.0.0.weight"][1])
+
+
+def _sdxl_pooled_dim(adm_in: int, context_dim: int) -> int:
+    """Pooled-text width, which a ControlNet file does not store: real SDXL's 1280 when
+    it fits, else the second encoder's width (the context is CLIP-L + bigG side by side)."""
+    for pooled in (_SDXL_POOLED, context_dim - 768, context_dim * 2 // 3, context_dim):
+        if 0 < pooled < adm_in and (adm_in - pooled) % 6 == 0:
+            return pooled
+    raise ModelFileError(f"SDXL ControlNet with an unrecognised size embedding ({adm_in} inputs)")
+
+
+def derive_controlnet_config(shapes: Shapes, probe: ControlNetProbe) -> dict[str, Any]:
+    shapes = strip_prefix(shapes)
+    # The encoder is a UNet encoder: reuse the UNet's rules (head conventions included).
+    unet_shapes = {UNET + k: v for k, v in shapes.items()}
+    unet_shapes[UNET + "out.2.weight"] = (probe.in_channels,)
+    ckpt_probe = CheckpointProbe(probe.family, "base", probe.in_channels, "epsilon", False, False)
+    if probe.family == "sdxl":
+        pooled = _sdxl_pooled_dim(shapes["label_emb.0.0.weight"][1], probe.context_dim)
+        unet_shapes["conditioner.embedders.1.model.text_projection"] = (pooled, pooled)
+    unet_config = derive_unet_config(unet_shapes, ckpt_probe)
+    config = {k: unet_config[k] for k in _UNET_KEYS_KEPT if k in unet_config}
+    if not any(k.startswith("middle_block.1.") for k in shapes):
+        config["mid_block_type"] = "UNetMidBlock2D"
+
+    hint_ids = sorted(int(m[1]) for k in shapes if (m := re.fullmatch(r"input_hint_block\.(\d+)\.weight", k)))
+    hint_out = [shapes[f"input_hint_block.{i}.weight"][0] for i in hint_ids[:-1]]
+    config.update({
+        "_class_name": "ControlNetModel",
+        "conditioning_channels": probe.hint_channels,
+        # conv_in, then (same-width conv, widening conv) pairs: every second output is a new width.
+        "conditioning_embedding_out_channels": hint_out[0::2],
+        "controlnet_conditioning_channel_order": "rgb",
+        "global_pool_conditions": False,
+    })
+    return config
+
+
+# --------------------------------------------------------------------------- loading
+
+
+@dataclass
+class LoadedControlNet:
+    info: ControlNetInfo
+    probe: ControlNetProbe
+    model: Any  # diffusers.ControlNetModel
+
+    @property
+    def family(self) -> str:
+        return self.probe.family
+
+
+def _convert(sd: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
+
+    converted = convert_controlnet_checkpoint(sd, config)
+    # diffusers' converter has no mapping for SDXL's size/pooled-text MLP.
+    for ldm, diffusers_name in (("label_emb.0.0", "add_embedding.linear_1"),
+                                ("label_emb.0.2", "add_embedding.linear_2")):
+        for param in ("weight", "bias"):
+            if f"{ldm}.{param}" in sd:
+                converted[f"{diffusers_name}.{param}"] = sd[f"{ldm}.{param}"]
+    return {k: v for k, v in converted.items() if v is not None}
+
+
+def _load_original(info: ControlNetInfo, dtype: torch.dtype, device: torch.device | str,
+                   config_cache: Path) -> LoadedControlNet:
+    from diffusers import ControlNetModel
+
+    sd = strip_prefix(load_state_dict(info.path))
+    probe = probe_controlnet({k: tuple(v.shape) for k, v in sd.items()}, info.name)
+    config = derive_controlnet_config({k: tuple(v.shape) for k, v in sd.items()}, probe)
+    config_dir = write_config_dir({"controlnet": config}, Path(config_cache))
+    try:
+        # Built from the written config so that what is cached is what is used; weights go
+        # through diffusers' own converter, checked for completeness before copying.
+        model = ControlNetModel.from_config(
+            ControlNetModel.load_config(config_dir, subfolder="controlnet", local_files_only=True))
+        weights = _convert(sd, config)
+        expected = set(model.state_dict())
+        missing, unexpected = expected - set(weights), set(weights) - expected
+        if missing or unexpected:
+            raise ModelFileError(f"{info.name}: weights do not fit the detected {probe.label} ControlNet layout "
+                                 f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+        model.load_state_dict(weights, strict=True)
+    except (KeyError, RuntimeError, ValueError) as e:
+        if isinstance(e, ModelFileError):
+            raise
+        raise ModelFileError(f"{info.name}: weights do not fit the detected {probe.label} ControlNet: {e}") from e
+    return LoadedControlNet(info, probe, _place(model, dtype, device))
+
+
+def _probe_config(config: dict[str, Any]) -> ControlNetProbe:
+    context_dim = config["cross_attention_dim"]
+    if config.get("addition_embed_type") == "text_time":
+        family = "sdxl"
+    elif context_dim == 1024 or (context_dim != 768 and config.get("use_linear_projection")):
+        family = "sd2"
+    else:
+        family = "sd1"
+    return ControlNetProbe(family, context_dim, config.get("conditioning_channels", 3), config["in_channels"])
+
+
+def _load_folder(info: ControlNetInfo, dtype: torch.dtype, device: torch.device | str) -> LoadedControlNet:
+    from diffusers import ControlNetModel
+
+    try:
+        model = ControlNetModel.from_pretrained(info.path, local_files_only=True, torch_dtype=dtype)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise ModelFileError(f"{info.name}: incomplete or corrupt diffusers ControlNet folder: {e}") from e
+    return LoadedControlNet(info, _probe_config(dict(model.config)), _place(model, dtype, device))
+
+
+def _place(model: Any, dtype: torch.dtype, device: torch.device | str) -> Any:
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def load_controlnet(info: ControlNetInfo, dtype: torch.dtype = torch.float32,
+                    device: torch.device | str = "cpu", config_cache: Path | None = None) -> LoadedControlNet:
+    """Load a ControlNet file or folder, offline."""
+    if info.is_diffusers:
+        loaded = _load_folder(info, dtype, device)
+    else:
+        if config_cache is None:
+            raise ValueError("config_cache is required for single-file ControlNets")
+        loaded = _load_original(info, dtype, device, config_cache)
+    log.info("ControlNet %s (%s) loaded", info.name, loaded.probe.label)
+    return loaded
+
+
+def check_family(loaded: LoadedControlNet, model_family: str) -> None:
+    """Refuse a ControlNet made for another model family (``sdxl-refiner`` counts as SDXL,
+    ``sd1-inpaint`` as SD1: only the base family matters)."""
+    base = "sdxl" if model_family.startswith("sdxl") else model_family.split("-", 1)[0]
+    if base != loaded.probe.family:
+        label = FAMILY_LABELS.get(base, model_family)
+        raise ModelFileError(f"ControlNet {loaded.info.name} is for {loaded.probe.label}, "
+                             f"the loaded checkpoint is {label}")
