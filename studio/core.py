@@ -9,8 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from studio.config import Flags, Paths, Settings, force_offline
+from studio.config import REPO_ROOT, Flags, Paths, Settings, force_offline
+from studio.controlnet.preprocessors import PreprocessorRegistry
 from studio.devices import DevicePolicy, resolve_policy
+from studio.extensions import ExtensionManager
 from studio.generation.request import Img2ImgRequest, RequestError, Txt2ImgRequest
 from studio.jobs import Job, JobQueue, JobState
 from studio.models.catalog import Catalog, CheckpointInfo, HashCache
@@ -62,6 +64,8 @@ class Studio:
     vaes: VaeCatalog
     networks: ExtraNetworks
     upscalers: UpscalerLibrary
+    preprocessors: PreprocessorRegistry
+    extensions: ExtensionManager
 
     @classmethod
     def create(cls, flags: Flags) -> Studio:
@@ -85,8 +89,13 @@ class Studio:
                                  HypernetworkLibrary(list(paths.hypernetwork_dirs)))
         networks.refresh()
         upscalers = UpscalerLibrary(default_folders(paths.models), policy.device, policy.dtype)
+        preprocessors = PreprocessorRegistry.with_builtins(paths.models / "annotators")
+        # the extensions shipped next to the code, then the data dir's own (A1111: extensions/)
+        folders = list(dict.fromkeys([REPO_ROOT / "extensions", paths.data / "extensions"]))
+        extensions = ExtensionManager(folders, preprocessors, lambda: settings.get("disabled_extensions", []))
+        extensions.load_all()
         studio = cls(flags, paths, settings, policy, models, JobQueue(), embeddings,
-                     StyleDatabase(paths.styles_file), vaes, networks, upscalers)
+                     StyleDatabase(paths.styles_file), vaes, networks, upscalers, preprocessors, extensions)
         log.info("Device policy: %s", policy.label)
         return studio
 

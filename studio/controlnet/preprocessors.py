@@ -377,6 +377,9 @@ class PreprocessorRegistry:
                              f"(from {self._items[p.name].source})")
         self._items[p.name] = p
 
+    def unregister(self, name: str) -> None:
+        self._items.pop(name, None)
+
     def get(self, name: str) -> Preprocessor:
         try:
             return self._items[name]
