@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from studio.controlnet.guidance import control_residuals
 from studio.generation.noise import make_noise
 from studio.generation.preview import latent_preview
 from studio.generation.samplers import SamplerSpec, ScheduleSpec, make_scheduler
@@ -46,6 +47,7 @@ class BatchSpec:
     mask: torch.Tensor | None = None            # [B or 1, 1, h, w], 1 = repaint: inpainting
     image_conditioning: torch.Tensor | None = None  # [B, 5, h, w] for 9-channel UNets
     latent_fill: str | None = None              # "latent noise" | "latent nothing" in the masked area
+    controlnets: list[Any] | None = None        # ControlUnit list (studio.controlnet.guidance)
 
 
 def guide(preds: tuple[torch.Tensor, ...], weights: list[float], cfg_scale: float, has_uncond: bool) -> torch.Tensor:
@@ -140,7 +142,12 @@ def sample(model: Any, spec: BatchSpec, state: JobState) -> torch.Tensor:
             x = scheduler.scale_model_input(latents.repeat(groups, 1, 1, 1), t)
             if cond_image is not None:
                 x = torch.cat([x, cond_image.repeat(groups, 1, 1, 1)], dim=1)
-            pred = unet(x.to(dtype), t, encoder_hidden_states=context, added_cond_kwargs=added).sample.float()
+            control = {}
+            if spec.controlnets:
+                control = control_residuals(spec.controlnets, x, t, context, added, i * steps_run // len(timesteps),
+                                            steps_run, groups, batch, use_uncond)
+            pred = unet(x.to(dtype), t, encoder_hidden_states=context, added_cond_kwargs=added,
+                        **control).sample.float()
             pred = guide(pred.chunk(groups), plan.weights, spec.cfg_scale, use_uncond)
             latents = scheduler.step(pred, t, latents, **extra_step).prev_sample
             if spec.mask is not None and init is not None:
