@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 from PIL import Image
 
@@ -82,6 +81,8 @@ def scaled_size(width: int, height: int, resolution: int) -> tuple[int, int]:
 
 
 def _resize_np(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    import cv2  # OpenCV loads on first use: start-up stays fast
+
     w, h = size
     if (arr.shape[1], arr.shape[0]) == (w, h):
         return arr
@@ -126,15 +127,21 @@ def _invert(image: Image.Image, resolution: int, slider_1=None, slider_2=None, *
 
 
 def _canny(image: Image.Image, resolution: int, slider_1=100, slider_2=200, **ctx) -> Image.Image:
+    import cv2
+
     edges = cv2.Canny(np.asarray(image), int(slider_1), int(slider_2))
     return Image.fromarray(edges).convert("RGB")
 
 
 def _blur_gaussian(image: Image.Image, resolution: int, slider_1=9.0, slider_2=None, **ctx) -> Image.Image:
+    import cv2
+
     return Image.fromarray(cv2.GaussianBlur(np.asarray(image), (0, 0), float(slider_1)))
 
 
 def _scribble_xdog(image: Image.Image, resolution: int, slider_1=32, slider_2=None, **ctx) -> Image.Image:
+    import cv2
+
     x = np.asarray(image).astype(np.float32)
     fine = cv2.GaussianBlur(x, (0, 0), 0.5)
     coarse = cv2.GaussianBlur(x, (0, 0), 5.0)
@@ -150,6 +157,8 @@ def _threshold(image: Image.Image, resolution: int, slider_1=127, slider_2=None,
 
 
 def _tile_resample(image: Image.Image, resolution: int, slider_1=1.0, slider_2=None, **ctx) -> Image.Image:
+    import cv2
+
     rate = max(1.0, float(slider_1))
     if rate == 1.0:
         return image
