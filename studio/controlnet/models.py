@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from studio.models.arch import derive_unet_config
-from studio.models.catalog import HashCache
+from studio.models.catalog import HashCache, ModelFileNames
 from studio.models.loader import write_config_dir
 from studio.models.probe import UNET, CheckpointProbe
 from studio.models.state_dict import ModelFileError, Shapes, load_state_dict
@@ -46,7 +46,7 @@ _UNET_KEYS_KEPT = (
 
 
 @dataclass(eq=False)
-class ControlNetInfo:
+class ControlNetInfo(ModelFileNames):
     path: Path
     name: str  # relative to the scanned folder, "/" separated, with extension
     is_diffusers: bool = False
@@ -59,15 +59,6 @@ class ControlNetInfo:
         if self.is_diffusers:
             return _folder_weights(self.path) or self.path
         return self.path
-
-    @property
-    def stem(self) -> str:
-        return self.path.name if self.is_diffusers else self.path.stem
-
-    @property
-    def model_name(self) -> str:
-        stem = self.name if self.is_diffusers else self.name.rsplit(".", 1)[0]
-        return stem.replace("/", "_").replace("\\", "_")
 
     @property
     def cache_key(self) -> str:
@@ -86,14 +77,6 @@ class ControlNetInfo:
         if self.known_sha256 is None and self.hash_cache is not None and self.weights_path.is_file():
             self._sha256 = self.hash_cache.compute(self.cache_key, self.weights_path)
         return self._sha256
-
-    @property
-    def shorthash(self) -> str | None:
-        return self.sha256[:10] if self.sha256 else None
-
-    @property
-    def title(self) -> str:
-        return self.name if self.shorthash is None else f"{self.name} [{self.shorthash}]"
 
     @property
     def api_name(self) -> str:

@@ -23,13 +23,14 @@ from studio.config import atomic_write_text
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 
 
-@dataclass
-class CheckpointInfo:
+class ModelFileNames:
+    """A1111's names for a model file or diffusers folder, shared by checkpoints and ControlNets.
+    Needs ``path``, ``name`` (relative, with extension), ``is_diffusers`` and ``sha256``."""
+
     path: Path
-    name: str                  # relative path with extension, "/" separated
-    is_diffusers: bool = False
-    is_demo: bool = False
-    sha256: str | None = None
+    name: str
+    is_diffusers: bool
+    sha256: str | None
 
     @property
     def model_name(self) -> str:
@@ -37,8 +38,7 @@ class CheckpointInfo:
         return stem.replace("/", "_").replace("\\", "_")
 
     @property
-    def name_for_extra(self) -> str:
-        """What A1111 writes as ``Model:`` in the infotext: the file stem."""
+    def stem(self) -> str:
         return self.path.stem if not self.is_diffusers else self.path.name
 
     @property
@@ -48,6 +48,20 @@ class CheckpointInfo:
     @property
     def title(self) -> str:
         return self.name if self.shorthash is None else f"{self.name} [{self.shorthash}]"
+
+
+@dataclass
+class CheckpointInfo(ModelFileNames):
+    path: Path
+    name: str                  # relative path with extension, "/" separated
+    is_diffusers: bool = False
+    is_demo: bool = False
+    sha256: str | None = None
+
+    @property
+    def name_for_extra(self) -> str:
+        """What A1111 writes as ``Model:`` in the infotext: the file stem."""
+        return self.stem
 
     def api_dict(self) -> dict:
         return {
