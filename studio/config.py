@@ -70,6 +70,14 @@ class Flags:
     no_hashing: bool = False
     no_demo: bool = False
     inbrowser: bool = False
+    controlnet_dir: str | None = None
+    enable_insecure_extension_access: bool = False
+
+    @property
+    def extension_install_allowed(self) -> bool:
+        """A1111's rule: installing extensions runs foreign code, so it is off when the server is
+        reachable by others (--listen, --share) unless the user opts in."""
+        return self.enable_insecure_extension_access or not (self.listen or self.share)
 
     @property
     def host(self) -> str:
@@ -118,6 +126,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-hashing", action="store_true", help="do not compute sha256 of checkpoints")
     p.add_argument("--no-demo", action="store_true", help="do not offer the built-in demo model")
     p.add_argument("--inbrowser", action="store_true", help="open the UI in the default browser")
+    p.add_argument("--controlnet-dir", default=None, help="ControlNet model folder (default models/ControlNet)")
+    p.add_argument("--enable-insecure-extension-access", action="store_true",
+                   help="allow installing extensions from the UI/API even with --listen or --share")
     return p
 
 
@@ -136,6 +147,7 @@ class Paths:
     vae_dirs: tuple[Path, ...] = ()
     lora_dirs: tuple[Path, ...] = ()
     hypernetwork_dirs: tuple[Path, ...] = ()
+    controlnet_dirs: tuple[Path, ...] = ()
 
     @classmethod
     def from_flags(cls, flags: Flags) -> Paths:
@@ -159,7 +171,8 @@ class Paths:
 
         return cls(data=data, models=models, ckpt_dirs=tuple(ckpt), embedding_dirs=tuple(emb), styles_file=styles,
                    vae_dirs=folders("VAE", flags.vae_dir), lora_dirs=folders("Lora", flags.lora_dir),
-                   hypernetwork_dirs=folders("hypernetworks", flags.hypernetwork_dir))
+                   hypernetwork_dirs=folders("hypernetworks", flags.hypernetwork_dir),
+                   controlnet_dirs=folders("ControlNet", flags.controlnet_dir))
 
     @property
     def vae(self) -> Path:

@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from studio.config import REPO_ROOT, Flags, Paths, Settings, force_offline
+from studio.controlnet.models import ControlNetLibrary
 from studio.controlnet.preprocessors import PreprocessorRegistry
+from studio.controlnet.runtime import ControlNetModels, check_units, prepare_controls
 from studio.devices import DevicePolicy, resolve_policy
 from studio.extensions import ExtensionManager
 from studio.generation.request import Img2ImgRequest, RequestError, Txt2ImgRequest
@@ -39,15 +41,16 @@ def _embedding_family(widths: dict[str, int]) -> str | None:
     return {768: "sd1", 1024: "sd2"}.get(widths.get("default", 0))
 
 
-def cache_limits(settings: Settings) -> CacheLimits:
-    def number(key: str, default: int) -> int:
-        try:
-            return int(settings.get(key, default) or default)
-        except (TypeError, ValueError):
-            return default
+def _int_setting(settings: Settings, key: str, default: int) -> int:
+    try:
+        return int(settings.get(key, default) or default)
+    except (TypeError, ValueError):
+        return default
 
-    budget_mb = number("sd_checkpoint_cache_mb", 0)
-    return CacheLimits(models=max(1, number("sd_checkpoints_limit", 1)),
+
+def cache_limits(settings: Settings) -> CacheLimits:
+    budget_mb = _int_setting(settings, "sd_checkpoint_cache_mb", 0)
+    return CacheLimits(models=max(1, _int_setting(settings, "sd_checkpoints_limit", 1)),
                        budget_bytes=budget_mb << 20 if budget_mb > 0 else default_budget_bytes())
 
 
@@ -66,6 +69,7 @@ class Studio:
     upscalers: UpscalerLibrary
     preprocessors: PreprocessorRegistry
     extensions: ExtensionManager
+    controlnets: ControlNetModels
 
     @classmethod
     def create(cls, flags: Flags) -> Studio:
@@ -92,10 +96,15 @@ class Studio:
         preprocessors = PreprocessorRegistry.with_builtins(paths.models / "annotators")
         # the extensions shipped next to the code, then the data dir's own (A1111: extensions/)
         folders = list(dict.fromkeys([REPO_ROOT / "extensions", paths.data / "extensions"]))
-        extensions = ExtensionManager(folders, preprocessors, lambda: settings.get("disabled_extensions", []))
+        extensions = ExtensionManager(folders, preprocessors, lambda: settings.get("disabled_extensions", []),
+                                      save_disabled=lambda names: settings.update({"disabled_extensions": names}))
         extensions.load_all()
+        controlnets = ControlNetModels(ControlNetLibrary(paths.controlnet_dirs, hashes), paths.cache_dir / "configs",
+                                       lambda: _int_setting(settings, "control_net_model_cache_size", 2))
+        controlnets.library.refresh()
         studio = cls(flags, paths, settings, policy, models, JobQueue(), embeddings,
-                     StyleDatabase(paths.styles_file), vaes, networks, upscalers, preprocessors, extensions)
+                     StyleDatabase(paths.styles_file), vaes, networks, upscalers, preprocessors, extensions,
+                     controlnets)
         log.info("Device policy: %s", policy.label)
         return studio
 
@@ -384,6 +393,9 @@ class Studio:
                 raise RequestError(str(e)) from e
             req = req.with_changes(prompt=prompt, negative_prompt=negative, styles=())
         req = validate(req)
+        if req.controlnet_units:
+            check_units(req.controlnet_units, self.preprocessors, self.controlnets,
+                        has_init_image=bool(getattr(req, "init_images", ())))
         if req.clip_skip == 1 and self.settings.get("CLIP_stop_at_last_layers", 1) > 1:
             req = req.with_changes(clip_skip=int(self.settings.get("CLIP_stop_at_last_layers")))
         every = int(self.settings.get("show_progress_every_n_steps", 1) or 0)
@@ -400,10 +412,50 @@ class Studio:
             self._sync_embeddings()
             vae = self._apply_vae(model, req.vae)
             extra = {"upscalers": self.upscalers} if kind == "txt2img" else {}
+            controls = self._prepare_controls(req, model, state)
             return run(model, req, state, self.paths.outputs / outdir_name, preview_every=every,
-                       networks=self.networks, vae=vae, **extra)
+                       networks=self.networks, vae=vae, controls=controls, **extra)
 
         return self.queue.submit(job, kind)
+
+    def _prepare_controls(self, req: Txt2ImgRequest, model: LoadedModel, state: JobState) -> Any:
+        """On the worker: preprocess the enabled ControlNet units and load their models."""
+        if not any(u.enabled for u in req.controlnet_units):
+            return None
+        init = getattr(req, "init_images", ())
+
+        def progress(index: int) -> None:
+            state.textinfo = f"ControlNet unit {index}: preprocessing"
+
+        return prepare_controls(req.controlnet_units, self.preprocessors, self.controlnets, model.family,
+                                req.width, req.height, model.policy.dtype, model.policy.device,
+                                init_image=init[0] if init else None, seed=max(req.seed, 0), on_unit=progress)
+
+    def detect(self, module: str, images: list[Any], resolution: int = -1, threshold_a: float = -1,
+               threshold_b: float = -1) -> list[Any]:
+        """Run a preprocessor on images (the ControlNet tab, POST /controlnet/detect), on the worker
+        because detectors may load networks."""
+        from studio.controlnet.preprocessors import PreprocessorError
+        from studio.generation.imageops import ImageInputError, normalize_image
+
+        if module not in self.preprocessors:
+            raise RequestError(f"unknown preprocessor {module!r}; available: {', '.join(self.preprocessors.names())}")
+        if not images:
+            raise RequestError("no input images")
+        try:
+            images = [normalize_image(image) for image in images]
+        except ImageInputError as e:
+            raise RequestError(str(e)) from e
+
+        def job(state: JobState) -> list[Any]:
+            state.textinfo = f"Preprocessor {module}"
+            try:
+                return [self.preprocessors.run(module, image, resolution, threshold_a, threshold_b)
+                        for image in images]
+            except PreprocessorError as e:
+                raise RequestError(str(e)) from e
+
+        return self.queue.run(job, f"detect {module}")
 
     def txt2img(self, req: Txt2ImgRequest, timeout: float | None = None) -> GenerationResult:
         return self.submit_txt2img(req).wait(timeout)

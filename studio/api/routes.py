@@ -12,6 +12,7 @@ from fastapi import APIRouter, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 
+from studio.api.controlnet import build_controlnet_router, units_from_alwayson
 from studio.api.models import (
     ExtrasBatchRequest,
     ExtrasSingleRequest,
@@ -123,11 +124,22 @@ def to_request(body: Txt2ImgAPIRequest, studio: Studio) -> tuple[Txt2ImgRequest,
         vae=str(vae) if vae is not None else None,
         save_images=bool(values["save_images"]),
         styles=tuple(values.get("styles") or ()),
+        controlnet_units=units_from_alwayson(body.alwayson_scripts, decode_base64_image),
     )
     return req, checkpoint
 
 
 def build_router(studio: Studio) -> APIRouter:
+    def response_images(result: Any, send: bool) -> list[str]:
+        """The generated images, then (as the ControlNet extension does) each unit's detected map,
+        unless the ``control_net_no_detectmap`` setting is on."""
+        if not send:
+            return []
+        images = [encode_png(i, t) for i, t in zip(result.images, result.infotexts)]
+        if not studio.settings.get("control_net_no_detectmap", False):
+            images += [encode_png(m, None) for m in result.detected_maps]
+        return images
+
     r = APIRouter(prefix="/sdapi/v1", tags=["sdapi"], route_class=StudioRoute)
 
     @r.post("/txt2img", response_model=ImageResponse)
@@ -138,7 +150,7 @@ def build_router(studio: Studio) -> APIRouter:
         # request runs on the user's settings again. Without restore they become the settings.
         if body.override_settings and not body.override_settings_restore_afterwards:
             studio.apply_options(dict(body.override_settings))
-        images = [encode_png(i, t) for i, t in zip(result.images, result.infotexts)] if body.send_images else []
+        images = response_images(result, body.send_images)
         params = body.model_dump()
         return {"images": images, "parameters": params, "info": json.dumps(result.info(), ensure_ascii=False)}
 
@@ -148,7 +160,7 @@ def build_router(studio: Studio) -> APIRouter:
         result = studio.img2img(req)
         if body.override_settings and not body.override_settings_restore_afterwards:
             studio.apply_options(dict(body.override_settings))
-        images = [encode_png(i, t) for i, t in zip(result.images, result.infotexts)] if body.send_images else []
+        images = response_images(result, body.send_images)
         params = body.model_dump()
         if not body.include_init_images:
             params["init_images"] = None  # A1111 leaves the (large) inputs out of the echo
@@ -254,6 +266,15 @@ def build_router(studio: Studio) -> APIRouter:
         studio.styles.reload()
         return [s.api_dict() for s in studio.styles.all()]
 
+    @r.get("/extensions")
+    def extensions() -> list[dict[str, Any]]:
+        return studio.extensions.api_list()
+
+    @r.get("/scripts")
+    def scripts() -> dict[str, Any]:
+        # clients (webuiapi's check_extensions) look for always-on script titles here
+        return {"txt2img": ["controlnet"], "img2img": ["controlnet"]}
+
     @r.get("/cmd-flags")
     def cmd_flags() -> dict[str, Any]:
         return studio.flags.as_cmd_flags()
@@ -339,3 +360,5 @@ class StudioRoute(APIRoute):
 
 def install_api(app: FastAPI, studio: Studio) -> None:
     app.include_router(build_router(studio))
+    app.include_router(build_controlnet_router(studio, StudioRoute, decode_base64_image,
+                                               lambda image: encode_png(image, None)))

@@ -437,6 +437,16 @@ class PreprocessorRegistry:
             out = _resize_np(out, (padded.shape[1], padded.shape[0]))
         return Image.fromarray(np.ascontiguousarray(out[: size[1], : size[0]]))
 
+    def resolve_params(self, name: str, resolution: float | None, slider_1: float | None,
+                       slider_2: float | None) -> tuple[int, float, float]:
+        """The (resolution, slider 1, slider 2) that :meth:`run` would use, for the infotext; -1 stands
+        for a slider the preprocessor does not have, as in the extension's infotext."""
+        p = self.get(name)
+        res = _slider_value(p.resolution, resolution) if p.resolution is not None else -1
+        s1 = _slider_value(p.slider_1, slider_1) if p.slider_1 is not None else -1
+        s2 = _slider_value(p.slider_2, slider_2) if p.slider_2 is not None else -1
+        return int(res), float(s1), float(s2)
+
     def api_module_list(self) -> list[str]:
         return self.names()
 

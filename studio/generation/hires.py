@@ -85,7 +85,7 @@ def make_plan(req: Txt2ImgRequest, upscalers: Any) -> HiresPlan:
 
 def second_pass(model: Any, req: Txt2ImgRequest, plan: HiresPlan, latents: torch.Tensor, images_first: Any,
                 cond: ConditioningPlan, seeds: list[int], subseeds: list[int], state: JobState, upscalers: Any,
-                preview_every: int) -> torch.Tensor:
+                preview_every: int, controlnets: list | None = None) -> torch.Tensor:
     """The upscaled, re-denoised latents of one batch."""
     from studio.upscale import is_latent_mode, latent_upscale
 
@@ -103,5 +103,5 @@ def second_pass(model: Any, req: Txt2ImgRequest, plan: HiresPlan, latents: torch
     spec = BatchSpec(plan=cond, sampler=plan.sampler, schedule=plan.schedule, steps=plan.steps,
                      cfg_scale=req.cfg_scale, eta=req.eta, width=plan.width, height=plan.height, seeds=seeds,
                      preview_every=preview_every, subseeds=subseeds, subseed_strength=req.subseed_strength,
-                     init_latents=init, strength=plan.strength)
+                     init_latents=init, strength=plan.strength, controlnets=controlnets)
     return sample(model, spec, state)

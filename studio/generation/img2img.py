@@ -89,8 +89,10 @@ def latent_mask(mask: Image.Image, width: int, height: int) -> torch.Tensor:
 
 
 def run_img2img(model: Any, req: Img2ImgRequest, state: JobState, outdir: Path | None, preview_every: int = 0,
-                networks: Any = None, vae: Any = None) -> GenerationResult:
+                networks: Any = None, vae: Any = None, controls: Any = None) -> GenerationResult:
     prepared = [prepare(req, image) for image in req.init_images]
+    if controls and prepared[0].box is not None:
+        controls = controls.cropped(prepared[0].box, prepared[0].original.size)
     notes = [n for p in prepared for n in p.notes]
     latent_ch = model.vae.config.latent_channels
     nine_channel = model.unet.config.in_channels == latent_ch + 5
@@ -162,7 +164,8 @@ def run_img2img(model: Any, req: Img2ImgRequest, state: JobState, outdir: Path |
     hooks = ModeHooks(spec_extras=spec_extras, postprocess=postprocess, decode=decode, params=params,
                       denoising_strength=req.denoising_strength)
     req = req.with_changes(notes=tuple([*req.notes, *notes]))
-    return run_txt2img(model, req, state, outdir, preview_every, networks=networks, vae=vae, hooks=hooks)
+    return run_txt2img(model, req, state, outdir, preview_every, networks=networks, vae=vae, hooks=hooks,
+                       controls=controls)
 
 
 def inpaint_conditioning(model: Any, image: Image.Image, mask: Image.Image | None) -> torch.Tensor:

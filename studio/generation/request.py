@@ -56,6 +56,8 @@ class Txt2ImgRequest:
     checkpoint: str | None = None      # title/name; None = the user's chosen checkpoint (settings)
     vae: str | None = None             # "Automatic" | "None" | file name; None = the sd_vae setting
     save_images: bool = True
+    # ControlNet units (studio.controlnet.units.ControlNetUnitRequest), the extension's order
+    controlnet_units: tuple[Any, ...] = ()
     notes: tuple[str, ...] = field(default_factory=tuple)  # adjustments made by validate()
 
     def with_changes(self, **changes: Any) -> Txt2ImgRequest:
@@ -92,6 +94,14 @@ def validate_txt2img(req: Txt2ImgRequest) -> Txt2ImgRequest:
     _check_range("batch_size", req.batch_size, 1, MAX_BATCH_SIZE)
     _check_range("n_iter (batch count)", req.n_iter, 1, MAX_BATCH_COUNT)
     _check_range("clip_skip", req.clip_skip, 1, 12)
+    if req.controlnet_units:
+        from studio.controlnet.units import MAX_UNITS, check_unit
+
+        if len(req.controlnet_units) > MAX_UNITS:
+            raise RequestError(f"at most {MAX_UNITS} ControlNet units (got {len(req.controlnet_units)})")
+        for index, unit in enumerate(req.controlnet_units):
+            if unit.enabled:
+                check_unit(unit, index)
     if req.eta is not None:
         _check_range("eta", req.eta, 0, 1)
     if req.seed > MAX_SEED:

@@ -54,6 +54,7 @@ class GenerationResult:
     subseeds: list[int] = field(default_factory=list)
     denoising_strength: float | None = None
     extra_params: dict[str, Any] = field(default_factory=dict)   # infotext keys of the mode (img2img)
+    detected_maps: list[Image.Image] = field(default_factory=list)  # ControlNet maps to show with the images
 
     def info(self) -> dict[str, Any]:
         """A1111's ``Processed.js()`` keys (served as a JSON string in ``info``)."""
@@ -145,6 +146,7 @@ def make_infotext(req: Txt2ImgRequest, model: LoadedModel, seed: int, schedule_l
         **{k: v for k, v in extra.items() if k.startswith("Hires")},
         # the mode's extra_generation_params (mask settings), where A1111 appends them
         **{k: v for k, v in extra.items() if k in MODE_PARAMS and k != "Denoising strength"},
+        **{k: v for k, v in extra.items() if k.startswith("ControlNet ")},
         "Lora hashes": extra.get("Lora hashes"),
         "TI hashes": ", ".join(f"{k}: {v}" for k, v in ti_hashes.items()) if ti_hashes else None,
         "Version": f"studio-{__version__}",
@@ -179,10 +181,12 @@ def run_txt2img(
     vae: Any = None,
     hooks: ModeHooks | None = None,
     upscalers: Any = None,
+    controls: Any = None,
 ) -> GenerationResult:
     """``networks`` applies the prompt's LoRA/hypernetwork tags (None: tags are only noted);
     ``vae`` is the external VAE already swapped in, recorded in the infotext; ``hooks`` turn
-    the loop into img2img / inpainting (see generation/img2img.py)."""
+    the loop into img2img / inpainting (see generation/img2img.py); ``controls`` is the
+    prepared ControlNet units (studio.controlnet.runtime.ControlPlan)."""
     prompt, tags = extract_extra_networks(req.prompt)
     negative, neg_tags = extract_extra_networks(req.negative_prompt)
     notes = list(req.notes)
@@ -199,14 +203,14 @@ def run_txt2img(
     notes += activation.notes
     try:
         return _run(model, req, state, outdir, preview_every, prompt, negative, notes, activation, vae,
-                    hooks or ModeHooks(), upscalers)
+                    hooks or ModeHooks(), upscalers, controls)
     finally:
         activation.close()
 
 
 def _run(model: LoadedModel, req: Txt2ImgRequest, state: JobState, outdir: Path | None, preview_every: int,
          prompt: str, negative: str, notes: list[str], activation: NetworkActivation, vae: Any,
-         hooks: ModeHooks, upscalers: Any = None) -> GenerationResult:
+         hooks: ModeHooks, upscalers: Any = None, controls: Any = None) -> GenerationResult:
     sampler, schedule = split_sampler_name(req.sampler_name, req.scheduler)
     schedule = effective_schedule(sampler, schedule)
     base_seed = resolve_seed(req.seed)
@@ -219,6 +223,8 @@ def _run(model: LoadedModel, req: Txt2ImgRequest, state: JobState, outdir: Path 
     if vae is not None:
         extra |= {"VAE hash": vae.shorthash, "VAE": vae.filename}
     extra |= hooks.params
+    if controls:
+        extra |= controls.infotext_params()
     hires = hires_cond = None
     denoising = hooks.denoising_strength
     if req.enable_hr and hooks.spec_extras is None:  # hires fix is a txt2img feature
@@ -231,7 +237,14 @@ def _run(model: LoadedModel, req: Txt2ImgRequest, state: JobState, outdir: Path 
 
     result = GenerationResult([], [], [], [], req, model, notes=notes, vae=vae,
                               denoising_strength=denoising,
-                              extra_params={k: v for k, v in extra.items() if k in MODE_PARAMS or k.startswith("Hires")})
+                              extra_params={k: v for k, v in extra.items()
+                                            if k in MODE_PARAMS or k.startswith(("Hires", "ControlNet "))})
+    first_units = hires_units = None
+    if controls:
+        result.detected_maps = controls.detected_maps()
+        first_units = controls.units_for(req.width, req.height, None if hires is None else False) or None
+        if hires is not None:
+            hires_units = controls.units_for(hires.width, hires.height, True) or None
     state.batches = req.n_iter
     for batch_index in range(req.n_iter):
         if state.interrupted:
@@ -246,14 +259,14 @@ def _run(model: LoadedModel, req: Txt2ImgRequest, state: JobState, outdir: Path 
             spec = BatchSpec(plan=plan, sampler=sampler, schedule=schedule, steps=req.steps,
                              cfg_scale=req.cfg_scale, eta=req.eta, width=req.width, height=req.height, seeds=seeds,
                              preview_every=preview_every, subseeds=subseeds, subseed_strength=req.subseed_strength,
-                             resize_from=(req.seed_resize_from_w, req.seed_resize_from_h),
+                             resize_from=(req.seed_resize_from_w, req.seed_resize_from_h), controlnets=first_units,
                              **(hooks.spec_extras(batch_index, seeds) if hooks.spec_extras else {}))
             with seamless(model.unet, model.vae, enabled=req.tiling):
                 latents = sample(model, spec, state)
                 if hires is not None and not (state.interrupted or state.skipped):
                     first = latents
                     latents = second_pass(model, req, hires, first, lambda: decode_latents(model, first), hires_cond,
-                                          seeds, subseeds, state, upscalers, preview_every)
+                                          seeds, subseeds, state, upscalers, preview_every, hires_units)
 
         with seamless(model.vae, enabled=req.tiling):
             images = decode_latents(model, latents)

@@ -1,0 +1,89 @@
+"""sd-webui-controlnet's API on our engine: units in ``alwayson_scripts`` and the extension's own
+``/controlnet/...`` routes, with its field names, response shapes and status codes, so clients
+written for A1111 + the extension (webuiapi, Krita/Photoshop plugins, scripts) work unchanged."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from fastapi import APIRouter, Body, HTTPException
+from pydantic import BaseModel, ConfigDict, Field
+
+from studio.controlnet.units import ControlNetUnitRequest, UnitError, unit_count, unit_from_api
+
+# The extension's external_code.get_api_version(); clients check it before using units.
+API_VERSION = 2
+SCRIPT_TITLE = "controlnet"
+
+
+class DetectRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    controlnet_module: str = "none"
+    controlnet_input_images: list[str] = Field(default_factory=list)
+    # webuiapi's controlnet_detect() sends this name instead (a known mismatch): accept both
+    controlnet_images: list[str] = Field(default_factory=list)
+    controlnet_processor_res: int = -1
+    controlnet_threshold_a: float = -1
+    controlnet_threshold_b: float = -1
+    controlnet_masks: list[str] = Field(default_factory=list)
+    low_vram: bool = False
+
+
+def units_from_alwayson(scripts: dict[str, Any] | None, decode: Callable[[Any], Any],
+                        notes: list[str] | None = None) -> tuple[ControlNetUnitRequest, ...]:
+    """The units of ``alwayson_scripts["ControlNet"]["args"]`` (the title in any case)."""
+    for title, entry in (scripts or {}).items():
+        if str(title).strip().lower() != SCRIPT_TITLE:
+            continue
+        args = entry.get("args", []) if isinstance(entry, dict) else entry
+        if not isinstance(args, list):
+            raise UnitError("alwayson_scripts.controlnet.args must be a list of units")
+        return tuple(unit_from_api(arg, decode, notes) for arg in args)
+    return ()
+
+
+def build_controlnet_router(studio: Any, route_class: Any, decode: Callable[[str], Any],
+                            encode: Callable[[Any], str]) -> APIRouter:
+    r = APIRouter(prefix="/controlnet", tags=["controlnet"], route_class=route_class)
+
+    @r.get("/version")
+    def version() -> dict[str, Any]:
+        return {"version": API_VERSION}
+
+    @r.get("/model_list")
+    def model_list(update: bool = True) -> dict[str, Any]:
+        if update:
+            studio.controlnets.library.refresh()
+        return {"model_list": studio.controlnets.names()}
+
+    @r.get("/module_list")
+    def module_list(alias_names: bool = False) -> dict[str, Any]:
+        # we have no separate display aliases: names and labels are both served by name
+        return studio.preprocessors.api_module_detail()
+
+    @r.get("/settings")
+    def settings() -> dict[str, Any]:
+        return {"control_net_unit_count": unit_count(studio.settings)}
+
+    @r.get("/control_types")
+    def control_types() -> dict[str, Any]:
+        models = studio.controlnets.names()
+        modules = studio.preprocessors.names()
+        return {"control_types": {"All": {"module_list": modules, "model_list": ["None", *models],
+                                          "default_option": "none", "default_model": "None"}}}
+
+    @r.post("/detect")
+    def detect(body: DetectRequest = Body(...)) -> dict[str, Any]:
+        if body.controlnet_module not in studio.preprocessors:
+            raise HTTPException(422, "Module not available")
+        images = body.controlnet_input_images or body.controlnet_images
+        if not images:
+            raise HTTPException(422, "No image selected")
+        decoded = [decode(data) for data in images]
+        maps = studio.detect(body.controlnet_module, decoded, body.controlnet_processor_res,
+                             body.controlnet_threshold_a, body.controlnet_threshold_b)
+        return {"info": "Success", "images": [encode(m) for m in maps]}
+
+    return r
+
