@@ -12,29 +12,51 @@ preprocessors, with sliders the UI draws::
             "posterize", lambda image, resolution, levels, _unused, **ctx: ImageOps.posterize(image, int(levels)),
             label="Posterize", slider_1=api.slider("Bits", 1, 8, 3))
 
-A broken extension (an import error, an exception in ``register``, a name clash) is reported
-with its error in the Extensions list and never stops start-up or the other extensions.
-Disabled extensions (A1111's ``disabled_extensions`` setting) are listed but not imported.
-Installing extensions from a URL is not offered yet; when it is, it stays off with --listen or
---share unless --enable-insecure-extension-access is given, as in A1111.
+A broken extension (an import error, an exception in ``register``, a name clash, a folder with
+no entry point) is reported with its error in the Extensions list and never stops start-up or
+the other extensions. Disabled extensions (A1111's ``disabled_extensions`` setting) are listed
+but not imported; :meth:`ExtensionManager.set_enabled` switches one on or off while the server
+runs, without a restart.
+
+Extensions can be installed from a git URL (:meth:`ExtensionManager.install_from_url`) into the
+data dir's ``extensions/`` folder. As in A1111 that runs foreign code, so it is off with --listen
+or --share unless --enable-insecure-extension-access is given (``Flags.extension_install_allowed``).
+A1111 extensions themselves (``scripts/`` hooking into its processing) do not work here.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
+import os
+import shutil
+import subprocess
 import sys
+import tempfile
+import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from studio.controlnet.preprocessors import Preprocessor, PreprocessorRegistry, Slider
 
 log = logging.getLogger(__name__)
 
 ENTRY_POINTS = ("extension.py", "__init__.py")
+URL_PREFIXES = ("http://", "https://", "git@", "ssh://", "file://")
+ACCESS_DISABLED = ("extension access disabled because of command line flags (--listen or --share); "
+                   "start the studio with --enable-insecure-extension-access to allow installing extensions")
+NO_ENTRY_POINT = ("no extension.py or __init__.py with a register(api) function; A1111 extensions "
+                  "(a scripts/ folder) do not work in this studio")
+CLONE_TIMEOUT_S = 600
+GIT_INFO_TIMEOUT_S = 5
+
+
+class ExtensionError(ValueError):
+    """An extension request that cannot be done: unknown name, refused or failed install."""
 
 
 @dataclass
@@ -75,11 +97,17 @@ class ExtensionAPI:
 
 
 class ExtensionManager:
-    def __init__(self, folders: list[Path], registry: PreprocessorRegistry, disabled: Callable[[], list[str]]):
+    def __init__(self, folders: list[Path], registry: PreprocessorRegistry, disabled: Callable[[], list[str]],
+                 save_disabled: Callable[[list[str]], None] | None = None):
         self.folders = folders
         self.registry = registry
         self._disabled = disabled
+        self._save_disabled = save_disabled
         self.extensions: list[ExtensionInfo] = []
+        # UI and API handlers run on worker threads; one change at a time keeps the registry and
+        # the persisted list in step. Re-entrant because apply() calls set_enabled().
+        self._lock = threading.RLock()
+        self._installing: set[str] = set()
 
     def discover(self) -> list[ExtensionInfo]:
         found: dict[str, ExtensionInfo] = {}
@@ -87,23 +115,168 @@ class ExtensionManager:
             if not folder.is_dir():
                 continue
             for path in sorted(folder.iterdir(), key=lambda p: p.name.lower()):
-                if path.is_dir() and not path.name.startswith((".", "_")) and _entry(path) is not None:
+                # folders without an entry point are listed too (as errors), so an installed A1111
+                # extension shows why it does nothing instead of silently vanishing
+                if path.is_dir() and not path.name.startswith((".", "_")):
                     found.setdefault(path.name, ExtensionInfo(path.name, path))  # first folder wins a name
         return list(found.values())
 
     def load_all(self) -> list[ExtensionInfo]:
         disabled = set(self._disabled() or [])
-        self.extensions = self.discover()
+        with self._lock:
+            self.extensions = self.discover()
+            for info in self.extensions:
+                if info.name in disabled:
+                    info.enabled, info.status = False, "disabled"
+                    continue
+                self._load(info)
+            return self.extensions
+
+    def get(self, name: str) -> ExtensionInfo:
         for info in self.extensions:
-            if info.name in disabled:
-                info.enabled, info.status = False, "disabled"
-                continue
+            if info.name == name:
+                return info
+        known = ", ".join(e.name for e in self.extensions) or "none"
+        raise ExtensionError(f"unknown extension {name!r}; installed: {known}")
+
+    # -- enable / disable --------------------------------------------------------------------
+
+    def set_enabled(self, name: str, enabled: bool) -> ExtensionInfo:
+        """Switch one extension on (imported and registered now) or off (its preprocessors are
+        unregistered now); the disabled list is persisted through ``save_disabled``."""
+        with self._lock:
+            info = self._set(self.get(name), bool(enabled))
+            self._persist()
+            return info
+
+    def apply(self, enabled_names: Iterable[str]) -> list[ExtensionInfo]:
+        """The Extensions tab's Apply: exactly ``enabled_names`` are on afterwards, the rest off.
+
+        Only extensions whose state changes are touched (an enabled one that failed is not
+        retried; use ``set_enabled`` for that). Unknown names refuse the whole call."""
+        wanted = set(enabled_names)
+        with self._lock:
+            unknown = sorted(wanted - {e.name for e in self.extensions})
+            if unknown:
+                raise ExtensionError(f"unknown extension(s): {', '.join(unknown)}")
+            for info in self.extensions:
+                if info.enabled != (info.name in wanted):
+                    self._set(info, info.name in wanted)
+            self._persist()
+            return list(self.extensions)
+
+    def _set(self, info: ExtensionInfo, enabled: bool) -> ExtensionInfo:
+        if not enabled:
+            if info.enabled or info.status != "disabled":
+                self._unload(info)
+                info.enabled, info.status, info.error = False, "disabled", None
+                log.info("Extension %s disabled", info.name)
+        elif info.status != "loaded":  # disabled, or enabled but failed: (re)load it now
+            info.enabled = True
+            self._unload(info)
             self._load(info)
-        return self.extensions
+        return info
+
+    def _unload(self, info: ExtensionInfo) -> None:
+        for name in info.preprocessors:
+            if name in self.registry and self.registry.get(name).source == info.name:
+                self.registry.unregister(name)
+        info.preprocessors.clear()
+        # forget the module (and its submodules) so enabling again runs the current code
+        module_name = _module_name(info.name)
+        for key in [k for k in sys.modules if k == module_name or k.startswith(module_name + ".")]:
+            sys.modules.pop(key, None)
+
+    def disabled_names(self) -> list[str]:
+        """The list to persist: disabled extensions, plus saved names of extensions not present
+        now (a folder moved away for a while keeps its setting, as in A1111)."""
+        known = {e.name for e in self.extensions}
+        kept = [n for n in (self._disabled() or []) if n not in known]
+        return kept + [e.name for e in self.extensions if not e.enabled]
+
+    def _persist(self) -> None:
+        if self._save_disabled is None:
+            return
+        try:
+            self._save_disabled(self.disabled_names())
+        except OSError as e:
+            raise ExtensionError(f"the change applies now but could not be saved for the next start: {e}") from e
+
+    # -- install -------------------------------------------------------------------------------
+
+    def install_from_url(self, url: str, allowed: bool, dirname: str | None = None,
+                         branch: str | None = None) -> ExtensionInfo:
+        """Clone ``url`` into the last of ``folders`` (the data dir's ``extensions/``) and load it.
+
+        ``allowed`` is ``Flags.extension_install_allowed``. The clone goes to a hidden temporary
+        folder first and is renamed into place, so a failed clone leaves nothing behind."""
+        if not allowed:
+            raise ExtensionError(ACCESS_DISABLED)
+        url = (url or "").strip()
+        _check_url(url)
+        name = (dirname or "").strip() or name_from_url(url)
+        _check_dirname(name)
+        branch = (branch or "").strip() or None
+        if branch is not None and (branch.startswith("-") or any(c.isspace() for c in branch)):
+            raise ExtensionError(f"invalid branch name {branch!r}")
+        folder = self.folders[-1]
+        target = folder / name
+        with self._lock:
+            if target.exists() or name in self._installing or any(e.name == name for e in self.extensions):
+                raise ExtensionError(f"extension {name!r} is already installed")
+            self._installing.add(name)
+        try:
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                tmp = Path(tempfile.mkdtemp(prefix=f".installing-{name}-", dir=folder))
+            except OSError as e:
+                raise ExtensionError(f"cannot write to {folder}: {e}") from e
+            try:
+                _clone(url, tmp, branch)
+                with self._lock:
+                    if target.exists():
+                        raise ExtensionError(f"extension {name!r} is already installed")
+                    tmp.rename(target)
+            except OSError as e:
+                raise ExtensionError(f"cannot move the clone to {target}: {e}") from e
+            finally:
+                if tmp.exists():
+                    shutil.rmtree(tmp, ignore_errors=True)
+            with self._lock:
+                info = ExtensionInfo(name, target)
+                self.extensions.append(info)
+                self._load(info)
+                if name in (self._disabled() or []):
+                    self._persist()  # a fresh install is enabled, whatever an old setting said
+            log.info("Extension %s installed from %s into %s (%s)", name, url, target, info.status)
+            return info
+        finally:
+            with self._lock:
+                self._installing.discard(name)
+
+    # -- listing -------------------------------------------------------------------------------
+
+    def api_list(self) -> list[dict[str, Any]]:
+        """GET /sdapi/v1/extensions: A1111's keys (git fields are None for a folder that is not a
+        repository of its own), plus ``status``, ``error`` and ``preprocessors``."""
+        with self._lock:
+            infos = list(self.extensions)
+        out = []
+        for info in infos:
+            git = git_info(info.path)
+            out.append({"name": info.name, **git, "enabled": info.enabled, "status": info.status,
+                        "error": info.error, "preprocessors": list(info.preprocessors)})
+        return out
 
     def _load(self, info: ExtensionInfo) -> None:
+        info.error = None
         entry = _entry(info.path)
-        module_name = f"studio_extension_{info.name.replace('-', '_')}"
+        if entry is None:
+            info.preprocessors.clear()
+            info.status, info.error = "error", NO_ENTRY_POINT
+            log.error("Extension %s: %s", info.name, NO_ENTRY_POINT)
+            return
+        module_name = _module_name(info.name)
         before = set(self.registry.names())
         try:
             spec = importlib.util.spec_from_file_location(module_name, entry,
@@ -134,3 +307,82 @@ def _entry(path: Path) -> Path | None:
         if (path / name).is_file():
             return path / name
     return None
+
+
+def _module_name(name: str) -> str:
+    return f"studio_extension_{name.replace('-', '_').replace('.', '_')}"
+
+
+def name_from_url(url: str) -> str:
+    """A1111's folder name: the URL's last path part without ``.git``."""
+    path = urlsplit(url).path if "://" in url else url.partition(":")[2]
+    last = path.rstrip("/").rsplit("/", 1)[-1]
+    return last[:-4] if last.endswith(".git") else last
+
+
+def _check_url(url: str) -> None:
+    if not url:
+        raise ExtensionError("no URL given")
+    if not url.startswith(URL_PREFIXES) or any(c.isspace() for c in url):
+        raise ExtensionError(f"not a git URL: {url!r} (expected http(s)://, ssh://, git@host:path or file://)")
+
+
+def _check_dirname(name: str) -> None:
+    if not name:
+        raise ExtensionError("cannot tell a folder name from the URL; give one")
+    seps = {"/", "\\", os.sep} | ({os.altsep} if os.altsep else set())
+    # a leading "_" or "." folder is skipped by discovery, so it would install but never show up
+    if any(s in name for s in seps) or name.startswith((".", "_")) or "\0" in name:
+        raise ExtensionError(f"invalid folder name {name!r}: no path separators, and it cannot start "
+                             "with '.' or '_'")
+
+
+def _git_env() -> dict[str, str]:
+    env = dict(os.environ, GIT_TERMINAL_PROMPT="0")
+    # an ssh password or host-key prompt would hang the request until the timeout
+    env.setdefault("GIT_SSH_COMMAND", "ssh -o BatchMode=yes")
+    return env
+
+
+def _clone(url: str, dest: Path, branch: str | None) -> None:
+    args = ["git", "clone", "--depth", "1", *(["--branch", branch] if branch else []), "--", url, str(dest)]
+    try:
+        result = subprocess.run(args, capture_output=True, text=True, timeout=CLONE_TIMEOUT_S, env=_git_env(),
+                                stdin=subprocess.DEVNULL)
+    except FileNotFoundError:
+        raise ExtensionError("git is not installed; it is needed to install extensions") from None
+    except subprocess.TimeoutExpired:
+        raise ExtensionError(f"git clone timed out after {CLONE_TIMEOUT_S} s") from None
+    if result.returncode != 0:
+        tail = "\n".join((result.stderr or result.stdout or "").strip().splitlines()[-5:])
+        raise ExtensionError(f"git clone failed: {tail or f'exit status {result.returncode}'}")
+
+
+def _git(path: Path, *args: str) -> str | None:
+    try:
+        result = subprocess.run(["git", "-C", str(path), *args], capture_output=True, text=True,
+                                timeout=GIT_INFO_TIMEOUT_S, env=_git_env(), stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
+def git_info(path: Path) -> dict[str, Any]:
+    """``remote``, ``branch``, ``commit_hash``, ``commit_date`` and ``version`` of a folder that is
+    its own git repository (two git calls); None (version "") otherwise. Never raises."""
+    info: dict[str, Any] = {"remote": None, "branch": None, "commit_hash": None, "commit_date": None,
+                            "version": ""}
+    # only the folder's own .git counts: a shipped extension inside the studio's checkout
+    # must not report the studio's repository as its remote
+    if not (path / ".git").exists():
+        return info
+    log_line = _git(path, "log", "-1", "--format=%H%x00%ct%x00%D")
+    if log_line:
+        commit, _, rest = log_line.partition("\0")
+        date, _, refs = rest.partition("\0")
+        info["commit_hash"], info["version"] = commit, commit[:8]
+        info["commit_date"] = date or None  # A1111 serves the Unix time as a string
+        head = next((r for r in refs.split(", ") if r.startswith("HEAD -> ")), None)
+        info["branch"] = head[len("HEAD -> "):] if head else None
+    info["remote"] = _git(path, "config", "--get", "remote.origin.url") or None
+    return info
