@@ -232,3 +232,74 @@ def test_inpaint_tab_paint_mask_generate(page, artifacts_dir, tmp_path):
     page.screenshot(path=str(Path(artifacts_dir) / "inpaint.png"), full_page=True)
     # no mask painted -> a clear message, nothing queued
     page.get_by_role("button", name="Clear canvas").click()
+
+
+def _control_png(tmp_path) -> str:
+    import numpy as np
+    from PIL import Image
+
+    arr = np.zeros((96, 96, 3), np.uint8)
+    arr[24:72, 30:66] = 255
+    path = tmp_path / "control.png"
+    Image.fromarray(arr).save(path)
+    return str(path)
+
+
+def _pick(page, elem_id: str, option: str) -> None:
+    page.locator(f"#{elem_id} input").click()
+    page.get_by_role("option", name=option, exact=False).first.click()
+
+
+def test_controlnet_unit_in_txt2img(page, artifacts_dir, tmp_path):
+    page.get_by_role("tab", name="txt2img").click()
+    page.locator("#txt2img_prompt textarea").fill("a house on a hill")
+    for elem, value in (("#txt2img_width", "64"), ("#txt2img_height", "64"), ("#txt2img_steps", "3")):
+        box = page.locator(f"{elem} input[type=number]")
+        box.fill(value)
+        box.press("Enter")
+    page.locator("#txt2img_controlnet").get_by_text("ControlNet", exact=True).first.click()
+    unit = "txt2img_controlnet_unit_0"
+    page.locator(f"#{unit}_image input[type=file]").set_input_files(_control_png(tmp_path))
+    page.locator(f"#{unit}_enable input").check()
+    _pick(page, f"{unit}_module", "canny")
+    # the preprocessor's own sliders appear, with its labels
+    page.locator(f"#{unit}_threshold_a").get_by_text("Low Threshold").wait_for(timeout=10_000)
+    _pick(page, f"{unit}_model", "tinycn")
+    page.locator(f"#{unit}_run_preprocessor").click()
+    page.locator(f"#{unit}_preview img").wait_for(timeout=60_000)
+    page.locator("#txt2img_generate").click()
+    page.wait_for_function(
+        "() => document.querySelector('#txt2img_info textarea').value.includes('ControlNet 0: \"Module: canny')",
+        timeout=120_000)
+    text = page.locator("#txt2img_info textarea").input_value()
+    assert "Model: tinycn [" in text and "Threshold A: 100.0" in text
+    # the gallery shows the image and the unit's detected map
+    page.wait_for_function("() => document.querySelectorAll('#txt2img_gallery .thumbnail-item').length >= 2",
+                           timeout=30_000)
+    page.locator(f"#{unit}_enable").scroll_into_view_if_needed()
+    page.screenshot(path=str(Path(artifacts_dir) / "controlnet-txt2img.png"), full_page=True)
+    page.locator(f"#{unit}_enable input").uncheck()
+
+
+def test_controlnet_tab_detect_and_extension_preprocessor(page, artifacts_dir, tmp_path):
+    page.get_by_role("tab", name="ControlNet").first.click()
+    page.locator("#controlnet_detect_image input[type=file]").set_input_files(_control_png(tmp_path))
+    page.locator("#controlnet_detect_run").click()
+    page.locator("#controlnet_detect_map img").wait_for(timeout=60_000)
+    page.locator("#controlnet_detect_save").click()
+    page.wait_for_function(
+        "() => document.querySelector('#controlnet_detect_result').innerText.includes('Saved to')", timeout=30_000)
+    # the preprocessor a user's extension added is in the list, with its slider
+    _pick(page, "controlnet_detect_module", "edges_plus")
+    page.locator("#controlnet_detect_threshold_a").get_by_text("Strength").wait_for(timeout=10_000)
+    page.locator("#controlnet_detect_run").click()
+    page.wait_for_timeout(500)
+    page.locator("#controlnet_detect_map img").wait_for(timeout=60_000)
+    page.screenshot(path=str(Path(artifacts_dir) / "controlnet-tab.png"), full_page=True)
+    page.get_by_role("tab", name="Extensions").click()
+    table = page.locator("#extensions_table")
+    page.wait_for_timeout(1500)
+    page.screenshot(path=str(Path(artifacts_dir) / "extensions.png"), full_page=True)
+    table.get_by_text("broken on purpose").first.wait_for(timeout=10_000)
+    assert "edges_plus" in table.inner_text() and "posterize" in table.inner_text()
+    page.screenshot(path=str(Path(artifacts_dir) / "extensions.png"), full_page=True)

@@ -258,10 +258,11 @@ def test_tab_handlers_install_and_apply(tmp_path):
     assert message.startswith("**Error:**")
     message, table, enabled = install_extension(studio, git_repo(tmp_path, "flipper", FLIP).as_uri(), "", "")
     assert "Installed **flipper**" in message and "flip_it" in message
-    assert table["data"][0][:3] == ["flipper", "loaded", "flip_it"]
+    assert "<tr class='ext-loaded'><td>flipper</td><td>loaded</td><td>flip_it</td>" in table
     assert enabled["choices"] == ["flipper"] and enabled["value"] == ["flipper"]
     message, table, enabled = apply_extensions(studio, [])
-    assert "Disabled: flipper" in message and table["data"][0][1] == "disabled" and enabled["value"] == []
+    assert "Disabled: flipper" in message and "<td>flipper</td><td>disabled</td>" in table
+    assert enabled["value"] == []
     assert "flip_it" not in studio.extensions.registry
     message, _, _ = apply_extensions(studio, ["ghost"])
     assert message.startswith("**Error:**") and "ghost" in message

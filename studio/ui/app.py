@@ -10,6 +10,8 @@ from studio import __version__
 from studio.core import Studio
 from studio.generation.infotext import infotext_to_fields, parse_infotext
 from studio.generation.outputs import ImageReadError, open_image, read_infotext
+from studio.ui.controlnet import build_controlnet_tab, paste_updates
+from studio.ui.extensions_tab import build_extensions_tab
 from studio.ui.extra_networks import checkpoint_card_title
 from studio.ui.extras import build_extras_tab
 from studio.ui.img2img import build_img2img_tab, build_inpaint_tab
@@ -29,6 +31,11 @@ CSS = """
 .token-counter {font-size: 12px; opacity: .75;}
 .token-counter.over {color: #dc2626; opacity: 1;}
 #studio_footer {text-align: center; opacity: .7; font-size: 12px;}
+.extensions-table {width: 100%; border-collapse: collapse; font-size: 13px;}
+.extensions-table th, .extensions-table td {text-align: left; padding: 6px 8px; vertical-align: top;
+  border-bottom: 1px solid var(--border-color-primary); overflow-wrap: anywhere;}
+.extensions-table tr.ext-error td {color: #b91c1c;}
+.extensions-table tr.ext-disabled td {opacity: .6;}
 .extra-network-cards .caption-label {font-size: 12px;}
 /* fixed-size cards: Gradio stretches a gallery's few items across its whole width */
 .extra-network-cards .grid-container {grid-template-columns: repeat(auto-fill, minmax(140px, 160px)) !important;}
@@ -65,6 +72,8 @@ def build_ui(studio: Studio) -> gr.Blocks:
             controls = build_txt2img_tab(studio)
             build_img2img_tab(studio)
             build_inpaint_tab(studio)
+            with gr.Tab("ControlNet", id="controlnet", elem_id="tab_controlnet"):
+                build_controlnet_tab(studio)
             build_extras_tab(studio)
             with gr.Tab("PNG Info", id="pnginfo", elem_id="tab_pnginfo"):
                 with gr.Row(equal_height=False):
@@ -77,6 +86,8 @@ def build_ui(studio: Studio) -> gr.Blocks:
                                           elem_id="pnginfo_generation_info")
                         message = gr.Markdown("", elem_id="pnginfo_message")
                         send = gr.Button("Send to txt2img", elem_id="pnginfo_send_txt2img")
+            with gr.Tab("Extensions", id="extensions", elem_id="tab_extensions"):
+                build_extensions_tab(studio)
 
         gr.Markdown(f"Studio {__version__} · {studio.policy.label} · API: /sdapi/v1 · docs: /docs",
                     elem_id="studio_footer")
@@ -144,12 +155,15 @@ def build_ui(studio: Studio) -> gr.Blocks:
         upload.change(read_png, upload, [shown, text, message])
 
         def send_to_txt2img(info):
-            fields = infotext_to_fields(parse_infotext(info)) if info else {}
-            return [*fields_to_updates(controls, fields), gr.Tabs(selected="txt2img")]
+            params = parse_infotext(info) if info else {}
+            fields = infotext_to_fields(params)
+            return [*fields_to_updates(controls, fields), *paste_updates(controls.controlnet, params),
+                    gr.Tabs(selected="txt2img")]
 
         send.click(send_to_txt2img, text,
                    [controls.prompt, controls.negative, controls.steps, controls.sampler, controls.schedule,
-                    controls.cfg, controls.seed, controls.width, controls.height, controls.clip_skip, tabs])
+                    controls.cfg, controls.seed, controls.width, controls.height, controls.clip_skip,
+                    *controls.controlnet.inputs(), tabs])
     return blocks
 
 

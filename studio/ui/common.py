@@ -254,5 +254,7 @@ def stream_job(studio: Studio, submit: Callable[[], Any]) -> Iterator[tuple]:
         return
     notes = " ".join(result.notes + (["Interrupted."] if result.interrupted else []))
     images = [(img, f"seed {s}") for img, s in zip(result.images, result.seeds)]
+    if not studio.settings.get("control_net_no_detectmap", False):
+        images += [(m, "ControlNet detected map") for m in result.detected_maps]
     yield (images, gr.update(visible=False), "", result.infotexts[0] if result.infotexts else "",
            f"_{notes}_" if notes else "", result.seeds[0] if result.seeds else -1, result.infotexts)

@@ -8,6 +8,7 @@ Gradio and report problems in their result Markdown instead.
 
 from __future__ import annotations
 
+import html
 from typing import TYPE_CHECKING, Any
 
 import gradio as gr
@@ -26,9 +27,20 @@ INSTALL_NOTE = ("Clones a git repository into the data folder's `extensions/` an
                 "`scripts/` folder) do not work here.")
 
 
-def table_value(manager: ExtensionManager) -> dict[str, Any]:
-    rows = [[e.name, e.status, ", ".join(e.preprocessors), str(e.path), e.error or ""] for e in manager.extensions]
-    return {"headers": HEADERS, "data": rows}
+def table_rows(manager: ExtensionManager) -> list[list[str]]:
+    return [[e.name, e.status, ", ".join(e.preprocessors), str(e.path), e.error or ""] for e in manager.extensions]
+
+
+def table_value(manager: ExtensionManager) -> str:
+    """An HTML table rather than a Dataframe: a broken extension's error wraps onto as many lines as
+    it needs instead of being cut off at the cell's edge."""
+    head = "".join(f"<th>{h}</th>" for h in HEADERS)
+    body = "".join(
+        f"<tr class='ext-{html.escape(row[1])}'>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>"
+        for row in table_rows(manager))
+    if not body:
+        body = f"<tr><td colspan='{len(HEADERS)}'>No extensions installed.</td></tr>"
+    return f"<table class='extensions-table'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def enabled_update(manager: ExtensionManager) -> dict[str, Any]:
@@ -36,7 +48,7 @@ def enabled_update(manager: ExtensionManager) -> dict[str, Any]:
                      value=[e.name for e in manager.extensions if e.enabled])
 
 
-def refresh_extensions(studio: Studio) -> tuple[dict[str, Any], dict[str, Any]]:
+def refresh_extensions(studio: Studio) -> tuple[str, dict[str, Any]]:
     return table_value(studio.extensions), enabled_update(studio.extensions)
 
 
@@ -44,7 +56,7 @@ def _failures(infos: list[ExtensionInfo]) -> str:
     return "".join(f"\n- ⚠️ **{e.name}**: {e.error}" for e in infos if e.status == "error")
 
 
-def apply_extensions(studio: Studio, enabled: list[str] | None) -> tuple[str, dict[str, Any], dict[str, Any]]:
+def apply_extensions(studio: Studio, enabled: list[str] | None) -> tuple[str, str, dict[str, Any]]:
     """Apply button: exactly ``enabled`` are on afterwards. Returns (message, table, enabled list)."""
     manager = studio.extensions
     try:
@@ -59,7 +71,7 @@ def apply_extensions(studio: Studio, enabled: list[str] | None) -> tuple[str, di
 
 
 def install_extension(studio: Studio, url: str | None, dirname: str | None = None,
-                      branch: str | None = None) -> tuple[str, dict[str, Any], dict[str, Any]]:
+                      branch: str | None = None) -> tuple[str, str, dict[str, Any]]:
     """Install button. Returns (message, table, enabled list)."""
     try:
         info = studio.extensions.install_from_url(url or "", studio.flags.extension_install_allowed,
@@ -81,8 +93,7 @@ def build_extensions_tab(studio: Studio) -> None:
     with gr.Tabs(elem_id="extensions_tabs"):
         with gr.Tab("Installed", elem_id="extensions_installed_tab"):
             gr.Markdown(RELOAD_NOTE, elem_id="extensions_note")
-            table = gr.Dataframe(value=table_value(manager), headers=HEADERS, interactive=False, wrap=True,
-                                 label="Extensions", elem_id="extensions_table")
+            table = gr.HTML(table_value(manager), elem_id="extensions_table")
             enabled = gr.CheckboxGroup(choices=[e.name for e in manager.extensions],
                                        value=[e.name for e in manager.extensions if e.enabled],
                                        label="Enabled extensions", elem_id="extensions_enabled")

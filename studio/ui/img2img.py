@@ -19,6 +19,7 @@ from studio.ui.common import (
     sampling_values,
     stream_job,
 )
+from studio.ui.controlnet import build_controlnet_panel, units_from_values
 
 INPAINT_AREAS = ("Whole picture", "Only masked")
 MASK_MODES = ("Inpaint masked", "Inpaint not masked")
@@ -83,15 +84,18 @@ def build_img2img_tab(studio: Studio) -> None:
                                                elem_id="img2img_batch_output_dir")
                 mode = _mode_controls("img2img", inpaint=False)
                 controls = build_sampling_controls("img2img")
+                panel = build_controlnet_panel(studio, "img2img", img2img=True)
             with gr.Column(scale=1):
                 out = build_output_area("img2img")
         source = gr.State("upload")
     area.wire_token_counters(studio, controls.steps)
     sources.select(_tab_id, None, source, queue=False)
+    n_sampling = len(controls.inputs())
 
     def run(which, image, sketched, folder_in, folder_out, resize, strength, p, neg, styles, *values):
         fields = dict(prompt=p or "", negative_prompt=neg or "", styles=tuple(styles or ()),
-                      resize_mode=int(resize), denoising_strength=float(strength), **sampling_values(*values))
+                      resize_mode=int(resize), denoising_strength=float(strength),
+                      controlnet_units=units_from_values(values[n_sampling:]), **sampling_values(*values[:n_sampling]))
         if which == "batch":
             yield from _run_batch(studio, fields, folder_in, folder_out)
             return
@@ -103,7 +107,7 @@ def build_img2img_tab(studio: Studio) -> None:
         yield from stream_job(studio, lambda: studio.submit_img2img(Img2ImgRequest(init_images=(init,), **fields)))
 
     inputs = [source, upload, sketch, batch_in, batch_out, mode["resize_mode"], mode["denoising"],
-              area.prompt, area.negative, area.styles, *controls.inputs()]
+              area.prompt, area.negative, area.styles, *controls.inputs(), *panel.inputs()]
     area.generate.click(run, inputs, out.outputs(), concurrency_limit=None)
     controls.reuse_seed.click(lambda s: s, out.last_seed, controls.seed, queue=False)
 
@@ -144,9 +148,11 @@ def build_inpaint_tab(studio: Studio) -> None:
                                            elem_id="inpaint_mask_upload", height=240)
                 mode = _mode_controls("inpaint", inpaint=True)
                 controls = build_sampling_controls("inpaint")
+                panel = build_controlnet_panel(studio, "inpaint", img2img=True)
             with gr.Column(scale=1):
                 out = build_output_area("inpaint")
     area.wire_token_counters(studio, controls.steps)
+    n_sampling = len(controls.inputs())
 
     def run(painted, uploaded_mask, resize, strength, blur, mask_mode, fill, inpaint_area, padding, p, neg, styles,
             *values):
@@ -165,11 +171,12 @@ def build_inpaint_tab(studio: Studio) -> None:
             prompt=p or "", negative_prompt=neg or "", styles=tuple(styles or ()), init_images=(image,), mask=mask,
             resize_mode=int(resize), denoising_strength=float(strength), mask_blur_x=int(blur),
             mask_blur_y=int(blur), inpainting_mask_invert=bool(mask_mode), inpainting_fill=int(fill),
-            inpaint_full_res=bool(inpaint_area), inpaint_full_res_padding=int(padding), **sampling_values(*values))
+            inpaint_full_res=bool(inpaint_area), inpaint_full_res_padding=int(padding),
+            controlnet_units=units_from_values(values[n_sampling:]), **sampling_values(*values[:n_sampling]))
         yield from stream_job(studio, lambda: studio.submit_img2img(req))
 
     inputs = [editor, mask_upload, mode["resize_mode"], mode["denoising"], mode["mask_blur"], mode["mask_mode"],
               mode["fill"], mode["area"], mode["padding"], area.prompt, area.negative, area.styles,
-              *controls.inputs()]
+              *controls.inputs(), *panel.inputs()]
     area.generate.click(run, inputs, out.outputs(), concurrency_limit=None)
     controls.reuse_seed.click(lambda s: s, out.last_seed, controls.seed, queue=False)

@@ -18,6 +18,7 @@ from studio.ui.common import (
     sampling_values,
     stream_job,
 )
+from studio.ui.controlnet import ControlNetPanel, build_controlnet_panel, units_from_values
 from studio.ui.extra_networks import ExtraNetworksBrowser
 
 __all__ = ["USER_ERRORS", "Txt2ImgControls", "build_txt2img_tab", "fields_to_updates"]
@@ -38,6 +39,7 @@ class Txt2ImgControls:
     clip_skip: gr.Slider
     tab: gr.Tab
     extra: ExtraNetworksBrowser
+    controlnet: ControlNetPanel
 
 
 def build_txt2img_tab(studio: Studio) -> Txt2ImgControls:
@@ -47,9 +49,11 @@ def build_txt2img_tab(studio: Studio) -> Txt2ImgControls:
             with gr.Column(scale=1):
                 controls = build_sampling_controls("txt2img")
                 hires = build_hires_controls(studio)
+                panel = build_controlnet_panel(studio, "txt2img", hires=True)
             with gr.Column(scale=1):
                 out = build_output_area("txt2img")
     area.wire_token_counters(studio, controls.steps)
+    n_sampling = len(controls.inputs())
 
     def run(p, neg, style_names, enable, upscaler, by, steps, strength, rx, ry, hr_sampler, hr_p, hr_neg, *values):
         def submit():
@@ -58,18 +62,20 @@ def build_txt2img_tab(studio: Studio) -> Txt2ImgControls:
                 hr_upscaler=upscaler or "Latent", hr_scale=float(by), hr_second_pass_steps=int(steps),
                 hr_denoising_strength=float(strength), hr_resize_x=int(rx or 0), hr_resize_y=int(ry or 0),
                 hr_sampler_name=None if hr_sampler in (None, "Use same sampler") else hr_sampler,
-                hr_prompt=hr_p or "", hr_negative_prompt=hr_neg or "", **sampling_values(*values))
+                hr_prompt=hr_p or "", hr_negative_prompt=hr_neg or "",
+                controlnet_units=units_from_values(values[n_sampling:]), **sampling_values(*values[:n_sampling]))
             return studio.submit_txt2img(req)
         yield from stream_job(studio, submit)
 
     hires_inputs = [hires[k] for k in ("enable", "upscaler", "scale", "steps", "denoising", "resize_x", "resize_y",
                                        "sampler", "prompt", "negative")]
-    area.generate.click(run, [area.prompt, area.negative, area.styles, *hires_inputs, *controls.inputs()],
+    area.generate.click(run, [area.prompt, area.negative, area.styles, *hires_inputs, *controls.inputs(),
+                              *panel.inputs()],
                         out.outputs(), concurrency_limit=None)
     controls.reuse_seed.click(lambda s: s, out.last_seed, controls.seed, queue=False)
     return Txt2ImgControls(area.prompt, area.negative, controls.steps, controls.sampler, controls.schedule,
                            controls.cfg, controls.seed, controls.width, controls.height, controls.clip_skip, tab,
-                           area.extra)
+                           area.extra, panel)
 
 
 def build_hires_controls(studio: Studio) -> dict[str, Any]:
