@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 from studio.controlnet.models import (
     ControlNetLibrary,
     check_family,
+    legacy_model_hash,
     load_controlnet,
     probe_controlnet,
 )
@@ -151,7 +152,7 @@ def test_library_names(tmp_path, sd1):
     digest = sha256_file(canny.path)
     assert canny.sha256 == digest and canny.shorthash == digest[:10]
     assert canny.title == f"control_v11p_sd15_canny.pth [{digest[:10]}]"
-    assert canny.api_name == f"control_v11p_sd15_canny [{digest[:8]}]"
+    assert canny.api_name == f"control_v11p_sd15_canny [{legacy_model_hash(canny.path)}]"
     assert canny.model_name == "control_v11p_sd15_canny"
     # the hash is cached under the extension's key, so a fresh scan reuses it
     assert HashCache(tmp_path / "cache.json").get("controlnet/control_v11p_sd15_canny.pth", canny.path) == digest
@@ -208,3 +209,19 @@ def test_config_cache_is_reused(tmp_path, sd1):
     _load(tmp_path, "a")
     _load(tmp_path, "b")
     assert len([p for p in (tmp_path / "configs").iterdir() if p.is_dir()]) == 1
+
+
+def test_legacy_model_hash_is_a1111s_old_hash(tmp_path):
+    import hashlib
+
+    data = bytes(range(256)) * (0x130000 // 256)
+    big = tmp_path / "big.pth"
+    big.write_bytes(data)
+    # the 64 KiB at offset 1 MiB, as A1111's sd_models.model_hash reads them
+    assert legacy_model_hash(big) == hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
+    big.write_bytes(data[:0x100000] + b"\xff" + data[0x100001:])  # one byte inside the window
+    assert legacy_model_hash(big) != hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
+    small = tmp_path / "small.pth"
+    small.write_bytes(b"tiny")
+    assert legacy_model_hash(small) == hashlib.sha256(b"").hexdigest()[:8]
+    assert legacy_model_hash(tmp_path / "missing.pth") == "NOFILE"

@@ -175,11 +175,12 @@ def test_unit_changes_the_image_and_is_recorded(studio):
     controlled = run(studio, unit())
     assert np.abs(pixels(plain) - pixels(controlled)).max() > 0
     params = parse_infotext(controlled.infotexts[0])
-    sha = studio.controlnets.find("cn-a").sha256
-    assert params["ControlNet 0"].startswith(f"Module: canny, Model: cn-a [{sha[:8]}], Weight: 1.0, "
+    name = studio.controlnets.find("cn-a").api_name
+    assert name.startswith("cn-a [") and len(name) == len("cn-a [12345678]")
+    assert params["ControlNet 0"].startswith(f"Module: canny, Model: {name}, Weight: 1.0, "
                                              "Resize Mode: Crop and Resize, Processor Res: 512, "
                                              "Threshold A: 100.0, Threshold B: 200.0")
-    assert units_from_infotext(params)[0].model == f"cn-a [{sha[:8]}]"
+    assert units_from_infotext(params)[0].model == name
     # the map is the canny edge map of the control image, kept for the gallery/API
     assert len(controlled.detected_maps) == 1
     edges = np.asarray(controlled.detected_maps[0])

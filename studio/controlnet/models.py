@@ -9,6 +9,7 @@ extension; the diffusers config is derived from those shapes with the UNet's rul
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import threading
@@ -52,6 +53,7 @@ class ControlNetInfo(ModelFileNames):
     is_diffusers: bool = False
     hash_cache: HashCache | None = field(default=None, repr=False)
     _sha256: str | None = field(default=None, repr=False)
+    _legacy_hash: str | None = field(default=None, repr=False)
 
     @property
     def weights_path(self) -> Path:
@@ -80,8 +82,23 @@ class ControlNetInfo(ModelFileNames):
 
     @property
     def api_name(self) -> str:
-        """How the A1111 extension's ``/controlnet/model_list`` names a model."""
-        return self.stem if self.sha256 is None else f"{self.stem} [{self.sha256[:8]}]"
+        """How the A1111 extension names a model in its dropdown, ``/controlnet/model_list`` and the
+        infotext: ``stem [hash]`` with A1111's old 8-digit ``model_hash``, which reads 64 KiB only."""
+        if self._legacy_hash is None:
+            self._legacy_hash = legacy_model_hash(self.weights_path)
+        return f"{self.stem} [{self._legacy_hash}]"
+
+
+def legacy_model_hash(path: Path) -> str:
+    """A1111's pre-2023 ``sd_models.model_hash``: sha256 of the 64 KiB at offset 1 MiB, 8 hex digits
+    (files under 1 MiB hash the empty read). The ControlNet extension still names models with it, so
+    ``control_v11p_sd15_canny [d14c016b]`` from a user's infotext or client matches."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0x100000)
+            return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
+    except OSError:
+        return "NOFILE"
 
 
 def _folder_weights(folder: Path) -> Path | None:
