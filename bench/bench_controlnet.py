@@ -126,7 +126,7 @@ def write_report(r: dict, path: Path) -> None:
         f"{ratio:.3f} ({ratio_best:.3f}) | ≤ 1.03 |",
         f"| studio txt2img, no unit | {cell('studio_plain')} | unit costs ×{cost:.2f} | |",
         "",
-        f"First generation with the unit, including loading the 1.4 GB ControlNet: {r['first_with_load_s']:.1f} s.",
+        f"First generation with the unit, including loading the 0.7 GB (fp16) ControlNet: {r['first_with_load_s']:.1f} s.",
         "",
     ]
     write_section(path, lines)
