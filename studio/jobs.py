@@ -35,6 +35,7 @@ class JobState:
     preview: Image.Image | None = None
     preview_id: int = 0
     textinfo: str = ""
+    losses: list[tuple[int, float]] = field(default_factory=list)   # training: (step, loss)
 
     def set_total(self, total: int) -> None:
         self.total, self.step = total, 0

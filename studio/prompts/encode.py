@@ -160,6 +160,11 @@ class TextConditioner:
         # key, so turning a LoRA on and off again still hits the cache.
         self.weights_key: tuple = ()
 
+    def clear_cache(self) -> None:
+        """Forget cached encodings: training changes text-encoder weights and embedding vectors in
+        place, which the cache key cannot see."""
+        self._cache.clear()
+
     def set_weights_key(self, key: tuple) -> None:
         self.weights_key = key
 
@@ -202,7 +207,17 @@ class TextConditioner:
             self._cache.popitem(last=False)
         return result
 
-    def _encode(self, text: str, clip_skip: int, min_chunks: int) -> Conditioning:
+    def encode_for_training(self, texts: list[str], clip_skip: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A batch of captions with autograd on and no cache (training): every caption is padded to
+        the batch's largest chunk count. Returns ``(context [B, 77*k, D], pooled [B, D'] or None)``;
+        gradients reach whatever learns (text-encoder LoRA layers, spliced embedding vectors)."""
+        count = max(len(self.chunks(t)) for t in texts)
+        encoded = [self._encode(t, clip_skip, count, grad=True) for t in texts]
+        pooled = [c.pooled for c in encoded]
+        return (torch.cat([c.embeds for c in encoded]),
+                torch.cat(pooled) if all(p is not None for p in pooled) else None)
+
+    def _encode(self, text: str, clip_skip: int, min_chunks: int, grad: bool = False) -> Conditioning:
         m = self.model
         chunks = self.chunks(text)
         while len(chunks) < min_chunks:
@@ -210,7 +225,7 @@ class TextConditioner:
         device = m.policy.device
         weights = torch.tensor([c.weights for c in chunks], dtype=torch.float32, device=device)
         parts, pooled = [], None
-        with torch.inference_mode():
+        with torch.enable_grad() if grad else torch.inference_mode():
             for index, (encoder, tokenizer) in enumerate(zip(m.text_encoders, m.tokenizers)):
                 ids = torch.tensor([_pad_after_eos(c.tokens, tokenizer) for c in chunks], device=device)
                 key = ("clip_l", "clip_g")[index] if m.is_sdxl else "default"
