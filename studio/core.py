@@ -457,6 +457,42 @@ class Studio:
 
         return self.queue.run(job, f"detect {module}")
 
+    # -- training -----------------------------------------------------------------------
+    def submit_training(self, req: Any) -> Job:
+        """A LoRA / embedding / hypernetwork training run (studio.training.runner.TrainingRequest) as a
+        job on the one queue: never at the same time as a generation. Checked before queueing."""
+        from studio.training.runner import execute, prepare
+
+        prepared = prepare(self, req)
+        return self.queue.submit(lambda state: execute(self, prepared, state),
+                                 f"train {req.kind} {prepared.request.settings.output_name}")
+
+    def create_embedding(self, name: str, init_text: str = "*", vectors_per_token: int = 1,
+                         overwrite: bool = False) -> Path:
+        """A1111's "Create embedding": a new embedding file in the embeddings folder, initialised from
+        the loaded model's token embeddings of ``init_text``."""
+        from studio.training.embedding import create_embedding
+
+        folder = Path(self.paths.embedding_dirs[0]) if self.paths.embedding_dirs else self.paths.data / "embeddings"
+
+        def job(state: JobState) -> Path:
+            model = self.models.load(self.initial_checkpoint())
+            path = create_embedding(model, name, init_text, vectors_per_token, overwrite, folder=folder)
+            self._sync_embeddings()
+            return path
+
+        return self.queue.run(job, f"create embedding {name}")
+
+    def create_hypernetwork(self, name: str, **options: Any) -> Path:
+        """A1111's "Create hypernetwork" into the hypernetworks folder (options: sizes, layer_structure,
+        activation, weight_init, add_layer_norm, use_dropout, dropout_structure, overwrite)."""
+        from studio.training.hypernetwork import create_hypernetwork
+
+        folder = Path(self.paths.hypernetwork_dirs[0])
+        path = create_hypernetwork(name, folder=folder, **options)
+        self.networks.hypernetworks.refresh()
+        return path
+
     def txt2img(self, req: Txt2ImgRequest, timeout: float | None = None) -> GenerationResult:
         return self.submit_txt2img(req).wait(timeout)
 

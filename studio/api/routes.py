@@ -24,6 +24,7 @@ from studio.api.models import (
     ProgressState,
     Txt2ImgAPIRequest,
 )
+from studio.api.training import build_training_router
 from studio.core import Studio
 from studio.devices import memory_report
 from studio.generation.infotext import infotext_to_fields, parse_infotext
@@ -362,3 +363,4 @@ def install_api(app: FastAPI, studio: Studio) -> None:
     app.include_router(build_router(studio))
     app.include_router(build_controlnet_router(studio, StudioRoute, decode_base64_image,
                                                lambda image: encode_png(image, None)))
+    app.include_router(build_training_router(studio, StudioRoute))

@@ -1,0 +1,188 @@
+"""Training over HTTP: A1111's create/train routes (same paths, field names and replies), plus
+``/sdapi/v1/train/lora`` of ours. Every route builds a TrainingRequest for the same trainer the
+Train tab and the CLI use; training routes block until the run ends, as A1111's do, unless a LoRA
+request says ``"wait": false``."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Any
+
+from fastapi import APIRouter
+from pydantic import BaseModel, ConfigDict, Field
+
+from studio.training.base import TrainingError, TrainSettings
+
+# A1111's prompt template files → our built-in templates
+TEMPLATE_FILES = {"subject.txt": "subject", "subject_filewords.txt": "subject_filewords", "style.txt": "style",
+                  "style_filewords.txt": "style_filewords", "none.txt": "none"}
+
+
+class CreateEmbeddingBody(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str
+    num_vectors_per_token: int = 1
+    overwrite_old: bool = False
+    init_text: str = "*"
+
+
+class CreateHypernetworkBody(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str
+    enable_sizes: list[int] = Field(default_factory=lambda: [768, 320, 640, 1280])
+    overwrite_old: bool = False
+    layer_structure: list[float] | str | None = None
+    activation_func: str | None = None
+    weight_init: str | None = "Normal"
+    add_layer_norm: bool = False
+    use_dropout: bool = False
+    dropout_structure: list[float] | str | None = None
+
+
+class TrainA1111Body(BaseModel):
+    """The fields of A1111's ``train_embedding`` / ``train_hypernetwork``; those a studio run has no
+    use for (log directory, latent sampling method, PNG alpha weights) are accepted and ignored."""
+
+    model_config = ConfigDict(extra="allow")
+    embedding_name: str | None = None
+    hypernetwork_name: str | None = None
+    learn_rate: str | float | None = None
+    batch_size: int = 1
+    gradient_step: int = 1
+    data_root: str
+    training_width: int = 512
+    training_height: int = 512
+    varsize: bool = False
+    steps: int = 100000
+    clip_grad_mode: str = "disabled"
+    clip_grad_value: str | float = "0.1"
+    shuffle_tags: bool = False
+    tag_drop_out: float = 0.0
+    create_image_every: int = 0
+    save_embedding_every: int = 0
+    save_hypernetwork_every: int = 0
+    template_filename: str = "subject_filewords.txt"
+    preview_prompt: str = ""
+    preview_steps: int = 20
+    preview_seed: int = -1
+
+
+class TrainLoraBody(BaseModel):
+    """TrainSettings + LoraSettings fields (see studio/training/base.py and lora.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+    data_dir: str
+    output_name: str
+    wait: bool = True
+    # LoRA shape
+    rank: int = 8
+    alpha: float = 8.0
+    conv_rank: int = 0
+    conv_alpha: float = 1.0
+    train_unet: bool = True
+    train_text_encoder: bool = False
+    unet_lr: float | None = None
+    text_encoder_lr: float | None = None
+    # the run (defaults are TrainSettings')
+    checkpoint: str | None = None
+    steps: int = 1000
+    batch_size: int = 1
+    gradient_accumulation: int = 1
+    learning_rate: float = 1e-4
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    optimizer: str = "AdamW"
+    mixed_precision: str = "auto"
+    resolution: int = 512
+    enable_bucket: bool = True
+    min_bucket_reso: int = 256
+    max_bucket_reso: int = 1024
+    caption_extension: str = ".txt"
+    shuffle_caption: bool = False
+    keep_tokens: int = 0
+    caption_dropout: float = 0.0
+    tag_dropout: float = 0.0
+    noise_offset: float = 0.0
+    min_snr_gamma: float = 0.0
+    clip_skip: int = 1
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    save_every: int = 0
+    sample_every: int = 0
+    sample_prompt: str = ""
+    sample_steps: int = 20
+    overwrite: bool = False
+    resume: bool = True
+
+
+def _a1111_settings(body: TrainA1111Body, name: str, save_every: int) -> TrainSettings:
+    template = TEMPLATE_FILES.get(body.template_filename, body.template_filename.removesuffix(".txt"))
+    grad = 0.0
+    if body.clip_grad_mode in ("norm", "value"):
+        try:
+            grad = float(body.clip_grad_value)
+        except (TypeError, ValueError) as e:
+            raise TrainingError(f"clip_grad_value must be a number (got {body.clip_grad_value!r})") from e
+    return TrainSettings(
+        data_dir=body.data_root, output_name=name, steps=body.steps, batch_size=body.batch_size,
+        gradient_accumulation=body.gradient_step, resolution=(res := max(body.training_width, body.training_height)),
+        min_bucket_reso=min(256, res), max_bucket_reso=max(1024, res),
+        enable_bucket=body.varsize, shuffle_caption=body.shuffle_tags, tag_dropout=body.tag_drop_out,
+        template=template, max_grad_norm=grad, save_every=save_every, sample_every=body.create_image_every,
+        sample_prompt=body.preview_prompt, sample_steps=body.preview_steps,
+        seed=body.preview_seed if body.preview_seed >= 0 else 0, resume=True)
+
+
+def build_training_router(studio: Any, route_class: Any) -> APIRouter:
+    from studio.training.runner import TrainingRequest
+
+    r = APIRouter(prefix="/sdapi/v1", tags=["training"], route_class=route_class)
+
+    @r.post("/create/embedding")
+    def create_embedding(body: CreateEmbeddingBody) -> dict[str, Any]:
+        path = studio.create_embedding(body.name, body.init_text, body.num_vectors_per_token, body.overwrite_old)
+        return {"info": f"create embedding filename: {path}"}
+
+    @r.post("/create/hypernetwork")
+    def create_hypernetwork(body: CreateHypernetworkBody) -> dict[str, Any]:
+        options: dict[str, Any] = {"sizes": tuple(body.enable_sizes), "overwrite": body.overwrite_old,
+                                   "add_layer_norm": body.add_layer_norm, "use_dropout": body.use_dropout}
+        for key, value in (("layer_structure", body.layer_structure), ("activation", body.activation_func),
+                           ("weight_init", body.weight_init), ("dropout_structure", body.dropout_structure)):
+            if value is not None:
+                options[key] = ", ".join(f"{v:g}" for v in value) if isinstance(value, list) else value
+        path = studio.create_hypernetwork(body.name, **options)
+        return {"info": f"create hypernetwork filename: {path}"}
+
+    def train_a1111(kind: str, body: TrainA1111Body, name: str | None, default_lr: str, save_every: int):
+        if not name:
+            raise TrainingError(f"{kind}_name is required")
+        req = TrainingRequest(kind, _a1111_settings(body, name, save_every),
+                              learn_rate=str(body.learn_rate if body.learn_rate is not None else default_lr))
+        result = studio.submit_training(req).wait()
+        error = "; ".join(result.notes) if result.interrupted else None
+        return {"info": f"train {kind} complete: filename: {result.output_path} error: {error}",
+                "result": result.api_dict()}
+
+    @r.post("/train/embedding")
+    def train_embedding(body: TrainA1111Body) -> dict[str, Any]:
+        return train_a1111("embedding", body, body.embedding_name, "0.005", body.save_embedding_every)
+
+    @r.post("/train/hypernetwork")
+    def train_hypernetwork(body: TrainA1111Body) -> dict[str, Any]:
+        return train_a1111("hypernetwork", body, body.hypernetwork_name, "0.00001", body.save_hypernetwork_every)
+
+    @r.post("/train/lora")
+    def train_lora(body: TrainLoraBody) -> dict[str, Any]:
+        from studio.training.lora import LoraSettings  # peft loads on first use, not at start-up
+
+        values = body.model_dump()
+        lora = LoraSettings(**{f.name: values[f.name] for f in fields(LoraSettings) if f.name in values})
+        settings = TrainSettings(**{f.name: values[f.name] for f in fields(TrainSettings) if f.name in values})
+        job = studio.submit_training(TrainingRequest("lora", settings, lora=lora))
+        if not body.wait:
+            return {"info": "queued", "job": job.state.job_id}
+        result = job.wait()
+        return {"info": f"train lora complete: filename: {result.output_path}", "result": result.api_dict()}
+
+    return r

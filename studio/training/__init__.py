@@ -1,0 +1,1 @@
+"""Training: LoRA, textual-inversion embeddings and hypernetworks, with one shared loop."""

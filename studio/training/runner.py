@@ -1,0 +1,250 @@
+"""A training request from any front door (Train tab, API, CLI) to a job on the studio's queue.
+
+:func:`prepare` checks everything that can be checked before queueing (settings, names, the dataset
+folder: a bad folder is refused at once, not after the model has loaded); :func:`execute` runs in the
+job: loads the checkpoint, builds the trainable, trains, and refreshes the library the result
+belongs to, so a trained LoRA / embedding / hypernetwork is usable the moment the job ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from studio.jobs import JobState
+from studio.training.base import (
+    LR_SCHEDULERS,
+    MIXED_PRECISION,
+    OPTIMIZERS,
+    TrainingError,
+    TrainSettings,
+    check_output_name,
+)
+
+if TYPE_CHECKING:
+    from studio.core import Studio
+    from studio.training.loop import TrainResult
+
+log = logging.getLogger(__name__)
+
+KINDS = ("lora", "embedding", "hypernetwork")
+
+
+@dataclass(frozen=True)
+class TrainingRequest:
+    kind: str                              # "lora" | "embedding" | "hypernetwork"
+    settings: TrainSettings
+    lora: Any = None                       # studio.training.lora.LoraSettings for kind "lora"
+    learn_rate: str | None = None          # A1111 schedule for embeddings / hypernetworks: "0.005:100, 1e-5"
+
+
+@dataclass
+class PreparedTraining:
+    request: TrainingRequest
+    dataset: Any
+    output_path: Path
+    source_path: Path | None               # the embedding / hypernetwork file being trained
+    lr_at: Any = None
+
+
+def _check(name: str, value: float, lo: float, hi: float) -> None:
+    if isinstance(value, bool) or not lo <= value <= hi:
+        raise TrainingError(f"{name} must be between {lo:g} and {hi:g} (got {value!r})")
+
+
+def check_settings(s: TrainSettings) -> None:
+    _check("steps", s.steps, 1, 1_000_000)
+    _check("batch_size", s.batch_size, 1, 64)
+    _check("gradient_accumulation", s.gradient_accumulation, 1, 256)
+    _check("learning_rate", s.learning_rate, 1e-12, 10)
+    _check("lr_warmup_steps", s.lr_warmup_steps, 0, s.steps)
+    _check("resolution", s.resolution, 64, 4096)
+    _check("min_bucket_reso", s.min_bucket_reso, 64, s.max_bucket_reso)
+    _check("max_bucket_reso", s.max_bucket_reso, s.min_bucket_reso, 4096)
+    _check("noise_offset", s.noise_offset, 0, 1)
+    _check("min_snr_gamma", s.min_snr_gamma, 0, 100)
+    _check("clip_skip", s.clip_skip, 1, 12)
+    _check("max_grad_norm", s.max_grad_norm, 0, 1e6)
+    _check("caption_dropout", s.caption_dropout, 0, 1)
+    _check("tag_dropout", s.tag_dropout, 0, 1)
+    _check("keep_tokens", s.keep_tokens, 0, 1000)
+    _check("save_every", s.save_every, 0, 1_000_000)
+    _check("sample_every", s.sample_every, 0, 1_000_000)
+    _check("sample_steps", s.sample_steps, 1, 150)
+    if s.resolution % 8:
+        raise TrainingError(f"resolution must be a multiple of 8 (got {s.resolution})")
+    for name, value, choices in (("lr_scheduler", s.lr_scheduler, LR_SCHEDULERS), ("optimizer", s.optimizer, OPTIMIZERS),
+                                 ("mixed_precision", s.mixed_precision, MIXED_PRECISION)):
+        if value not in choices:
+            raise TrainingError(f"{name} must be one of {', '.join(choices)} (got {value!r})")
+
+
+def _lora_output(studio: Studio, name: str) -> Path:
+    return Path(studio.paths.lora_dirs[0]) / f"{name}.safetensors"
+
+
+def _resumable(studio: Studio, kind: str, name: str, output: Path) -> bool:
+    from studio.training.loop import load_resume_state, work_dir
+
+    return load_resume_state(work_dir(studio.paths.data, kind, name), kind, output) is not None
+
+
+def prepare(studio: Studio, req: TrainingRequest) -> PreparedTraining:
+    from studio.training.dataset import DEFAULT_TEMPLATES, TrainDataset
+
+    if req.kind not in KINDS:
+        raise TrainingError(f"unknown training kind {req.kind!r}; use one of {', '.join(KINDS)}")
+    settings = req.settings
+    name = check_output_name(settings.output_name)
+    settings = replace(settings, output_name=name)
+    if settings.seed < 0:  # A1111's -1 = random
+        settings = replace(settings, seed=random.randrange(2**31))
+    check_settings(settings)
+    source = None
+    lr_at = None
+    if req.kind == "lora":
+        from studio.training.lora import LoraSettings
+
+        lora = req.lora or LoraSettings()
+        _check("rank", lora.rank, 1, 1024)
+        _check("alpha", lora.alpha, 1e-6, 1e6)
+        _check("conv_rank", lora.conv_rank, 0, 1024)
+        if not (lora.train_unet or lora.train_text_encoder):
+            raise TrainingError("train the UNet, the text encoder, or both")
+        output = _lora_output(studio, name)
+        if output.exists() and not settings.overwrite and not (settings.resume and _resumable(studio, "lora", name, output)):
+            raise TrainingError(f"a LoRA named {name!r} already exists ({output}); tick overwrite or choose another name")
+        req = replace(req, lora=lora)
+    else:
+        source = _find_source(studio, req.kind, name)
+        output = source
+        if not (req.learn_rate or "").strip():
+            # A1111's defaults for the two
+            req = replace(req, learn_rate="0.005" if req.kind == "embedding" else "0.00001")
+        if req.learn_rate:
+            from studio.training.embedding import lr_at as schedule_lr
+            from studio.training.embedding import parse_lr_schedule
+
+            schedule = parse_lr_schedule(req.learn_rate, settings.steps)
+            # A1111 stops where the schedule's last rate ends
+            settings = replace(settings, learning_rate=schedule[0][0], steps=min(settings.steps, schedule[-1][1]))
+
+            def lr_at(index: int, schedule=schedule) -> float:
+                # the LR scheduler counts from 0, A1111's schedule from step 1
+                return schedule_lr(schedule, index + 1)
+        if not settings.template:
+            kind_templates = DEFAULT_TEMPLATES["subject" if req.kind == "embedding" else "style"]
+            settings = replace(settings, template="\n".join(kind_templates))
+    dataset = TrainDataset.from_settings(settings, name=name)
+    return PreparedTraining(replace(req, settings=settings), dataset, output, source, lr_at)
+
+
+def _find_source(studio: Studio, kind: str, name: str) -> Path:
+    if kind == "embedding":
+        studio.embeddings.refresh()
+        found = studio.embeddings.embeddings.get(name)
+        if found is None:
+            raise TrainingError(f"no embedding named {name!r}; create it first (Create embedding)")
+        return Path(found.path)
+    studio.networks.hypernetworks.refresh()
+    info = studio.networks.hypernetworks.find(name)
+    if info is None:
+        raise TrainingError(f"no hypernetwork named {name!r}; create it first (Create hypernetwork)")
+    return Path(info.path)
+
+
+def _metadata(model: Any, prepared: PreparedTraining) -> dict[str, str]:
+    s = prepared.request.settings
+    info = model.info
+    return {
+        "ss_sd_model_name": info.name_for_extra, "ss_sd_model_hash": info.shorthash or "",
+        "sd_checkpoint": info.shorthash or "", "sd_checkpoint_name": info.model_name,
+        "ss_output_name": s.output_name, "ss_learning_rate": str(s.learning_rate),
+        "ss_lr_scheduler": s.lr_scheduler, "ss_lr_warmup_steps": str(s.lr_warmup_steps),
+        "ss_max_train_steps": str(s.steps), "ss_batch_size_per_device": str(s.batch_size),
+        "ss_gradient_accumulation_steps": str(s.gradient_accumulation), "ss_optimizer": s.optimizer,
+        "ss_mixed_precision": s.mixed_precision, "ss_resolution": f"({s.resolution}, {s.resolution})",
+        "ss_enable_bucket": str(s.enable_bucket), "ss_min_bucket_reso": str(s.min_bucket_reso),
+        "ss_max_bucket_reso": str(s.max_bucket_reso), "ss_noise_offset": str(s.noise_offset),
+        "ss_min_snr_gamma": str(s.min_snr_gamma), "ss_clip_skip": str(s.clip_skip), "ss_seed": str(s.seed),
+        "ss_shuffle_caption": str(s.shuffle_caption), "ss_keep_tokens": str(s.keep_tokens),
+        "ss_caption_dropout_rate": str(s.caption_dropout), "ss_caption_tag_dropout_rate": str(s.tag_dropout),
+        "ss_num_train_images": str(len(prepared.dataset)),
+        "ss_training_started_at": str(int(datetime.now(timezone.utc).timestamp())),
+        "ss_v2": str(model.family.startswith("sd2")),
+    }
+
+
+def _trainable(prepared: PreparedTraining) -> Any:
+    req = prepared.request
+    if req.kind == "lora":
+        from studio.training.lora import LoraTrainable
+
+        return LoraTrainable(req.lora, prepared.output_path, req.settings.learning_rate)
+    if req.kind == "embedding":
+        from studio.training.embedding import EmbeddingTrainable
+
+        return EmbeddingTrainable(prepared.source_path, prepared.output_path, req.settings.learning_rate)
+    from studio.training.hypernetwork import HypernetworkTrainable
+
+    return HypernetworkTrainable(prepared.source_path, prepared.output_path, req.settings.learning_rate)
+
+
+def _sampler(studio: Studio, model: Any, prepared: PreparedTraining, state: JobState):
+    """Sample images during training with the weights as they are, into the run's folder; the
+    latest one is the job's live preview."""
+    from studio.generation.outputs import save_image
+    from studio.generation.request import Txt2ImgRequest
+    from studio.generation.txt2img import run_txt2img
+    from studio.training.loop import work_dir
+
+    s = prepared.request.settings
+    prompt = s.sample_prompt or (prepared.dataset.items[0].caption if prepared.dataset.items else "")
+    if prepared.request.kind == "embedding" and s.output_name not in prompt:
+        prompt = f"{prompt}, {s.output_name}" if prompt else s.output_name
+    folder = work_dir(studio.paths.data, prepared.request.kind, s.output_name) / "samples"
+
+    def sample(step: int) -> Path | None:
+        size = min(s.resolution, 1024)
+        req = Txt2ImgRequest(prompt=prompt, steps=s.sample_steps, width=size, height=size, seed=s.seed,
+                             sampler_name="Euler a", save_images=False, clip_skip=s.clip_skip)
+        model.conditioner.clear_cache()
+        sub = JobState(job_id=state.job_id, description="training sample")
+        result = run_txt2img(model, req, sub, None)
+        model.conditioner.clear_cache()
+        if not result.images:
+            return None
+        state.preview = result.images[0]
+        state.preview_id += 1
+        return save_image(result.images[0], result.infotexts[0], folder, step, dated=False)
+
+    return sample
+
+
+def execute(studio: Studio, prepared: PreparedTraining, state: JobState) -> TrainResult:
+    from studio.training.loop import run_training
+
+    settings = prepared.request.settings
+    state.textinfo = "Loading model for training"
+    model = studio.models.load(settings.checkpoint or studio.initial_checkpoint())
+    studio._sync_embeddings()
+    trainable = _trainable(prepared)
+    sample = _sampler(studio, model, prepared, state) if settings.sample_every else None
+    try:
+        result = run_training(model, trainable, settings, prepared.dataset, state, studio.paths.data,
+                              metadata=_metadata(model, prepared), sample=sample, lr_at=prepared.lr_at)
+    finally:
+        model.conditioner.clear_cache()
+    if prepared.request.kind == "lora":
+        studio.networks.refresh()
+    elif prepared.request.kind == "hypernetwork":
+        studio.networks.hypernetworks.refresh()
+    studio._sync_embeddings()
+    log.info("Training %s %s: %d steps in %.1fs, loss %s → %s", prepared.request.kind, settings.output_name,
+             result.step, result.seconds, f"{result.losses[0]:.4f}" if result.losses else "-",
+             f"{result.losses[-1]:.4f}" if result.losses else "-")
+    return result
