@@ -9,7 +9,17 @@
     python -m studio preprocessors
     python -m studio models [--kind controlnet]
     python -m studio pnginfo image.png
+    python -m studio dataset ~/data/cat --resolution 512
+    python -m studio train lora --data ~/data/cat --name cat_lora --steps 1500 --rank 16 --alpha 8 \
+        --lr 1e-4 --train-text-encoder --sample-every 250 --sample-prompt "a photo of a cat"
+    python -m studio create-embedding cat_style --init-text "painting" --vectors 4
+    python -m studio train embedding --name cat_style --data ~/data/cat --lr "0.005:100, 1e-3:1000, 1e-5"
+    python -m studio create-hypernetwork cat_hn --sizes 768,320,640,1280 --layer-structure "1, 2, 1"
+    python -m studio train hypernetwork --name cat_hn --data ~/data/cat --lr 0.00001 --template style_filewords
     python -m studio serve [app.py flags]
+
+Training prints its progress on stderr and the file it wrote on stdout; Ctrl-C stops it and saves what
+was learned (exit status 130).
 """
 
 from __future__ import annotations
@@ -118,8 +128,114 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("pnginfo", help="print the generation parameters stored in an image")
     i.add_argument("image")
 
+    _add_training_parsers(sub)
+
     sub.add_parser("serve", help="start the web UI and API (same flags as app.py)", add_help=False)
     return parser
+
+
+# -------------------------------------------------------------------------------------------------------
+# Training: train lora / embedding / hypernetwork, create-embedding, create-hypernetwork, dataset
+
+EMBEDDING_LR = "0.005"           # A1111's Train tab defaults
+HYPERNETWORK_LR = "0.00001"
+# studio.training.dataset.DEFAULT_TEMPLATES' names, spelled out so that building the parser imports no torch.
+TEMPLATE_NAMES = ("subject", "subject_filewords", "style", "style_filewords", "none")
+
+
+def _dataset_flags(p: argparse.ArgumentParser, resolution: int = 512) -> None:
+    p.add_argument("--resolution", type=int, default=resolution, help=f"training resolution (default {resolution})")
+    p.add_argument("--no-bucket", action="store_true", help="no aspect-ratio buckets: crop every image square")
+    p.add_argument("--min-bucket", type=int, default=256, help="smallest bucket side (default 256)")
+    p.add_argument("--max-bucket", type=int, default=1024, help="largest bucket side (default 1024)")
+    p.add_argument("--caption-extension", default=".txt", help="caption files' extension (default .txt)")
+
+
+def _train_flags(p: argparse.ArgumentParser, steps: int) -> None:
+    """What every kind of training takes (TrainSettings)."""
+    _common(p)
+    p.add_argument("--data", required=True, metavar="DIR",
+                   help="the images and their .txt captions (kohya <repeats>_<name> sub-folders work)")
+    p.add_argument("--name", required=True, help="what to train / the output's name")
+    p.add_argument("--checkpoint", "-m", default=None, help="title, name or hash; default: last used")
+    p.add_argument("--steps", type=int, default=steps, help=f"optimizer steps (default {steps})")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
+    _dataset_flags(p)
+    p.add_argument("--shuffle-tags", action="store_true", help="shuffle the comma-separated tags of captions")
+    p.add_argument("--keep-tokens", type=int, default=0, help="tags at the start that are never shuffled")
+    p.add_argument("--caption-dropout", type=float, default=0.0, help="chance to train without the caption")
+    p.add_argument("--tag-dropout", type=float, default=0.0, help="chance to drop each tag")
+    p.add_argument("--optimizer", default="AdamW", help="AdamW or AdamW8bit")
+    p.add_argument("--mixed-precision", default="auto", help="auto, no, fp16 or bf16 (auto: fp16 on CUDA)")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping; 0 = none")
+    p.add_argument("--noise-offset", type=float, default=0.0)
+    p.add_argument("--min-snr-gamma", type=float, default=0.0, help="0 = off; 5 is the paper's value")
+    p.add_argument("--clip-skip", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=0, help="save every N steps; 0 = at the end only")
+    p.add_argument("--sample-every", type=int, default=0, help="sample an image every N steps; 0 = never")
+    p.add_argument("--sample-prompt", default="", help="default: the first image's caption")
+    p.add_argument("--sample-steps", type=int, default=20)
+    p.add_argument("--no-resume", action="store_true",
+                   help="start over instead of continuing from the last save of the same name")
+
+
+def _add_training_parsers(sub) -> None:
+    t = sub.add_parser("train", help="train a LoRA, an embedding or a hypernetwork on a folder of images")
+    kinds = t.add_subparsers(dest="kind", required=True)
+
+    lo = kinds.add_parser("lora", help="train a LoRA (kohya format, into models/Lora)")
+    _train_flags(lo, steps=1000)
+    lo.add_argument("--rank", type=int, default=8, help="network dim (default 8)")
+    lo.add_argument("--alpha", type=float, default=8.0, help="network alpha; 0 = rank (default 8)")
+    lo.add_argument("--conv-rank", type=int, default=0, help="conv layers' rank (LoCon); 0 = none")
+    lo.add_argument("--conv-alpha", type=float, default=1.0)
+    lo.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout")
+    lo.add_argument("--lr", type=float, default=1e-4, help="learning rate (default 1e-4)")
+    lo.add_argument("--unet-lr", type=float, default=None, help="UNet learning rate (default --lr)")
+    lo.add_argument("--te-lr", type=float, default=None, help="text encoder learning rate (default --lr)")
+    lo.add_argument("--train-text-encoder", action="store_true", help="train the text encoder(s) too")
+    lo.add_argument("--text-encoder-only", action="store_true", help="train only the text encoder(s)")
+    lo.add_argument("--scheduler", default="constant", help="constant, constant_with_warmup, cosine or linear")
+    lo.add_argument("--warmup", type=int, default=0, help="learning-rate warmup steps")
+    lo.add_argument("--overwrite", action="store_true", help="replace an existing LoRA of that name")
+
+    templates = ", ".join(TEMPLATE_NAMES)
+    for kind, lr, template in (("embedding", EMBEDDING_LR, "subject_filewords"),
+                               ("hypernetwork", HYPERNETWORK_LR, "style_filewords")):
+        k = kinds.add_parser(kind, help=f"train an existing {kind} (make one with create-{kind})")
+        _train_flags(k, steps=1000)
+        k.add_argument("--lr", default=lr, help=f'learning rate or an A1111 schedule like "0.005:100, 1e-5" '
+                                               f"(default {lr})")
+        k.add_argument("--template", default=template,
+                       help=f"prompt template: one of {templates}, or a text file of lines with [name] and "
+                            f"[filewords] (default {template})")
+
+    ce = sub.add_parser("create-embedding", help="create an embedding to train (A1111's Create embedding)")
+    _common(ce)
+    ce.add_argument("name")
+    ce.add_argument("--init-text", default="*", help='start from these words\' token vectors (default "*")')
+    ce.add_argument("--vectors", type=int, default=1, help="vectors per token, 1-75 (default 1)")
+    ce.add_argument("--overwrite", action="store_true")
+
+    ch = sub.add_parser("create-hypernetwork", help="create a hypernetwork to train (A1111's Create hypernetwork)")
+    _common(ch)
+    ch.add_argument("name")
+    ch.add_argument("--sizes", default="768,320,640,1280", help="module sizes (default 768,320,640,1280)")
+    ch.add_argument("--layer-structure", default="1, 2, 1")
+    ch.add_argument("--activation", default="linear", help="linear, relu, leakyrelu, elu, swish, tanh, sigmoid")
+    ch.add_argument("--weight-init", default="Normal",
+                    help="Normal, XavierUniform, XavierNormal, KaimingUniform or KaimingNormal")
+    ch.add_argument("--layer-norm", action="store_true", help="add layer normalization")
+    ch.add_argument("--dropout", action="store_true", help="use dropout")
+    ch.add_argument("--dropout-structure", default="0, 0, 0")
+    ch.add_argument("--overwrite", action="store_true")
+
+    ds = sub.add_parser("dataset", help="check a training folder: buckets and captions of every image")
+    ds.add_argument("dir")
+    _dataset_flags(ds)
+    ds.add_argument("--limit", type=int, default=0, help="list at most this many images; 0 = all")
 
 
 def _flags(ns: argparse.Namespace) -> Flags:
@@ -442,6 +558,210 @@ def cmd_pnginfo(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from studio.generation.request import RequestError
+    from studio.models.manager import ModelNotFoundError
+    from studio.models.state_dict import ModelFileError
+
+    return (RequestError, ModelFileError, ModelNotFoundError)
+
+
+def _template(value: str) -> str:
+    """``--template``: a built-in template's name or a text file of template lines."""
+    from studio.training.base import TrainingError
+    from studio.training.dataset import DEFAULT_TEMPLATES
+
+    if value in DEFAULT_TEMPLATES:
+        return "\n".join(DEFAULT_TEMPLATES[value])
+    path = Path(value).expanduser()
+    if path.is_file():
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise TrainingError(f"cannot read the template file {path}: {e}") from None
+        if not text.strip():
+            raise TrainingError(f"the template file {path} is empty")
+        return text
+    raise TrainingError(f"unknown template {value!r}: use one of {', '.join(DEFAULT_TEMPLATES)} or a text file")
+
+
+def training_request(ns: argparse.Namespace):
+    """The TrainingRequest a ``train`` command line asks for (TrainingError for values that cannot be one;
+    ranges are checked when the job is submitted)."""
+    from studio.training.base import TrainSettings
+    from studio.training.runner import TrainingRequest
+
+    common = dict(
+        data_dir=str(Path(ns.data).expanduser()), output_name=ns.name, checkpoint=ns.checkpoint, steps=ns.steps,
+        batch_size=ns.batch_size, gradient_accumulation=ns.grad_accum, optimizer=ns.optimizer,
+        mixed_precision=ns.mixed_precision, resolution=ns.resolution, enable_bucket=not ns.no_bucket,
+        min_bucket_reso=ns.min_bucket, max_bucket_reso=ns.max_bucket, caption_extension=ns.caption_extension,
+        shuffle_caption=ns.shuffle_tags, keep_tokens=ns.keep_tokens, caption_dropout=ns.caption_dropout,
+        tag_dropout=ns.tag_dropout, noise_offset=ns.noise_offset, min_snr_gamma=ns.min_snr_gamma,
+        clip_skip=ns.clip_skip, max_grad_norm=ns.max_grad_norm, seed=ns.seed, save_every=ns.save_every,
+        sample_every=ns.sample_every, sample_prompt=ns.sample_prompt, sample_steps=ns.sample_steps,
+        resume=not ns.no_resume,
+    )
+    if ns.kind == "lora":
+        from studio.training.lora import LoraSettings
+
+        lora = LoraSettings(rank=ns.rank, alpha=ns.alpha, conv_rank=ns.conv_rank, conv_alpha=ns.conv_alpha,
+                            train_unet=not ns.text_encoder_only,
+                            train_text_encoder=ns.train_text_encoder or ns.text_encoder_only,
+                            unet_lr=ns.unet_lr, text_encoder_lr=ns.te_lr, dropout=ns.dropout)
+        settings = TrainSettings(**common, learning_rate=ns.lr, lr_scheduler=ns.scheduler,
+                                 lr_warmup_steps=ns.warmup, overwrite=ns.overwrite)
+        return TrainingRequest("lora", settings, lora=lora)
+    from studio.training.base import TrainingError
+
+    if not str(ns.lr).strip():
+        raise TrainingError("give a learning rate (--lr)")
+    settings = TrainSettings(**common, template=_template(ns.template))
+    return TrainingRequest(ns.kind, settings, learn_rate=str(ns.lr).strip())
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = max(0, int(round(seconds)))
+    minutes, secs = divmod(seconds, 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def _progress_line(state, label: str) -> str:
+    if not state.total:
+        return f"{label}: {state.textinfo or 'waiting'}"
+    loss = f", loss {state.losses[-1][1]:.4f}" if state.losses else ""
+    return f"{label}: step {state.step}/{state.total}{loss}, ETA {_duration(state.eta)}"
+
+
+def _wait_training(studio, job, label: str) -> tuple[object, bool]:
+    """Wait for a training job, showing one line of progress on stderr. The first Ctrl-C interrupts it
+    (it saves what it has learned) and goes on waiting; a second one stops waiting. Returns
+    ``(result or None, interrupted by the user)``; a failed job raises its error."""
+    import time
+
+    tty = sys.stderr.isatty()
+    shown, shown_at, interrupted = "", 0.0, False
+    while True:
+        try:
+            while not job.done.wait(0.2):
+                line = _progress_line(job.state, label)
+                now = time.monotonic()
+                if line != shown and (tty or now - shown_at >= 5 or not shown):
+                    sys.stderr.write(f"\r{line:<79}" if tty else f"{line}\n")
+                    sys.stderr.flush()
+                    shown, shown_at = line, now
+            break
+        except KeyboardInterrupt:
+            if interrupted:
+                print("\nstopped waiting; the job did not finish saving", file=sys.stderr)
+                return None, True
+            interrupted = True
+            if studio.queue.current is job.state:
+                studio.queue.interrupt()
+            else:  # still queued: it stops before its first step
+                job.state.interrupted = True
+            print("\ninterrupting: saving what was learned (Ctrl-C again to stop waiting)", file=sys.stderr)
+    line = _progress_line(job.state, label)   # where it ended
+    if line != shown:
+        sys.stderr.write(f"\r{line:<79}" if tty else f"{line}\n")
+        shown = line
+    if tty and shown:
+        sys.stderr.write("\n")
+    sys.stderr.flush()
+    return job.wait(), interrupted
+
+
+def cmd_train(ns: argparse.Namespace) -> int:
+    from studio.core import Studio
+
+    errors = _user_errors()
+    try:
+        req = training_request(ns)
+    except errors as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    studio = Studio.create(_flags(ns))
+    try:
+        job = studio.submit_training(req)
+        result, interrupted = _wait_training(studio, job, f"train {ns.kind} {req.settings.output_name}")
+    except errors as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        studio.queue.shutdown()
+    if result is None:
+        return 130
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    if result.saved:
+        print(result.output_path)
+    else:
+        print("nothing was saved: no step was trained", file=sys.stderr)
+    losses = f", loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}" if result.losses else ""
+    resumed = f" (resumed from {result.resumed_from})" if result.resumed_from else ""
+    print(f"step {result.step}{resumed}{losses}, {result.seconds:.1f}s")
+    return 130 if interrupted else 0
+
+
+def cmd_create_embedding(ns: argparse.Namespace) -> int:
+    from studio.core import Studio
+
+    studio = Studio.create(_flags(ns))
+    try:
+        path = studio.create_embedding(ns.name, ns.init_text, ns.vectors, overwrite=ns.overwrite)
+    except _user_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        studio.queue.shutdown()
+    print(path)
+    return 0
+
+
+def cmd_create_hypernetwork(ns: argparse.Namespace) -> int:
+    from studio.core import Studio
+
+    studio = Studio.create(_flags(ns))
+    try:
+        path = studio.create_hypernetwork(
+            ns.name, sizes=[part.strip() for part in ns.sizes.split(",") if part.strip()],
+            layer_structure=ns.layer_structure, activation=ns.activation, weight_init=ns.weight_init,
+            add_layer_norm=ns.layer_norm, use_dropout=ns.dropout, dropout_structure=ns.dropout_structure,
+            overwrite=ns.overwrite)
+    except _user_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        studio.queue.shutdown()
+    print(path)
+    return 0
+
+
+def cmd_dataset(ns: argparse.Namespace) -> int:
+    from studio.training.base import TrainingError, TrainSettings
+    from studio.training.dataset import TrainDataset, summary
+
+    try:
+        dataset = TrainDataset.from_settings(TrainSettings(
+            data_dir=str(Path(ns.dir).expanduser()), output_name="dataset", resolution=ns.resolution,
+            enable_bucket=not ns.no_bucket, min_bucket_reso=ns.min_bucket, max_bucket_reso=ns.max_bucket,
+            caption_extension=ns.caption_extension))
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(summary(dataset))
+    limit = ns.limit if ns.limit > 0 else len(dataset.items)
+    for row in dataset.preview(limit):
+        source = "" if row["caption_source"] == "file" else "  [caption from the file name]"
+        print(f"{row['path']}\t{row['size']} -> {row['bucket']}\tx{row['repeats']}\t{row['caption']}{source}")
+    if limit < len(dataset.items):
+        print(f"... and {len(dataset.items) - limit} more", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     force_offline()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -454,7 +774,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     ns = build_parser().parse_args(argv)
     commands = {"generate": cmd_generate, "models": cmd_models, "pnginfo": cmd_pnginfo, "upscale": cmd_upscale,
-                "detect": cmd_detect, "preprocessors": cmd_preprocessors}
+                "detect": cmd_detect, "preprocessors": cmd_preprocessors, "train": cmd_train,
+                "create-embedding": cmd_create_embedding, "create-hypernetwork": cmd_create_hypernetwork,
+                "dataset": cmd_dataset}
     return commands[ns.command](ns)
 
 

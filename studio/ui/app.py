@@ -15,6 +15,7 @@ from studio.ui.extensions_tab import build_extensions_tab
 from studio.ui.extra_networks import checkpoint_card_title
 from studio.ui.extras import build_extras_tab
 from studio.ui.img2img import build_img2img_tab, build_inpaint_tab
+from studio.ui.train import build_train_tab
 from studio.ui.txt2img import USER_ERRORS, build_txt2img_tab, fields_to_updates
 
 CSS = """
@@ -86,6 +87,8 @@ def build_ui(studio: Studio) -> gr.Blocks:
                                           elem_id="pnginfo_generation_info")
                         message = gr.Markdown("", elem_id="pnginfo_message")
                         send = gr.Button("Send to txt2img", elem_id="pnginfo_send_txt2img")
+            with gr.Tab("Train", id="train", elem_id="tab_train"):
+                build_train_tab(studio)
             with gr.Tab("Extensions", id="extensions", elem_id="tab_extensions"):
                 build_extensions_tab(studio)
 
