@@ -215,6 +215,9 @@ def run_training(model: Any, trainable: Trainable, settings: TrainSettings, data
         state.textinfo = f"Training {trainable.kind} {settings.output_name}"
 
         def save(final: bool) -> None:
+            accelerator.wait_for_everyone()
+            if not accelerator.is_main_process:
+                return  # with `accelerate launch`, one process writes the files
             meta = {"ss_steps": str(step), **(metadata or {})}
             path = trainable.save(trainable.output_path, step, meta)
             if path not in result.saved:
@@ -229,9 +232,11 @@ def run_training(model: Any, trainable: Trainable, settings: TrainSettings, data
 
         unet.train()
         while step < total and not state.interrupted:
-            for items in dataset.batches(settings.batch_size, epoch, settings.seed):
+            for index, items in enumerate(dataset.batches(settings.batch_size, epoch, settings.seed)):
                 if step >= total or state.interrupted:
                     break
+                if index % accelerator.num_processes != accelerator.process_index:
+                    continue  # each process of a multi-GPU run takes its share of the batches
                 with accelerator.accumulate(train_unet):
                     batch = dataset.make_batch(items, rng)
                     keys = [(str(item.path), item.bucket) for item in items]
