@@ -303,3 +303,35 @@ def test_controlnet_tab_detect_and_extension_preprocessor(page, artifacts_dir, t
     table.get_by_text("broken on purpose").first.wait_for(timeout=10_000)
     assert "edges_plus" in table.inner_text() and "posterize" in table.inner_text()
     page.screenshot(path=str(Path(artifacts_dir) / "extensions.png"), full_page=True)
+
+
+def test_train_tab_preview_and_a_short_lora_run(page, server, artifacts_dir):
+    import numpy as np
+    from PIL import Image
+
+    folder = Path(server.data_dir) / "browser_train"
+    folder.mkdir(exist_ok=True)
+    rng = np.random.default_rng(1)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (300, 300, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text("a noisy texture", encoding="utf-8")
+    page.get_by_role("tab", name="Train").click()
+    page.locator("#train_lora_name textarea, #train_lora_name input").first.fill("browser_lora")
+    page.locator("#train_lora_data_dir textarea, #train_lora_data_dir input").first.fill(str(folder))
+    for elem, value in (("#train_lora_steps", "4"), ("#train_lora_resolution", "256")):
+        box = page.locator(f"{elem} input[type=number]")
+        box.fill(value)
+        box.press("Enter")
+    page.locator("#train_lora_preview").click()
+    page.wait_for_function(
+        "() => document.querySelector('#train_lora_dataset_summary').innerText.includes('256x256')",
+        timeout=60_000)
+    page.locator("#train_lora_gallery img").first.wait_for(timeout=30_000)
+    page.locator("#train_lora_start").click()
+    page.wait_for_function(
+        "() => document.querySelector('#train_lora_result').innerText.includes('browser_lora.safetensors')",
+        timeout=300_000)
+    text = page.locator("#train_lora_result").inner_text()
+    assert "4" in text and "loss" in text.lower()
+    page.screenshot(path=str(Path(artifacts_dir) / "train-lora.png"), full_page=True)
+    assert (Path(server.data_dir) / "models" / "Lora" / "browser_lora.safetensors").is_file()

@@ -275,14 +275,14 @@ def result_summary(result: Any) -> str:
     head = "**Interrupted.**" if result.interrupted else "**Done.**"
     if result.saved:
         written = ", ".join(f"`{p}`" for p in result.saved)
-        parts = [f"{head} Wrote {written}."]
+        parts = [f"{head} Wrote {written}"]   # no period: Gradio puts it on a line of its own after a long path
     else:
         parts = [f"{head} Nothing was saved (no step was trained)."]
     steps = f"Step {result.step}"
     if result.resumed_from:
         steps += f" ({done} this run, resumed from {result.resumed_from})"
     else:
-        steps += f" ({done} this run)"
+        steps = f"{done} steps"
     if result.losses:
         steps += f", loss {result.losses[0]:.4f} → {result.losses[-1]:.4f}"
     steps += f", {format_seconds(result.seconds)}."
