@@ -186,3 +186,37 @@ def test_bad_input_is_refused_before_the_queue(studio, tmp_path):
     with pytest.raises(TrainingError, match="no embedding named 'ghost'"):
         studio.submit_training(TrainingRequest("embedding", settings(empty, "ghost")))
     assert studio.queue.job_count == 0
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd2-v"])
+def test_lora_loop_runs_on_sdxl_and_v_prediction(tmp_path, family):
+    """SDXL needs pooled text + size/crop time ids, sd2-v the velocity target: a short run of each."""
+    from safetensors import safe_open
+
+    from studio.training.lora import LoraSettings
+
+    make_trainable_checkpoint(tmp_path / "models" / "Stable-diffusion" / f"tiny-{family}.safetensors", family)
+    s = Studio.create(Flags(data_dir=str(tmp_path), no_half=True))
+    try:
+        model = s.select_checkpoint(f"tiny-{family}.safetensors")
+        assert (model.scheduler_config.get("prediction_type") == "v_prediction") == (family == "sd2-v")
+        data = make_images(tmp_path / "data", count=2)
+        result = s.submit_training(TrainingRequest("lora", settings(data, f"l_{family}", steps=4, batch_size=1),
+                                                   lora=LoraSettings(rank=2, alpha=2, train_text_encoder=True))).wait()
+        assert result.step == 4 and all(np.isfinite(result.losses))
+        with safe_open(str(result.output_path), "pt") as f:
+            keys, meta = list(f.keys()), f.metadata()
+        if family == "sdxl":
+            assert any(k.startswith("lora_unet_input_blocks_") for k in keys)
+            assert any(k.startswith("lora_te2_") for k in keys)
+            assert meta["ss_base_model_version"].startswith("sdxl")
+        else:
+            assert meta["ss_v2"] == "True"
+        plain = np.asarray(s.txt2img(Txt2ImgRequest(prompt="a square", steps=2, width=64, height=64, seed=3,
+                                                    sampler_name="Euler", save_images=False)).images[0], np.int16)
+        tagged = np.asarray(s.txt2img(Txt2ImgRequest(prompt=f"a square <lora:l_{family}:1>", steps=2, width=64,
+                                                     height=64, seed=3, sampler_name="Euler",
+                                                     save_images=False)).images[0], np.int16)
+        assert np.abs(plain - tagged).max() > 0
+    finally:
+        s.queue.shutdown()
