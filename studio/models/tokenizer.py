@@ -17,8 +17,10 @@ import inspect
 import json
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from transformers import CLIPTokenizer
+if TYPE_CHECKING:  # transformers takes ~2 s to import: it loads with the first model, not at start-up
+    from transformers import CLIPTokenizer
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -91,6 +93,8 @@ def make_clip_tokenizer(pad_token: str = EOS_TOKEN) -> CLIPTokenizer:
     ``pad_token`` is ``"<|endoftext|>"`` for SD1 and SDXL ``tokenizer`` and
     ``"!"`` (id 0) for SD2 and SDXL ``tokenizer_2``.
     """
+    from transformers import CLIPTokenizer
+
     if "vocab" not in inspect.signature(CLIPTokenizer.__init__).parameters:
         # transformers 4 only builds CLIPTokenizer from vocab/merges files.
         with tempfile.TemporaryDirectory() as directory:
