@@ -163,8 +163,10 @@ def sample(model: Any, spec: BatchSpec, state: JobState) -> torch.Tensor:
 
 def encode_images(model: Any, pixels: torch.Tensor) -> torch.Tensor:
     """[B, 3, H, W] in [-1, 1] -> scaled latents (the distribution's mean: deterministic)."""
+    from studio.generation.txt2img import vae_tiling
+
     vae = model.vae
-    with torch.inference_mode():
+    with torch.inference_mode(), vae_tiling(vae, pixels.shape[-1], pixels.shape[-2]):
         x = pixels.to(model.policy.device, vae.dtype)
         lat = vae.encode(x).latent_dist.mode()
         if torch.isnan(lat).any() and vae.dtype != torch.float32:

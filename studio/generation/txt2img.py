@@ -12,6 +12,7 @@ the same generators feed ancestral samplers' per-step noise.
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -154,10 +155,36 @@ def make_infotext(req: Txt2ImgRequest, model: LoadedModel, seed: int, schedule_l
     return build_infotext(req.prompt, req.negative_prompt, params)
 
 
+# Above this many pixels the VAE decodes (and encodes) in overlapping 512-px tiles: its memory then stays
+# about that of a 512² image whatever the size, instead of growing with it (a 2048² decode would need
+# gigabytes of activations). Below it, whole images are exact and as fast.
+TILED_VAE_ABOVE = 1024 * 1024
+VAE_TILE = 512
+
+
+@contextmanager
+def vae_tiling(vae: Any, width: int, height: int):
+    """Tile ``vae`` for one decode/encode of a ``width`` × ``height`` image when it is big; the VAE's own
+    settings are put back afterwards."""
+    if width * height <= TILED_VAE_ABOVE or not hasattr(vae, "tiled_decode"):
+        yield False
+        return
+    saved = {k: getattr(vae, k, None) for k in ("use_tiling", "tile_sample_min_size", "tile_latent_min_size",
+                                                 "tile_overlap_factor")}
+    vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size = True, VAE_TILE, VAE_TILE // 8
+    vae.tile_overlap_factor = 0.25
+    try:
+        yield True
+    finally:
+        for key, value in saved.items():
+            setattr(vae, key, value)
+
+
 def decode_latents(model: LoadedModel, latents: torch.Tensor) -> list[Image.Image]:
     vae = model.vae
     images = []
-    with torch.inference_mode():
+    height, width = latents.shape[-2] * 8, latents.shape[-1] * 8
+    with torch.inference_mode(), vae_tiling(vae, width, height):
         for lat in latents:  # one at a time bounds VAE memory for big batches
             x = (lat[None] / vae.config.scaling_factor).to(model.policy.device, vae.dtype)
             px = vae.decode(x).sample
