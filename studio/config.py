@@ -72,6 +72,10 @@ class Flags:
     inbrowser: bool = False
     controlnet_dir: str | None = None
     enable_insecure_extension_access: bool = False
+    api_auth: str | None = None
+    api_server_stop: bool = False
+    cors_allow_origins: str | None = None
+    cors_allow_origins_regex: str | None = None
 
     @property
     def extension_install_allowed(self) -> bool:
@@ -129,6 +133,14 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--controlnet-dir", default=None, help="ControlNet model folder (default models/ControlNet)")
     p.add_argument("--enable-insecure-extension-access", action="store_true",
                    help="allow installing extensions from the UI/API even with --listen or --share")
+    p.add_argument("--api-auth", default=None,
+                   help='HTTP Basic logins for the REST API, "user:pass[,user2:pass2]"')
+    p.add_argument("--api-server-stop", action="store_true",
+                   help="enable POST /sdapi/v1/server-stop, /server-kill and /server-restart")
+    p.add_argument("--cors-allow-origins", default=None,
+                   help='origins allowed to call the server from a browser, "http://a.com,http://b.com"')
+    p.add_argument("--cors-allow-origins-regex", default=None,
+                   help="a regular expression of origins allowed to call the server from a browser")
     return p
 
 

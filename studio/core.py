@@ -15,6 +15,7 @@ from studio.controlnet.preprocessors import PreprocessorRegistry
 from studio.controlnet.runtime import ControlNetModels, check_units, prepare_controls
 from studio.devices import DevicePolicy, resolve_policy
 from studio.extensions import ExtensionManager
+from studio.generation.outputs import SaveFormat
 from studio.generation.request import Img2ImgRequest, RequestError, Txt2ImgRequest
 from studio.jobs import Job, JobQueue, JobState
 from studio.models.catalog import Catalog, CheckpointInfo, HashCache
@@ -354,7 +355,8 @@ class Studio:
         if upscaler_2 and upscaler_2 != "None" and visibility_2 > 0:
             parts += [f"Postprocess upscaler 2: {upscaler_2}", f"Postprocess upscaler 2 visibility: {visibility_2:g}"]
         info = ", ".join(parts)
-        path = save_image(out, info, self.paths.outputs / "extras-images", 0) if save else None
+        path = save_image(out, info, self.paths.outputs / "extras-images", 0,
+                          save_format=SaveFormat.from_settings(self.settings)) if save else None
         return out, info, path
 
     def img2img_folder(self, fields: dict[str, Any], folder_in: Path, folder_out: Path | None) -> list[Path]:
@@ -380,7 +382,8 @@ class Studio:
             req = Img2ImgRequest(init_images=(image,), save_images=False, **fields)
             result = self.img2img(req)
             for image_out, text, seed in zip(result.images, result.infotexts, result.seeds):
-                saved.append(save_image(image_out, text, target, seed, dated=folder_out is None))
+                saved.append(save_image(image_out, text, target, seed, dated=folder_out is None,
+                                        save_format=SaveFormat.from_settings(self.settings)))
         return saved
 
     def _submit(self, req: Txt2ImgRequest, validate: Any, kind: str, outdir_name: str) -> Job:
@@ -396,11 +399,13 @@ class Studio:
         if req.controlnet_units:
             check_units(req.controlnet_units, self.preprocessors, self.controlnets,
                         has_init_image=bool(getattr(req, "init_images", ())))
-        if req.clip_skip == 1 and self.settings.get("CLIP_stop_at_last_layers", 1) > 1:
-            req = req.with_changes(clip_skip=int(self.settings.get("CLIP_stop_at_last_layers")))
-        every = int(self.settings.get("show_progress_every_n_steps", 1) or 0)
+        skip = _int_setting(self.settings, "CLIP_stop_at_last_layers", 1)
+        if req.clip_skip == 1 and 1 < skip <= 12:
+            req = req.with_changes(clip_skip=skip)
+        every = _int_setting(self.settings, "show_progress_every_n_steps", 1)
         if not self.settings.get("live_previews_enable", True):
             every = 0
+        save_format = SaveFormat.from_settings(self.settings)
 
         def job(state: JobState) -> GenerationResult:
             if kind == "img2img":
@@ -414,7 +419,7 @@ class Studio:
             extra = {"upscalers": self.upscalers} if kind == "txt2img" else {}
             controls = self._prepare_controls(req, model, state)
             return run(model, req, state, self.paths.outputs / outdir_name, preview_every=every,
-                       networks=self.networks, vae=vae, controls=controls, **extra)
+                       networks=self.networks, vae=vae, controls=controls, save_format=save_format, **extra)
 
         return self.queue.submit(job, kind)
 

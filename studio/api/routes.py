@@ -2,37 +2,78 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
-import io
 import json
-from typing import Any
+import logging
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable
 
 from fastapi import APIRouter, FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError, WebSocketRequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from studio.api.controlnet import build_controlnet_router, units_from_alwayson
+from studio.api.auth import install_access
+from studio.api.controlnet import SCRIPT_TITLE, build_controlnet_router, units_from_alwayson
 from studio.api.models import (
     ExtrasBatchRequest,
     ExtrasSingleRequest,
+    FaceRestorerItem,
     ImageResponse,
     Img2ImgAPIRequest,
+    InterrogateRequest,
     PNGInfoRequest,
     PNGInfoResponse,
     ProgressResponse,
     ProgressState,
+    RealesrganItem,
+    ScriptInfo,
     Txt2ImgAPIRequest,
 )
+from studio.api.options import API_DEFAULTS, SAMPLES_FORMATS, json_safe, validate_options
 from studio.api.training import build_training_router
+from studio.controlnet.preprocessors import PreprocessorError
+from studio.controlnet.units import ControlNetUnitRequest, unit_count
 from studio.core import Studio
 from studio.devices import memory_report
+from studio.extensions import ExtensionError
+from studio.generation.imageops import ImageInputError
 from studio.generation.infotext import infotext_to_fields, parse_infotext
-from studio.generation.outputs import ImageReadError, open_image, png_bytes, read_infotext
+from studio.generation.outputs import (
+    ImageReadError,
+    SaveFormat,
+    image_bytes,
+    open_image,
+    png_bytes,
+    read_infotext,
+)
 from studio.generation.request import Img2ImgRequest, RequestError, Txt2ImgRequest
-from studio.generation.samplers import samplers_api, schedules_api
+from studio.generation.samplers import UnknownSamplerError, samplers_api, schedules_api
+from studio.jobs import Job
 from studio.models.manager import ModelNotFoundError
 from studio.models.state_dict import ModelFileError
+from studio.models.vae import VaeNotFoundError
+from studio.networks.embeddings import EmbeddingFileError
+from studio.networks.hypernetworks import HypernetworkFileError
+from studio.networks.lora_formats import LoraFileError
+from studio.prompts.styles import StyleError
+from studio.upscale import UpscalerError
+
+log = logging.getLogger("studio.api")
+
+# Errors that mean "fix your request or your file": a 400 with the message as ``detail``.
+USER_ERRORS = (RequestError, ModelFileError, ImageReadError, ImageInputError, UnknownSamplerError,
+               VaeNotFoundError, StyleError, UpscalerError, PreprocessorError, LoraFileError,
+               EmbeddingFileError, HypernetworkFileError, ExtensionError)
+# UpscalerLibrary families (folder names) that are ESRGAN-type models: /realesrgan-models lists them.
+ESRGAN_FAMILIES = ("esrgan", "realesrgan")
 
 
 def decode_base64_image(data: str):
@@ -52,6 +93,14 @@ def decode_base64_image(data: str):
 
 def encode_png(image, infotext: str | None) -> str:
     return base64.b64encode(png_bytes(image, infotext)).decode("ascii")
+
+
+def encode_image(image, infotext: str | None, fmt: str = "png", quality: int = 80, lossless: bool = False) -> str:
+    """Base64 of ``image`` in the ``samples_format`` (A1111's ``encode_pil_to_base64``): PNG with the
+    infotext in its ``parameters`` chunk, JPEG / WebP with it in the EXIF UserComment."""
+    fmt = (fmt or "png").lower()
+    save_format = SaveFormat("jpg" if fmt == "jpeg" else fmt if fmt in ("jpg", "webp") else "png", quality, lossless)
+    return base64.b64encode(image_bytes(image, infotext, save_format)).decode("ascii")
 
 
 def to_img2img_request(body: Img2ImgAPIRequest, studio: Studio) -> Img2ImgRequest:
@@ -83,11 +132,15 @@ def to_request(body: Txt2ImgAPIRequest, studio: Studio) -> tuple[Txt2ImgRequest,
         for name, value in infotext_to_fields(parse_infotext(body.infotext)).items():
             if name in Txt2ImgRequest.__dataclass_fields__ and name not in explicit:
                 values[name] = value
-    overrides = body.override_settings or {}
+    overrides = validate_options(body.override_settings or {})
     checkpoint = overrides.get("sd_model_checkpoint")
     vae = overrides.get("sd_vae")
     clip_skip = values.get("clip_skip") or overrides.get("CLIP_stop_at_last_layers") \
         or studio.settings.get("CLIP_stop_at_last_layers", 1)
+    try:
+        clip_skip = int(clip_skip)
+    except (TypeError, ValueError):
+        raise RequestError(f"clip_skip must be an integer 1-12 (got {clip_skip!r})") from None
     sampler = values.get("sampler_name") or values.get("sampler_index") or "Euler"
     req = Txt2ImgRequest(
         prompt=values["prompt"] or "",
@@ -101,7 +154,7 @@ def to_request(body: Txt2ImgAPIRequest, studio: Studio) -> tuple[Txt2ImgRequest,
         n_iter=values["n_iter"],
         sampler_name=sampler,
         scheduler=values.get("scheduler") or "Automatic",
-        clip_skip=int(clip_skip),
+        clip_skip=clip_skip,
         eta=values.get("eta"),
         subseed=int(values.get("subseed", -1)),
         subseed_strength=float(values.get("subseed_strength") or 0),
@@ -130,43 +183,75 @@ def to_request(body: Txt2ImgAPIRequest, studio: Studio) -> tuple[Txt2ImgRequest,
     return req, checkpoint
 
 
+async def wait_for(job: Job) -> Any:
+    """The job's result, awaited without holding a worker thread: however many requests wait in
+    the queue, the thread pool stays free for /progress, /interrupt and the rest."""
+    delay = 0.005
+    while not job.done.is_set():
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.05)
+    return job.wait(0)
+
+
 def build_router(studio: Studio) -> APIRouter:
-    def response_images(result: Any, send: bool) -> list[str]:
+    def image_format(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+        """How API images are encoded: ``samples_format``, ``jpeg_quality``, ``webp_lossless`` (the
+        request's ``override_settings`` first, then the settings)."""
+        def get(key: str) -> Any:
+            if overrides and key in overrides:
+                return overrides[key]
+            return studio.settings.get(key, API_DEFAULTS.get(key))
+
+        fmt, quality = get("samples_format"), get("jpeg_quality")
+        # settings come from config.json too, which may have been edited by hand
+        return {"fmt": fmt.lower() if isinstance(fmt, str) and fmt.lower() in SAMPLES_FORMATS else "png",
+                "quality": quality if isinstance(quality, int) and 1 <= quality <= 100 else 80,
+                "lossless": get("webp_lossless") is True}
+
+    def response_images(result: Any, send: bool, overrides: dict[str, Any] | None) -> list[str]:
         """The generated images, then (as the ControlNet extension does) each unit's detected map,
         unless the ``control_net_no_detectmap`` setting is on."""
         if not send:
             return []
-        images = [encode_png(i, t) for i, t in zip(result.images, result.infotexts)]
+        fmt = image_format(overrides)
+        images = [encode_image(i, t, **fmt) for i, t in zip(result.images, result.infotexts)]
         if not studio.settings.get("control_net_no_detectmap", False):
-            images += [encode_png(m, None) for m in result.detected_maps]
+            images += [encode_image(m, None, **fmt) for m in result.detected_maps]
         return images
+
+    async def generate(body: Txt2ImgAPIRequest, submit: Callable[[], Job]) -> tuple[Any, dict[str, Any]]:
+        """Queue the job (checking the request first, in the thread pool: images are decoded
+        there), wait for it, then make the overrides permanent if the request says so."""
+        overrides = validate_options(body.override_settings or {})
+        job = await run_in_threadpool(submit)
+        result = await wait_for(job)
+        # Overrides travel with the request, so "restore afterwards" needs no work: the next
+        # request runs on the user's settings again. Without restore they become the settings.
+        if overrides and not body.override_settings_restore_afterwards:
+            await run_in_threadpool(studio.apply_options, overrides)
+        return result, overrides
+
+    def image_response(result: Any, body: Txt2ImgAPIRequest, overrides: dict[str, Any],
+                       params: dict[str, Any]) -> dict[str, Any]:
+        images = response_images(result, body.send_images, overrides)
+        return {"images": images, "parameters": json_safe(params),
+                "info": json.dumps(result.info(), ensure_ascii=False)}
 
     r = APIRouter(prefix="/sdapi/v1", tags=["sdapi"], route_class=StudioRoute)
 
     @r.post("/txt2img", response_model=ImageResponse)
-    def txt2img(body: Txt2ImgAPIRequest) -> dict[str, Any]:
-        req, _override = to_request(body, studio)
-        result = studio.txt2img(req)
-        # Overrides travel with the request, so "restore afterwards" needs no work: the next
-        # request runs on the user's settings again. Without restore they become the settings.
-        if body.override_settings and not body.override_settings_restore_afterwards:
-            studio.apply_options(dict(body.override_settings))
-        images = response_images(result, body.send_images)
-        params = body.model_dump()
-        return {"images": images, "parameters": params, "info": json.dumps(result.info(), ensure_ascii=False)}
+    async def txt2img(body: Txt2ImgAPIRequest) -> dict[str, Any]:
+        result, overrides = await generate(body, lambda: studio.submit_txt2img(to_request(body, studio)[0]))
+        return await run_in_threadpool(image_response, result, body, overrides, body.model_dump())
 
     @r.post("/img2img", response_model=ImageResponse)
-    def img2img(body: Img2ImgAPIRequest) -> dict[str, Any]:
-        req = to_img2img_request(body, studio)
-        result = studio.img2img(req)
-        if body.override_settings and not body.override_settings_restore_afterwards:
-            studio.apply_options(dict(body.override_settings))
-        images = response_images(result, body.send_images)
+    async def img2img(body: Img2ImgAPIRequest) -> dict[str, Any]:
+        result, overrides = await generate(body, lambda: studio.submit_img2img(to_img2img_request(body, studio)))
         params = body.model_dump()
         if not body.include_init_images:
             params["init_images"] = None  # A1111 leaves the (large) inputs out of the echo
             params["mask"] = None
-        return {"images": images, "parameters": params, "info": json.dumps(result.info(), ensure_ascii=False)}
+        return await run_in_threadpool(image_response, result, body, overrides, params)
 
     @r.get("/sd-models")
     def sd_models() -> list[dict[str, Any]]:
@@ -201,7 +286,7 @@ def build_router(studio: Studio) -> APIRouter:
         out, info, _ = studio.upscale_image(image, body.upscaler_1, scale=scale, size=size,
                                             upscaler_2=body.upscaler_2,
                                             visibility_2=body.extras_upscaler_2_visibility)
-        return encode_png(out, info), info
+        return encode_image(out, info, **image_format()), info
 
     @r.post("/extra-single-image")
     def extra_single_image(body: ExtrasSingleRequest) -> dict[str, Any]:
@@ -219,6 +304,26 @@ def build_router(studio: Studio) -> APIRouter:
     def upscalers() -> list[dict[str, Any]]:
         studio.upscalers.refresh()
         return studio.upscalers.api_list()
+
+    @r.get("/realesrgan-models", response_model=list[RealesrganItem])
+    def realesrgan_models() -> list[dict[str, Any]]:
+        """A1111 lists its Real-ESRGAN upscaler's models here: ours are the ESRGAN-type model files
+        of the upscaler list (models/ESRGAN, models/RealESRGAN)."""
+        studio.upscalers.refresh()
+        return [{"name": u.name, "path": str(u.path) if u.path else None, "scale": u.scale}
+                for u in studio.upscalers.items()
+                if u.kind == "model" and (u.family or "").lower() in ESRGAN_FAMILIES]
+
+    @r.get("/face-restorers", response_model=list[FaceRestorerItem])
+    def face_restorers() -> list[dict[str, Any]]:
+        return []  # the studio has no face restorer (GFPGAN / CodeFormer)
+
+    @r.post("/interrogate")
+    def interrogate(body: InterrogateRequest) -> dict[str, Any]:
+        decode_base64_image(body.image)
+        # A1111 answers an interrogator it does not have with 404 "Model not found"
+        raise HTTPException(404, f"Model not found: {body.model!r}. This studio has no image interrogator "
+                                 "(CLIP or DeepDanbooru), so it cannot caption images.")
 
     @r.get("/latent-upscale-modes")
     def latent_upscale_modes() -> list[dict[str, Any]]:
@@ -241,16 +346,16 @@ def build_router(studio: Studio) -> APIRouter:
 
     @r.get("/options")
     def get_options() -> dict[str, Any]:
-        opts = studio.settings.snapshot()
+        opts = {**API_DEFAULTS, **studio.settings.snapshot()}
         current = studio.models.current
         if current is not None and not opts.get("sd_model_checkpoint"):
             opts["sd_model_checkpoint"] = current.info.title
             opts["sd_checkpoint_hash"] = current.info.sha256
-        return opts
+        return json_safe(opts)  # a config.json edited by hand may hold what JSON replies cannot
 
     @r.post("/options")
     def set_options(body: dict[str, Any]) -> dict[str, Any]:
-        studio.apply_options(body)
+        studio.apply_options(validate_options(body))
         return {}
 
     @r.get("/embeddings")
@@ -274,11 +379,25 @@ def build_router(studio: Studio) -> APIRouter:
     @r.get("/scripts")
     def scripts() -> dict[str, Any]:
         # clients (webuiapi's check_extensions) look for always-on script titles here
-        return {"txt2img": ["controlnet"], "img2img": ["controlnet"]}
+        return {"txt2img": [SCRIPT_TITLE], "img2img": [SCRIPT_TITLE]}
+
+    @r.get("/script-info", response_model=list[ScriptInfo])
+    def script_info() -> list[dict[str, Any]]:
+        """A1111's ScriptInfo list: the always-on ControlNet script of each tab, one argument per
+        unit (``control_net_unit_count``) whose value is a disabled unit with the defaults."""
+        unit = ControlNetUnitRequest(enabled=False).as_dict()
+        args = [{"label": f"ControlNet Unit {i}", "value": unit, "minimum": None, "maximum": None,
+                 "step": None, "choices": None} for i in range(unit_count(studio.settings))]
+        return [{"name": SCRIPT_TITLE, "is_alwayson": True, "is_img2img": is_img2img, "args": args}
+                for is_img2img in (False, True)]
 
     @r.get("/cmd-flags")
     def cmd_flags() -> dict[str, Any]:
-        return studio.flags.as_cmd_flags()
+        flags = studio.flags.as_cmd_flags()
+        for secret in ("api_auth", "gradio_auth"):  # logins are not for anyone who can read this
+            if flags.get(secret):
+                flags[secret] = "***"
+        return flags
 
     @r.get("/memory")
     def memory() -> dict[str, Any]:
@@ -299,11 +418,9 @@ def build_router(studio: Studio) -> APIRouter:
         count = studio.queue.job_count
         if state is None:
             return {"progress": 0, "eta_relative": 0, "state": ProgressState(job_count=count), "textinfo": None}
-        image = None
-        if state.preview is not None and not skip_current_image:
-            buf = io.BytesIO()
-            state.preview.save(buf, format="PNG")
-            image = base64.b64encode(buf.getvalue()).decode("ascii")
+        preview = state.preview
+        image = encode_image(preview, None, **image_format()) \
+            if preview is not None and not skip_current_image else None
         return {
             "progress": state.progress,
             "eta_relative": state.eta or 0.0,
@@ -339,10 +456,47 @@ def build_router(studio: Studio) -> APIRouter:
     return r
 
 
+def build_server_router(studio: Studio, shutdown: Callable[[], None]) -> APIRouter:
+    """A1111's server-kill / server-stop / server-restart, served only with --api-server-stop.
+    ``shutdown`` closes the server the way Ctrl+C does."""
+    r = APIRouter(prefix="/sdapi/v1", tags=["server"], route_class=StudioRoute)
+
+    @r.post("/server-kill")
+    def server_kill() -> dict[str, Any]:
+        log.warning("POST /sdapi/v1/server-kill: exiting now")
+        threading.Timer(0.2, os._exit, args=(0,)).start()  # after the reply has gone out
+        return {}
+
+    @r.post("/server-stop")
+    def server_stop() -> PlainTextResponse:
+        log.warning("POST /sdapi/v1/server-stop: interrupting the current job and shutting down")
+        studio.queue.interrupt()
+
+        def stop() -> None:
+            time.sleep(0.2)  # let the reply go out first
+            shutdown()
+            time.sleep(30)
+            os._exit(0)  # still here: shutting down hung
+
+        # a daemon thread: once the server has closed, nothing keeps the process alive
+        threading.Thread(target=stop, name="server-stop", daemon=True).start()
+        return PlainTextResponse("Stopping.")
+
+    @r.post("/server-restart", status_code=501)
+    def server_restart() -> JSONResponse:
+        # as A1111 answers when it was not started by a launcher that restarts it
+        return JSONResponse({"detail": "Restarting needs a launcher that starts the studio again: stop it "
+                                       "with /sdapi/v1/server-stop and start it again."}, status_code=501)
+
+    return r
+
+
 class StudioRoute(APIRoute):
-    """Turns user errors into A1111-style ``{"detail": ...}`` 4xx replies. Done per route
-    rather than with app exception handlers because the API is added to Gradio's app after
-    it started, when Starlette no longer picks up new handlers."""
+    """Turns errors into A1111-style JSON replies: user errors into a 4xx with ``{"detail": ...}``,
+    anything unexpected into a 500 with ``{"error", "detail", "body", "errors"}`` (A1111's
+    ``handle_exception``) and a logged traceback. Done per route rather than with app exception
+    handlers because the API is added to Gradio's app after it started, when Starlette no longer
+    picks up new handlers."""
 
     def get_route_handler(self):
         handler = super().get_route_handler()
@@ -350,17 +504,41 @@ class StudioRoute(APIRoute):
         async def guarded(request: Request):
             try:
                 return await handler(request)
-            except (RequestError, ModelFileError) as e:
-                return JSONResponse({"detail": str(e), "error": type(e).__name__}, status_code=400)
+            except (StarletteHTTPException, RequestValidationError, WebSocketRequestValidationError):
+                raise  # FastAPI's own replies (4xx with a JSON detail)
             except ModelNotFoundError as e:
                 return JSONResponse({"detail": str(e).strip("'\""), "error": type(e).__name__},
                                     status_code=404)
+            except USER_ERRORS as e:
+                return JSONResponse({"detail": str(e), "error": type(e).__name__}, status_code=400)
+            except Exception as e:  # noqa: BLE001 - a bug must still answer in JSON, and be logged
+                log.exception("%s %s failed", request.method, request.url.path)
+                return JSONResponse({"error": type(e).__name__, "detail": str(e) or type(e).__name__,
+                                     "body": "", "errors": str(e)}, status_code=500)
 
         return guarded
 
 
+def close_server(app: FastAPI) -> None:
+    """Stop serving, as Ctrl+C does: Gradio's ``Blocks.close()`` ends ``block_thread()``; an API-only
+    server (uvicorn running in the main thread) stops on SIGTERM."""
+    blocks = getattr(app, "blocks", None)
+    if blocks is not None:
+        blocks.close()
+    else:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def install_api(app: FastAPI, studio: Studio) -> None:
-    app.include_router(build_router(studio))
+    """Every API router on ``app``: /sdapi/v1 (with training and, with --api-server-stop, the
+    server routes) and /controlnet, behind the --api-auth login if one is set; CORS if the flags
+    allow other origins."""
+    deps = install_access(app, studio.flags)
+    app.include_router(build_router(studio), dependencies=deps)
     app.include_router(build_controlnet_router(studio, StudioRoute, decode_base64_image,
-                                               lambda image: encode_png(image, None)))
-    app.include_router(build_training_router(studio, StudioRoute))
+                                               lambda image: encode_png(image, None)), dependencies=deps)
+    app.include_router(build_training_router(studio, StudioRoute), dependencies=deps)
+    if studio.flags.api_server_stop:
+        app.include_router(build_server_router(studio, lambda: close_server(app)), dependencies=deps)
+    # FastAPI builds /openapi.json once, on the first request: drop a copy made before these routes
+    app.openapi_schema = None

@@ -89,7 +89,7 @@ def latent_mask(mask: Image.Image, width: int, height: int) -> torch.Tensor:
 
 
 def run_img2img(model: Any, req: Img2ImgRequest, state: JobState, outdir: Path | None, preview_every: int = 0,
-                networks: Any = None, vae: Any = None, controls: Any = None) -> GenerationResult:
+                networks: Any = None, vae: Any = None, controls: Any = None, save_format: Any = None) -> GenerationResult:
     prepared = [prepare(req, image) for image in req.init_images]
     if controls and prepared[0].box is not None:
         controls = controls.cropped(prepared[0].box, prepared[0].original.size)
@@ -165,7 +165,7 @@ def run_img2img(model: Any, req: Img2ImgRequest, state: JobState, outdir: Path |
                       denoising_strength=req.denoising_strength)
     req = req.with_changes(notes=tuple([*req.notes, *notes]))
     return run_txt2img(model, req, state, outdir, preview_every, networks=networks, vae=vae, hooks=hooks,
-                       controls=controls)
+                       controls=controls, save_format=save_format)
 
 
 def inpaint_conditioning(model: Any, image: Image.Image, mask: Image.Image | None) -> torch.Tensor:

@@ -7,8 +7,10 @@ import io
 import os
 import re
 import tempfile
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
@@ -34,15 +36,59 @@ def png_bytes(image: Image.Image, infotext: str | None) -> bytes:
     return buf.getvalue()
 
 
-def save_image(image: Image.Image, infotext: str, outdir: Path, seed: int, dated: bool = True) -> Path:
-    """``outdir/<date>/NNNNN-seed.png`` (A1111's layout), or straight in ``outdir`` when not
-    ``dated`` (the CLI's --out, img2img Batch's output directory)."""
+@dataclass(frozen=True)
+class SaveFormat:
+    """A1111's ``samples_format`` (png / jpg / webp) with ``jpeg_quality`` and ``webp_lossless``."""
+
+    fmt: str = "png"
+    quality: int = 80
+    lossless: bool = False
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> SaveFormat:
+        fmt = str(settings.get("samples_format", "png") or "png").lower()
+        try:
+            quality = int(settings.get("jpeg_quality", 80))
+        except (TypeError, ValueError):
+            quality = 80
+        return cls("jpg" if fmt == "jpeg" else fmt if fmt in ("png", "jpg", "webp") else "png",
+                   min(100, max(1, quality)), bool(settings.get("webp_lossless", False)))
+
+    @property
+    def suffix(self) -> str:
+        return f".{self.fmt}"
+
+
+def image_bytes(image: Image.Image, infotext: str | None, save_format: SaveFormat | None = None) -> bytes:
+    """The file's bytes: PNG with the infotext in its ``parameters`` chunk, JPEG / WebP with it in the
+    EXIF UserComment (where A1111 puts it, and where :func:`read_infotext` finds it)."""
+    fmt = save_format.fmt if save_format else "png"
+    if fmt == "png":
+        return png_bytes(image, infotext)
+    if image.mode not in ("RGB", "L"):
+        image = image.convert("RGB")
+    exif = Image.Exif()
+    if infotext:
+        exif.get_ifd(0x8769)[0x9286] = b"UNICODE\0" + infotext.encode("utf-16-be")  # Exif IFD → UserComment
+    buf = io.BytesIO()
+    if fmt == "webp":
+        image.save(buf, format="WEBP", exif=exif, quality=save_format.quality, lossless=save_format.lossless)
+    else:
+        image.save(buf, format="JPEG", exif=exif, quality=save_format.quality)
+    return buf.getvalue()
+
+
+def save_image(image: Image.Image, infotext: str, outdir: Path, seed: int, dated: bool = True,
+               save_format: SaveFormat | None = None) -> Path:
+    """``outdir/<date>/NNNNN-seed.png`` (A1111's layout; ``.jpg`` / ``.webp`` with ``samples_format``), or
+    straight in ``outdir`` when not ``dated`` (the CLI's --out, img2img Batch's output directory)."""
     folder = outdir / date.today().isoformat() if dated else outdir
     folder.mkdir(parents=True, exist_ok=True)
-    data = png_bytes(image, infotext)
-    # Write to a temp file then rename: an interrupted save never leaves a broken PNG.
+    data = image_bytes(image, infotext, save_format)
+    suffix = save_format.suffix if save_format else ".png"
+    # Write to a temp file then rename: an interrupted save never leaves a broken file.
     while True:
-        target = folder / f"{next_number(folder):05d}-{seed}.png"
+        target = folder / f"{next_number(folder):05d}-{seed}{suffix}"
         fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             f.write(data)

@@ -209,6 +209,7 @@ def run_txt2img(
     hooks: ModeHooks | None = None,
     upscalers: Any = None,
     controls: Any = None,
+    save_format: Any = None,
 ) -> GenerationResult:
     """``networks`` applies the prompt's LoRA/hypernetwork tags (None: tags are only noted);
     ``vae`` is the external VAE already swapped in, recorded in the infotext; ``hooks`` turn
@@ -230,14 +231,14 @@ def run_txt2img(
     notes += activation.notes
     try:
         return _run(model, req, state, outdir, preview_every, prompt, negative, notes, activation, vae,
-                    hooks or ModeHooks(), upscalers, controls)
+                    hooks or ModeHooks(), upscalers, controls, save_format)
     finally:
         activation.close()
 
 
 def _run(model: LoadedModel, req: Txt2ImgRequest, state: JobState, outdir: Path | None, preview_every: int,
          prompt: str, negative: str, notes: list[str], activation: NetworkActivation, vae: Any,
-         hooks: ModeHooks, upscalers: Any = None, controls: Any = None) -> GenerationResult:
+         hooks: ModeHooks, upscalers: Any = None, controls: Any = None, save_format: Any = None) -> GenerationResult:
     sampler, schedule = split_sampler_name(req.sampler_name, req.scheduler)
     schedule = effective_schedule(sampler, schedule)
     base_seed = resolve_seed(req.seed)
@@ -307,6 +308,6 @@ def _run(model: LoadedModel, req: Txt2ImgRequest, state: JobState, outdir: Path 
             result.subseeds.append(subseed)
             result.infotexts.append(infotext)
             if outdir is not None and req.save_images:
-                result.paths.append(save_image(image, infotext, outdir, seed))
+                result.paths.append(save_image(image, infotext, outdir, seed, save_format=save_format))
     result.interrupted = state.interrupted
     return result
