@@ -179,7 +179,8 @@ def test_extra_networks_cards_insert_tags_and_vae_dropdown(page, artifacts_dir):
     page.wait_for_function(
         "() => !document.querySelector('#txt2img_prompt textarea').value.includes('<lora')", timeout=30_000)
     page.locator("#txt2img_extra_networks").get_by_role("tab", name="Hypernetworks").click()
-    page.locator("#txt2img_extra_hypernetworks button.thumbnail-item").first.click()
+    # other tests (API training) may add hypernetworks to the served folder: pick the card by its caption
+    page.locator("#txt2img_extra_hypernetworks button.thumbnail-item", has_text="tinyhn").first.click()
     page.wait_for_function(
         "() => document.querySelector('#txt2img_prompt textarea').value.includes('<hypernet:tinyhn:1>')",
         timeout=30_000)
