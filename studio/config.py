@@ -12,6 +12,7 @@ import json
 import os
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -213,19 +214,28 @@ class Paths:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file + rename so readers never see a half-written file."""
+def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(temp)`` on a hidden temporary file beside ``path``, fsync it, then rename it over
+    ``path``: a reader, a crash or a full disk leaves the old file or the new one, never half of one.
+    The name starts with "." (and ends in ".tmp") so model-folder scans never list a half-written file."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    temp = Path(name)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
+        write(temp)
+        with open(temp, "rb+") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(temp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        temp.unlink(missing_ok=True)
         raise
+    return path
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda temp: temp.write_text(text, encoding="utf-8"))
 
 
 # Defaults of the options served by /sdapi/v1/options; names are A1111's.

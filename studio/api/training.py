@@ -5,11 +5,11 @@ request says ``"wait": false``."""
 
 from __future__ import annotations
 
-from dataclasses import fields
-from typing import Any
+from dataclasses import MISSING, fields
+from typing import Any, get_type_hints
 
 from fastapi import APIRouter
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from studio.training.base import TrainingError, TrainSettings
 
@@ -67,52 +67,28 @@ class TrainA1111Body(BaseModel):
     preview_seed: int = -1
 
 
-class TrainLoraBody(BaseModel):
-    """TrainSettings + LoraSettings fields (see studio/training/base.py and lora.py)."""
+def _fields_of(*classes: type) -> dict[str, Any]:
+    """pydantic field definitions from the dataclasses' own fields, types and defaults, so the API body
+    can never drift from the settings it fills."""
+    out: dict[str, Any] = {}
+    for cls in classes:
+        hints = get_type_hints(cls)
+        for f in fields(cls):
+            if f.default is not MISSING:
+                out[f.name] = (hints[f.name], f.default)
+            elif f.default_factory is not MISSING:
+                out[f.name] = (hints[f.name], Field(default_factory=f.default_factory))
+            else:
+                out[f.name] = (hints[f.name], ...)
+    return out
 
-    model_config = ConfigDict(extra="forbid")
-    data_dir: str
-    output_name: str
-    wait: bool = True
-    # LoRA shape
-    rank: int = 8
-    alpha: float = 8.0
-    conv_rank: int = 0
-    conv_alpha: float = 1.0
-    train_unet: bool = True
-    train_text_encoder: bool = False
-    unet_lr: float | None = None
-    text_encoder_lr: float | None = None
-    # the run (defaults are TrainSettings')
-    checkpoint: str | None = None
-    steps: int = 1000
-    batch_size: int = 1
-    gradient_accumulation: int = 1
-    learning_rate: float = 1e-4
-    lr_scheduler: str = "constant"
-    lr_warmup_steps: int = 0
-    optimizer: str = "AdamW"
-    mixed_precision: str = "auto"
-    resolution: int = 512
-    enable_bucket: bool = True
-    min_bucket_reso: int = 256
-    max_bucket_reso: int = 1024
-    caption_extension: str = ".txt"
-    shuffle_caption: bool = False
-    keep_tokens: int = 0
-    caption_dropout: float = 0.0
-    tag_dropout: float = 0.0
-    noise_offset: float = 0.0
-    min_snr_gamma: float = 0.0
-    clip_skip: int = 1
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    save_every: int = 0
-    sample_every: int = 0
-    sample_prompt: str = ""
-    sample_steps: int = 20
-    overwrite: bool = False
-    resume: bool = True
+
+def lora_body_model() -> type[BaseModel]:
+    """The body of POST /sdapi/v1/train/lora: every TrainSettings and LoraSettings field, plus ``wait``."""
+    from studio.training.lora import LoraSettings
+
+    return create_model("TrainLoraBody", __config__=ConfigDict(extra="forbid"),
+                        wait=(bool, True), **_fields_of(LoraSettings, TrainSettings))
 
 
 def _a1111_settings(body: TrainA1111Body, name: str, save_every: int) -> TrainSettings:
@@ -172,9 +148,8 @@ def build_training_router(studio: Any, route_class: Any) -> APIRouter:
     def train_hypernetwork(body: TrainA1111Body) -> dict[str, Any]:
         return train_a1111("hypernetwork", body, body.hypernetwork_name, "0.00001", body.save_hypernetwork_every)
 
-    @r.post("/train/lora")
-    def train_lora(body: TrainLoraBody) -> dict[str, Any]:
-        from studio.training.lora import LoraSettings  # peft loads on first use, not at start-up
+    def train_lora(body: Any) -> dict[str, Any]:
+        from studio.training.lora import LoraSettings
 
         values = body.model_dump()
         lora = LoraSettings(**{f.name: values[f.name] for f in fields(LoraSettings) if f.name in values})
@@ -184,5 +159,9 @@ def build_training_router(studio: Any, route_class: Any) -> APIRouter:
             return {"info": "queued", "job": job.state.job_id}
         result = job.wait()
         return {"info": f"train lora complete: filename: {result.output_path}", "result": result.api_dict()}
+
+    # the body model is built at run time, so the annotation is set on the function itself
+    train_lora.__annotations__["body"] = lora_body_model()
+    r.post("/train/lora")(train_lora)
 
     return r

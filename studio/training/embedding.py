@@ -17,15 +17,14 @@ failed or interrupted save leaves the previous file as it was.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from studio.config import atomic_write
 from studio.networks.embeddings import (
     DEFAULT_ENCODER,
     EMBEDDING_SUFFIXES,
@@ -119,26 +118,6 @@ def lr_at(schedule: list[tuple[float, int]], step: int) -> float:
 
 # ---------------------------------------------------------------------------------------------
 # Shared helpers (hypernetwork.py uses these too)
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(temp)`` on a hidden temporary file beside ``path``, then move it over ``path``.
-
-    On any failure the temporary file is removed and ``path`` is left as it was. The temporary
-    name starts with "." so the model-folder scanners never list a half-written file.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    temp = Path(temp_name)
-    try:
-        write(temp)
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    return path
 
 
 def freeze_model(model: Any) -> list[nn.Parameter]:

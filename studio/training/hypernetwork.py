@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from studio.config import atomic_write
 from studio.networks.hypernetworks import (
     HYPERNETWORK_SUFFIX,
     Hypernetwork,
@@ -34,7 +35,6 @@ from studio.networks.hypernetworks import (
 )
 from studio.training.base import TrainingError, check_output_name
 from studio.training.embedding import (
-    atomic_write,
     check_free_name,
     checkpoint_fields,
     freeze_model,

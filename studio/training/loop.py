@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -29,6 +27,7 @@ from typing import Any
 
 import torch
 
+from studio.config import atomic_write
 from studio.jobs import JobState
 from studio.training.base import Batch, Trainable, TrainingError, TrainSettings
 from studio.training.loss import diffusion_loss, offset_noise, train_scheduler, training_target
@@ -141,17 +140,7 @@ def _time_ids(batch: Batch, height: int, width: int) -> torch.Tensor:
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda temp: torch.save(obj, temp))
 
 
 def load_resume_state(folder: Path, kind: str, output_path: Path) -> dict[str, Any] | None:

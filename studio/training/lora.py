@@ -31,9 +31,7 @@ import datetime
 import hashlib
 import json
 import math
-import os
 import re
-import secrets
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -44,6 +42,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from studio.config import atomic_write
 from studio.networks.lora_keys import (
     TEXT_ENCODER,
     UNET,
@@ -259,32 +258,7 @@ def kohya_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str
 
 
 def _write_atomically(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write next to ``path`` under a temporary name, fsync, then rename over ``path``: a reader or
-    a crash sees the old file or the new one, never half of one. The temporary suffix is not a
-    LoRA suffix, so the LoRA list never shows it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_suffix(f".tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    try:
-        safetensors.torch.save_file(tensors, str(temp), metadata=metadata)
-        with open(temp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        try:
-            temp.unlink()
-        except FileNotFoundError:
-            pass
-        raise
-    try:  # make the rename itself durable; not possible everywhere (Windows)
-        fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    atomic_write(path, lambda temp: safetensors.torch.save_file(tensors, str(temp), metadata=metadata))
 
 
 # --------------------------------------------------------------------------- the trainable
