@@ -706,38 +706,32 @@ def cmd_train(ns: argparse.Namespace) -> int:
     return 130 if interrupted else 0
 
 
-def cmd_create_embedding(ns: argparse.Namespace) -> int:
+def _print_from_studio(ns: argparse.Namespace, action) -> int:
+    """Run ``action(studio)`` and print what it returns; a user error is printed as ``error:`` (exit 2)."""
     from studio.core import Studio
 
     studio = Studio.create(_flags(ns))
     try:
-        path = studio.create_embedding(ns.name, ns.init_text, ns.vectors, overwrite=ns.overwrite)
+        print(action(studio))
     except _user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
         studio.queue.shutdown()
-    print(path)
     return 0
+
+
+def cmd_create_embedding(ns: argparse.Namespace) -> int:
+    return _print_from_studio(ns, lambda studio: studio.create_embedding(ns.name, ns.init_text, ns.vectors,
+                                                                         overwrite=ns.overwrite))
 
 
 def cmd_create_hypernetwork(ns: argparse.Namespace) -> int:
-    from studio.core import Studio
-
-    studio = Studio.create(_flags(ns))
-    try:
-        path = studio.create_hypernetwork(
-            ns.name, sizes=[part.strip() for part in ns.sizes.split(",") if part.strip()],
-            layer_structure=ns.layer_structure, activation=ns.activation, weight_init=ns.weight_init,
-            add_layer_norm=ns.layer_norm, use_dropout=ns.dropout, dropout_structure=ns.dropout_structure,
-            overwrite=ns.overwrite)
-    except _user_errors() as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        studio.queue.shutdown()
-    print(path)
-    return 0
+    return _print_from_studio(ns, lambda studio: studio.create_hypernetwork(
+        ns.name, sizes=[part.strip() for part in ns.sizes.split(",") if part.strip()],
+        layer_structure=ns.layer_structure, activation=ns.activation, weight_init=ns.weight_init,
+        add_layer_norm=ns.layer_norm, use_dropout=ns.dropout, dropout_structure=ns.dropout_structure,
+        overwrite=ns.overwrite))
 
 
 def cmd_dataset(ns: argparse.Namespace) -> int:
