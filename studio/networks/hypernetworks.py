@@ -98,7 +98,7 @@ class HypernetworkModule(nn.Module):
     ) -> None:
         super().__init__()
         self.dim = dim
-        _check_layer_structure(layer_structure)
+        check_layer_structure(layer_structure)
         if dropout_structure is not None and len(dropout_structure) < len(layer_structure):
             raise ValueError(
                 f"dropout_structure {list(dropout_structure)} is shorter than layer_structure "
@@ -130,14 +130,14 @@ class HypernetworkModule(nn.Module):
         return x + self.linear(x) * multiplier
 
 
-def _check_layer_structure(layer_structure: Sequence[float]) -> None:
+def check_layer_structure(layer_structure: Sequence[float]) -> None:
     if len(layer_structure) < 2:
         raise ValueError(f"layer_structure {list(layer_structure)} needs at least two entries")
     if layer_structure[0] != 1 or layer_structure[-1] != 1:
         # The residual x + linear(x) only works when the stack maps width -> width.
         raise ValueError(f"layer_structure {list(layer_structure)} must start and end with 1")
     if any(value <= 0 for value in layer_structure):
-        raise ValueError(f"layer_structure {list(layer_structure)} must be positive")
+        raise ValueError(f"layer_structure {list(layer_structure)}: every number must be above 0")
 
 
 def _instantiate(cls: type[nn.Module], name: str) -> nn.Module:
@@ -395,7 +395,7 @@ def _layer_structure(value: Any, path: Path) -> list[float]:
         return list(DEFAULT_LAYER_STRUCTURE)
     structure = _number_list(value, path, "layer_structure")
     try:
-        _check_layer_structure(structure)
+        check_layer_structure(structure)
     except ValueError as exc:
         raise HypernetworkFileError(f"{path}: {exc}") from exc
     return structure

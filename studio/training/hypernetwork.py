@@ -31,6 +31,7 @@ from studio.networks.hypernetworks import (
     HypernetworkModule,
     activation_class,
     apply_hypernetworks,
+    check_layer_structure,
     read_hypernetwork,
 )
 from studio.training.base import TrainingError, check_output_name
@@ -76,12 +77,10 @@ def parse_number_list(value: str | Sequence[float], label: str) -> list[float]:
 
 def parse_layer_structure(value: str | Sequence[float]) -> list[float]:
     structure = parse_number_list(value, "layer structure")
-    if len(structure) < 2:
-        raise TrainingError(f"layer structure {value!r} needs at least two numbers, like 1, 2, 1")
-    if structure[0] != 1 or structure[-1] != 1:
-        raise TrainingError(f"layer structure {value!r} must start and end with 1")
-    if any(item <= 0 for item in structure):
-        raise TrainingError(f"layer structure {value!r}: every number must be above 0")
+    try:
+        check_layer_structure(structure)   # the reader's own rules: what we write, it reads
+    except ValueError as e:
+        raise TrainingError(f"{e} (e.g. 1, 2, 1)") from None
     return structure
 
 
