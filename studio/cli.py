@@ -101,6 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also save each unit's preprocessed map next to the images "
                          "(<first image name>-controlnet-<unit>.png)")
 
+    fast = g.add_argument_group("opt-in fast modes")
+    fast.add_argument("--token-merging", type=float, default=None, metavar="RATIO",
+                      help="token merging ratio 0-0.9 (lossy: faster at large sizes, changes the image); "
+                           "default: the token_merging_ratio setting")
+    fast.add_argument("--compile", action="store_true",
+                      help="torch.compile the UNet's transformer blocks (the first run at a size compiles, "
+                           "minutes on a CPU; cached on disk for later runs)")
+
     u = sub.add_parser("upscale", help="upscale images with an upscaler (Extras)")
     _common(u)
     u.add_argument("images", nargs="+")
@@ -367,7 +375,10 @@ def cmd_generate(ns: argparse.Namespace) -> int:
         sampler_name=ns.sampler, scheduler=ns.scheduler, clip_skip=ns.clip_skip, checkpoint=checkpoint,
         styles=tuple(ns.style), vae=ns.vae, subseed=ns.variation_seed, subseed_strength=ns.variation_strength,
         tiling=ns.tiling, save_images=ns.out is None, controlnet_units=units,
+        token_merging_ratio=ns.token_merging,
     )
+    if ns.compile:
+        studio.settings.update({"sd_compile_unet": True}, persist=False)
     try:
         if ns.init_image:
             from studio.generation.outputs import ImageReadError, open_image

@@ -68,6 +68,8 @@ class Flags:
     precision: str = "autocast"
     device: str | None = None
     xformers: bool = False
+    opt_split_attention: bool = False
+    opt_channelslast: bool = False
     no_hashing: bool = False
     no_demo: bool = False
     inbrowser: bool = False
@@ -128,6 +130,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1, mps")
     p.add_argument("--xformers", action="store_true", help="use xformers attention on CUDA")
+    p.add_argument("--opt-split-attention", action="store_true",
+                   help="compute attention in slices: less memory, slower; replaces SDPA (off by default)")
+    p.add_argument("--opt-channelslast", action="store_true",
+                   help="channels_last memory layout everywhere (default: only where measured faster, CPU bf16)")
     p.add_argument("--no-hashing", action="store_true", help="do not compute sha256 of checkpoints")
     p.add_argument("--no-demo", action="store_true", help="do not offer the built-in demo model")
     p.add_argument("--inbrowser", action="store_true", help="open the UI in the default browser")
@@ -256,6 +262,12 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "sd_vae": "Automatic",
     "enable_pnginfo": True,
     "save_txt": False,
+    # Opt-in fast modes (studio/optimizations.py); names of the token-merging ones are A1111's.
+    "token_merging_ratio": 0.0,
+    "token_merging_ratio_img2img": 0.0,
+    "token_merging_ratio_hr": 0.0,
+    "sd_compile_unet": False,
+    "sd_compile_backend": "inductor",
 }
 
 

@@ -26,6 +26,7 @@ from studio.networks.cards import Card, hypernet_tag, lora_tag
 from studio.networks.embeddings import EmbeddingLibrary
 from studio.networks.hypernetworks import HypernetworkLibrary
 from studio.networks.lora import LoraLibrary
+from studio.optimizations import CompileOptions, compile_cache_dir, set_compiled, token_merging_ratios
 from studio.prompts.styles import StyleDatabase, StyleError
 from studio.upscale import UpscalerLibrary, default_folders
 
@@ -78,7 +79,8 @@ class Studio:
         paths = Paths.from_flags(flags)
         paths.ensure()
         settings = Settings.load(paths.settings_file)
-        policy = resolve_policy(flags.device, flags.no_half, flags.no_half_vae, flags.precision, flags.xformers)
+        policy = resolve_policy(flags.device, flags.no_half, flags.no_half_vae, flags.precision, flags.xformers,
+                                split_attention=flags.opt_split_attention, force_channels_last=flags.opt_channelslast)
         # one HashCache for every kind of file: it owns cache.json and its lock
         hashes = HashCache(paths.hash_cache_file)
         catalog = Catalog(paths.ckpt_dirs, hashes, hashing=not flags.no_hashing)
@@ -402,6 +404,11 @@ class Studio:
         skip = _int_setting(self.settings, "CLIP_stop_at_last_layers", 1)
         if req.clip_skip == 1 and 1 < skip <= 12:
             req = req.with_changes(clip_skip=skip)
+        merge, merge_hr = token_merging_ratios(self.settings, img2img=kind == "img2img")
+        req = req.with_changes(
+            token_merging_ratio=merge if req.token_merging_ratio is None else req.token_merging_ratio,
+            token_merging_ratio_hr=merge_hr if req.token_merging_ratio_hr is None else req.token_merging_ratio_hr)
+        compile_options = CompileOptions.from_settings(self.settings)
         every = _int_setting(self.settings, "show_progress_every_n_steps", 1)
         if not self.settings.get("live_previews_enable", True):
             every = 0
@@ -416,6 +423,7 @@ class Studio:
             model = self.models.load(req.checkpoint or self.initial_checkpoint())
             self._sync_embeddings()
             vae = self._apply_vae(model, req.vae)
+            set_compiled(model.unet, compile_options, compile_cache_dir(self.paths.data))
             extra = {"upscalers": self.upscalers} if kind == "txt2img" else {}
             controls = self._prepare_controls(req, model, state)
             return run(model, req, state, self.paths.outputs / outdir_name, preview_every=every,

@@ -328,3 +328,19 @@ def test_upscalers_hires_and_extras(server):
     assert [Image.open(io.BytesIO(base64.b64decode(i))).size for i in r.json()["images"]] == [(64, 48)] * 2
     r = requests.post(api(server, "extra-single-image"), json={"image": _b64_png(src), "upscaler_1": "Nope"})
     assert r.status_code == 400 and "Nope" in r.json()["detail"]
+
+
+def test_token_merging_from_override_settings_and_infotext(server):
+    """A1111 clients turn token merging on per request with override_settings; it is written into the
+    infotext, and a pasted infotext brings it back."""
+    body = {**SMALL, "sampler_name": "Euler", "override_settings": {"token_merging_ratio": 0.5}}
+    r = requests.post(api(server, "txt2img"), json=body)
+    assert r.status_code == 200, r.text
+    text = json.loads(r.json()["info"])["infotexts"][0]
+    assert parse_infotext(text)["Token merging ratio"] == "0.5"
+    assert requests.get(api(server, "options")).json()["token_merging_ratio"] == 0.0, "restored afterwards"
+    again = requests.post(api(server, "txt2img"), json={"infotext": text, "steps": 3})
+    assert again.status_code == 200, again.text
+    assert again.json()["images"][0] == r.json()["images"][0]
+    bad = requests.post(api(server, "txt2img"), json={**SMALL, "override_settings": {"token_merging_ratio": 3}})
+    assert bad.status_code == 400 and "token_merging_ratio" in bad.json()["detail"]

@@ -9,6 +9,7 @@ import re
 from typing import Any, Callable
 
 from studio.generation.request import RequestError
+from studio.optimizations import COMPILE_BACKENDS, MAX_TOKEN_MERGING
 
 SAMPLES_FORMATS = ("png", "jpg", "jpeg", "webp")
 PREVIEW_FORMATS = ("png", "jpeg", "webp")
@@ -124,6 +125,11 @@ RULES: dict[str, Callable[[str, Any], Any]] = {
     "control_net_model_cache_size": _integer(1, 10),
     "control_net_no_detectmap": _boolean,
     "disabled_extensions": _names,
+    "token_merging_ratio": _number(0, MAX_TOKEN_MERGING),
+    "token_merging_ratio_img2img": _number(0, MAX_TOKEN_MERGING),
+    "token_merging_ratio_hr": _number(0, MAX_TOKEN_MERGING),
+    "sd_compile_unet": _boolean,
+    "sd_compile_backend": _choice(COMPILE_BACKENDS),
 }
 
 

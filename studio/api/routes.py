@@ -11,6 +11,7 @@ import os
 import signal
 import threading
 import time
+from collections import ChainMap
 from typing import Any, Callable
 
 from fastapi import APIRouter, FastAPI, HTTPException, Request
@@ -63,6 +64,7 @@ from studio.models.vae import VaeNotFoundError
 from studio.networks.embeddings import EmbeddingFileError
 from studio.networks.hypernetworks import HypernetworkFileError
 from studio.networks.lora_formats import LoraFileError
+from studio.optimizations import token_merging_ratios
 from studio.prompts.styles import StyleError
 from studio.upscale import UpscalerError
 
@@ -108,7 +110,7 @@ def to_img2img_request(body: Img2ImgAPIRequest, studio: Studio) -> Img2ImgReques
     both axes; images may be raw base64 or data URIs."""
     if not body.init_images:
         raise HTTPException(400, "init_images: at least one base64 image is required")
-    base, _ = to_request(body, studio)
+    base, _ = to_request(body, studio, img2img=True)
     images = tuple(decode_base64_image(data) for data in body.init_images)
     mask = decode_base64_image(body.mask) if body.mask else None
     blur_x, blur_y = body.mask_blur_x, body.mask_blur_y
@@ -124,7 +126,7 @@ def to_img2img_request(body: Img2ImgAPIRequest, studio: Studio) -> Img2ImgReques
     )
 
 
-def to_request(body: Txt2ImgAPIRequest, studio: Studio) -> tuple[Txt2ImgRequest, str | None]:
+def to_request(body: Txt2ImgAPIRequest, studio: Studio, img2img: bool = False) -> tuple[Txt2ImgRequest, str | None]:
     """Map A1111 fields to our request. Returns the request and the checkpoint override."""
     explicit = body.model_fields_set
     values = body.model_dump()
@@ -142,6 +144,10 @@ def to_request(body: Txt2ImgAPIRequest, studio: Studio) -> tuple[Txt2ImgRequest,
     except (TypeError, ValueError):
         raise RequestError(f"clip_skip must be an integer 1-12 (got {clip_skip!r})") from None
     sampler = values.get("sampler_name") or values.get("sampler_index") or "Euler"
+    # token merging: override_settings as A1111 applies them, else a pasted infotext, else the settings
+    merge, merge_hr = values.get("token_merging_ratio"), values.get("token_merging_ratio_hr")
+    if any(key.startswith("token_merging_ratio") for key in overrides):
+        merge, merge_hr = token_merging_ratios(ChainMap(overrides, studio.settings.snapshot()), img2img)
     req = Txt2ImgRequest(
         prompt=values["prompt"] or "",
         negative_prompt=values["negative_prompt"] or "",
@@ -179,6 +185,8 @@ def to_request(body: Txt2ImgAPIRequest, studio: Studio) -> tuple[Txt2ImgRequest,
         save_images=bool(values["save_images"]),
         styles=tuple(values.get("styles") or ()),
         controlnet_units=units_from_alwayson(body.alwayson_scripts, decode_base64_image),
+        token_merging_ratio=merge,
+        token_merging_ratio_hr=merge_hr,
     )
     return req, checkpoint
 

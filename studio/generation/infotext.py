@@ -117,6 +117,8 @@ INFOTEXT_FIELDS = {
     "Seed resize from-2": ("seed_resize_from_h", int),
     "Denoising strength": ("denoising_strength", float),
     "Tiling": ("tiling", lambda v: str(v).strip().lower() == "true"),
+    "Token merging ratio": ("token_merging_ratio", float),
+    "Token merging ratio hr": ("token_merging_ratio_hr", float),
 }
 
 

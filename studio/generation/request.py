@@ -58,6 +58,9 @@ class Txt2ImgRequest:
     save_images: bool = True
     # ControlNet units (studio.controlnet.units.ControlNetUnitRequest), the extension's order
     controlnet_units: tuple[Any, ...] = ()
+    # Token merging (lossy, opt-in): None = the settings' ratio; 0 = off
+    token_merging_ratio: float | None = None
+    token_merging_ratio_hr: float | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)  # adjustments made by validate()
 
     def with_changes(self, **changes: Any) -> Txt2ImgRequest:
@@ -104,6 +107,11 @@ def validate_txt2img(req: Txt2ImgRequest) -> Txt2ImgRequest:
                 check_unit(unit, index)
     if req.eta is not None:
         _check_range("eta", req.eta, 0, 1)
+    from studio.optimizations import MAX_TOKEN_MERGING
+
+    for name in ("token_merging_ratio", "token_merging_ratio_hr"):
+        if getattr(req, name) is not None:
+            _check_range(name, getattr(req, name), 0, MAX_TOKEN_MERGING)
     if req.seed > MAX_SEED:
         raise RequestError(f"seed must be at most {MAX_SEED} (or -1 for random)")
     if req.subseed > MAX_SEED:

@@ -35,6 +35,7 @@ from studio.generation.tiling import seamless
 from studio.jobs import JobState
 from studio.models.loader import LoadedModel
 from studio.networks.activation import ExtraNetworks, NetworkActivation
+from studio.optimizations import token_merging
 from studio.prompts.parser import extract_extra_networks
 from studio.prompts.schedule import ConditioningPlan
 
@@ -141,6 +142,8 @@ def make_infotext(req: Txt2ImgRequest, model: LoadedModel, seed: int, schedule_l
                              if req.seed_resize_from_w > 0 and req.seed_resize_from_h > 0 else None),
         "Denoising strength": extra.get("Denoising strength"),
         "Clip skip": req.clip_skip if req.clip_skip > 1 else None,
+        "Token merging ratio": extra.get("Token merging ratio"),
+        "Token merging ratio hr": extra.get("Token merging ratio hr"),
         "RNG": "CPU",
         "Eta": _fmt(req.eta) if req.eta is not None else None,
         "Tiling": True if req.tiling else None,
@@ -263,6 +266,13 @@ def _run(model: LoadedModel, req: Txt2ImgRequest, state: JobState, outdir: Path 
         hr_negative, _ = extract_extra_networks(req.hr_negative_prompt) if req.hr_negative_prompt else (negative, [])
         hires_cond = ConditioningPlan(conditioner, hr_prompt, hr_negative, hires.steps, req.clip_skip)
 
+    merge = req.token_merging_ratio or 0.0
+    merge_hr = merge if req.token_merging_ratio_hr is None else req.token_merging_ratio_hr
+    if merge:
+        extra["Token merging ratio"] = merge
+    if hires is not None and merge_hr:
+        extra["Token merging ratio hr"] = merge_hr
+
     result = GenerationResult([], [], [], [], req, model, notes=notes, vae=vae,
                               denoising_strength=denoising,
                               extra_params={k: v for k, v in extra.items()
@@ -290,11 +300,14 @@ def _run(model: LoadedModel, req: Txt2ImgRequest, state: JobState, outdir: Path 
                              resize_from=(req.seed_resize_from_w, req.seed_resize_from_h), controlnets=first_units,
                              **(hooks.spec_extras(batch_index, seeds) if hooks.spec_extras else {}))
             with seamless(model.unet, model.vae, enabled=req.tiling):
-                latents = sample(model, spec, state)
+                with token_merging(model.unet, merge, seeds[0]):
+                    latents = sample(model, spec, state)
                 if hires is not None and not (state.interrupted or state.skipped):
                     first = latents
-                    latents = second_pass(model, req, hires, first, lambda: decode_latents(model, first), hires_cond,
-                                          seeds, subseeds, state, upscalers, preview_every, hires_units)
+                    with token_merging(model.unet, merge_hr, seeds[0]):
+                        latents = second_pass(model, req, hires, first, lambda: decode_latents(model, first),
+                                              hires_cond, seeds, subseeds, state, upscalers, preview_every,
+                                              hires_units)
 
         with seamless(model.vae, enabled=req.tiling):
             images = decode_latents(model, latents)

@@ -173,6 +173,12 @@ def _place(policy: DevicePolicy, unet: Any, vae: Any, *text_encoders: Any) -> No
     if policy.channels_last:
         unet.to(memory_format=torch.channels_last)
         vae.to(memory_format=torch.channels_last)
+    # diffusers picks SDPA by itself; only the other two choices need setting
+    if policy.attention == "xformers":
+        unet.enable_xformers_memory_efficient_attention()
+        vae.enable_xformers_memory_efficient_attention()
+    elif policy.attention == "sliced":
+        unet.set_attention_slice("auto")
 
 
 @dataclass

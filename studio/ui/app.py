@@ -15,6 +15,7 @@ from studio.ui.extensions_tab import build_extensions_tab
 from studio.ui.extra_networks import checkpoint_card_title
 from studio.ui.extras import build_extras_tab
 from studio.ui.img2img import build_img2img_tab, build_inpaint_tab
+from studio.ui.settings_tab import build_settings_tab
 from studio.ui.train import build_train_tab
 from studio.ui.txt2img import USER_ERRORS, build_txt2img_tab, fields_to_updates
 
@@ -89,6 +90,8 @@ def build_ui(studio: Studio) -> gr.Blocks:
                         send = gr.Button("Send to txt2img", elem_id="pnginfo_send_txt2img")
             with gr.Tab("Train", id="train", elem_id="tab_train"):
                 build_train_tab(studio)
+            with gr.Tab("Settings", id="settings", elem_id="tab_settings"):
+                build_settings_tab(studio)
             with gr.Tab("Extensions", id="extensions", elem_id="tab_extensions"):
                 build_extensions_tab(studio)
 
