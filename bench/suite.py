@@ -77,20 +77,20 @@ def reset_peak() -> None:
         pass
 
 
-def peak_rss() -> int:
+def _status_bytes(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def peak_rss() -> int:
+    return _status_bytes("VmHWM")
 
 
 def current_rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    return _status_bytes("VmRSS")
 
 
 def measured(fn: Callable[[], Any]) -> tuple[float, int]:
@@ -221,6 +221,24 @@ def on_worker(studio: Any, fn: Callable[[], Any]) -> Callable[[], Any]:
     return lambda: studio.queue.run(lambda state: fn())
 
 
+def unet_calls(model: Any, fn: Callable[[], Any]) -> int:
+    """How many UNet forwards ``fn`` makes (CFG is batched: one per step on both sides)."""
+    count = [0]
+    hook = model.unet.register_forward_pre_hook(lambda *a: count.__setitem__(0, count[0] + 1))
+    try:
+        fn()
+    finally:
+        hook.remove()
+    return count[0]
+
+
+def strength_for(steps_run: int, steps: int) -> float:
+    """The diffusers strength that makes it run ``steps_run`` of ``steps`` (it runs int(strength·steps)).
+    The studio follows A1111, which runs int(strength·steps) + 1 steps in img2img and the hires pass;
+    equal work means giving diffusers the same count."""
+    return min(1.0, (steps_run + 0.5) / steps)
+
+
 def generator() -> torch.Generator:
     return torch.Generator("cpu").manual_seed(1)
 
@@ -273,11 +291,14 @@ def case_sd15_img2img(setup: Setup) -> dict[str, Any]:
     init = Image.effect_noise((size, size), 60).convert("RGB")
     fields = {k: v for k, v in asdict(txt2img_request(setup, size)).items() if k != "notes"}
     req = Img2ImgRequest(**fields, init_images=(init,), denoising_strength=0.75)
+    studio_steps = unet_calls(model, lambda: studio.img2img(req))
+    strength = strength_for(studio_steps, setup.steps)
     result = compare(lambda: studio.img2img(req),
-                     on_worker(studio, lambda: pipe(PROMPT, image=init, strength=0.75, negative_prompt=NEGATIVE,
+                     on_worker(studio, lambda: pipe(PROMPT, image=init, strength=strength, negative_prompt=NEGATIVE,
                                                      num_inference_steps=setup.steps, guidance_scale=7.0,
                                                      generator=generator())), setup.runs)
-    return {"size": size, "strength": 0.75, "img2img": result}
+    return {"size": size, "strength": 0.75, "diffusers_strength": strength, "unet_steps": studio_steps,
+            "img2img": result}
 
 
 def case_sd15_hires(setup: Setup) -> dict[str, Any]:
@@ -292,15 +313,18 @@ def case_sd15_hires(setup: Setup) -> dict[str, Any]:
     req = txt2img_request(setup, size, enable_hr=True, hr_scale=scale, hr_upscaler="Latent",
                           hr_denoising_strength=strength)
 
+    second_steps = unet_calls(model, lambda: studio.txt2img(req)) - setup.steps
+    second_strength = strength_for(second_steps, setup.steps)
+
     def diffusers_hires() -> None:
         latents = txt(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=setup.steps, height=size, width=size,
                       guidance_scale=7.0, generator=generator(), output_type="latent").images
         target = int(size * scale) // 8
         latents = F.interpolate(latents, size=(target, target), mode="bilinear", antialias=False)
-        img(PROMPT, image=latents, strength=strength, negative_prompt=NEGATIVE, num_inference_steps=setup.steps,
-            guidance_scale=7.0, generator=generator())
+        img(PROMPT, image=latents, strength=second_strength, negative_prompt=NEGATIVE,
+            num_inference_steps=setup.steps, guidance_scale=7.0, generator=generator())
 
-    return {"size": size, "hr_scale": scale, "strength": strength,
+    return {"size": size, "hr_scale": scale, "strength": strength, "second_pass_steps": second_steps,
             "hires": compare(lambda: studio.txt2img(req), on_worker(studio, diffusers_hires), setup.runs)}
 
 
@@ -391,6 +415,48 @@ def case_vae_decode(setup: Setup) -> dict[str, Any]:
     return {"small": small, "big": big, "decode": out}
 
 
+def case_sd15_fast_modes(setup: Setup) -> dict[str, Any]:
+    """The opt-in modes against the default policy at the largest size: token merging 0.5
+    (interleaved with the default; lossy: the mean pixel difference to the default's image is
+    reported) and regional torch.compile (inductor; its cache emptied first so the first call
+    shows the full compile cost)."""
+    import shutil
+
+    import numpy as np
+
+    from studio.optimizations import compile_cache_dir
+
+    studio, model = open_studio(setup, setup.sd15)
+    size = setup.sizes[-1]
+    req = txt2img_request(setup, size)
+    merged = req.with_changes(token_merging_ratio=0.5)
+    images = {"default": studio.txt2img(req).images[0], "tome": studio.txt2img(merged).images[0]}
+    cache = compile_cache_dir(Path(setup.work))
+    shutil.rmtree(cache, ignore_errors=True)
+    fns = {"default": lambda: studio.txt2img(req), "tome": lambda: studio.txt2img(merged)}
+    times: dict[str, list[float]] = {k: [] for k in (*fns, "compile")}
+    peaks: dict[str, list[int]] = {k: [] for k in times}
+    for _ in range(setup.runs):
+        for key, fn in fns.items():
+            seconds, peak = measured(fn)
+            times[key].append(seconds)
+            peaks[key].append(peak)
+    # compile last: switching it off and on between runs would measure the switching
+    studio.settings.update({"sd_compile_unet": True}, persist=False)
+    t = time.perf_counter()
+    images["compile"] = studio.txt2img(req).images[0]
+    first_compile = time.perf_counter() - t
+    studio.txt2img(req)
+    for _ in range(setup.runs):
+        seconds, peak = measured(lambda: studio.txt2img(req))
+        times["compile"].append(seconds)
+        peaks["compile"].append(peak)
+    ref = np.asarray(images["default"], dtype=np.float32)
+    diff = {k: float(np.abs(np.asarray(v, dtype=np.float32) - ref).mean()) for k, v in images.items()}
+    return {"size": size, "first_compile_s": first_compile, "pixel_diff": diff,
+            **{k: summary(times[k], peaks[k]) for k in times}}
+
+
 def case_startup(setup: Setup) -> dict[str, Any]:
     from bench.bench_txt2img import bench_startup
 
@@ -405,6 +471,7 @@ CASES: dict[str, Callable[[Setup], dict[str, Any]]] = {
     "sd15_controlnet": case_sd15_controlnet,
     "sd15_lora": case_sd15_lora,
     "sdxl_txt2img": case_sdxl_txt2img,
+    "sd15_fast_modes": case_sd15_fast_modes,
     "vae_decode": case_vae_decode,
     "startup": case_startup,
 }
@@ -460,8 +527,8 @@ def report_lines(res: dict[str, Any], plot_name: str | None) -> list[str]:
             row(f"SD1.5 txt2img, {dtype} (default policy)", f"{size}²", r)
         for batch, r in list(tx["batch"].items())[1:]:
             row(f"SD1.5 txt2img, {dtype}, batch {batch}", f"{setup['sizes'][0]}²", r)
-    for key, label, field in (("sd15_img2img", "SD1.5 img2img, strength 0.75", "img2img"),
-                              ("sd15_hires", "SD1.5 hires fix (latent ×1.5, denoise 0.6)", "hires"),
+    for key, label, field in (("sd15_img2img", "SD1.5 img2img, strength 0.75 (equal steps)", "img2img"),
+                              ("sd15_hires", "SD1.5 hires fix (latent ×1.5, denoise 0.6, equal steps)", "hires"),
                               ("sd15_controlnet", "SD1.5 + ControlNet, 1 unit", "controlnet"),
                               ("sd15_lora", "SD1.5 + LoRA rank 32 (diffusers: PEFT layers)", "lora")):
         if key in c:
@@ -507,6 +574,26 @@ def report_lines(res: dict[str, Any], plot_name: str | None) -> list[str]:
                   f"`load_lora_weights` runs PEFT layers at every step ({_s(lo['diffusers'])} s); after "
                   f"`fuse_lora` it takes {_s(lo['diffusers_fused'])} s, ratio {lo['ratio_fused']:.3f}. "
                   "Not interleaved (the PEFT layers wrap the modules the studio merges into).", ""]
+    if "sd15_img2img" in c or "sd15_hires" in c:
+        lines += ["Equal steps: in img2img and the hires pass the studio runs A1111's int(strength·steps) + 1 "
+                  "denoising steps (so its images match A1111's), diffusers int(strength·steps); diffusers is "
+                  "given the strength that makes it run the same number of UNet steps, so the ratio compares "
+                  "equal work." + (f" img2img: {c['sd15_img2img']['unet_steps']} steps each."
+                                   if "sd15_img2img" in c else "")
+                  + (f" Hires pass: {c['sd15_hires']['second_pass_steps']} steps each."
+                     if "sd15_hires" in c else ""), ""]
+    if "sd15_fast_modes" in c:
+        f = c["sd15_fast_modes"]
+        base = f["default"]["median"]
+        lines += [f"Opt-in fast modes, SD1.5 {f['size']}², studio only, interleaved:", "",
+                  "| mode | seconds | speed-up | mean pixel difference to the default (0–255) | peak RSS |",
+                  "|---|---|---|---|---|"]
+        for key, label in (("default", "default policy"), ("tome", "token merging 0.5 (lossy)"),
+                           ("compile", "torch.compile (regional, inductor)")):
+            lines.append(f"| {label} | {_s(f[key])} | {base / f[key]['median']:.2f}× | {f['pixel_diff'][key]:.1f} | "
+                         f"{_gb(f[key]['peak_rss'])} |")
+        lines += ["", f"The first torch.compile generation, with an empty compile cache: "
+                      f"{f['first_compile_s']:.0f} s.", ""]
     if "vae_decode" in c:
         v = c["vae_decode"]
         lines += ["VAE decode: " + ", ".join(
@@ -561,6 +648,7 @@ def write_plot(res: dict[str, Any], path: Path) -> bool:
     for who, style in (("studio", "o-"), ("diffusers", "s--")):
         axes[2].plot(xs, [tx["resolution"][str(x)][who]["peak_rss"] / GIB for x in xs], style, label=who)
     axes[2].axhline(tx["model_bytes"] / GIB, color="gray", lw=1, ls=":", label="model bytes")
+    axes[2].axhline(tx["model_bytes"] / GIB + 1.5, color="red", lw=1, ls=":", label="goal: model + 1.5 GiB")
     axes[2].set_xlabel("image side, px")
     axes[2].set_ylabel("peak RSS, GiB")
     axes[2].set_xticks(xs)

@@ -336,3 +336,32 @@ def test_train_tab_preview_and_a_short_lora_run(page, server, artifacts_dir):
     assert "4" in text and "loss" in text.lower()
     page.screenshot(path=str(Path(artifacts_dir) / "train-lora.png"), full_page=True)
     assert (Path(server.data_dir) / "models" / "Lora" / "browser_lora.safetensors").is_file()
+
+
+def test_settings_tab_turns_on_token_merging(page, server, artifacts_dir):
+    import requests
+
+    page.get_by_role("tab", name="Settings").click()
+    box = page.locator("#setting_token_merging_ratio input[type=number]")
+    box.wait_for(timeout=10_000)
+    page.wait_for_timeout(1500)   # selecting the tab re-reads the settings; let that land first
+    assert "bfloat16" in page.locator("#settings_policy").inner_text() or \
+        "float32" in page.locator("#settings_policy").inner_text()
+    try:
+        box.fill("0.5")
+        box.press("Enter")
+        page.locator("#settings_submit").click()
+        page.wait_for_function(
+            "() => document.querySelector('#settings_result').innerText.trim().length > 0", timeout=30_000)
+        assert "token_merging_ratio" in page.locator("#settings_result").inner_text(), \
+            page.locator("#settings_result").inner_text()
+        page.screenshot(path=str(Path(artifacts_dir) / "settings.png"), full_page=True)
+        assert requests.get(f"{server.url}/sdapi/v1/options").json()["token_merging_ratio"] == 0.5
+        page.get_by_role("tab", name="txt2img").first.click()
+        page.locator("#txt2img_prompt textarea").fill("merged tokens")
+        page.locator("#txt2img_generate").click()
+        page.wait_for_function(
+            "() => document.querySelector('#txt2img_info textarea').value.includes('Token merging ratio: 0.5')",
+            timeout=120_000)
+    finally:
+        requests.post(f"{server.url}/sdapi/v1/options", json={"token_merging_ratio": 0.0})

@@ -90,8 +90,8 @@ def build_ui(studio: Studio) -> gr.Blocks:
                         send = gr.Button("Send to txt2img", elem_id="pnginfo_send_txt2img")
             with gr.Tab("Train", id="train", elem_id="tab_train"):
                 build_train_tab(studio)
-            with gr.Tab("Settings", id="settings", elem_id="tab_settings"):
-                build_settings_tab(studio)
+            with gr.Tab("Settings", id="settings", elem_id="tab_settings") as settings_tab:
+                build_settings_tab(studio, settings_tab)
             with gr.Tab("Extensions", id="extensions", elem_id="tab_extensions"):
                 build_extensions_tab(studio)
 

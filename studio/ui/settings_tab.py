@@ -115,7 +115,9 @@ def _component(studio: Studio, option: Option) -> Any:
     return gr.Dropdown(choices=list(option.choices), **common)
 
 
-def build_settings_tab(studio: Studio) -> None:
+def build_settings_tab(studio: Studio, tab: Any = None) -> None:
+    """Fill the open ``gr.Tab``; when ``tab`` is given, its values are re-read each time it is
+    selected, so a change made through the API since the page loaded is shown, not overwritten."""
     keys: list[str] = []
     components: list[Any] = []
     with gr.Row():
@@ -135,3 +137,6 @@ def build_settings_tab(studio: Studio) -> None:
         return apply_settings(studio, dict(zip(keys, values)))
 
     apply.click(on_apply, inputs=components, outputs=result)
+    if tab is not None:
+        options = [o for section in SECTIONS for o in section.options]
+        tab.select(lambda: [current(studio, o) for o in options], outputs=components)

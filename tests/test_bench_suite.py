@@ -1,0 +1,40 @@
+"""The benchmark suite's harness on tiny models: each case in its own process, the report's tables
+and goals filled from what was measured. Timings are not checked (never timing asserts in tests);
+that the harness runs, measures both sides and reports them is."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+from tests.helpers import REPO
+
+
+def test_suite_runs_cases_in_processes_and_writes_the_report(tmp_path):
+    report = tmp_path / "bench.md"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "suite.py"), "--tiny", "--cases", "sd15_img2img,vae_decode",
+         "--work", str(tmp_path / "work"), "--report", str(report)],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    text = report.read_text()
+    assert text.startswith("# Benchmarks") and "## Suite (bench/suite.py)" in text
+    row = next(line for line in text.splitlines() if line.startswith("| SD1.5 img2img"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    # studio s, diffusers s, ratio: "median (best)" numbers; then the two peak RSS figures
+    for cell in cells[2:5]:
+        assert re.fullmatch(r"\d+\.\d+ \(\d+\.\d+\)( ⚠)?", cell), row
+    assert all(float(c) > 0.1 for c in cells[5:7]), "peak RSS in GiB of a process with torch loaded"
+    assert "tiled decode peak" in text and "Tiny test models" in text
+    results = json.loads((REPO / "bench" / "results" / "suite-tiny.json").read_text())
+    decode = results["cases"]["vae_decode"]["decode"]
+    assert set(decode) == {"64", "256"} and all(d["peak_rss"] >= d["before"] for d in decode.values())
+    assert not results["failed"]
+
+
+def test_suite_refuses_unknown_cases(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "suite.py"), "--cases", "warp_drive"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "unknown cases ['warp_drive']" in proc.stderr
