@@ -149,6 +149,18 @@ def test_inductor_compile_matches_eager(studio):
     assert np.abs(pixels(plain) - pixels(compiled)).max() <= 2
 
 
+def test_settings_tab_shows_the_defaults_the_studio_uses(studio):
+    """A key missing from config.json is shown with the value the studio really uses, so pressing Apply
+    without touching anything saves nothing (it once turned 3 ControlNet units into 1)."""
+    from studio.ui.settings_tab import current
+
+    options = {o.key: o for s in SECTIONS for o in s.options}
+    assert current(studio, options["control_net_unit_count"]) == 3
+    assert current(studio, options["jpeg_quality"]) == 80
+    untouched = {key: current(studio, option) for key, option in options.items()}
+    assert apply_settings(studio, untouched) == "Nothing changed."
+
+
 def test_settings_tab_saves_checked_values_and_refuses_bad_ones(studio):
     keys = {o.key for s in SECTIONS for o in s.options}
     assert {"token_merging_ratio", "sd_compile_unet", "samples_format"} <= keys

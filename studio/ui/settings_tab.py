@@ -15,6 +15,7 @@ import gradio as gr
 
 from studio.api.options import API_DEFAULTS, SAMPLES_FORMATS, validate_options
 from studio.config import DEFAULT_SETTINGS
+from studio.controlnet.units import DEFAULT_UNIT_COUNT
 from studio.generation.request import RequestError
 from studio.optimizations import COMPILE_BACKENDS, MAX_TOKEN_MERGING
 
@@ -82,8 +83,14 @@ SECTIONS = (
 )
 
 
+# What the studio uses when config.json does not have the key: the tab must show that, or Apply
+# would save a value the user never chose (a missing unit count read as 1 instead of 3).
+DEFAULTS: dict[str, Any] = {**DEFAULT_SETTINGS, **API_DEFAULTS, "control_net_unit_count": DEFAULT_UNIT_COUNT,
+                            "control_net_no_detectmap": False}
+
+
 def current(studio: Studio, option: Option) -> Any:
-    default = DEFAULT_SETTINGS.get(option.key, API_DEFAULTS.get(option.key))
+    default = DEFAULTS.get(option.key)
     value = studio.settings.get(option.key, default)
     if option.kind == "choice" and value not in option.choices:
         # "jpeg" and hand-edited values: show what the studio will actually use
@@ -93,7 +100,7 @@ def current(studio: Studio, option: Option) -> Any:
 
 def apply_settings(studio: Studio, values: dict[str, Any]) -> str:
     """Save the options that changed; a Markdown message for the result line. Never raises."""
-    changed = {k: v for k, v in values.items() if v != studio.settings.get(k, DEFAULT_SETTINGS.get(k))}
+    changed = {k: v for k, v in values.items() if v != studio.settings.get(k, DEFAULTS.get(k))}
     if not changed:
         return "Nothing changed."
     try:
