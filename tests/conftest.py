@@ -25,7 +25,7 @@ def server(tmp_path_factory):
     from studio.testing.embeddings import random_vectors, write_a1111_pt
     from studio.testing.hypernetworks import tiny_widths, write_hypernetwork
     from studio.testing.loras import write_kohya_lora
-    from tests.helpers import Server, make_models_dir
+    from tests.helpers import make_models_dir, running_server
 
     root = tmp_path_factory.mktemp("served")
     make_models_dir(root, (("sd1", ".safetensors"), ("sdxl", ".safetensors")))
@@ -49,9 +49,5 @@ def server(tmp_path_factory):
         "raise RuntimeError('this extension is broken on purpose')\n", encoding="utf-8")
     (root / "styles.csv").write_text("name,prompt,negative_prompt\nframed,\"{prompt}, framed\",blurry\n",
                                      encoding="utf-8")
-    srv = Server(root)
-    try:
-        srv.wait_ready()
+    with running_server(root) as srv:
         yield srv
-    finally:
-        srv.stop()

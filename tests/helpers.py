@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import requests
@@ -66,3 +68,14 @@ class Server:
         except subprocess.TimeoutExpired:
             self.proc.kill()
         self.log.close()
+
+
+@contextlib.contextmanager
+def running_server(data_dir: Path, *args: str) -> Iterator[Server]:
+    """A started, answering :class:`Server`, stopped on exit however the block ends."""
+    srv = Server(data_dir, *args)
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()

@@ -178,18 +178,14 @@ def test_webuiapi_client(server):
 
 
 def test_nowebui_serves_only_the_api(tmp_path):
-    from tests.helpers import Server, make_models_dir
+    from tests.helpers import make_models_dir, running_server
 
     make_models_dir(tmp_path)
-    srv = Server(tmp_path, "--nowebui")
-    try:
-        srv.wait_ready()
+    with running_server(tmp_path, "--nowebui") as srv:
         assert requests.get(api(srv, "samplers")).status_code == 200
         assert requests.get(srv.url + "/").status_code == 404  # no UI
         r = requests.post(api(srv, "txt2img"), json=SMALL)
         assert r.status_code == 200 and len(r.json()["images"]) == 1
-    finally:
-        srv.stop()
 
 
 def test_override_settings_checkpoint_is_restored_afterwards(server):

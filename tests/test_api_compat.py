@@ -32,7 +32,7 @@ def compat(tmp_path_factory):
     from studio.testing import tiny_components
     from studio.testing.embeddings import random_vectors, write_a1111_pt
     from studio.testing.loras import write_kohya_lora
-    from tests.helpers import Server, make_models_dir
+    from tests.helpers import make_models_dir, running_server
 
     root = tmp_path_factory.mktemp("compat")
     ckpts = make_models_dir(root, (("sd1", ".safetensors"), ("sdxl", ".safetensors")))
@@ -51,12 +51,8 @@ def compat(tmp_path_factory):
     outside.mkdir()
     shutil.copy(ckpts / "tiny-sd1.safetensors", outside / "evil.safetensors")
     (root / "config.json").write_text(json.dumps({"sd_model_checkpoint": SD1}), encoding="utf-8")
-    srv = Server(root)
-    try:
-        srv.wait_ready()
+    with running_server(root) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def api(server, path: str) -> str:

@@ -28,16 +28,12 @@ VALID = {"steps": (1, 150), "width": (64, 2048), "height": (64, 2048), "batch_si
 
 @pytest.fixture(scope="module")
 def schema_server(tmp_path_factory):
-    from tests.helpers import Server, make_models_dir
+    from tests.helpers import make_models_dir, running_server
 
     root = tmp_path_factory.mktemp("schema")
     make_models_dir(root)
-    srv = Server(root)
-    try:
-        srv.wait_ready()
+    with running_server(root) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def cheap(body: dict) -> None:
