@@ -427,7 +427,7 @@ def case_sd15_fast_modes(setup: Setup) -> dict[str, Any]:
 
     from studio.optimizations import compile_cache_dir
 
-    studio, model = open_studio(setup, setup.sd15)
+    studio, _ = open_studio(setup, setup.sd15)
     size = setup.sizes[-1]
     req = txt2img_request(setup, size)
     merged = req.with_changes(token_merging_ratio=0.5)

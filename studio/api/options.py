@@ -8,6 +8,7 @@ import math
 import re
 from typing import Any, Callable
 
+from studio.controlnet.units import DEFAULT_UNIT_COUNT
 from studio.generation.request import RequestError
 from studio.optimizations import COMPILE_BACKENDS, MAX_TOKEN_MERGING
 
@@ -25,6 +26,9 @@ API_DEFAULTS: dict[str, Any] = {
     "live_preview_content": "Prompt",
     "live_preview_refresh_period": 1000,
     "show_progress_grid": True,
+    # the ControlNet extension's options, with the values the studio uses when they are unset
+    "control_net_unit_count": DEFAULT_UNIT_COUNT,
+    "control_net_no_detectmap": False,
 }
 
 

@@ -15,7 +15,6 @@ import gradio as gr
 
 from studio.api.options import API_DEFAULTS, SAMPLES_FORMATS, validate_options
 from studio.config import DEFAULT_SETTINGS
-from studio.controlnet.units import DEFAULT_UNIT_COUNT
 from studio.generation.request import RequestError
 from studio.optimizations import COMPILE_BACKENDS, MAX_TOKEN_MERGING
 
@@ -85,8 +84,7 @@ SECTIONS = (
 
 # What the studio uses when config.json does not have the key: the tab must show that, or Apply
 # would save a value the user never chose (a missing unit count read as 1 instead of 3).
-DEFAULTS: dict[str, Any] = {**DEFAULT_SETTINGS, **API_DEFAULTS, "control_net_unit_count": DEFAULT_UNIT_COUNT,
-                            "control_net_no_detectmap": False}
+DEFAULTS: dict[str, Any] = {**DEFAULT_SETTINGS, **API_DEFAULTS}
 
 
 def current(studio: Studio, option: Option) -> Any:
