@@ -25,6 +25,13 @@ def parse_auth(text: str | None) -> list[tuple[str, str]] | None:
     return pairs
 
 
+def _start_initial_load(studio, flags: Flags) -> None:
+    """The first checkpoint loads after the UI is built: loading it alongside would slow the UI's
+    start on a small CPU, and the first generation waits behind the load in the job queue anyway."""
+    if not flags.skip_load_model_at_start:
+        studio.start_initial_load()
+
+
 def serve(flags: Flags, block: bool = True):
     from studio.core import Studio
 
@@ -33,9 +40,6 @@ def serve(flags: Flags, block: bool = True):
         if not flags.gradio_auth:
             log.warning("Serving beyond this machine (--listen/--share) without --gradio-auth: anyone who "
                         "can reach the port can use the studio.")
-    if not flags.skip_load_model_at_start:
-        studio.start_initial_load()
-
     from studio.api.routes import install_api
 
     if flags.nowebui:
@@ -47,6 +51,7 @@ def serve(flags: Flags, block: bool = True):
         log.info("API only: http://%s:%d/sdapi/v1 (docs at /docs)", flags.host, flags.port)
         config = uvicorn.Config(app, host=flags.host, port=flags.port, log_level="warning")
         server = uvicorn.Server(config)
+        _start_initial_load(studio, flags)
         if block:
             server.run()
             return studio, app
@@ -56,7 +61,8 @@ def serve(flags: Flags, block: bool = True):
     from studio.ui.app import CSS, build_ui
 
     blocks = build_ui(studio)
-    blocks.queue(default_concurrency_limit=1)
+    # no blocks.queue(...): Gradio queues by default with one job per event, and calling it again
+    # rebuilds the app and the config of all ~1,000 blocks (~0.4 s of start-up)
     app, local_url, share_url = blocks.launch(
         server_name=flags.host, server_port=flags.port, share=flags.share,
         auth=parse_auth(flags.gradio_auth), prevent_thread_lock=True, inbrowser=flags.inbrowser,
@@ -64,6 +70,7 @@ def serve(flags: Flags, block: bool = True):
         app_kwargs={"docs_url": "/docs"},  # Gradio turns FastAPI's docs off by default
     )
     install_api(app, studio)
+    _start_initial_load(studio, flags)
     print(f"Studio running on {local_url}" + (f" and {share_url}" if share_url else ""), flush=True)
     if block:
         blocks.block_thread()
