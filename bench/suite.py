@@ -102,11 +102,13 @@ class NetClock:
 
     def __init__(self, nets: tuple[Any, ...]) -> None:
         self.seconds = 0.0
+        self.calls = 0
         self._started: list[float] = []
         self._hooks = [h for net in nets for h in (net.register_forward_pre_hook(self._enter),
                                                    net.register_forward_hook(self._leave))]
 
     def _enter(self, *_: Any) -> None:
+        self.calls += 1
         self._started.append(time.perf_counter())
 
     def _leave(self, *_: Any) -> None:
@@ -136,23 +138,25 @@ def summary(times: list[float], peaks: list[int], net: list[float]) -> dict[str,
     return out
 
 
+def interleaved(fns: dict[str, Callable[[], Any]], runs: int, nets: tuple[Any, ...] = ()) -> dict[str, Any]:
+    """A summary per function, timed in turns (a, b, a, b, ...) so the machine's noise hits all alike."""
+    columns: dict[str, tuple[list[float], list[int], list[float]]] = {key: ([], [], []) for key in fns}
+    for _ in range(runs):
+        for key, fn in fns.items():
+            for column, value in zip(columns[key], measured(fn, nets)):
+                column.append(value)
+    return {key: summary(*cols) for key, cols in columns.items()}
+
+
 def compare(studio_fn: Callable[[], Any], diffusers_fn: Callable[[], Any] | None, runs: int,
             nets: tuple[Any, ...] = ()) -> dict[str, Any]:
-    """Warm both up, then interleave so the machine's noise hits both alike. With ``nets``, each
-    side's own cost outside them is measured too, and ``overhead`` is the ratio with the time in
-    the shared nets taken as equal: 1 + (studio outside - diffusers outside) / diffusers."""
-    studio_fn()
-    if diffusers_fn is not None:
-        diffusers_fn()
-    sides: dict[str, tuple[list[float], list[int], list[float]]] = {"studio": ([], [], [])}
-    if diffusers_fn is not None:
-        sides["diffusers"] = ([], [], [])
-    for _ in range(runs):
-        for side, fn in (("studio", studio_fn), ("diffusers", diffusers_fn)):
-            if fn is not None:
-                for column, value in zip(sides[side], measured(fn, nets)):
-                    column.append(value)
-    out = {side: summary(*columns) for side, columns in sides.items()}
+    """Warm both up, then interleave. With ``nets``, each side's own cost outside them is measured
+    too, and ``overhead`` is the ratio with the time in the shared nets taken as equal:
+    1 + (studio outside - diffusers outside) / diffusers."""
+    fns = {"studio": studio_fn} if diffusers_fn is None else {"studio": studio_fn, "diffusers": diffusers_fn}
+    for fn in fns.values():
+        fn()
+    out = interleaved(fns, runs, nets)
     if diffusers_fn is not None:
         st, di = out["studio"], out["diffusers"]
         out["ratio"] = st["median"] / di["median"]
@@ -258,13 +262,12 @@ def on_worker(studio: Any, fn: Callable[[], Any]) -> Callable[[], Any]:
 
 def unet_calls(model: Any, fn: Callable[[], Any]) -> int:
     """How many UNet forwards ``fn`` makes (CFG is batched: one per step on both sides)."""
-    count = [0]
-    hook = model.unet.register_forward_pre_hook(lambda *a: count.__setitem__(0, count[0] + 1))
+    clock = NetClock((model.unet,))
     try:
         fn()
     finally:
-        hook.remove()
-    return count[0]
+        clock.remove()
+    return clock.calls
 
 
 def strength_for(steps_run: int, steps: int) -> float:
@@ -471,28 +474,19 @@ def case_sd15_fast_modes(setup: Setup) -> dict[str, Any]:
     images = {"default": studio.txt2img(req).images[0], "tome": studio.txt2img(merged).images[0]}
     cache = compile_cache_dir(Path(setup.work))
     shutil.rmtree(cache, ignore_errors=True)
-    fns = {"default": lambda: studio.txt2img(req), "tome": lambda: studio.txt2img(merged)}
-    times: dict[str, list[float]] = {k: [] for k in (*fns, "compile")}
-    peaks: dict[str, list[int]] = {k: [] for k in times}
-    for _ in range(setup.runs):
-        for key, fn in fns.items():
-            seconds, peak, _ = measured(fn)
-            times[key].append(seconds)
-            peaks[key].append(peak)
+    results = interleaved({"default": lambda: studio.txt2img(req), "tome": lambda: studio.txt2img(merged)},
+                          setup.runs)
     # compile last: switching it off and on between runs would measure the switching
     studio.settings.update({"sd_compile_unet": True}, persist=False)
     t = time.perf_counter()
     images["compile"] = studio.txt2img(req).images[0]
     first_compile = time.perf_counter() - t
     studio.txt2img(req)
-    for _ in range(setup.runs):
-        seconds, peak, _ = measured(lambda: studio.txt2img(req))
-        times["compile"].append(seconds)
-        peaks["compile"].append(peak)
+    results |= interleaved({"compile": lambda: studio.txt2img(req)}, setup.runs)
     ref = np.asarray(images["default"], dtype=np.float32)
     diff = {k: float(np.abs(np.asarray(v, dtype=np.float32) - ref).mean()) for k, v in images.items()}
     return {"size": size, "first_compile_s": first_compile, "pixel_diff": diff,
-            **{k: summary(times[k], peaks[k], []) for k in times}}
+            **results}
 
 
 def case_startup(setup: Setup) -> dict[str, Any]:

@@ -62,7 +62,7 @@ def serve(flags: Flags, block: bool = True):
 
     blocks = build_ui(studio)
     # no blocks.queue(...): Gradio queues by default with one job per event, and calling it again
-    # rebuilds the app and the config of all ~1,000 blocks (~0.4 s of start-up)
+    # rebuilds the app and the config of all ~1,100 blocks (~0.4 s of start-up)
     app, local_url, share_url = blocks.launch(
         server_name=flags.host, server_port=flags.port, share=flags.share,
         auth=parse_auth(flags.gradio_auth), prevent_thread_lock=True, inbrowser=flags.inbrowser,

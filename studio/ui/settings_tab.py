@@ -123,7 +123,7 @@ def _component(studio: Studio, option: Option) -> Any:
 def build_settings_tab(studio: Studio, tab: Any = None) -> None:
     """Fill the open ``gr.Tab``; when ``tab`` is given, its values are re-read each time it is
     selected, so a change made through the API since the page loaded is shown, not overwritten."""
-    keys: list[str] = []
+    options: list[Option] = []
     components: list[Any] = []
     with gr.Row():
         apply = gr.Button("Apply settings", variant="primary", elem_id="settings_submit", scale=0, min_width=160)
@@ -135,13 +135,12 @@ def build_settings_tab(studio: Studio, tab: Any = None) -> None:
             if section.title == "Optimizations":
                 gr.Markdown(f"Device policy: `{studio.policy.label}`", elem_id="settings_policy")
             for option in section.options:
-                keys.append(option.key)
+                options.append(option)
                 components.append(_component(studio, option))
 
     def on_apply(*values: Any) -> str:
-        return apply_settings(studio, dict(zip(keys, values)))
+        return apply_settings(studio, {o.key: v for o, v in zip(options, values)})
 
     apply.click(on_apply, inputs=components, outputs=result)
     if tab is not None:
-        options = [o for section in SECTIONS for o in section.options]
         tab.select(lambda: [current(studio, o) for o in options], outputs=components)
