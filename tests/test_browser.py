@@ -341,18 +341,26 @@ def test_train_tab_preview_and_a_short_lora_run(page, server, artifacts_dir):
 def test_settings_tab_turns_on_token_merging(page, server, artifacts_dir):
     import requests
 
+    # selecting the tab re-reads the settings: a value set through the API since the page loaded
+    # shows up, and that is the sign the re-read has landed and will not overwrite what we type
+    requests.post(f"{server.url}/sdapi/v1/options", json={"token_merging_ratio": 0.1})
     page.get_by_role("tab", name="Settings").click()
     box = page.locator("#setting_token_merging_ratio input[type=number]")
     box.wait_for(timeout=10_000)
-    page.wait_for_timeout(1500)   # selecting the tab re-reads the settings; let that land first
+    page.wait_for_function(
+        "() => document.querySelector('#setting_token_merging_ratio input[type=number]').value === '0.1'",
+        timeout=30_000)
     assert "bfloat16" in page.locator("#settings_policy").inner_text() or \
         "float32" in page.locator("#settings_policy").inner_text()
     try:
         box.fill("0.5")
         box.press("Enter")
         page.locator("#settings_submit").click()
+        # while the event runs, Gradio writes its status ("queue: 1/1 | 0.5s", "0.4s") into the output:
+        # wait for one of apply_settings' own answers
         page.wait_for_function(
-            "() => document.querySelector('#settings_result').innerText.trim().length > 0", timeout=30_000)
+            "() => /^(Saved|Nothing changed|❌ Not saved)/.test("
+            "document.querySelector('#settings_result').innerText.trim())", timeout=30_000)
         assert "token_merging_ratio" in page.locator("#settings_result").inner_text(), \
             page.locator("#settings_result").inner_text()
         page.screenshot(path=str(Path(artifacts_dir) / "settings.png"), full_page=True)
