@@ -6,6 +6,7 @@ import random
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from studio.errors import RequestError
 from studio.generation.samplers import UnknownSamplerError, split_sampler_name
 
 MIN_SIZE, MAX_SIZE = 64, 2048
@@ -14,10 +15,6 @@ MAX_CFG = 30.0
 MAX_BATCH_SIZE = 8
 MAX_BATCH_COUNT = 100
 MAX_SEED = 4294967294  # A1111 draws random seeds with random.randrange(4294967294)
-
-
-class RequestError(ValueError):
-    """Bad input from a user or client: shown in the UI, a 4xx in the API."""
 
 
 @dataclass(frozen=True)

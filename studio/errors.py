@@ -1,0 +1,9 @@
+"""The error every layer raises for bad input from a user or a client. It lives in a module of its
+own so that any module (prompts, networks, generation, the settings) can raise it without
+importing the request schema: the UI shows its text, the API answers it with a 4xx."""
+
+from __future__ import annotations
+
+
+class RequestError(ValueError):
+    """Bad input from a user or client: shown in the UI, a 4xx in the API."""
