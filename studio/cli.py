@@ -29,7 +29,9 @@ import logging
 import sys
 from pathlib import Path
 
+from studio.cli_schema import add_request_arguments, request_values
 from studio.config import Flags, force_offline, parse_flags
+from studio.generation.request import RequestSchemas
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -45,51 +47,22 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--controlnet-dir", default=None, help="ControlNet model folder (default models/ControlNet)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(schemas: RequestSchemas | None = None) -> argparse.ArgumentParser:
+    schemas = schemas or RequestSchemas()
     parser = argparse.ArgumentParser(prog="studio", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    g = sub.add_parser("generate", help="txt2img to a folder")
+    g = sub.add_parser("generate", help="txt2img, or img2img/inpainting with --init-image, to a folder")
     _common(g)
-    g.add_argument("--prompt", "-p", required=True)
-    g.add_argument("--negative-prompt", "-n", default="")
-    g.add_argument("--steps", type=int, default=20)
-    g.add_argument("--cfg-scale", type=float, default=7.0)
-    g.add_argument("--width", type=int, default=512)
-    g.add_argument("--height", type=int, default=512)
-    g.add_argument("--seed", type=int, default=-1)
-    g.add_argument("--batch-size", type=int, default=1)
-    g.add_argument("--batch-count", type=int, default=1)
-    g.add_argument("--sampler", default="DPM++ 2M")
-    g.add_argument("--scheduler", default="Automatic")
-    g.add_argument("--clip-skip", type=int, default=1)
-    g.add_argument("--style", action="append", default=[], help="a style from styles.csv (repeatable)")
+    # every request field is a flag, derived from the schema (studio.cli_schema)
+    add_request_arguments(g, schemas.img2img)
     g.add_argument("--checkpoint", "-m", default=None, help="title, name or hash; default: last used")
     g.add_argument("--vae", default=None,
-                   help='"Automatic", "None" or a file from models/VAE; default: the sd_vae setting')
-    g.add_argument("--out", "-o", default=None, help="output folder (default outputs/txt2img-images)")
-    g.add_argument("--variation-seed", type=int, default=-1)
-    g.add_argument("--variation-strength", type=float, default=0.0)
-    g.add_argument("--tiling", action="store_true", help="seamless textures")
-    i2i = g.add_argument_group("img2img / inpainting (give --init-image)")
-    i2i.add_argument("--init-image", default=None, help="start from this image (img2img)")
-    i2i.add_argument("--mask", default=None, help="inpaint where this mask is white")
-    i2i.add_argument("--denoising-strength", type=float, default=0.75)
-    i2i.add_argument("--resize-mode", type=int, default=0, choices=[0, 1, 2, 3],
-                     help="0 just resize, 1 crop and resize, 2 resize and fill, 3 latent upscale")
-    i2i.add_argument("--mask-blur", type=int, default=4)
-    i2i.add_argument("--inpainting-fill", type=int, default=1, choices=[0, 1, 2, 3],
-                     help="0 fill, 1 original, 2 latent noise, 3 latent nothing")
-    i2i.add_argument("--only-masked", action="store_true", help='inpaint area "Only masked"')
-    i2i.add_argument("--padding", type=int, default=32, help="only-masked padding, pixels")
-    i2i.add_argument("--invert-mask", action="store_true", help='"Inpaint not masked"')
-    hr = g.add_argument_group("hires fix (txt2img)")
-    hr.add_argument("--hires", action="store_true", help="second pass at --hr-scale")
-    hr.add_argument("--hr-scale", type=float, default=2.0)
-    hr.add_argument("--hr-upscaler", default="Latent")
-    hr.add_argument("--hr-steps", type=int, default=0)
-    hr.add_argument("--hr-denoising-strength", type=float, default=0.7)
+                   help="VAE file name, 'Automatic' or 'None' (the checkpoint's own); default: the sd_vae setting")
+    g.add_argument("--out", "-o", default=None, help="output folder (default: the outdir_*_samples setting)")
+    g.add_argument("--hr-denoising-strength", type=float, default=None,
+                   help="the hires pass's denoising strength in txt2img (the API's denoising_strength there)")
     cn = g.add_argument_group("ControlNet")
     cn.add_argument("--controlnet", action="append", default=[], metavar="SPEC",
                     help="a ControlNet unit as comma-separated key=value pairs with the sd-webui-controlnet API "
@@ -102,9 +75,6 @@ def build_parser() -> argparse.ArgumentParser:
                          "(<first image name>-controlnet-<unit>.png)")
 
     fast = g.add_argument_group("opt-in fast modes")
-    fast.add_argument("--token-merging", type=float, default=None, metavar="RATIO",
-                      help="token merging ratio 0-0.9 (lossy: faster at large sizes, changes the image); "
-                           "default: the token_merging_ratio setting")
     fast.add_argument("--compile", action="store_true",
                       help="torch.compile the UNet's transformer blocks (the first run at a size compiles, "
                            "minutes on a CPU; cached on disk for later runs)")
@@ -350,7 +320,7 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from studio.core import Studio
-    from studio.generation.request import RequestError, Txt2ImgRequest
+    from studio.generation.request import RequestError, build_request
     from studio.models.manager import ModelNotFoundError
     from studio.models.state_dict import ModelFileError
 
@@ -369,35 +339,18 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     checkpoint = ns.checkpoint or studio.settings.get("sd_model_checkpoint")
     if checkpoint and not ns.checkpoint and studio.models.catalog.find(checkpoint) is None:
         checkpoint = None
-    fields = dict(
-        prompt=ns.prompt, negative_prompt=ns.negative_prompt, steps=ns.steps, cfg_scale=ns.cfg_scale,
-        width=ns.width, height=ns.height, seed=ns.seed, batch_size=ns.batch_size, n_iter=ns.batch_count,
-        sampler_name=ns.sampler, scheduler=ns.scheduler, clip_skip=ns.clip_skip, checkpoint=checkpoint,
-        styles=tuple(ns.style), vae=ns.vae, subseed=ns.variation_seed, subseed_strength=ns.variation_strength,
-        tiling=ns.tiling, save_images=ns.out is None, controlnet_units=units,
-        token_merging_ratio=ns.token_merging,
-    )
     if ns.compile:
         studio.settings.update({"sd_compile_unet": True}, persist=False)
     try:
-        if ns.init_image:
-            from studio.generation.outputs import ImageReadError, open_image
-            from studio.generation.request import Img2ImgRequest
-
-            try:
-                init = open_image(Path(ns.init_image).read_bytes())
-                mask = open_image(Path(ns.mask).read_bytes()) if ns.mask else None
-            except (OSError, ImageReadError) as e:
-                raise RequestError(str(e)) from e
-            job = studio.submit_img2img(Img2ImgRequest(
-                **fields, init_images=(init,), mask=mask, denoising_strength=ns.denoising_strength,
-                resize_mode=ns.resize_mode, mask_blur_x=ns.mask_blur, mask_blur_y=ns.mask_blur,
-                inpainting_fill=ns.inpainting_fill, inpaint_full_res=ns.only_masked,
-                inpaint_full_res_padding=ns.padding, inpainting_mask_invert=ns.invert_mask))
-        else:
-            job = studio.submit_txt2img(Txt2ImgRequest(
-                **fields, enable_hr=ns.hires, hr_scale=ns.hr_scale, hr_upscaler=ns.hr_upscaler,
-                hr_second_pass_steps=ns.hr_steps, hr_denoising_strength=ns.hr_denoising_strength))
+        img2img = bool(getattr(ns, "init_images", None))
+        model = studio.schemas.img2img if img2img else studio.schemas.txt2img
+        values = {**request_values(ns, model), "checkpoint": checkpoint, "vae": ns.vae,
+                  "save_images": ns.out is None}
+        if units:
+            values["controlnet_units"] = units
+        if ns.hr_denoising_strength is not None:
+            values["hr_denoising_strength"] = ns.hr_denoising_strength
+        job = studio.engine.submit(build_request(model, values))
         bar = tqdm(total=0, unit="step", desc="txt2img", file=sys.stderr)
         while not job.done.wait(0.1):
             s = job.state
@@ -423,7 +376,7 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     maps: list[Path] = []
     if ns.save_detected_maps and units:
         folder = Path(ns.out) if ns.out is not None else \
-            studio.paths.outputs / ("img2img-images" if ns.init_image else "txt2img-images")
+            studio.paths.outputs / ("img2img-images" if getattr(ns, "init_images", None) else "txt2img-images")
         maps = _save_detected_maps(result, units, list(paths), folder)
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import tempfile
 import threading
@@ -17,7 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from studio.options import OPTION_KEYS, StudioOptions, options_from_stored, validate_changes
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
+log = logging.getLogger(__name__)
 
 
 def force_offline() -> None:
@@ -244,66 +248,48 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda temp: temp.write_text(text, encoding="utf-8"))
 
 
-# Defaults of the options served by /sdapi/v1/options; names are A1111's.
-DEFAULT_SETTINGS: dict[str, Any] = {
-    "sd_model_checkpoint": None,
-    "sd_checkpoint_hash": None,
-    "CLIP_stop_at_last_layers": 1,
-    "samples_format": "png",
-    "outdir_txt2img_samples": "",
-    "live_previews_enable": True,
-    "show_progress_every_n_steps": 1,
-    "show_progress_type": "Approx cheap",
-    "eta_ddim": 0.0,
-    "eta_ancestral": 1.0,
-    "sd_checkpoints_limit": 1,
-    # Ours: RAM the checkpoint cache may use, in MB; 0 = half of the machine's RAM.
-    "sd_checkpoint_cache_mb": 0,
-    "sd_vae": "Automatic",
-    "enable_pnginfo": True,
-    "save_txt": False,
-    # Opt-in fast modes (studio/optimizations.py); names of the token-merging ones are A1111's.
-    "token_merging_ratio": 0.0,
-    "token_merging_ratio_img2img": 0.0,
-    "token_merging_ratio_hr": 0.0,
-    "sd_compile_unet": False,
-    "sd_compile_backend": "inductor",
-}
-
-
 @dataclass
 class Settings:
-    """User settings persisted to config.json. Unknown keys are kept so a config.json
-    copied from A1111 survives a round trip through the studio."""
+    """User settings persisted to config.json, held as one typed :class:`StudioOptions`. Every change
+    is validated (studio.options.validate_changes) before it is applied or written. Keys the studio
+    does not know (a config.json copied from A1111) are kept in the file, untouched, but not used."""
 
     path: Path
-    values: dict[str, Any] = field(default_factory=dict)
+    options: StudioOptions = field(default_factory=StudioOptions)
+    foreign: dict[str, Any] = field(default_factory=dict)   # unknown keys from the file, written back as is
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
     def load(cls, path: Path) -> Settings:
-        values = dict(DEFAULT_SETTINGS)
+        stored: dict[str, Any] = {}
         if path.exists():
             try:
-                stored = json.loads(path.read_text(encoding="utf-8"))
-                if isinstance(stored, dict):
-                    values.update(stored)
+                loaded = json.loads(path.read_text(encoding="utf-8"))
+                stored = loaded if isinstance(loaded, dict) else {}
             except (OSError, ValueError):
                 # A corrupt settings file must not stop the studio; keep it for the user.
                 path.replace(path.with_suffix(".json.corrupt"))
-        return cls(path=path, values=values)
+        options, problems = options_from_stored(stored)
+        for problem in problems:
+            log.warning("config.json: %s; using the default", problem)
+        return cls(path=path, options=options, foreign={k: v for k, v in stored.items() if k not in OPTION_KEYS})
 
     def get(self, key: str, default: Any = None) -> Any:
+        """One option's value (``default`` for a key the studio does not have)."""
         with self._lock:
-            return self.values.get(key, default)
+            return getattr(self.options, key) if key in OPTION_KEYS else default
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
-            return dict(self.values)
+            return self.options.model_dump()
 
-    def update(self, changes: dict[str, Any], persist: bool = True) -> None:
+    def update(self, changes: dict[str, Any], persist: bool = True) -> dict[str, Any]:
+        """Validate ``changes`` (RequestError on an unknown key or a bad value; nothing changes then),
+        apply them and write config.json atomically. Returns the validated changes."""
         with self._lock:
-            self.values.update(changes)
-            text = json.dumps(self.values, indent=2, ensure_ascii=False)
+            checked = validate_changes(changes, self.options)
+            self.options = self.options.model_copy(update=checked)
+            text = json.dumps({**self.foreign, **self.options.model_dump()}, indent=2, ensure_ascii=False)
         if persist:
             atomic_write_text(self.path, text)
+        return checked

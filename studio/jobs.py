@@ -70,6 +70,17 @@ class Job:
     done: threading.Event = field(default_factory=threading.Event)
     result: Any = None
     error: BaseException | None = None
+    request: Any = None            # the typed request the job runs (None for loads, refreshes...)
+    cancelled: bool = False
+
+    def summary(self) -> dict[str, Any]:
+        """What a queue view shows of a job: its id, kind and the request's main fields."""
+        req = self.request
+        fields = {}
+        if req is not None and hasattr(req, "model_dump"):
+            fields = {k: v for k, v in req.model_dump(exclude={"init_images", "mask", "alwayson_scripts"}).items()
+                      if k in SUMMARY_FIELDS}
+        return {"id": self.state.job_id, "description": self.state.description, "request": fields}
 
     def wait(self, timeout: float | None = None) -> Any:
         if not self.done.wait(timeout):
@@ -79,6 +90,14 @@ class Job:
         return self.result
 
 
+class JobCancelled(LookupError):
+    """The job was cancelled while it waited in the queue."""
+
+
+SUMMARY_FIELDS = ("prompt", "negative_prompt", "steps", "sampler_name", "width", "height", "seed", "batch_size",
+                  "n_iter", "cfg_scale", "checkpoint")
+
+
 class JobQueue:
     def __init__(self) -> None:
         self._queue: queue.Queue[Job | None] = queue.Queue()
@@ -86,15 +105,32 @@ class JobQueue:
         self._lock = threading.Lock()
         self._current: Job | None = None
         self._pending = 0
+        self._waiting: list[Job] = []
         self._worker = threading.Thread(target=self._run, name="studio-worker", daemon=True)
         self._worker.start()
 
-    def submit(self, fn: Callable[[JobState], Any], description: str = "job") -> Job:
-        job = Job(JobState(job_id=f"task({next(self._ids)})", description=description), fn)
+    def submit(self, fn: Callable[[JobState], Any], description: str = "job", request: Any = None) -> Job:
+        job = Job(JobState(job_id=f"task({next(self._ids)})", description=description), fn, request=request)
         with self._lock:
             self._pending += 1
+            self._waiting.append(job)
         self._queue.put(job)
         return job
+
+    def waiting(self) -> list[Job]:
+        """The jobs not started yet, oldest first."""
+        with self._lock:
+            return list(self._waiting)
+
+    def cancel(self, job_id: str) -> bool:
+        """Take a waiting job out of the queue (its waiter gets JobCancelled). A running job is
+        stopped with interrupt() instead. Returns whether a waiting job had that id."""
+        with self._lock:
+            for job in self._waiting:
+                if job.state.job_id == job_id:
+                    job.cancelled = True
+                    return True
+        return False
 
     def run(self, fn: Callable[[JobState], Any], description: str = "job", timeout: float | None = None) -> Any:
         return self.submit(fn, description).wait(timeout)
@@ -105,6 +141,12 @@ class JobQueue:
             if job is None:
                 return
             with self._lock:
+                self._waiting.remove(job)
+                if job.cancelled:
+                    self._pending -= 1
+                    job.error = JobCancelled(f"{job.state.job_id} was cancelled")
+                    job.done.set()
+                    continue
                 self._current = job
             job.state.started = time.monotonic()
             try:

@@ -24,10 +24,10 @@ from typing import Any
 
 import torch
 
+from studio.options import COMPILE_BACKENDS, MAX_TOKEN_MERGING
+
 log = logging.getLogger(__name__)
 
-MAX_TOKEN_MERGING = 0.9          # A1111's slider limit: above it images fall apart
-COMPILE_BACKENDS = ("inductor", "cudagraphs", "eager")
 
 
 class OptimizationError(RuntimeError):

@@ -9,11 +9,10 @@ from typing import Any, Callable
 from fastapi import APIRouter, Body, HTTPException
 from pydantic import BaseModel, ConfigDict, Field
 
-from studio.controlnet.units import ControlNetUnitRequest, UnitError, unit_count, unit_from_api
+from studio.controlnet.units import unit_count
 
 # The extension's external_code.get_api_version(); clients check it before using units.
 API_VERSION = 2
-SCRIPT_TITLE = "controlnet"
 
 
 class DetectRequest(BaseModel):
@@ -28,19 +27,6 @@ class DetectRequest(BaseModel):
     controlnet_threshold_b: float = -1
     controlnet_masks: list[str] = Field(default_factory=list)
     low_vram: bool = False
-
-
-def units_from_alwayson(scripts: dict[str, Any] | None, decode: Callable[[Any], Any],
-                        notes: list[str] | None = None) -> tuple[ControlNetUnitRequest, ...]:
-    """The units of ``alwayson_scripts["ControlNet"]["args"]`` (the title in any case)."""
-    for title, entry in (scripts or {}).items():
-        if str(title).strip().lower() != SCRIPT_TITLE:
-            continue
-        args = entry.get("args", []) if isinstance(entry, dict) else entry
-        if not isinstance(args, list):
-            raise UnitError("alwayson_scripts.controlnet.args must be a list of units")
-        return tuple(unit_from_api(arg, decode, notes) for arg in args)
-    return ()
 
 
 def build_controlnet_router(studio: Any, route_class: Any, decode: Callable[[str], Any],

@@ -1,79 +1,12 @@
-"""A1111 request/response shapes for /sdapi/v1 (field names and API defaults as in
-A1111's ``modules/api/models.py``). Unknown fields are accepted and ignored, as
-clients such as webuiapi send every field A1111 knows."""
+"""A1111 response shapes and the small request bodies of /sdapi/v1 (field names and defaults as in
+A1111's ``modules/api/models.py``). The generation bodies are the engine's own schema
+(studio.generation.request)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
-
-
-class Txt2ImgAPIRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    prompt: str = ""
-    negative_prompt: str = ""
-    styles: list[str] | None = None
-    seed: int = -1
-    subseed: int = -1
-    subseed_strength: float = 0
-    seed_resize_from_h: int = -1
-    seed_resize_from_w: int = -1
-    sampler_name: str | None = None
-    sampler_index: str | None = "Euler"
-    scheduler: str | None = None
-    batch_size: int = 1
-    n_iter: int = 1
-    steps: int = 50
-    cfg_scale: float = 7.0
-    width: int = 512
-    height: int = 512
-    restore_faces: bool | None = None
-    tiling: bool | None = None
-    do_not_save_samples: bool = False
-    do_not_save_grid: bool = False
-    eta: float | None = None
-    denoising_strength: float | None = None
-    override_settings: dict[str, Any] | None = None
-    override_settings_restore_afterwards: bool = True
-    disable_extra_networks: bool = False
-    enable_hr: bool = False
-    hr_scale: float = 2.0
-    hr_upscaler: str | None = None
-    hr_second_pass_steps: int = 0
-    hr_resize_x: int = 0
-    hr_resize_y: int = 0
-    hr_checkpoint_name: str | None = None
-    hr_sampler_name: str | None = None
-    hr_scheduler: str | None = None
-    hr_prompt: str = ""
-    hr_negative_prompt: str = ""
-    send_images: bool = True
-    save_images: bool = False
-    alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
-    infotext: str | None = None
-    script_name: str | None = None
-    script_args: list[Any] = Field(default_factory=list)
-
-
-class Img2ImgAPIRequest(Txt2ImgAPIRequest):
-    """A1111's ``StableDiffusionImg2ImgProcessingAPI``: txt2img's fields plus these (API defaults)."""
-
-    init_images: list[str] | None = None
-    resize_mode: int = 0
-    image_cfg_scale: float | None = None
-    mask: str | None = None
-    mask_blur_x: int = 4
-    mask_blur_y: int = 4
-    mask_blur: int | None = None
-    mask_round: bool = True
-    inpainting_fill: int = 0
-    inpaint_full_res: bool = True
-    inpaint_full_res_padding: int = 0
-    inpainting_mask_invert: int = 0
-    initial_noise_multiplier: float | None = None
-    include_init_images: bool = False
 
 
 class ImageResponse(BaseModel):

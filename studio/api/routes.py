@@ -11,24 +11,23 @@ import os
 import signal
 import threading
 import time
-from collections import ChainMap
 from typing import Any, Callable
 
 from fastapi import APIRouter, FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError, WebSocketRequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from studio.api.auth import install_access
-from studio.api.controlnet import SCRIPT_TITLE, build_controlnet_router, units_from_alwayson
+from studio.api.controlnet import SCRIPT_TITLE, build_controlnet_router
 from studio.api.models import (
     ExtrasBatchRequest,
     ExtrasSingleRequest,
     FaceRestorerItem,
     ImageResponse,
-    Img2ImgAPIRequest,
     InterrogateRequest,
     PNGInfoRequest,
     PNGInfoResponse,
@@ -36,9 +35,8 @@ from studio.api.models import (
     ProgressState,
     RealesrganItem,
     ScriptInfo,
-    Txt2ImgAPIRequest,
 )
-from studio.api.options import API_DEFAULTS, SAMPLES_FORMATS, json_safe, validate_options
+from studio.api.options import json_safe
 from studio.api.training import build_training_router
 from studio.controlnet.preprocessors import PreprocessorError
 from studio.controlnet.units import ControlNetUnitRequest, unit_count
@@ -46,7 +44,7 @@ from studio.core import Studio
 from studio.devices import memory_report
 from studio.extensions import ExtensionError
 from studio.generation.imageops import ImageInputError
-from studio.generation.infotext import infotext_to_fields, parse_infotext
+from studio.generation.infotext import parse_infotext
 from studio.generation.outputs import (
     ImageReadError,
     SaveFormat,
@@ -55,7 +53,7 @@ from studio.generation.outputs import (
     png_bytes,
     read_infotext,
 )
-from studio.generation.request import Img2ImgRequest, RequestError, Txt2ImgRequest
+from studio.generation.request import Img2ImgRequest, RequestError, Txt2ImgRequest, fill_from_infotext
 from studio.generation.samplers import UnknownSamplerError, samplers_api, schedules_api
 from studio.jobs import Job
 from studio.models.manager import ModelNotFoundError
@@ -64,7 +62,7 @@ from studio.models.vae import VaeNotFoundError
 from studio.networks.embeddings import EmbeddingFileError
 from studio.networks.hypernetworks import HypernetworkFileError
 from studio.networks.lora_formats import LoraFileError
-from studio.optimizations import token_merging_ratios
+from studio.options import validate_changes
 from studio.prompts.styles import StyleError
 from studio.upscale import UpscalerError
 
@@ -105,92 +103,6 @@ def encode_image(image, infotext: str | None, fmt: str = "png", quality: int = 8
     return base64.b64encode(image_bytes(image, infotext, save_format)).decode("ascii")
 
 
-def to_img2img_request(body: Img2ImgAPIRequest, studio: Studio) -> Img2ImgRequest:
-    """A1111 img2img fields on top of the txt2img mapping. ``mask_blur`` (old clients) sets
-    both axes; images may be raw base64 or data URIs."""
-    if not body.init_images:
-        raise HTTPException(400, "init_images: at least one base64 image is required")
-    base, _ = to_request(body, studio, img2img=True)
-    images = tuple(decode_base64_image(data) for data in body.init_images)
-    mask = decode_base64_image(body.mask) if body.mask else None
-    blur_x, blur_y = body.mask_blur_x, body.mask_blur_y
-    if body.mask_blur is not None:
-        blur_x = blur_y = body.mask_blur
-    strength = body.denoising_strength if body.denoising_strength is not None else 0.75
-    fields = {k: getattr(base, k) for k in Txt2ImgRequest.__dataclass_fields__}
-    return Img2ImgRequest(
-        **fields, init_images=images, mask=mask, resize_mode=body.resize_mode, denoising_strength=strength,
-        mask_blur_x=blur_x, mask_blur_y=blur_y, inpainting_fill=body.inpainting_fill,
-        inpaint_full_res=bool(body.inpaint_full_res), inpaint_full_res_padding=body.inpaint_full_res_padding,
-        inpainting_mask_invert=bool(body.inpainting_mask_invert),
-    )
-
-
-def to_request(body: Txt2ImgAPIRequest, studio: Studio, img2img: bool = False) -> tuple[Txt2ImgRequest, str | None]:
-    """Map A1111 fields to our request. Returns the request and the checkpoint override."""
-    explicit = body.model_fields_set
-    values = body.model_dump()
-    if body.infotext:
-        for name, value in infotext_to_fields(parse_infotext(body.infotext)).items():
-            if name in Txt2ImgRequest.__dataclass_fields__ and name not in explicit:
-                values[name] = value
-    overrides = validate_options(body.override_settings or {})
-    checkpoint = overrides.get("sd_model_checkpoint")
-    vae = overrides.get("sd_vae")
-    clip_skip = values.get("clip_skip") or overrides.get("CLIP_stop_at_last_layers") \
-        or studio.settings.get("CLIP_stop_at_last_layers", 1)
-    try:
-        clip_skip = int(clip_skip)
-    except (TypeError, ValueError):
-        raise RequestError(f"clip_skip must be an integer 1-12 (got {clip_skip!r})") from None
-    sampler = values.get("sampler_name") or values.get("sampler_index") or "Euler"
-    # token merging: override_settings as A1111 applies them, else a pasted infotext, else the settings
-    merge, merge_hr = values.get("token_merging_ratio"), values.get("token_merging_ratio_hr")
-    if any(key.startswith("token_merging_ratio") for key in overrides):
-        merge, merge_hr = token_merging_ratios(ChainMap(overrides, studio.settings.snapshot()), img2img)
-    req = Txt2ImgRequest(
-        prompt=values["prompt"] or "",
-        negative_prompt=values["negative_prompt"] or "",
-        steps=values["steps"],
-        cfg_scale=values["cfg_scale"],
-        width=values["width"],
-        height=values["height"],
-        seed=values["seed"],
-        batch_size=values["batch_size"],
-        n_iter=values["n_iter"],
-        sampler_name=sampler,
-        scheduler=values.get("scheduler") or "Automatic",
-        clip_skip=clip_skip,
-        eta=values.get("eta"),
-        subseed=int(values.get("subseed", -1)),
-        subseed_strength=float(values.get("subseed_strength") or 0),
-        seed_resize_from_w=max(0, int(values.get("seed_resize_from_w") or 0)),
-        seed_resize_from_h=max(0, int(values.get("seed_resize_from_h") or 0)),
-        tiling=bool(values.get("tiling")),
-        enable_hr=bool(values.get("enable_hr")),
-        hr_scale=float(values.get("hr_scale") or 2.0),
-        hr_upscaler=values.get("hr_upscaler") or "Latent",
-        hr_second_pass_steps=int(values.get("hr_second_pass_steps") or 0),
-        hr_resize_x=int(values.get("hr_resize_x") or 0),
-        hr_resize_y=int(values.get("hr_resize_y") or 0),
-        # A1111 reuses denoising_strength for the hires pass in txt2img
-        hr_denoising_strength=float(values["denoising_strength"]) if values.get("denoising_strength") is not None
-        else 0.7,
-        hr_sampler_name=values.get("hr_sampler_name") or None,
-        hr_scheduler=values.get("hr_scheduler") or None,
-        hr_prompt=values.get("hr_prompt") or "",
-        hr_negative_prompt=values.get("hr_negative_prompt") or "",
-        checkpoint=checkpoint,
-        vae=str(vae) if vae is not None else None,
-        save_images=bool(values["save_images"]),
-        styles=tuple(values.get("styles") or ()),
-        controlnet_units=units_from_alwayson(body.alwayson_scripts, decode_base64_image),
-        token_merging_ratio=merge,
-        token_merging_ratio_hr=merge_hr,
-    )
-    return req, checkpoint
-
-
 async def wait_for(job: Job) -> Any:
     """The job's result, awaited without holding a worker thread: however many requests wait in
     the queue, the thread pool stays free for /progress, /interrupt and the rest."""
@@ -204,17 +116,11 @@ async def wait_for(job: Job) -> Any:
 def build_router(studio: Studio) -> APIRouter:
     def image_format(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
         """How API images are encoded: ``samples_format``, ``jpeg_quality``, ``webp_lossless`` (the
-        request's ``override_settings`` first, then the settings)."""
-        def get(key: str) -> Any:
-            if overrides and key in overrides:
-                return overrides[key]
-            return studio.settings.get(key, API_DEFAULTS.get(key))
-
-        fmt, quality = get("samples_format"), get("jpeg_quality")
-        # settings come from config.json too, which may have been edited by hand
-        return {"fmt": fmt.lower() if isinstance(fmt, str) and fmt.lower() in SAMPLES_FORMATS else "png",
-                "quality": quality if isinstance(quality, int) and 1 <= quality <= 100 else 80,
-                "lossless": get("webp_lossless") is True}
+        request's ``override_settings`` over the settings; both already validated)."""
+        options = studio.settings.options
+        if overrides:
+            options = options.model_copy(update=validate_changes(overrides, options))
+        return {"fmt": options.samples_format, "quality": options.jpeg_quality, "lossless": options.webp_lossless}
 
     def response_images(result: Any, send: bool, overrides: dict[str, Any] | None) -> list[str]:
         """The generated images, then (as the ControlNet extension does) each unit's detected map,
@@ -227,19 +133,19 @@ def build_router(studio: Studio) -> APIRouter:
             images += [encode_image(m, None, **fmt) for m in result.detected_maps]
         return images
 
-    async def generate(body: Txt2ImgAPIRequest, submit: Callable[[], Job]) -> tuple[Any, dict[str, Any]]:
-        """Queue the job (checking the request first, in the thread pool: images are decoded
-        there), wait for it, then make the overrides permanent if the request says so."""
-        overrides = validate_options(body.override_settings or {})
-        job = await run_in_threadpool(submit)
+    async def generate(body: Txt2ImgRequest) -> tuple[Any, dict[str, Any]]:
+        """Queue the job (checked first, in the thread pool: images are decoded there), wait for it,
+        then make the overrides permanent if the request says so."""
+        job = await run_in_threadpool(lambda: studio.engine.submit(fill_from_infotext(body)))
         result = await wait_for(job)
+        overrides = body.override_settings
         # Overrides travel with the request, so "restore afterwards" needs no work: the next
         # request runs on the user's settings again. Without restore they become the settings.
         if overrides and not body.override_settings_restore_afterwards:
             await run_in_threadpool(studio.apply_options, overrides)
         return result, overrides
 
-    def image_response(result: Any, body: Txt2ImgAPIRequest, overrides: dict[str, Any],
+    def image_response(result: Any, body: Txt2ImgRequest, overrides: dict[str, Any],
                        params: dict[str, Any]) -> dict[str, Any]:
         images = response_images(result, body.send_images, overrides)
         return {"images": images, "parameters": json_safe(params),
@@ -247,19 +153,24 @@ def build_router(studio: Studio) -> APIRouter:
 
     r = APIRouter(prefix="/sdapi/v1", tags=["sdapi"], route_class=StudioRoute)
 
-    @r.post("/txt2img", response_model=ImageResponse)
-    async def txt2img(body: Txt2ImgAPIRequest) -> dict[str, Any]:
-        result, overrides = await generate(body, lambda: studio.submit_txt2img(to_request(body, studio)[0]))
+    async def txt2img(body: Txt2ImgRequest) -> dict[str, Any]:
+        result, overrides = await generate(body)
         return await run_in_threadpool(image_response, result, body, overrides, body.model_dump())
 
-    @r.post("/img2img", response_model=ImageResponse)
-    async def img2img(body: Img2ImgAPIRequest) -> dict[str, Any]:
-        result, overrides = await generate(body, lambda: studio.submit_img2img(to_img2img_request(body, studio)))
+    async def img2img(body: Img2ImgRequest) -> dict[str, Any]:
+        result, overrides = await generate(body)
         params = body.model_dump()
         if not body.include_init_images:
             params["init_images"] = None  # A1111 leaves the (large) inputs out of the echo
             params["mask"] = None
         return await run_in_threadpool(image_response, result, body, overrides, params)
+
+    # The bodies are the schema classes the studio was built with (studio.schemas), so a field added
+    # to the schema is in the API and /docs at once.
+    txt2img.__annotations__ = {**txt2img.__annotations__, "body": studio.schemas.txt2img}
+    img2img.__annotations__ = {**img2img.__annotations__, "body": studio.schemas.img2img}
+    r.post("/txt2img", response_model=ImageResponse)(txt2img)
+    r.post("/img2img", response_model=ImageResponse)(img2img)
 
     @r.get("/sd-models")
     def sd_models() -> list[dict[str, Any]]:
@@ -354,7 +265,7 @@ def build_router(studio: Studio) -> APIRouter:
 
     @r.get("/options")
     def get_options() -> dict[str, Any]:
-        opts = {**API_DEFAULTS, **studio.settings.snapshot()}
+        opts = studio.settings.snapshot()
         current = studio.models.current
         if current is not None and not opts.get("sd_model_checkpoint"):
             opts["sd_model_checkpoint"] = current.info.title
@@ -363,7 +274,7 @@ def build_router(studio: Studio) -> APIRouter:
 
     @r.post("/options")
     def set_options(body: dict[str, Any]) -> dict[str, Any]:
-        studio.apply_options(validate_options(body))
+        studio.apply_options(body)
         return {}
 
     @r.get("/embeddings")
@@ -512,7 +423,11 @@ class StudioRoute(APIRoute):
         async def guarded(request: Request):
             try:
                 return await handler(request)
-            except (StarletteHTTPException, RequestValidationError, WebSocketRequestValidationError):
+            except RequestValidationError as e:
+                # FastAPI's own reply would echo the bad input, and a NaN or an infinity in it makes
+                # that reply unencodable (a plain-text 500 that drops the connection)
+                return JSONResponse({"detail": json_safe(jsonable_encoder(e.errors()))}, status_code=422)
+            except (StarletteHTTPException, WebSocketRequestValidationError):
                 raise  # FastAPI's own replies (4xx with a JSON detail)
             except ModelNotFoundError as e:
                 return JSONResponse({"detail": str(e).strip("'\""), "error": type(e).__name__},

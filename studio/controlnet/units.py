@@ -17,13 +17,15 @@ import numpy as np
 from PIL import Image
 
 from studio.controlnet.guidance import CONTROL_MODES
-from studio.generation.request import RequestError
+from studio.errors import RequestError
+from studio.options import DEFAULT_UNIT_COUNT
 
 log = logging.getLogger(__name__)
 
 CONTROL_RESIZE_MODES = ("Just Resize", "Crop and Resize", "Resize and Fill")
 HR_OPTIONS = ("Both", "Low res only", "High res only")
-DEFAULT_UNIT_COUNT = 3
+# the always-on script's title in ``alwayson_scripts`` (matched in any case)
+SCRIPT_TITLE = "controlnet"
 MAX_UNITS = 10
 # older clients and the extension's earlier UI used these names for the fit modes
 _RESIZE_ALIASES = {
@@ -164,6 +166,19 @@ def unit_from_api(values: dict[str, Any], decode_image: Callable[[Any], Any],
     if values.get("hr_option") is not None:
         fields["hr_option"] = _enum_value(values["hr_option"], HR_OPTIONS, "hr_option")
     return replace(defaults, **fields)
+
+
+def units_from_alwayson(scripts: dict[str, Any] | None, decode: Callable[[Any], Any],
+                        notes: list[str] | None = None) -> tuple[ControlNetUnitRequest, ...]:
+    """The units of ``alwayson_scripts["ControlNet"]["args"]`` (the title in any case)."""
+    for title, entry in (scripts or {}).items():
+        if str(title).strip().lower() != SCRIPT_TITLE:
+            continue
+        args = entry.get("args", []) if isinstance(entry, dict) else entry
+        if not isinstance(args, list):
+            raise UnitError("alwayson_scripts.controlnet.args must be a list of units")
+        return tuple(unit_from_api(arg, decode, notes) for arg in args)
+    return ()
 
 
 def check_unit(unit: ControlNetUnitRequest, index: int) -> None:

@@ -26,7 +26,7 @@ from studio.training.base import (
 )
 
 if TYPE_CHECKING:
-    from studio.core import Studio
+    from studio.engine import Engine
     from studio.training.loop import TrainResult
 
 log = logging.getLogger(__name__)
@@ -83,17 +83,17 @@ def check_settings(s: TrainSettings) -> None:
             raise TrainingError(f"{name} must be one of {', '.join(choices)} (got {value!r})")
 
 
-def _lora_output(studio: Studio, name: str) -> Path:
+def _lora_output(studio: Engine, name: str) -> Path:
     return Path(studio.paths.lora_dirs[0]) / f"{name}.safetensors"
 
 
-def _resumable(studio: Studio, kind: str, name: str, output: Path) -> bool:
+def _resumable(studio: Engine, kind: str, name: str, output: Path) -> bool:
     from studio.training.loop import load_resume_state, work_dir
 
     return load_resume_state(work_dir(studio.paths.data, kind, name), kind, output) is not None
 
 
-def prepare(studio: Studio, req: TrainingRequest) -> PreparedTraining:
+def prepare(studio: Engine, req: TrainingRequest) -> PreparedTraining:
     from studio.training.dataset import DEFAULT_TEMPLATES, TrainDataset
 
     if req.kind not in KINDS:
@@ -143,7 +143,7 @@ def prepare(studio: Studio, req: TrainingRequest) -> PreparedTraining:
     return PreparedTraining(replace(req, settings=settings), dataset, output, source, lr_at)
 
 
-def _find_source(studio: Studio, kind: str, name: str) -> Path:
+def _find_source(studio: Engine, kind: str, name: str) -> Path:
     if kind == "embedding":
         studio.embeddings.refresh()
         found = studio.embeddings.embeddings.get(name)
@@ -194,7 +194,7 @@ def _trainable(prepared: PreparedTraining) -> Any:
     return HypernetworkTrainable(prepared.source_path, prepared.output_path, req.settings.learning_rate)
 
 
-def _sampler(studio: Studio, model: Any, prepared: PreparedTraining, state: JobState):
+def _sampler(studio: Engine, model: Any, prepared: PreparedTraining, state: JobState):
     """Sample images during training with the weights as they are, into the run's folder; the
     latest one is the job's live preview."""
     from studio.generation.outputs import save_image
@@ -225,13 +225,13 @@ def _sampler(studio: Studio, model: Any, prepared: PreparedTraining, state: JobS
     return sample
 
 
-def execute(studio: Studio, prepared: PreparedTraining, state: JobState) -> TrainResult:
+def execute(studio: Engine, prepared: PreparedTraining, state: JobState) -> TrainResult:
     from studio.training.loop import run_training
 
     settings = prepared.request.settings
     state.textinfo = "Loading model for training"
     model = studio.models.load(settings.checkpoint or studio.initial_checkpoint())
-    studio._sync_embeddings()
+    studio.sync_embeddings()
     trainable = _trainable(prepared)
     sample = _sampler(studio, model, prepared, state) if settings.sample_every else None
     try:
@@ -243,8 +243,35 @@ def execute(studio: Studio, prepared: PreparedTraining, state: JobState) -> Trai
         studio.networks.refresh()
     elif prepared.request.kind == "hypernetwork":
         studio.networks.hypernetworks.refresh()
-    studio._sync_embeddings()
+    studio.sync_embeddings()
     log.info("Training %s %s: %d steps in %.1fs, loss %s → %s", prepared.request.kind, settings.output_name,
              result.step, result.seconds, f"{result.losses[0]:.4f}" if result.losses else "-",
              f"{result.losses[-1]:.4f}" if result.losses else "-")
     return result
+
+
+def create_embedding_job(studio: Engine, name: str, init_text: str = "*", vectors_per_token: int = 1,
+                         overwrite: bool = False) -> Path:
+    """A1111's "Create embedding": a new embedding file in the embeddings folder, initialised from
+    the loaded model's token embeddings of ``init_text`` (on the worker: it needs the model)."""
+    from studio.training.embedding import create_embedding
+
+    folder = Path(studio.paths.embedding_dirs[0]) if studio.paths.embedding_dirs else studio.paths.data / "embeddings"
+
+    def job(state: JobState) -> Path:
+        model = studio.load(studio.initial_checkpoint())
+        path = create_embedding(model, name, init_text, vectors_per_token, overwrite, folder=folder)
+        studio.sync_embeddings()
+        return path
+
+    return studio.queue.run(job, f"create embedding {name}")
+
+
+def create_hypernetwork_file(studio: Engine, name: str, **options: Any) -> Path:
+    """A1111's "Create hypernetwork" into the hypernetworks folder (options: sizes, layer_structure,
+    activation, weight_init, add_layer_norm, use_dropout, dropout_structure, overwrite)."""
+    from studio.training.hypernetwork import create_hypernetwork
+
+    path = create_hypernetwork(name, folder=Path(studio.paths.hypernetwork_dirs[0]), **options)
+    studio.networks.hypernetworks.refresh()
+    return path

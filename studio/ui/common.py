@@ -18,6 +18,7 @@ from studio.generation.samplers import SAMPLER_NAMES, SCHEDULE_LABELS
 from studio.models.manager import ModelNotFoundError
 from studio.models.state_dict import ModelFileError
 from studio.prompts.styles import Style, StyleError
+from studio.ui.bindings import RequestForm
 from studio.ui.extra_networks import ExtraNetworksBrowser, build_extra_networks
 
 USER_ERRORS = (RequestError, ModelFileError, ModelNotFoundError, StyleError)
@@ -34,6 +35,11 @@ class PromptArea:
     extra: ExtraNetworksBrowser
     prompt_tokens: gr.HTML
     negative_tokens: gr.HTML
+
+    def bind(self, form: RequestForm) -> None:
+        form.bind("prompt", self.prompt, lambda v: v or "")
+        form.bind("negative_prompt", self.negative, lambda v: v or "")
+        form.bind("styles", self.styles, lambda v: list(v or ()))
 
     def wire_token_counters(self, studio: Studio, steps: gr.Slider) -> None:
         """A1111's n/75 counters; the steps matter because prompt editing changes the text."""
@@ -67,11 +73,24 @@ class SamplingControls:
     resize_h: gr.Slider
     tiling: gr.Checkbox
 
-    def inputs(self) -> list[Any]:
-        """In the order :func:`sampling_values` reads them."""
-        return [self.steps, self.sampler, self.schedule, self.cfg, self.seed, self.width, self.height,
-                self.n_iter, self.batch_size, self.clip_skip, self.subseed, self.subseed_strength,
-                self.resize_w, self.resize_h, self.tiling]
+    def bind(self, form: RequestForm) -> None:
+        """Each control sets the request field of the same meaning."""
+        as_int = lambda v: int(v if v is not None else -1)  # noqa: E731 - a seed box may be emptied
+        form.bind("steps", self.steps, int)
+        form.bind("sampler_name", self.sampler)
+        form.bind("scheduler", self.schedule)
+        form.bind("cfg_scale", self.cfg, float)
+        form.bind("seed", self.seed, as_int)
+        form.bind("width", self.width, int)
+        form.bind("height", self.height, int)
+        form.bind("n_iter", self.n_iter, int)
+        form.bind("batch_size", self.batch_size, int)
+        form.bind("clip_skip", self.clip_skip, int)
+        form.bind("subseed", self.subseed, as_int)
+        form.bind("subseed_strength", self.subseed_strength, lambda v: float(v or 0))
+        form.bind("seed_resize_from_w", self.resize_w, lambda v: int(v or 0))
+        form.bind("seed_resize_from_h", self.resize_h, lambda v: int(v or 0))
+        form.bind("tiling", self.tiling, bool)
 
 
 @dataclass
@@ -161,7 +180,8 @@ def build_prompt_area(studio: Studio, tab_id: str) -> PromptArea:
     return PromptArea(prompt, negative, styles, generate, interrupt, skip, extra, prompt_tokens, negative_tokens)
 
 
-def build_sampling_controls(tab_id: str) -> SamplingControls:
+def build_sampling_controls(tab_id: str, clip_skip: Callable[[], int] | int = 1) -> SamplingControls:
+    """``clip_skip``: the slider's starting value, a callable to read the setting on each page load."""
     with gr.Row():
         sampler = gr.Dropdown(list(SAMPLER_NAMES), value="DPM++ 2M", label="Sampling method",
                               elem_id=f"{tab_id}_sampling")
@@ -191,7 +211,8 @@ def build_sampling_controls(tab_id: str) -> SamplingControls:
             resize_h = gr.Slider(0, 2048, value=0, step=8, label="Resize seed from height",
                                  elem_id=f"{tab_id}_seed_resize_from_h")
     with gr.Row():
-        clip_skip = gr.Slider(1, 12, value=1, step=1, label="Clip skip", elem_id=f"{tab_id}_clip_skip", scale=4)
+        clip_skip = gr.Slider(1, 12, value=clip_skip, step=1, label="Clip skip", elem_id=f"{tab_id}_clip_skip",
+                              scale=4)
         tiling = gr.Checkbox(False, label="Tiling", elem_id=f"{tab_id}_tiling", scale=1,
                              info="seamless textures")
     random_seed.click(lambda: -1, None, seed, queue=False)
@@ -220,14 +241,10 @@ def build_output_area(tab_id: str) -> OutputArea:
     return out
 
 
-def sampling_values(steps, sampler, schedule, cfg, seed, width, height, n_iter, batch_size, clip_skip,
-                    subseed=-1, subseed_strength=0.0, resize_w=0, resize_h=0, tiling=False) -> dict:
-    """Request fields from the values of :meth:`SamplingControls.inputs`."""
-    return dict(steps=int(steps), sampler_name=sampler, scheduler=schedule, cfg_scale=float(cfg),
-                seed=int(seed if seed is not None else -1), width=int(width), height=int(height),
-                n_iter=int(n_iter), batch_size=int(batch_size), clip_skip=int(clip_skip),
-                subseed=int(subseed if subseed is not None else -1), subseed_strength=float(subseed_strength or 0),
-                seed_resize_from_w=int(resize_w or 0), seed_resize_from_h=int(resize_h or 0), tiling=bool(tiling))
+def clip_skip_setting(studio: Studio) -> Callable[[], int]:
+    """The clip-skip slider starts at the setting on every page load; what the user then picks is
+    sent explicitly (an explicit 1 is honoured even when the setting is 2)."""
+    return lambda: studio.settings.options.CLIP_stop_at_last_layers
 
 
 def stream_job(studio: Studio, submit: Callable[[], Any]) -> Iterator[tuple]:

@@ -17,6 +17,8 @@ import gradio as gr
 from studio.controlnet.guidance import CONTROL_MODES
 from studio.controlnet.units import CONTROL_RESIZE_MODES, HR_OPTIONS, ControlNetUnitRequest, unit_count
 from studio.core import Studio
+from studio.generation.request import build_request
+from studio.ui.bindings import RequestForm
 
 # The order UnitControls.inputs() hands values to units_from_values().
 UNIT_FIELDS = ("enabled", "use_init", "image", "module", "model", "weight", "guidance_start", "guidance_end",
@@ -43,6 +45,12 @@ class ControlNetPanel:
     @property
     def size(self) -> int:
         return len(UNIT_FIELDS) * len(self.units)
+
+    def bind(self, form: RequestForm) -> None:
+        """The units' controls make the request's ControlNet units (the same unit requests the API's
+        ``alwayson_scripts`` gives)."""
+        form.bind_group(("controlnet_units", "alwayson_scripts"), self.inputs(),
+                        lambda values: {"controlnet_units": units_from_values(values)})
 
 
 def units_from_values(values: list[Any] | tuple[Any, ...]) -> tuple[ControlNetUnitRequest, ...]:
@@ -174,12 +182,11 @@ def save_map(studio: Studio, image: Any) -> str:
 
 def build_controlnet_tab(studio: Studio) -> None:
     """Run any preprocessor on an image, look at and save the map, and generate with units."""
-    from studio.generation.request import Txt2ImgRequest
     from studio.ui.common import (
         build_output_area,
         build_prompt_area,
         build_sampling_controls,
-        sampling_values,
+        clip_skip_setting,
         stream_job,
     )
 
@@ -210,7 +217,7 @@ def build_controlnet_tab(studio: Studio) -> None:
     area = build_prompt_area(studio, "controlnet")
     with gr.Row(equal_height=False):
         with gr.Column(scale=1):
-            controls = build_sampling_controls("controlnet")
+            controls = build_sampling_controls("controlnet", clip_skip_setting(studio))
             panel = build_controlnet_panel(studio, "controlnet", open=True)
         with gr.Column(scale=1):
             out = build_output_area("controlnet")
@@ -224,18 +231,15 @@ def build_controlnet_tab(studio: Studio) -> None:
         return image, True, "none", "Sent to ControlNet Unit 0 (preprocessor none); choose its model."
 
     send.click(send_to_unit, detected, [first["image"], first["enabled"], first["module"], message], queue=False)
-    n_sampling = len(controls.inputs())
+    form = RequestForm(studio.schemas.txt2img, "controlnet")
+    area.bind(form)
+    controls.bind(form)
+    panel.bind(form)
 
-    def generate(p, neg, style_names, *values):
-        def submit():
-            req = Txt2ImgRequest(prompt=p or "", negative_prompt=neg or "", styles=tuple(style_names or ()),
-                                 controlnet_units=units_from_values(values[n_sampling:]),
-                                 **sampling_values(*values[:n_sampling]))
-            return studio.submit_txt2img(req)
-        yield from stream_job(studio, submit)
+    def generate(data: dict[Any, Any]):
+        yield from stream_job(studio, lambda: studio.engine.submit(build_request(form.schema, form.values(data))))
 
-    area.generate.click(generate, [area.prompt, area.negative, area.styles, *controls.inputs(), *panel.inputs()],
-                        out.outputs(), concurrency_limit=None)
+    area.generate.click(generate, form.inputs(), out.outputs(), concurrency_limit=None)
     controls.reuse_seed.click(lambda s: s, out.last_seed, controls.seed, queue=False)
 
 

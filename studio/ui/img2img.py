@@ -10,16 +10,17 @@ import numpy as np
 from PIL import Image
 
 from studio.core import Studio
-from studio.generation.request import INPAINT_FILL, RESIZE_MODES, Img2ImgRequest
+from studio.generation.request import INPAINT_FILL, RESIZE_MODES, build_request
+from studio.ui.bindings import RequestForm
 from studio.ui.common import (
     USER_ERRORS,
     build_output_area,
     build_prompt_area,
     build_sampling_controls,
-    sampling_values,
+    clip_skip_setting,
     stream_job,
 )
-from studio.ui.controlnet import build_controlnet_panel, units_from_values
+from studio.ui.controlnet import build_controlnet_panel
 
 INPAINT_AREAS = ("Whole picture", "Only masked")
 MASK_MODES = ("Inpaint masked", "Inpaint not masked")
@@ -65,6 +66,21 @@ def _mode_controls(tab_id: str, inpaint: bool) -> dict[str, Any]:
     return c
 
 
+def _bind_mode(form: RequestForm, c: dict[str, Any]) -> None:
+    form.bind("resize_mode", c["resize_mode"], int)
+    form.bind("denoising_strength", c["denoising"], float)
+    if "mask_blur" in c:
+        form.bind("mask_blur", c["mask_blur"], int)
+        form.bind("inpainting_mask_invert", c["mask_mode"], int)
+        form.bind("inpainting_fill", c["fill"], int)
+        form.bind("inpaint_full_res", c["area"], bool)
+        form.bind("inpaint_full_res_padding", c["padding"], int)
+
+
+def _error(message: str):
+    yield gr.update(), gr.update(visible=False), "", gr.update(), f"**Error:** {message}", gr.update(), gr.update()
+
+
 def build_img2img_tab(studio: Studio) -> None:
     with gr.Tab("img2img", id="img2img", elem_id="tab_img2img"):
         area = build_prompt_area(studio, "img2img")
@@ -83,31 +99,34 @@ def build_img2img_tab(studio: Studio) -> None:
                         batch_out = gr.Textbox(label="Output directory (empty: outputs/img2img-images)",
                                                elem_id="img2img_batch_output_dir")
                 mode = _mode_controls("img2img", inpaint=False)
-                controls = build_sampling_controls("img2img")
+                controls = build_sampling_controls("img2img", clip_skip_setting(studio))
                 panel = build_controlnet_panel(studio, "img2img", img2img=True)
+                extra_column = gr.Column()
             with gr.Column(scale=1):
                 out = build_output_area("img2img")
         source = gr.State("upload")
     area.wire_token_counters(studio, controls.steps)
     sources.select(_tab_id, None, source, queue=False)
-    n_sampling = len(controls.inputs())
+    form = RequestForm(studio.schemas.img2img, "img2img")
+    for part in (area, controls, panel):
+        part.bind(form)
+    _bind_mode(form, mode)
+    with extra_column:
+        form.add_schema_controls()
 
-    def run(which, image, sketched, folder_in, folder_out, resize, strength, p, neg, styles, *values):
-        fields = dict(prompt=p or "", negative_prompt=neg or "", styles=tuple(styles or ()),
-                      resize_mode=int(resize), denoising_strength=float(strength),
-                      controlnet_units=units_from_values(values[n_sampling:]), **sampling_values(*values[:n_sampling]))
-        if which == "batch":
-            yield from _run_batch(studio, fields, folder_in, folder_out)
+    def run(data: dict[Any, Any]):
+        fields = form.values(data)
+        if data[source] == "batch":
+            yield from _run_batch(studio, fields, data[batch_in], data[batch_out])
             return
-        init = editor_parts(sketched)[0] if which == "sketch" else image
+        init = editor_parts(data[sketch])[0] if data[source] == "sketch" else data[upload]
         if init is None:
-            yield gr.update(), gr.update(visible=False), "", gr.update(), "**Error:** upload an image first", \
-                gr.update(), gr.update()
+            yield from _error("upload an image first")
             return
-        yield from stream_job(studio, lambda: studio.submit_img2img(Img2ImgRequest(init_images=(init,), **fields)))
+        yield from stream_job(studio, lambda: studio.engine.submit(
+            build_request(form.schema, {**fields, "init_images": [init]})))
 
-    inputs = [source, upload, sketch, batch_in, batch_out, mode["resize_mode"], mode["denoising"],
-              area.prompt, area.negative, area.styles, *controls.inputs(), *panel.inputs()]
+    inputs = form.inputs() | {source, upload, sketch, batch_in, batch_out}
     area.generate.click(run, inputs, out.outputs(), concurrency_limit=None)
     controls.reuse_seed.click(lambda s: s, out.last_seed, controls.seed, queue=False)
 
@@ -147,36 +166,31 @@ def build_inpaint_tab(studio: Studio) -> None:
                     mask_upload = gr.Image(label="Mask (white = repaint)", type="pil", image_mode="L",
                                            elem_id="inpaint_mask_upload", height=240)
                 mode = _mode_controls("inpaint", inpaint=True)
-                controls = build_sampling_controls("inpaint")
+                controls = build_sampling_controls("inpaint", clip_skip_setting(studio))
                 panel = build_controlnet_panel(studio, "inpaint", img2img=True)
+                extra_column = gr.Column()
             with gr.Column(scale=1):
                 out = build_output_area("inpaint")
     area.wire_token_counters(studio, controls.steps)
-    n_sampling = len(controls.inputs())
+    form = RequestForm(studio.schemas.img2img, "inpaint")
+    for part in (area, controls, panel):
+        part.bind(form)
+    _bind_mode(form, mode)
+    with extra_column:
+        form.add_schema_controls()
 
-    def run(painted, uploaded_mask, resize, strength, blur, mask_mode, fill, inpaint_area, padding, p, neg, styles,
-            *values):
-        image, mask = editor_parts(painted)
-        if uploaded_mask is not None:
-            mask = uploaded_mask
+    def run(data: dict[Any, Any]):
+        image, mask = editor_parts(data[editor])
+        if data[mask_upload] is not None:
+            mask = data[mask_upload]
         if image is None:
-            yield gr.update(), gr.update(visible=False), "", gr.update(), "**Error:** upload an image first", \
-                gr.update(), gr.update()
+            yield from _error("upload an image first")
             return
         if mask is None:
-            yield gr.update(), gr.update(visible=False), "", gr.update(), \
-                "**Error:** paint over the area to repaint (or upload a mask)", gr.update(), gr.update()
+            yield from _error("paint over the area to repaint (or upload a mask)")
             return
-        req = Img2ImgRequest(
-            prompt=p or "", negative_prompt=neg or "", styles=tuple(styles or ()), init_images=(image,), mask=mask,
-            resize_mode=int(resize), denoising_strength=float(strength), mask_blur_x=int(blur),
-            mask_blur_y=int(blur), inpainting_mask_invert=bool(mask_mode), inpainting_fill=int(fill),
-            inpaint_full_res=bool(inpaint_area), inpaint_full_res_padding=int(padding),
-            controlnet_units=units_from_values(values[n_sampling:]), **sampling_values(*values[:n_sampling]))
-        yield from stream_job(studio, lambda: studio.submit_img2img(req))
+        values = {**form.values(data), "init_images": [image], "mask": mask}
+        yield from stream_job(studio, lambda: studio.engine.submit(build_request(form.schema, values)))
 
-    inputs = [editor, mask_upload, mode["resize_mode"], mode["denoising"], mode["mask_blur"], mode["mask_mode"],
-              mode["fill"], mode["area"], mode["padding"], area.prompt, area.negative, area.styles,
-              *controls.inputs(), *panel.inputs()]
-    area.generate.click(run, inputs, out.outputs(), concurrency_limit=None)
+    area.generate.click(run, form.inputs() | {editor, mask_upload}, out.outputs(), concurrency_limit=None)
     controls.reuse_seed.click(lambda s: s, out.last_seed, controls.seed, queue=False)

@@ -1,6 +1,7 @@
-"""Settings tab: the options a user changes most, grouped as A1111 groups them, with one Apply
-button. The values go through the same checks as POST /sdapi/v1/options, so a bad value is
-refused with a message and nothing is saved.
+"""Settings tab: every option of the typed settings object (studio.options.StudioOptions), grouped
+in its sections, each drawn from its type and range, with one Apply button. Values go through
+the same validation as POST /sdapi/v1/options, so a bad value is refused with a message and
+nothing is saved; the result line says what changed.
 
 The Optimizations section holds the opt-in fast modes; each says what it costs (token merging
 changes the image; torch.compile spends minutes compiling on first use).
@@ -8,139 +9,91 @@ changes the image; torch.compile spends minutes compiling on first use).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 
-from studio.api.options import API_DEFAULTS, SAMPLES_FORMATS, validate_options
-from studio.config import DEFAULT_SETTINGS
-from studio.generation.request import RequestError
-from studio.optimizations import COMPILE_BACKENDS, MAX_TOKEN_MERGING
+from studio.errors import RequestError
+from studio.options import OPTIMIZATIONS, StudioOptions, sections
+from studio.ui.bindings import control_for
 
 if TYPE_CHECKING:
     from studio.core import Studio
 
-
-@dataclass(frozen=True)
-class Option:
-    key: str
-    label: str
-    kind: str                      # "check" | "slider" | "number" | "choice"
-    lo: float = 0
-    hi: float = 1
-    step: float = 1
-    choices: tuple[str, ...] = ()
-    info: str | None = None
+# Set elsewhere on the page (the checkpoint and VAE pickers, the Extensions tab), not here.
+ELSEWHERE = frozenset({"sd_model_checkpoint", "sd_checkpoint_hash", "sd_vae", "disabled_extensions"})
+NOTES = {OPTIMIZATIONS: "Fast modes that trade something for speed: token merging changes the image; "
+                        "torch.compile spends minutes compiling on first use (cached on disk). The device "
+                        "policy (dtype, attention, memory layout) is chosen at start-up and shown in the footer."}
 
 
-@dataclass(frozen=True)
-class Section:
-    title: str
-    options: tuple[Option, ...]
-    note: str = ""
+def shown_options() -> dict[str, list[str]]:
+    return {title: [k for k in keys if k not in ELSEWHERE] for title, keys in sections().items()}
 
 
-SECTIONS = (
-    Section("Saving images", (
-        Option("samples_format", "File format for images", "choice",
-               choices=tuple(f for f in SAMPLES_FORMATS if f != "jpeg")),
-        Option("jpeg_quality", "Quality for saved JPEG and WebP images", "slider", 1, 100, 1),
-        Option("webp_lossless", "Lossless WebP", "check"),
-        Option("enable_pnginfo", "Save the generation parameters inside the image", "check"),
-        Option("save_txt", "Also write the parameters to a .txt file next to each image", "check"),
-    )),
-    Section("Stable Diffusion", (
-        Option("sd_checkpoints_limit", "Checkpoints to keep loaded", "slider", 1, 10, 1),
-        Option("sd_checkpoint_cache_mb", "RAM for cached checkpoints, MB (0 = half of the RAM)", "number", 0, 1 << 20),
-        Option("CLIP_stop_at_last_layers", "Clip skip", "slider", 1, 12, 1),
-        Option("eta_ddim", "Eta for DDIM", "slider", 0, 1, 0.01),
-        Option("eta_ancestral", "Eta for ancestral samplers", "slider", 0, 1, 0.01),
-    )),
-    Section("Live previews", (
-        Option("live_previews_enable", "Show live previews while generating", "check"),
-        Option("show_progress_every_n_steps", "Preview every N steps (-1: only at the end of a batch)",
-               "slider", -1, 32, 1),
-    )),
-    Section("ControlNet", (
-        Option("control_net_unit_count", "Number of units (after a reload of the page)", "slider", 1, 10, 1),
-        Option("control_net_no_detectmap", "Do not return detected maps", "check"),
-    )),
-    Section("Optimizations", (
-        Option("token_merging_ratio", "Token merging ratio (lossy)", "slider", 0, MAX_TOKEN_MERGING, 0.1,
-               info="ToMe: merges similar image tokens; faster at large sizes, changes the image. 0 = off."),
-        Option("token_merging_ratio_img2img", "Token merging ratio for img2img (0 = as above)", "slider",
-               0, MAX_TOKEN_MERGING, 0.1),
-        Option("token_merging_ratio_hr", "Token merging ratio for the hires pass (0 = as above)", "slider",
-               0, MAX_TOKEN_MERGING, 0.1),
-        Option("sd_compile_unet", "torch.compile the UNet (opt-in; slow first run)", "check",
-               info="Compiles the UNet's repeated transformer block. The first generation at each size "
-                    "compiles (minutes on a CPU); the compiled code is cached on disk for later runs."),
-        Option("sd_compile_backend", "Compile backend", "choice", choices=COMPILE_BACKENDS),
-    ), note="Fast modes that trade something for speed. The device policy (dtype, attention, memory "
-            "layout) is chosen at start-up and shown in the footer."),
-)
+def _value(studio: Studio, key: str) -> Any:
+    value = studio.settings.get(key)
+    if key == "quicksettings_list":
+        return list(value)
+    return "" if value is None else value
 
 
-# What the studio uses when config.json does not have the key: the tab must show that, or Apply
-# would save a value the user never chose (a missing unit count read as 1 instead of 3).
-DEFAULTS: dict[str, Any] = {**DEFAULT_SETTINGS, **API_DEFAULTS}
-
-
-def current(studio: Studio, option: Option) -> Any:
-    default = DEFAULTS.get(option.key)
-    value = studio.settings.get(option.key, default)
-    if option.kind == "choice" and value not in option.choices:
-        # "jpeg" and hand-edited values: show what the studio will actually use
-        value = "jpg" if value == "jpeg" else default
+def _normalise(key: str, value: Any) -> Any:
+    """A control's value as the option's type: an emptied text box is "no value" for optional text."""
+    info = StudioOptions.model_fields[key]
+    if value == "" and info.default is None:
+        return None
+    if isinstance(value, float) and value.is_integer() and info.annotation is int:
+        return int(value)
     return value
 
 
 def apply_settings(studio: Studio, values: dict[str, Any]) -> str:
     """Save the options that changed; a Markdown message for the result line. Never raises."""
-    changed = {k: v for k, v in values.items() if v != studio.settings.get(k, DEFAULTS.get(k))}
+    values = {k: _normalise(k, v) for k, v in values.items()}
+    changed = {k: v for k, v in values.items() if v != studio.settings.get(k)}
     if not changed:
         return "Nothing changed."
     try:
-        studio.apply_options(validate_options(changed))
+        studio.apply_options(changed)
     except RequestError as e:
         return f"❌ Not saved: {e}"
-    return "Saved: " + ", ".join(sorted(changed)) + "."
+    return "Saved: " + ", ".join(f"{k} = {v!r}" for k, v in sorted(changed.items())) + "."
 
 
-def _component(studio: Studio, option: Option) -> Any:
-    value = current(studio, option)
-    common = {"label": option.label, "value": value, "elem_id": f"setting_{option.key}", "info": option.info}
-    if option.kind == "check":
-        return gr.Checkbox(**common)
-    if option.kind == "slider":
-        return gr.Slider(minimum=option.lo, maximum=option.hi, step=option.step, **common)
-    if option.kind == "number":
-        return gr.Number(minimum=option.lo, maximum=option.hi, precision=0, **common)
-    return gr.Dropdown(choices=list(option.choices), **common)
+def _component(studio: Studio, key: str) -> Any:
+    info = StudioOptions.model_fields[key]
+    label = (info.json_schema_extra or {}).get("label", key)  # type: ignore[union-attr]
+    if key == "quicksettings_list":
+        return gr.Dropdown(sorted(StudioOptions.model_fields), value=_value(studio, key), multiselect=True,
+                           label=label, elem_id=f"setting_{key}")
+    return control_for(info, _value(studio, key), label, f"setting_{key}")
 
 
 def build_settings_tab(studio: Studio, tab: Any = None) -> None:
     """Fill the open ``gr.Tab``; when ``tab`` is given, its values are re-read each time it is
     selected, so a change made through the API since the page loaded is shown, not overwritten."""
-    options: list[Option] = []
+    keys: list[str] = []
     components: list[Any] = []
     with gr.Row():
         apply = gr.Button("Apply settings", variant="primary", elem_id="settings_submit", scale=0, min_width=160)
         result = gr.Markdown("", elem_id="settings_result")
-    for section in SECTIONS:
-        with gr.Accordion(section.title, open=True, elem_id=f"settings_{section.title.lower().replace(' ', '_')}"):
-            if section.note:
-                gr.Markdown(section.note)
-            if section.title == "Optimizations":
+    for title, section_keys in shown_options().items():
+        with gr.Accordion(title, open=title != "User interface",
+                          elem_id=f"settings_{title.lower().replace(' ', '_')}"):
+            if title in NOTES:
+                gr.Markdown(NOTES[title])
+            if title == OPTIMIZATIONS:
                 gr.Markdown(f"Device policy: `{studio.policy.label}`", elem_id="settings_policy")
-            for option in section.options:
-                options.append(option)
-                components.append(_component(studio, option))
+            for key in section_keys:
+                component = _component(studio, key)
+                if component is not None:
+                    keys.append(key)
+                    components.append(component)
 
     def on_apply(*values: Any) -> str:
-        return apply_settings(studio, {o.key: v for o, v in zip(options, values)})
+        return apply_settings(studio, dict(zip(keys, values)))
 
     apply.click(on_apply, inputs=components, outputs=result)
     if tab is not None:
-        tab.select(lambda: [current(studio, o) for o in options], outputs=components)
+        tab.select(lambda: [_value(studio, k) for k in keys], outputs=components)

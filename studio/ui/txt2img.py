@@ -8,17 +8,18 @@ from typing import Any
 import gradio as gr
 
 from studio.core import Studio
-from studio.generation.request import Txt2ImgRequest
+from studio.generation.request import build_request
 from studio.generation.samplers import SAMPLER_NAMES, SCHEDULE_LABELS
 from studio.ui.common import (
     USER_ERRORS,
     build_output_area,
     build_prompt_area,
     build_sampling_controls,
-    sampling_values,
+    clip_skip_setting,
     stream_job,
 )
-from studio.ui.controlnet import ControlNetPanel, build_controlnet_panel, units_from_values
+from studio.ui.bindings import RequestForm
+from studio.ui.controlnet import ControlNetPanel, build_controlnet_panel
 from studio.ui.extra_networks import ExtraNetworksBrowser
 
 __all__ = ["USER_ERRORS", "Txt2ImgControls", "build_txt2img_tab", "fields_to_updates"]
@@ -47,31 +48,25 @@ def build_txt2img_tab(studio: Studio) -> Txt2ImgControls:
         area = build_prompt_area(studio, "txt2img")
         with gr.Row(equal_height=False):
             with gr.Column(scale=1):
-                controls = build_sampling_controls("txt2img")
+                controls = build_sampling_controls("txt2img", clip_skip_setting(studio))
                 hires = build_hires_controls(studio)
                 panel = build_controlnet_panel(studio, "txt2img", hires=True)
+                extra_column = gr.Column()
             with gr.Column(scale=1):
                 out = build_output_area("txt2img")
     area.wire_token_counters(studio, controls.steps)
-    n_sampling = len(controls.inputs())
+    form = RequestForm(studio.schemas.txt2img, "txt2img")
+    area.bind(form)
+    controls.bind(form)
+    bind_hires(form, hires)
+    panel.bind(form)
+    with extra_column:
+        form.add_schema_controls()
 
-    def run(p, neg, style_names, enable, upscaler, by, steps, strength, rx, ry, hr_sampler, hr_p, hr_neg, *values):
-        def submit():
-            req = Txt2ImgRequest(
-                prompt=p or "", negative_prompt=neg or "", styles=tuple(style_names or ()), enable_hr=bool(enable),
-                hr_upscaler=upscaler or "Latent", hr_scale=float(by), hr_second_pass_steps=int(steps),
-                hr_denoising_strength=float(strength), hr_resize_x=int(rx or 0), hr_resize_y=int(ry or 0),
-                hr_sampler_name=None if hr_sampler in (None, "Use same sampler") else hr_sampler,
-                hr_prompt=hr_p or "", hr_negative_prompt=hr_neg or "",
-                controlnet_units=units_from_values(values[n_sampling:]), **sampling_values(*values[:n_sampling]))
-            return studio.submit_txt2img(req)
-        yield from stream_job(studio, submit)
+    def run(data: dict[Any, Any]):
+        yield from stream_job(studio, lambda: studio.engine.submit(build_request(form.schema, form.values(data))))
 
-    hires_inputs = [hires[k] for k in ("enable", "upscaler", "scale", "steps", "denoising", "resize_x", "resize_y",
-                                       "sampler", "prompt", "negative")]
-    area.generate.click(run, [area.prompt, area.negative, area.styles, *hires_inputs, *controls.inputs(),
-                              *panel.inputs()],
-                        out.outputs(), concurrency_limit=None)
+    area.generate.click(run, form.inputs(), out.outputs(), concurrency_limit=None)
     controls.reuse_seed.click(lambda s: s, out.last_seed, controls.seed, queue=False)
     return Txt2ImgControls(area.prompt, area.negative, controls.steps, controls.sampler, controls.schedule,
                            controls.cfg, controls.seed, controls.width, controls.height, controls.clip_skip, tab,
@@ -104,6 +99,19 @@ def build_hires_controls(studio: Studio) -> dict[str, Any]:
         c["negative"] = gr.Textbox(label="Hires negative prompt (empty = same)", lines=2,
                                    elem_id="txt2img_hr_neg_prompt")
     return c
+
+
+def bind_hires(form: RequestForm, c: dict[str, Any]) -> None:
+    form.bind("enable_hr", c["enable"], bool)
+    form.bind("hr_upscaler", c["upscaler"], lambda v: v or "Latent")
+    form.bind("hr_scale", c["scale"], float)
+    form.bind("hr_second_pass_steps", c["steps"], int)
+    form.bind("denoising_strength", c["denoising"], float)  # A1111: txt2img's denoising is the hires pass's
+    form.bind("hr_resize_x", c["resize_x"], lambda v: int(v or 0))
+    form.bind("hr_resize_y", c["resize_y"], lambda v: int(v or 0))
+    form.bind("hr_sampler_name", c["sampler"], lambda v: None if v in (None, "Use same sampler") else v)
+    form.bind("hr_prompt", c["prompt"], lambda v: v or "")
+    form.bind("hr_negative_prompt", c["negative"], lambda v: v or "")
 
 
 def fields_to_updates(controls: Txt2ImgControls, fields: dict[str, Any]) -> list[Any]:

@@ -1,0 +1,97 @@
+"""The CLI's generation flags, derived from the request schema: one ``--field-name`` per public field
+(plus the older short names the schema lists for it), typed, with the field's description and
+default as help. A field added to the schema is a flag at once; nothing here names a field."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from studio.errors import RequestError
+from studio.generation.request import INTERACTIVE_DEFAULTS, public_fields, studio_hints
+
+# Fields a command line has no use for: the reply's shape (a CLI prints paths) and A1111's old alias.
+NOT_ON_THE_COMMAND_LINE = frozenset({"send_images", "save_images", "include_init_images", "sampler_index"})
+IMAGE_FIELDS = frozenset({"init_images", "mask"})   # file paths on the command line
+
+
+def _base_type(annotation: Any) -> tuple[Any, bool]:
+    """(the type inside Optional[...], whether it is a list)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _base_type(args[0]) if len(args) == 1 else (Any, False)
+    if origin is list:
+        inner = typing.get_args(annotation)
+        return (inner[0] if inner else Any), True
+    if origin is typing.Annotated:
+        return _base_type(typing.get_args(annotation)[0])
+    return annotation, False
+
+
+def _bounds(info: Any) -> tuple[Any, Any]:
+    lo = hi = None
+    for item in info.metadata:
+        lo = getattr(item, "ge", lo)
+        hi = getattr(item, "le", hi)
+    return lo, hi
+
+
+def add_request_arguments(parser: argparse.ArgumentParser, model: type[BaseModel]) -> None:
+    """Add a flag for every public field of ``model``, grouped as the schema says. Every flag
+    defaults to "not given" (argparse.SUPPRESS), so only what the user typed reaches the request."""
+    groups: dict[str, Any] = {}
+    for name, info in public_fields(model).items():
+        if name in NOT_ON_THE_COMMAND_LINE:
+            continue
+        hints = studio_hints(info)
+        group_name = hints["group"] or ""
+        group = groups.get(group_name)
+        if group is None:
+            group = groups[group_name] = parser.add_argument_group(group_name) if group_name else parser
+        flags = [f"--{name.replace('_', '-')}", *hints["cli"]]
+        default = INTERACTIVE_DEFAULTS.get(name, info.default if info.default_factory is None else None)
+        help_text = (info.description or "").replace("%", "%%")
+        if default not in (None, "", [], {}):
+            help_text += f" (default {default})"
+        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
+        base, is_list = _base_type(info.annotation)
+        if name in IMAGE_FIELDS:
+            kwargs.update(metavar="PATH", action="append" if is_list else "store",
+                          help=help_text + " (an image file)")
+        elif base is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif base in (dict, list) or typing.get_origin(base) in (dict, list) or (base is Any and not is_list):
+            kwargs.update(type=json.loads, metavar="JSON")
+        elif is_list:
+            kwargs.update(action="append", type=str if base is Any else base, metavar=name.upper())
+        elif base is int and _bounds(info) == (0, 1):
+            kwargs.update(type=int, nargs="?", const=1, metavar="0|1")   # a switch that also takes 0/1
+        else:
+            kwargs["type"] = base if base in (int, float, str) else str
+        group.add_argument(*flags, **kwargs)
+
+
+def _read_image(path: str) -> Any:
+    from studio.generation.outputs import ImageReadError, open_image
+
+    try:
+        return open_image(Path(path).read_bytes())
+    except (OSError, ImageReadError) as e:
+        raise RequestError(f"{path}: {e}") from e
+
+
+def request_values(ns: argparse.Namespace, model: type[BaseModel]) -> dict[str, Any]:
+    """The fields the user gave, over the interactive defaults; image paths read into images."""
+    given = {name: getattr(ns, name) for name in public_fields(model) if hasattr(ns, name)}
+    for name in IMAGE_FIELDS & given.keys():
+        value = given[name]
+        given[name] = [_read_image(p) for p in value] if isinstance(value, list) else _read_image(value)
+    defaults = {k: v for k, v in INTERACTIVE_DEFAULTS.items() if k in model.model_fields}
+    return {**defaults, **given}

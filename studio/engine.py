@@ -1,0 +1,344 @@
+"""The engine: everything between a typed request and its result, under every front door.
+
+``prepare`` resolves a request against the settings before it is queued (styles, names, images,
+ControlNet units, clip skip, token merging, the per-request ``override_settings``, the seed), so
+bad input never occupies the worker and a queued job holds a complete, reproducible request.
+``run`` is the job itself: load the model, patch it (embeddings, VAE, compile), prepare the
+ControlNet units, then the generic runner; outputs are saved where the settings say. Upscaling,
+ControlNet detection and img2img's batch-folder loop live here too, so the Studio stays a facade.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from studio.config import Paths, Settings
+from studio.controlnet.preprocessors import PreprocessorError, PreprocessorRegistry
+from studio.controlnet.runtime import ControlNetModels, check_units, prepare_controls
+from studio.errors import RequestError
+from studio.generation.imageops import ImageInputError, normalize_image
+from studio.generation.outputs import ImageReadError, SaveFormat, open_image, save_image
+from studio.generation.request import (
+    Img2ImgRequest,
+    Txt2ImgRequest,
+    resolve_seed,
+    validate_img2img,
+    validate_txt2img,
+)
+from studio.generation.saving import OutputSaver
+from studio.jobs import Job, JobQueue, JobState
+from studio.models.manager import ModelManager
+from studio.models.vae import VaeCatalog, VaeNotFoundError, VaeSwapper
+from studio.networks.activation import ExtraNetworks
+from studio.networks.cards import Card, hypernet_tag, lora_tag
+from studio.networks.embeddings import EmbeddingLibrary
+from studio.optimizations import CompileOptions, compile_cache_dir, set_compiled, token_merging_ratios
+from studio.options import StudioOptions, validate_changes
+from studio.prompts.styles import StyleDatabase, StyleError
+from studio.upscale import UpscalerError, UpscalerLibrary
+
+if TYPE_CHECKING:  # diffusers/transformers load on first use, not at start-up
+    from studio.generation.runner import GenerationResult
+    from studio.models.loader import LoadedModel
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A request ready for the worker: the resolved request and the options it runs with (the
+    settings with its ``override_settings`` applied)."""
+
+    request: Txt2ImgRequest
+    options: StudioOptions
+
+
+@dataclass
+class Engine:
+    paths: Paths
+    settings: Settings
+    models: ModelManager
+    queue: JobQueue
+    embeddings: EmbeddingLibrary
+    styles: StyleDatabase
+    vaes: VaeCatalog
+    networks: ExtraNetworks
+    upscalers: UpscalerLibrary
+    preprocessors: PreprocessorRegistry
+    controlnets: ControlNetModels
+
+    # -- model state --------------------------------------------------------------------
+    def initial_checkpoint(self) -> str | None:
+        preferred = self.settings.options.sd_model_checkpoint
+        if preferred and self.models.catalog.find(preferred) is None:
+            preferred = None
+        return preferred
+
+    def sync_embeddings(self) -> None:
+        """Rescan the embedding folders (only changed files are re-read) and hand the
+        embeddings that fit the loaded model to its prompt encoder."""
+        self.embeddings.refresh()
+        model = self.models.current
+        if model is None:
+            return
+        loaded, _skipped = self.embeddings.resolve(model.text_widths)
+        current = model.conditioner.embeddings
+        if {k: id(v) for k, v in loaded.items()} != {k: id(v) for k, v in current.items()}:
+            model.conditioner.set_embeddings(loaded)
+
+    def load(self, query: str | None) -> LoadedModel:
+        """On the worker: load a checkpoint and give it the embeddings that fit it."""
+        model = self.models.load(query)
+        self.sync_embeddings()
+        return model
+
+    def apply_vae(self, model: LoadedModel, setting: str | None) -> Any:
+        """On the worker: put the wanted VAE into ``model`` (request value, else the ``sd_vae``
+        setting) and return its VaeInfo, or None for the checkpoint's own."""
+        if setting is None:
+            setting = self.settings.options.sd_vae
+        try:
+            info = self.vaes.resolve(setting, model.info.path)
+        except VaeNotFoundError as e:
+            raise RequestError(str(e)) from e
+        if model.vae_swapper is None:
+            if info is None:
+                return None  # nothing was ever swapped into this model
+            model.vae_swapper = VaeSwapper(model.vae)
+        model.vae_swapper.apply(info)
+        return info
+
+    # -- generation ---------------------------------------------------------------------
+    def prepare(self, req: Txt2ImgRequest) -> Prepared:
+        """Everything that can be checked or decided before queueing. Raises RequestError."""
+        options = self.settings.options
+        if req.override_settings:
+            options = options.model_copy(update=validate_changes(req.override_settings, options))
+        if req.styles:
+            try:
+                prompt, negative = self.styles.apply(req.styles, req.prompt, req.negative_prompt)
+            except StyleError as e:
+                raise RequestError(str(e)) from e
+            req = req.model_copy(update={"prompt": prompt, "negative_prompt": negative, "styles": []})
+        img2img = isinstance(req, Img2ImgRequest)
+        req = validate_img2img(req) if img2img else validate_txt2img(req)
+        if req.controlnet_units:
+            check_units(req.controlnet_units, self.preprocessors, self.controlnets,
+                        has_init_image=bool(getattr(req, "init_images", ())))
+        merge, merge_hr = token_merging_ratios(options.model_dump(), img2img=img2img)
+        overrides = req.override_settings
+        req = req.model_copy(update={
+            # None means "the setting": an explicit 1 is kept even when the setting says 2
+            "clip_skip": req.clip_skip if req.clip_skip is not None else options.CLIP_stop_at_last_layers,
+            "token_merging_ratio": merge if req.token_merging_ratio is None else req.token_merging_ratio,
+            "token_merging_ratio_hr": merge_hr if req.token_merging_ratio_hr is None else req.token_merging_ratio_hr,
+            "checkpoint": req.checkpoint or overrides.get("sd_model_checkpoint"),
+            "vae": req.vae if req.vae is not None else overrides.get("sd_vae"),
+            # resolved now, so everything seeded from it (ControlNet's preprocessors too) is reproducible
+            # from the image's infotext, and the queued job shows the seed it will use
+            "seed": resolve_seed(req.seed),
+        })
+        return Prepared(req, options)
+
+    def submit(self, req: Txt2ImgRequest) -> Job:
+        prepared = self.prepare(req)
+        return self.queue.submit(lambda state: self.run(prepared, state), prepared.request.kind,
+                                 request=prepared.request)
+
+    def run(self, prepared: Prepared, state: JobState) -> GenerationResult:
+        """The job: load, patch, prepare the units, sample, save."""
+        from studio.generation.img2img import run_img2img
+        from studio.generation.runner import run_generation
+
+        req, options = prepared.request, prepared.options
+        model = self.load(req.checkpoint or self.initial_checkpoint())
+        vae = self.apply_vae(model, req.vae)
+        set_compiled(model.unet, CompileOptions.from_settings(options.model_dump()),
+                     compile_cache_dir(self.paths.data))
+        controls = self._prepare_controls(req, model, state)
+        every = options.show_progress_every_n_steps if options.live_previews_enable else 0
+        saver = OutputSaver.from_options(options.model_dump(), self.paths.data, req.kind,
+                                         model_name=model.info.name_for_extra, model_hash=model.info.shorthash or "",
+                                         vae_filename=vae.filename if vae else "")
+        common = dict(preview_every=every, networks=self.networks, vae=vae, controls=controls, saver=saver,
+                      eta_noise_seed_delta=options.eta_noise_seed_delta, s_min_uncond=options.s_min_uncond,
+                      emphasis=options.emphasis)
+        if isinstance(req, Img2ImgRequest):
+            return run_img2img(model, req, state, color_correction=options.img2img_color_correction,
+                               upscale=self._img2img_upscaler(options.upscaler_for_img2img), **common)
+        return run_generation(model, req, state, upscalers=self.upscalers, **common)
+
+    def _img2img_upscaler(self, name: str | None) -> Any:
+        """A1111's ``upscaler_for_img2img``: the upscaler that enlarges an init image (None = Lanczos)."""
+        if not name or name in ("None", "Lanczos"):
+            return None
+
+        def upscale(image: Any, width: int, height: int) -> Any:
+            try:
+                return self.upscalers.upscale(image, name, size=(width, height))
+            except UpscalerError as e:
+                raise RequestError(f"upscaler_for_img2img: {e}") from e
+
+        return upscale
+
+    def _prepare_controls(self, req: Txt2ImgRequest, model: LoadedModel, state: JobState) -> Any:
+        """On the worker: preprocess the enabled ControlNet units and load their models. The seed is the
+        request's resolved seed, so a seeded preprocessor (shuffle) gives the map the infotext promises."""
+        if not any(u.enabled for u in req.controlnet_units):
+            return None
+        init = getattr(req, "init_images", ())
+
+        def progress(index: int) -> None:
+            state.textinfo = f"ControlNet unit {index}: preprocessing"
+
+        return prepare_controls(req.controlnet_units, self.preprocessors, self.controlnets, model.family,
+                                req.width, req.height, model.policy.dtype, model.policy.device,
+                                init_image=init[0] if init else None, seed=req.seed, on_unit=progress)
+
+    def img2img_folder(self, fields: dict[str, Any], folder_in: Path, folder_out: Path | None) -> list[Path]:
+        """A1111's img2img Batch: every image in ``folder_in`` (not recursive) with the same
+        settings, written to ``folder_out`` (default: the img2img output folder) with infotext.
+        Unreadable files are skipped and reported in the log; nothing is overwritten."""
+        if not folder_in.is_dir():
+            raise RequestError(f"input directory {str(folder_in)!r} does not exist")
+        files = sorted(p for p in folder_in.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise RequestError(f"no images in {folder_in}")
+        saved: list[Path] = []
+        for path in files:
+            try:
+                image = open_image(path.read_bytes())
+            except (ImageReadError, OSError) as e:
+                log.warning("img2img batch: skipping %s: %s", path, e)
+                continue
+            req = Img2ImgRequest.model_validate({**fields, "init_images": [image],
+                                                 "save_images": folder_out is None})
+            result = self.submit(req).wait()
+            if folder_out is not None:
+                save_format = SaveFormat.from_settings(self.settings)
+                for image_out, text, seed in zip(result.images, result.infotexts, result.seeds):
+                    saved.append(save_image(image_out, text, folder_out, seed, dated=False, save_format=save_format))
+            else:
+                saved.extend(result.paths)
+        return saved
+
+    # -- extras and ControlNet detection ------------------------------------------------
+    def upscale_image(self, image: Any, upscaler: str, scale: float | None = None,
+                      size: tuple[int, int] | None = None, upscaler_2: str | None = None,
+                      visibility_2: float = 0.0, save: bool = True) -> tuple[Any, str, Path | None]:
+        """The Extras tab / POST /extra-single-image: one image through an upscaler (and, blended
+        in at ``visibility_2``, a second one), on the worker. Returns (image, info text, saved path)."""
+        from PIL import Image
+
+        for name in (upscaler, upscaler_2):
+            if name and name != "None" and self.upscalers.find(name) is None:
+                self.upscalers.refresh()
+                if self.upscalers.find(name) is None:
+                    names = ", ".join(u.name for u in self.upscalers.items())
+                    raise RequestError(f"upscaler {name!r} not found. Available: {names}")
+        if (scale is None) == (size is None):
+            raise RequestError("give either an upscale factor or a target size")
+        if scale is not None and not 0.05 <= scale <= 8:
+            raise RequestError(f"upscaling_resize must be between 0.05 and 8 (got {scale:g})")
+        if size is not None and not all(8 <= v <= 8192 for v in size):
+            raise RequestError(f"target size must be between 8 and 8192 (got {size[0]}x{size[1]})")
+        try:
+            image = normalize_image(image)
+        except ImageInputError as e:
+            raise RequestError(str(e)) from e
+
+        def job(state: JobState) -> Any:
+            state.textinfo = f"Upscaling with {upscaler}"
+            try:
+                out = self.upscalers.upscale(image, upscaler or "None", scale=scale, size=size)
+                if upscaler_2 and upscaler_2 != "None" and visibility_2 > 0:
+                    second = self.upscalers.upscale(image, upscaler_2, size=out.size)
+                    out = Image.blend(out, second, float(visibility_2))
+            except UpscalerError as e:
+                raise RequestError(str(e)) from e
+            return out
+
+        out = self.queue.run(job, "upscale")
+        parts = [f"Postprocess upscale {'by' if scale is not None else 'to'}: "
+                 + (f"{scale:g}" if scale is not None else f"{size[0]}x{size[1]}"),
+                 f"Postprocess upscaler: {upscaler}"]
+        if upscaler_2 and upscaler_2 != "None" and visibility_2 > 0:
+            parts += [f"Postprocess upscaler 2: {upscaler_2}", f"Postprocess upscaler 2 visibility: {visibility_2:g}"]
+        info = ", ".join(parts)
+        path = None
+        if save:
+            options = self.settings.options
+            folder = options.outdir_samples or options.outdir_extras_samples
+            path = save_image(out, info, self.paths.data / folder, 0,
+                              save_format=SaveFormat.from_settings(self.settings))
+        return out, info, path
+
+    def detect(self, module: str, images: list[Any], resolution: int = -1, threshold_a: float = -1,
+               threshold_b: float = -1) -> list[Any]:
+        """Run a preprocessor on images (the ControlNet tab, POST /controlnet/detect), on the worker
+        because detectors may load networks."""
+        if module not in self.preprocessors:
+            raise RequestError(f"unknown preprocessor {module!r}; available: {', '.join(self.preprocessors.names())}")
+        if not images:
+            raise RequestError("no input images")
+        try:
+            images = [normalize_image(image) for image in images]
+        except ImageInputError as e:
+            raise RequestError(str(e)) from e
+
+        def job(state: JobState) -> list[Any]:
+            state.textinfo = f"Preprocessor {module}"
+            try:
+                return [self.preprocessors.run(module, image, resolution, threshold_a, threshold_b)
+                        for image in images]
+            except PreprocessorError as e:
+                raise RequestError(str(e)) from e
+
+        return self.queue.run(job, f"detect {module}")
+
+    # -- what the UI's helpers ask of the loaded model ----------------------------------
+    def network_cards(self, kind: str) -> list[Card]:
+        """The extra-networks browser's cards of one kind (see studio.networks.cards)."""
+        if kind == "checkpoints":
+            families = {m.info.path: m.family.split("-")[0] for m in self.models.cached()}
+            return [Card(kind, c.model_name, c.path, c.title, families.get(c.path)) for c in self.models.checkpoints()]
+        if kind == "lora":
+            return [Card(kind, i.name, i.path, lora_tag(i.name), i.family) for i in self.networks.loras.items()]
+        if kind == "hypernetworks":
+            return [Card(kind, i.name, i.path, hypernet_tag(i.name)) for i in self.networks.hypernetworks.items()]
+        if kind == "textual_inversion":
+            model = self.models.current
+            skipped = self.embeddings.resolve(model.text_widths)[1] if model is not None else {}
+            return [Card(kind, name, emb.path, name, _embedding_family(emb.widths),
+                         "does not fit the loaded model" if name in skipped else "")
+                    for name, emb in self.embeddings.embeddings.items()]
+        raise ValueError(f"unknown extra network kind {kind!r}")
+
+    def token_count(self, text: str, steps: int = 20) -> tuple[int, int]:
+        """A1111's counter: the longest text any step will see, extra-network tags removed.
+        Returns (tokens, limit) where the limit grows in steps of 75."""
+        from studio.prompts.encode import tokenize_prompt
+        from studio.prompts.parser import extract_extra_networks, split_and
+        from studio.prompts.schedule import cached_schedule
+
+        text, _ = extract_extra_networks(text or "")
+        model = self.models.current
+        if model is not None:
+            tokenizer, index = model.tokenizers[0], model.conditioner.index
+        else:
+            from studio.models.tokenizer import make_clip_tokenizer
+            tokenizer, index = make_clip_tokenizer(), None
+        texts = [t for sub, _ in split_and(text) for _, t in cached_schedule(sub, steps)] or [""]
+        count = max(tokenize_prompt(tokenizer, t, index)[1] for t in texts)
+        return count, max(75, -(-count // 75) * 75)
+
+
+def _embedding_family(widths: dict[str, int]) -> str | None:
+    if "clip_g" in widths:
+        return "sdxl"
+    return {768: "sd1", 1024: "sd2"}.get(widths.get("default", 0))
