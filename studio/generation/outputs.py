@@ -4,9 +4,10 @@ with the infotext in the PNG ``parameters`` text chunk; reading it back from PNG
 from __future__ import annotations
 
 import io
+import itertools
 import os
-import re
-import tempfile
+import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -14,17 +15,49 @@ from typing import Any
 
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
-RE_NUMBERED = re.compile(r"^(\d+)-")
+from studio.config import atomic_write
 
 
 class ImageReadError(ValueError):
     pass
 
 
-def next_number(folder: Path) -> int:
-    numbers = [int(m.group(1)) for p in folder.iterdir() if (m := RE_NUMBERED.match(p.name))] \
-        if folder.is_dir() else []
+def next_number(folder: Path, basename: str = "") -> int:
+    """The next free sequence number in ``folder`` (A1111's ``get_next_sequence_number``): one more
+    than the largest number any file there starts with (``00012-....png``, ``00013.png``), or,
+    with a ``basename``, that follows ``<basename>-`` (``grid-0004.png``); 0 in an empty folder."""
+    prefix = f"{basename}-" if basename else ""
+    numbers = [int(lead) for p in (folder.iterdir() if folder.is_dir() else ())
+               if p.name.startswith(prefix)
+               and (lead := os.path.splitext(p.name[len(prefix):])[0].split("-")[0]).isascii() and lead.isdigit()]
     return max(numbers, default=-1) + 1
+
+
+def write_new_file(folder: Path, names: Iterable[str], data: bytes) -> Path:
+    """Write ``data`` as ``folder/<name>`` for the first of ``names`` that is free; an existing file is
+    never replaced. The bytes first go to a hidden staging file (``atomic_write``: complete and
+    synced), which is then hard-linked to its name: the link fails when the name is taken, even by
+    another process at the same moment, and a reader never sees half an image."""
+    folder.mkdir(parents=True, exist_ok=True)
+    staging = atomic_write(folder / f".saving-{uuid.uuid4().hex}.tmp", lambda temp: temp.write_bytes(data))
+    try:
+        for name in names:
+            target = folder / name
+            try:
+                os.link(staging, target)
+                return target
+            except FileExistsError:
+                continue
+            except OSError:  # a file system without hard links: claim the name, then move the file onto it
+                try:
+                    os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                except FileExistsError:
+                    continue
+                os.replace(staging, target)
+                return target
+        raise FileExistsError(f"no free file name in {folder}")
+    finally:
+        staging.unlink(missing_ok=True)
 
 
 def png_bytes(image: Image.Image, infotext: str | None) -> bytes:
@@ -81,29 +114,12 @@ def image_bytes(image: Image.Image, infotext: str | None, save_format: SaveForma
 def save_image(image: Image.Image, infotext: str, outdir: Path, seed: int, dated: bool = True,
                save_format: SaveFormat | None = None) -> Path:
     """``outdir/<date>/NNNNN-seed.png`` (A1111's layout; ``.jpg`` / ``.webp`` with ``samples_format``), or
-    straight in ``outdir`` when not ``dated`` (the CLI's --out, img2img Batch's output directory)."""
+    straight in ``outdir`` when not ``dated`` (the CLI's --out, img2img Batch's output directory).
+    Generations use :class:`studio.generation.saving.OutputSaver`, which honours the saving options."""
     folder = outdir / date.today().isoformat() if dated else outdir
-    folder.mkdir(parents=True, exist_ok=True)
-    data = image_bytes(image, infotext, save_format)
-    suffix = save_format.suffix if save_format else ".png"
-    # Write to a temp file then rename: an interrupted save never leaves a broken file.
-    while True:
-        target = folder / f"{next_number(folder):05d}-{seed}{suffix}"
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        try:
-            os.link(tmp, target)  # fails if a concurrent writer took the name
-            return target
-        except FileExistsError:
-            continue
-        except OSError:
-            # filesystems without hard links: a plain rename (no race protection needed there)
-            os.replace(tmp, target)
-            return target
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+    save_format = save_format or SaveFormat()
+    names = (f"{n:05d}-{seed}{save_format.suffix}" for n in itertools.count(next_number(folder)))
+    return write_new_file(folder, names, image_bytes(image, infotext, save_format))
 
 
 def read_infotext(image: Image.Image) -> str | None:
