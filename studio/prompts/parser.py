@@ -32,8 +32,14 @@ from functools import lru_cache
 
 import lark
 
+from studio.errors import RequestError
+
 __all__ = [
+    "EMPHASIS_MODES",
     "ExtraNetworkTag",
+    "cached_schedule",
+    "check_emphasis",
+    "emphasis_pieces",
     "extract_extra_networks",
     "parse_attention",
     "prompt_schedule",
@@ -157,6 +163,42 @@ def parse_attention(text: str) -> list[tuple[str, float]]:
         else:
             merged.append(chunk)
     return [(t, float(w)) for t, w in merged]
+
+
+# A1111's ``emphasis`` option (``modules/sd_emphasis.py``): what ``(x)``, ``[x]`` and
+# ``(x:1.3)`` do. The weighting itself happens after the text encoder (encode.py); this
+# decides which (text, weight) pieces the tokenizer sees.
+#   "None"     - no emphasis parsing at all: brackets, weights and BREAK are literal text;
+#   "Ignore"   - parsed (brackets disappear, BREAK works), but every weight is 1.0;
+#   "Original" - parsed and weighted, the chunk's mean restored afterwards (A1111's default);
+#   "No norm"  - parsed and weighted, without restoring the mean.
+EMPHASIS_MODES = ("None", "Ignore", "Original", "No norm")
+DEFAULT_EMPHASIS = "Original"
+
+
+def check_emphasis(mode: str) -> str:
+    """``mode`` if it is one of :data:`EMPHASIS_MODES`; otherwise a RequestError. A1111 falls back
+    to "Original" for an unknown name; refusing it here tells the caller about a typo instead."""
+    if mode not in EMPHASIS_MODES:
+        raise RequestError(f"unknown emphasis mode {mode!r}; expected one of {', '.join(EMPHASIS_MODES)}")
+    return mode
+
+
+def emphasis_pieces(text: str, mode: str = DEFAULT_EMPHASIS) -> list[tuple[str, float]]:
+    """The (text, weight) pieces the tokenizer consumes under emphasis ``mode``.
+
+    "Ignore" gives the pieces of "Original" (so the same tokens) with every weight 1.0, which is
+    what A1111 encodes when it computes the multipliers and then does not apply them. The
+    ``("BREAK", -1.0)`` markers are kept: they are chunk breaks, not weights. A ``BREAK`` inside
+    brackets (weight -1.1, which A1111 tokenizes as the word "BREAK") stays that word.
+    """
+    check_emphasis(mode)
+    if mode == "None":
+        return [(text, 1.0)]
+    pieces = parse_attention(text)
+    if mode == "Ignore":
+        return [(t, -1.0 if (t == "BREAK" and w == -1) else 1.0) for t, w in pieces]
+    return pieces
 
 
 # --------------------------------------------------------------------------------------
@@ -405,6 +447,18 @@ def prompt_schedule(prompt: str, steps: int, hires_steps: int | None = None,
         return schedule
     except Exception:  # noqa: BLE001 - lark.exceptions.LarkError, RecursionError, ...
         return [(effective_steps, prompt)]
+
+
+@lru_cache(maxsize=256)
+def cached_schedule(prompt: str, steps: int) -> tuple[tuple[int, str], ...]:
+    """``prompt_schedule`` without its cost where possible: the Earley parse of a long prompt
+    takes ~0.5 s on a small CPU, yet text without ``[`` can hold no editing or alternation,
+    and a repeated prompt parses once (A1111 likewise skips parsing for an unchanged prompt).
+    Request validation (``studio.prompts.limits``) and the conditioning plan call it with the
+    same arguments, so a prompt checked before queueing is not parsed again when it runs."""
+    if "[" not in prompt:
+        return ((steps, prompt),)
+    return tuple(prompt_schedule(prompt, steps))
 
 
 # --------------------------------------------------------------------------------------

@@ -5,23 +5,12 @@ distinct text, and stacked so the sampler loop can run them as one batch."""
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 
 import torch
 
 from studio.prompts.encode import TextConditioner
-from studio.prompts.parser import prompt_schedule, split_and
-
-
-@functools.lru_cache(maxsize=256)
-def cached_schedule(prompt: str, steps: int) -> tuple[tuple[int, str], ...]:
-    """``prompt_schedule`` without its cost where possible: the Earley parse of a long prompt
-    takes ~0.5 s on a small CPU, yet text without ``[`` can hold no editing or alternation,
-    and a repeated prompt parses once (A1111 likewise skips parsing for an unchanged prompt)."""
-    if "[" not in prompt:
-        return ((steps, prompt),)
-    return tuple(prompt_schedule(prompt, steps))
+from studio.prompts.parser import DEFAULT_EMPHASIS, cached_schedule, check_emphasis, split_and
 
 
 def _pick(schedule: list[tuple[int, str]], step: int) -> str:
@@ -39,6 +28,7 @@ class ConditioningPlan:
     negative: str
     steps: int
     clip_skip: int
+    emphasis: str = DEFAULT_EMPHASIS  # A1111's ``emphasis`` option, see parser.EMPHASIS_MODES
     positive: list[tuple[list[tuple[int, str]], float]] = field(init=False)
     negative_schedule: list[tuple[int, str]] = field(init=False)
     chunks: int = field(init=False)
@@ -46,12 +36,13 @@ class ConditioningPlan:
     _last_value: tuple | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
+        check_emphasis(self.emphasis)
         self.positive = [(list(cached_schedule(text, self.steps)), weight)
                          for text, weight in split_and(self.prompt)]
         self.negative_schedule = list(cached_schedule(self.negative, self.steps))
         texts = {t for sched, _ in self.positive for _, t in sched} | {t for _, t in self.negative_schedule}
         # every text is padded to the longest one so they batch together
-        self.chunks = max(len(self.conditioner.chunks(t)) for t in texts)
+        self.chunks = max(len(self.conditioner.chunks(t, self.emphasis)) for t in texts)
 
     @property
     def weights(self) -> list[float]:
@@ -62,13 +53,20 @@ class ConditioningPlan:
         texts = [t for sched, _ in self.positive for _, t in sched] + [t for _, t in self.negative_schedule]
         return list(dict.fromkeys(texts))
 
+    def infotext_params(self) -> dict[str, str]:
+        """``Emphasis: <mode>`` when the mode is not "Original" and a text the encoder sees holds
+        "(" or "[", exactly when A1111's ``sd_hijack_clip`` writes it."""
+        if self.emphasis != DEFAULT_EMPHASIS and any("(" in t or "[" in t for t in self.all_texts):
+            return {"Emphasis": self.emphasis}
+        return {}
+
     def at(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(embeds, pooled) for [negative, sub-prompt 1..k] at this sampler step; the stacked
         tensors are rebuilt only when the texts in force change."""
         key = (_pick(self.negative_schedule, step), *(_pick(s, step) for s, _ in self.positive))
         if key == self._last and self._last_value is not None:
             return self._last_value
-        conds = [self.conditioner.encode(text, self.clip_skip, self.chunks) for text in key]
+        conds = [self.conditioner.encode(text, self.clip_skip, self.chunks, self.emphasis) for text in key]
         embeds = torch.cat([c.embeds for c in conds])
         pooled = torch.cat([c.pooled for c in conds]) if conds[0].pooled is not None else None
         self._last, self._last_value = key, (embeds, pooled)
