@@ -90,6 +90,16 @@ def test_weights_scale_tokens_and_keep_the_mean(studio):
     assert torch.allclose(plain.mean(), weighted.mean(), atol=1e-5)
 
 
+def test_padding_to_more_chunks_does_not_change_the_text_s_own_encoding(studio):
+    m = sd1(studio)
+    m.conditioner.clear_cache()
+    padded = m.conditioner.encode("a lonely tower", 1, 2).embeds
+    alone = m.conditioner.encode("a lonely tower", 1).embeds
+    assert padded.shape[1] == 2 * 77 and alone.shape[1] == 77
+    assert len(m.conditioner.chunks("a lonely tower")) == 1
+    assert torch.allclose(padded[:, :77], alone)
+
+
 def test_prompt_editing_switches_at_the_named_step(studio):
     m = sd1(studio)
     plan = ConditioningPlan(m.conditioner, "a [cat:dog:2] sitting", "", steps=4, clip_skip=1)

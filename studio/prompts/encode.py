@@ -9,8 +9,9 @@ A1111's ``sd_hijack_clip`` rules, reproduced:
   placeholder slots; their vectors replace the token embeddings at those slots;
 - every chunk is encoded separately (clip skip: an earlier hidden layer, then the final layer
   norm for SD1/SD2; SDXL uses the penultimate layer of both encoders), multiplied by the token
-  weights and rescaled to keep its original mean ("Original" emphasis), and the chunks are
-  concatenated; SDXL's pooled vector is the second encoder's, from the first chunk;
+  weights and rescaled to keep its original mean ("Original" emphasis; A1111's ``emphasis``
+  option picks "None", "Ignore" or "No norm" instead, see :func:`apply_emphasis`), and the chunks
+  are concatenated; SDXL's pooled vector is the second encoder's, from the first chunk;
 - after the first EOS, OpenCLIP encoders see their own pad id (0), CLIP-L sees EOS.
 """
 
@@ -23,7 +24,7 @@ from typing import Any
 
 import torch
 
-from studio.prompts.parser import parse_attention
+from studio.prompts.parser import DEFAULT_EMPHASIS, check_emphasis, emphasis_pieces
 
 CHUNK = 75
 COMMA_BACKTRACK = 20
@@ -64,8 +65,10 @@ class EmbeddingIndex:
 
 
 def tokenize_prompt(tokenizer, text: str, index: EmbeddingIndex | None = None,
-                    comma_backtrack: int = COMMA_BACKTRACK) -> tuple[list[Chunk], int]:
-    """Chunks of exactly 77 tokens (BOS + 75 + EOS) and the prompt's token count."""
+                    comma_backtrack: int = COMMA_BACKTRACK,
+                    emphasis: str = DEFAULT_EMPHASIS) -> tuple[list[Chunk], int]:
+    """Chunks of exactly 77 tokens (BOS + 75 + EOS) and the prompt's token count. ``emphasis``
+    decides how brackets and weights are read (``parser.emphasis_pieces``)."""
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     comma = tokenizer(",", add_special_tokens=False)["input_ids"][0]
     chunks: list[Chunk] = []
@@ -83,7 +86,7 @@ def tokenize_prompt(tokenizer, text: str, index: EmbeddingIndex | None = None,
         chunk = Chunk()
         last_comma = -1
 
-    for piece, weight in parse_attention(text):
+    for piece, weight in emphasis_pieces(text, emphasis):
         if piece == "BREAK" and weight == -1:
             close()
             continue
@@ -155,7 +158,7 @@ class TextConditioner:
         self.embeddings = embeddings or {}
         self.index = EmbeddingIndex(model.tokenizers[0], self.embeddings) if self.embeddings else None
         self._cache: OrderedDict[tuple, Conditioning] = OrderedDict()
-        self._chunks: OrderedDict[str, tuple[list[Chunk], int]] = OrderedDict()
+        self._chunks: OrderedDict[tuple[str, str], tuple[list[Chunk], int]] = OrderedDict()
         # Which text-encoder weights are in force (LoRAs merged into them): part of the cache
         # key, so turning a LoRA on and off again still hits the cache.
         self.weights_key: tuple = ()
@@ -174,34 +177,40 @@ class TextConditioner:
         self._cache.clear()
         self._chunks.clear()
 
-    def _tokenized(self, text: str) -> tuple[list[Chunk], int]:
-        hit = self._chunks.get(text)
+    def _tokenized(self, text: str, emphasis: str = DEFAULT_EMPHASIS) -> tuple[list[Chunk], int]:
+        key = (text, emphasis)  # the modes differ in tokens ("None") or in weights ("Ignore")
+        hit = self._chunks.get(key)
         if hit is None:
-            hit = self._chunks[text] = tokenize_prompt(self.model.tokenizers[0], text, self.index)
+            hit = tokenize_prompt(self.model.tokenizers[0], text, self.index, emphasis=emphasis)
+            self._chunks[key] = hit
             while len(self._chunks) > CACHE_SIZE:
                 self._chunks.popitem(last=False)
         return hit
 
-    def token_count(self, text: str) -> int:
-        return self._tokenized(text)[1]
+    def token_count(self, text: str, emphasis: str = DEFAULT_EMPHASIS) -> int:
+        return self._tokenized(text, emphasis)[1]
 
-    def chunks(self, text: str) -> list[Chunk]:
-        return self._tokenized(text)[0]
+    def chunks(self, text: str, emphasis: str = DEFAULT_EMPHASIS) -> list[Chunk]:
+        return self._tokenized(text, emphasis)[0]
 
-    def used_embeddings(self, text: str) -> list[Any]:
+    def used_embeddings(self, text: str, emphasis: str = DEFAULT_EMPHASIS) -> list[Any]:
         seen: dict[str, Any] = {}
-        for chunk in self.chunks(text):
+        for chunk in self.chunks(text, emphasis):
             for _, emb in chunk.fixes:
                 seen.setdefault(emb.name, emb)
         return list(seen.values())
 
-    def encode(self, text: str, clip_skip: int, min_chunks: int = 1) -> Conditioning:
-        key = (text, clip_skip, min_chunks, self.weights_key)
+    def encode(self, text: str, clip_skip: int, min_chunks: int = 1,
+               emphasis: str = DEFAULT_EMPHASIS) -> Conditioning:
+        """``text``'s conditioning, padded to at least ``min_chunks`` chunks; ``emphasis`` is
+        A1111's option ("None", "Ignore", "Original", "No norm"; see ``parser.EMPHASIS_MODES``)."""
+        check_emphasis(emphasis)
+        key = (text, clip_skip, min_chunks, emphasis, self.weights_key)
         hit = self._cache.get(key)
         if hit is not None:
             self._cache.move_to_end(key)
             return hit
-        result = self._encode(text, clip_skip, min_chunks)
+        result = self._encode(text, clip_skip, min_chunks, emphasis=emphasis)
         self._cache[key] = result
         while len(self._cache) > CACHE_SIZE:
             self._cache.popitem(last=False)
@@ -217,9 +226,10 @@ class TextConditioner:
         return (torch.cat([c.embeds for c in encoded]),
                 torch.cat(pooled) if all(p is not None for p in pooled) else None)
 
-    def _encode(self, text: str, clip_skip: int, min_chunks: int, grad: bool = False) -> Conditioning:
+    def _encode(self, text: str, clip_skip: int, min_chunks: int, grad: bool = False,
+                emphasis: str = DEFAULT_EMPHASIS) -> Conditioning:
         m = self.model
-        chunks = self.chunks(text)
+        chunks = list(self.chunks(text, emphasis))  # a copy: the padding below must not reach the cache
         while len(chunks) < min_chunks:
             chunks += tokenize_prompt(m.tokenizers[0], "")[0]
         device = m.policy.device
@@ -238,7 +248,7 @@ class TextConditioner:
                     hidden = getattr(encoder, "text_model", encoder).final_layer_norm(out.hidden_states[-clip_skip])
                 else:
                     hidden = out.last_hidden_state
-                hidden = _emphasis(hidden.float(), weights)
+                hidden = apply_emphasis(hidden.float(), weights, emphasis)
                 parts.append(hidden.reshape(1, -1, hidden.shape[-1]))
                 if getattr(out, "text_embeds", None) is not None:
                     pooled = out.text_embeds[:1].float()
@@ -254,10 +264,14 @@ def _pad_after_eos(tokens: list[int], tokenizer) -> list[int]:
     return tokens[:first + 1] + [pad] * (len(tokens) - first - 1)
 
 
-def _emphasis(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """A1111 "Original" emphasis: scale by token weight, then restore the chunk's mean."""
-    if bool((weights == 1.0).all()):
+def apply_emphasis(z: torch.Tensor, weights: torch.Tensor, mode: str = DEFAULT_EMPHASIS) -> torch.Tensor:
+    """A1111's ``Emphasis.after_transformers`` on encoder output ``z`` [chunks, 77, D] with token
+    ``weights`` [chunks, 77]: "Original" scales each token by its weight, then restores the
+    chunk's mean; "No norm" only scales. "None" and "Ignore" tokenized with weights 1.0, so
+    nothing changes for them."""
+    if mode in ("None", "Ignore") or bool((weights == 1.0).all()):
         return z
-    original = z.mean(dim=(1, 2), keepdim=True)
-    z = z * weights[..., None]
-    return z * (original / z.mean(dim=(1, 2), keepdim=True))
+    scaled = z * weights[..., None]
+    if mode == "No norm":
+        return scaled
+    return scaled * (z.mean(dim=(1, 2), keepdim=True) / scaled.mean(dim=(1, 2), keepdim=True))
