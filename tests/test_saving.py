@@ -26,9 +26,10 @@ def picture(color=(200, 30, 30), size=(64, 48)) -> Image.Image:
 
 
 def request(**changes) -> Txt2ImgRequest:
-    base = {"prompt": "a red boat, (sunset:1.2) <lora:tiny:0.5>", "negative_prompt": "blurry sky", "steps": 20,
-            "cfg_scale": 7.0, "width": 64, "height": 64, "seed": 1000, "batch_size": 2, "n_iter": 2,
-            "sampler_name": "DPM++ 2M", "scheduler": "Automatic", "clip_skip": 2, "save_images": True}
+    base = {"prompt": "a red boat, (sunset:1.2) <lora:tiny:0.5>", "negative_prompt": "blurry sky",
+            "steps": 20, "cfg_scale": 7.0, "width": 64, "height": 64, "seed": 1000, "batch_size": 2,
+            "n_iter": 2, "sampler_name": "DPM++ 2M", "scheduler": "Automatic", "clip_skip": 2,
+            "save_images": True}
     return Txt2ImgRequest(**(base | changes))
 
 
@@ -133,7 +134,8 @@ def test_directory_pattern(tmp_path):
     s = saver(tmp_path, directories_filename_pattern="[steps]-[sampler]")
     assert s.save(picture(), "x", 1, request()).parent.name == "20-DPM++ 2M"
     emptied = saver(tmp_path, directories_filename_pattern="", directories_max_prompt_words=3)
-    assert emptied.save(picture(), "x", 1, request()).parent.name == "a red boat"   # A1111: "" = [prompt_words]
+    # A1111: an emptied pattern means [prompt_words]
+    assert emptied.save(picture(), "x", 1, request()).parent.name == "a red boat"
 
 
 # -- file names -----------------------------------------------------------------------------------
@@ -183,7 +185,8 @@ def test_index_defaults_to_the_order_of_saves(tmp_path):
 
 
 def test_single_image_drops_batch_tags_and_seed_first_is_its_seed(tmp_path):
-    s = saver(tmp_path, samples_filename_pattern="[seed_first]_[seed_last]-b[batch_number]-g[generation_number]")
+    pattern = "[seed_first]_[seed_last]-b[batch_number]-g[generation_number]"
+    s = saver(tmp_path, samples_filename_pattern=pattern)
     assert s.save(picture(), "x", 1000, request(batch_size=1, n_iter=1)).name == "00000-1000.png"
 
 
@@ -323,6 +326,8 @@ def test_grid_rows(count, batch_size, n_rows, prevent, rows):
 
 def test_grid_layout_options_shape_the_saved_grid(tmp_path):
     s = saver(tmp_path, n_rows=1, grid_background_color="#000000")
-    grid = open_image(s.save_grid([picture(size=(64, 48)), picture(size=(32, 16))], "x", request()).read_bytes())
+    path = s.save_grid([picture(size=(64, 48)), picture(size=(32, 16))], "x", request())
+    grid = open_image(path.read_bytes())
     assert grid.size == (128, 48)
-    assert grid.getpixel((66, 2)) == (0, 0, 0) and grid.getpixel((96, 24)) == (200, 30, 30)   # centred in its cell
+    # the small image is centred in its cell, on the background colour
+    assert grid.getpixel((66, 2)) == (0, 0, 0) and grid.getpixel((96, 24)) == (200, 30, 30)

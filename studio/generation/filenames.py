@@ -109,6 +109,10 @@ def _scheduler_label(sampler_name: str, scheduler: str) -> str:
     return scheduler.capitalize()
 
 
+def _scheduler(ctx: NameContext) -> str:
+    return _scheduler_label(str(ctx.field("sampler_name", "")), str(ctx.field("scheduler", "")))
+
+
 def _string_hash(text: str, *args: str) -> str:
     length = int(args[0]) if args and args[0] != "" else 8
     return hashlib.sha256(text.encode()).hexdigest()[:length]
@@ -211,12 +215,9 @@ _TAGS: Mapping[str, Callable[..., Any]] = MappingProxyType({
     "height": lambda ctx: ctx.image.height,
     "styles": _styles,
     "sampler": lambda ctx: sanitize_filename_part(str(ctx.field("sampler_name", "")), replace_spaces=False),
-    "scheduler": lambda ctx: sanitize_filename_part(
-        _scheduler_label(str(ctx.field("sampler_name", "")), str(ctx.field("scheduler", ""))), replace_spaces=False),
+    "scheduler": lambda ctx: sanitize_filename_part(_scheduler(ctx), replace_spaces=False),
     "sampler_scheduler": lambda ctx: sanitize_filename_part(
-        f"{ctx.field('sampler_name', '')} "
-        f"{_scheduler_label(str(ctx.field('sampler_name', '')), str(ctx.field('scheduler', '')))}",
-        replace_spaces=False),
+        f"{ctx.field('sampler_name', '')} {_scheduler(ctx)}", replace_spaces=False),
     "model_hash": lambda ctx: ctx.model_hash,
     "model_name": lambda ctx: sanitize_filename_part(ctx.model_name, replace_spaces=False),
     "date": lambda ctx: ctx.now.strftime("%Y-%m-%d"),

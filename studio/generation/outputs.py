@@ -27,10 +27,10 @@ def next_number(folder: Path, basename: str = "") -> int:
     than the largest number any file there starts with (``00012-....png``, ``00013.png``), or,
     with a ``basename``, that follows ``<basename>-`` (``grid-0004.png``); 0 in an empty folder."""
     prefix = f"{basename}-" if basename else ""
-    numbers = [int(lead) for p in (folder.iterdir() if folder.is_dir() else ())
-               if p.name.startswith(prefix)
-               and (lead := os.path.splitext(p.name[len(prefix):])[0].split("-")[0]).isascii() and lead.isdigit()]
-    return max(numbers, default=-1) + 1
+    names = [p.name for p in folder.iterdir()] if folder.is_dir() else []
+    # the number is what comes before the first "-" after the prefix: "00012-1234-x.png" -> 12
+    leads = [os.path.splitext(n[len(prefix):])[0].split("-")[0] for n in names if n.startswith(prefix)]
+    return max((int(lead) for lead in leads if lead.isascii() and lead.isdigit()), default=-1) + 1
 
 
 def write_new_file(folder: Path, names: Iterable[str], data: bytes) -> Path:

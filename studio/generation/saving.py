@@ -85,6 +85,11 @@ class NamingOptions:
         return self.filename_pattern or ("[seed]" if self.save_to_dirs else "[seed]-[prompt_spaces]")
 
 
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
+
+
 def _option(options: Mapping[str, Any], key: str, default: Any) -> Any:
     value = options.get(key)
     return default if value is None else value
@@ -155,8 +160,7 @@ class OutputSaver:
     _first_seed: int | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"kind must be one of {KINDS}, not {self.kind!r}")
+        _check_kind(self.kind)
         if not self.job_timestamp:
             self.job_timestamp = self.now().strftime("%Y%m%d%H%M%S")
 
@@ -166,9 +170,8 @@ class OutputSaver:
                      styles: Mapping[str, str] | None = None) -> OutputSaver:
         """``styles``: the styles applied to the job's prompt, name -> style prompt (for ``[styles]``
         and ``[prompt_no_styles]``); without it ``[styles]`` reads the request's ``styles``."""
+        _check_kind(kind)
         data_dir = Path(data_dir)
-        if kind not in KINDS:
-            raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
         return cls(
             kind=kind,
             samples_dir=_folder(options, data_dir, "outdir_samples", f"outdir_{kind}_samples"),
@@ -193,8 +196,8 @@ class OutputSaver:
     def save(self, image: Image.Image, infotext: str | None, seed: int, request: Any,
              index: int | None = None) -> Path | None:
         """Save one image of the job; None when ``samples_save`` is off or the request says not to
-        save (``save_images`` false or ``do_not_save_samples``, as in A1111's API). ``index`` is the image's place in the job (0-based); by default the number of images
-        handed to this saver before it."""
+        save (``save_images`` false or ``do_not_save_samples``, as in A1111's API). ``index`` is the
+        image's place in the job (0-based); by default, how many images this saver was given before."""
         index = self._count if index is None else index
         self._count = max(self._count, index + 1)
         if self._first_seed is None:
@@ -211,9 +214,11 @@ class OutputSaver:
         return self.grid_layout.make(images, _int(getattr(request, "batch_size", 1), 1))
 
     def save_grid(self, images: Sequence[Image.Image], infotext: str | None, request: Any) -> Path | None:
-        """Save the grid of the job's images, named ``grid-NNNN``; None when ``grid_save`` is off,
-        the request says not to save (``save_images`` false or ``do_not_save_grid``), or there are too few images (``grid_only_if_multiple``)."""
-        if not (self.grid_save and _request_saves(request, "do_not_save_grid") and self.grid_layout.wanted(len(images))):
+        """Save the grid of the job's images, named ``grid-NNNN``; None when ``grid_save`` is off, the
+        request says not to save (``save_images`` false or ``do_not_save_grid``), or there are too
+        few images (``grid_only_if_multiple``)."""
+        wanted = self.grid_save and _request_saves(request, "do_not_save_grid")
+        if not (wanted and self.grid_layout.wanted(len(images))):
             return None
         grid = self.grid_image(images, request)
         seed = self._job_seeds(request, self._first_seed, 0)[0]
