@@ -124,7 +124,8 @@ class Engine:
                 prompt, negative = self.styles.apply(req.styles, req.prompt, req.negative_prompt)
             except StyleError as e:
                 raise RequestError(str(e)) from e
-            req = req.model_copy(update={"prompt": prompt, "negative_prompt": negative, "styles": []})
+            # the styles stay listed (the [styles] filename tag, the infotext); their text is now in the prompts
+            req = req.model_copy(update={"prompt": prompt, "negative_prompt": negative})
         img2img = isinstance(req, Img2ImgRequest)
         req = validate_img2img(req) if img2img else validate_txt2img(req)
         if req.controlnet_units:

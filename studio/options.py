@@ -51,7 +51,16 @@ class StudioOptions(BaseModel):
     enable_pnginfo: bool = opt(True, SAVING, "Save text information about generation parameters as chunks "
                                "to png files")
     save_txt: bool = opt(False, SAVING, "Create a text file with the generation parameters next to every image")
-    save_to_dirs: bool = opt(True, SAVING, "Save images to a subdirectory ([date])")
+    save_to_dirs: bool = opt(True, SAVING, "Save images to a subdirectory")
+    grid_save_to_dirs: bool = opt(True, SAVING, "Save grids to a subdirectory")
+    directories_filename_pattern: str = opt("[date]", SAVING, "Directory name pattern", max_length=500)
+    directories_max_prompt_words: int = opt(8, SAVING, "Max prompt words for [prompt_words] pattern", ge=1, le=20)
+    grid_extended_filename: bool = opt(False, SAVING, "Add extended info (seed, prompt) to filename when "
+                                       "saving grid")
+    grid_only_if_multiple: bool = opt(True, SAVING, "Do not save grids consisting of one picture")
+    grid_prevent_empty_spots: bool = opt(False, SAVING, "Prevent empty spots in grid (when set to autodetect)")
+    grid_background_color: str = opt("#ffffff", SAVING, "Background color for image grids",
+                                     pattern=r"^#[0-9a-fA-F]{6}$")
     outdir_samples: str = opt("", SAVING, "Output directory for images; if empty, defaults to the three below")
     outdir_txt2img_samples: str = opt("outputs/txt2img-images", SAVING, "Output directory for txt2img images")
     outdir_img2img_samples: str = opt("outputs/img2img-images", SAVING, "Output directory for img2img images")

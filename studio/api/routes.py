@@ -22,7 +22,7 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from studio.api.auth import install_access
-from studio.api.controlnet import SCRIPT_TITLE, build_controlnet_router
+from studio.api.controlnet import build_controlnet_router
 from studio.api.models import (
     ExtrasBatchRequest,
     ExtrasSingleRequest,
@@ -39,7 +39,7 @@ from studio.api.models import (
 from studio.api.options import json_safe
 from studio.api.training import build_training_router
 from studio.controlnet.preprocessors import PreprocessorError
-from studio.controlnet.units import ControlNetUnitRequest, unit_count
+from studio.controlnet.units import SCRIPT_TITLE, ControlNetUnitRequest, unit_count
 from studio.core import Studio
 from studio.devices import memory_report
 from studio.extensions import ExtensionError
@@ -375,6 +375,26 @@ def build_router(studio: Studio) -> APIRouter:
     return r
 
 
+def build_queue_router(studio: Studio) -> APIRouter:
+    """The studio's queue: the jobs waiting behind the current one, with their typed requests' main
+    fields, and cancelling one (A1111 has no such route; the queue view uses it)."""
+    r = APIRouter(prefix="/studio/v1", tags=["queue"], route_class=StudioRoute)
+
+    @r.get("/queue")
+    def queue() -> dict[str, Any]:
+        current = studio.queue.current
+        return {"running": {"id": current.job_id, "description": current.description} if current else None,
+                "waiting": [json_safe(job.summary()) for job in studio.queue.waiting()]}
+
+    @r.delete("/queue/{job_id}")
+    def cancel(job_id: str) -> dict[str, Any]:
+        if not studio.queue.cancel(job_id):
+            raise HTTPException(404, f"no waiting job {job_id!r} (running jobs stop with /sdapi/v1/interrupt)")
+        return {"cancelled": job_id}
+
+    return r
+
+
 def build_server_router(studio: Studio, shutdown: Callable[[], None]) -> APIRouter:
     """A1111's server-kill / server-stop / server-restart, served only with --api-server-stop.
     ``shutdown`` closes the server the way Ctrl+C does."""
@@ -461,6 +481,7 @@ def install_api(app: FastAPI, studio: Studio) -> None:
     app.include_router(build_controlnet_router(studio, StudioRoute, decode_base64_image,
                                                lambda image: encode_png(image, None)), dependencies=deps)
     app.include_router(build_training_router(studio, StudioRoute), dependencies=deps)
+    app.include_router(build_queue_router(studio), dependencies=deps)
     if studio.flags.api_server_stop:
         app.include_router(build_server_router(studio, lambda: close_server(app)), dependencies=deps)
     # FastAPI builds /openapi.json once, on the first request: drop a copy made before these routes

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from typing import Any
+
 import gradio as gr
 
 from studio import __version__
@@ -17,7 +19,7 @@ from studio.ui.extras import build_extras_tab
 from studio.ui.img2img import build_img2img_tab, build_inpaint_tab
 from studio.ui.settings_tab import build_settings_tab
 from studio.ui.train import build_train_tab
-from studio.ui.txt2img import USER_ERRORS, build_txt2img_tab, fields_to_updates
+from studio.ui.txt2img import USER_ERRORS, build_txt2img_tab, fields_to_send, fields_to_updates
 
 CSS = """
 .studio-progress {position: relative; height: 26px; border-radius: 6px; overflow: hidden;
@@ -66,6 +68,7 @@ def build_ui(studio: Studio) -> gr.Blocks:
             refresh = gr.Button("↻", elem_id="refresh_sd_model_checkpoint", scale=0, min_width=48)
             vae = gr.Dropdown(choices=studio.vae_choices(), value=studio.settings.get("sd_vae", "Automatic"),
                               label="SD VAE", elem_id="setting_sd_vae", scale=3)
+            build_quicksettings(studio)
             model_status = gr.Markdown(_model_status(studio), elem_id="model_status")
         banner = gr.Markdown(demo_banner_text(studio), elem_id="demo_banner",
                              visible=bool(demo_banner_text(studio)))
@@ -162,7 +165,7 @@ def build_ui(studio: Studio) -> gr.Blocks:
 
         def send_to_txt2img(info):
             params = parse_infotext(info) if info else {}
-            fields = infotext_to_fields(params)
+            fields = fields_to_send(infotext_to_fields(params), studio.settings.options)
             return [*fields_to_updates(controls, fields), *paste_updates(controls.controlnet, params),
                     gr.Tabs(selected="txt2img")]
 
@@ -171,6 +174,34 @@ def build_ui(studio: Studio) -> gr.Blocks:
                     controls.cfg, controls.seed, controls.width, controls.height, controls.clip_skip,
                     *controls.controlnet.inputs(), tabs])
     return blocks
+
+
+def build_quicksettings(studio: Studio) -> list[Any]:
+    """A1111's ``quicksettings_list``: the options it names, at the top of the page, applied as soon as
+    they change (the checkpoint and VAE pickers are always there). Read when the page is built."""
+    from studio.options import StudioOptions
+    from studio.ui.bindings import control_for
+
+    made = []
+    for key in studio.settings.options.quicksettings_list:
+        if key in ("sd_model_checkpoint", "sd_vae", "sd_checkpoint_hash"):
+            continue
+        info = StudioOptions.model_fields[key]
+        label = (info.json_schema_extra or {}).get("label", key)  # type: ignore[union-attr]
+        value = studio.settings.get(key)
+        component = control_for(info, "" if value is None else value, label, f"quicksettings_{key}")
+        if component is None:
+            continue
+
+        def apply(value: Any, key: str = key, optional: bool = info.default is None) -> None:
+            try:
+                studio.apply_options({key: None if value == "" and optional else value})
+            except USER_ERRORS as e:
+                gr.Warning(str(e))
+
+        component.change(apply, component, None, queue=False, show_progress="hidden")
+        made.append(component)
+    return made
 
 
 def _model_status(studio: Studio) -> str:

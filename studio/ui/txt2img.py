@@ -22,7 +22,7 @@ from studio.ui.bindings import RequestForm
 from studio.ui.controlnet import ControlNetPanel, build_controlnet_panel
 from studio.ui.extra_networks import ExtraNetworksBrowser
 
-__all__ = ["USER_ERRORS", "Txt2ImgControls", "build_txt2img_tab", "fields_to_updates"]
+__all__ = ["USER_ERRORS", "Txt2ImgControls", "build_txt2img_tab", "fields_to_send", "fields_to_updates"]
 
 
 @dataclass
@@ -112,6 +112,17 @@ def bind_hires(form: RequestForm, c: dict[str, Any]) -> None:
     form.bind("hr_sampler_name", c["sampler"], lambda v: None if v in (None, "Use same sampler") else v)
     form.bind("hr_prompt", c["prompt"], lambda v: v or "")
     form.bind("hr_negative_prompt", c["negative"], lambda v: v or "")
+
+
+def fields_to_send(fields: dict[str, Any], options: Any) -> dict[str, Any]:
+    """A1111's ``send_seed`` / ``send_size``: sending parameters to a tab carries the seed and the size
+    only when those options are on (otherwise the tab keeps its own)."""
+    drop = set()
+    if not options.send_seed:
+        drop |= {"seed", "subseed", "subseed_strength"}
+    if not options.send_size:
+        drop |= {"width", "height"}
+    return {k: v for k, v in fields.items() if k not in drop}
 
 
 def fields_to_updates(controls: Txt2ImgControls, fields: dict[str, Any]) -> list[Any]:
