@@ -14,7 +14,11 @@ preprocessors, with sliders the UI draws::
 
 A broken extension (an import error, an exception in ``register``, a name clash, a folder with
 no entry point) is reported with its error in the Extensions list and never stops start-up or
-the other extensions. Disabled extensions (A1111's ``disabled_extensions`` setting) are listed
+the other extensions. Each extension is imported and registered in a daemon thread with a
+deadline (:data:`LOAD_TIMEOUT_S`): one that hangs is reported "timed out", whatever it registered
+is removed, and start-up goes on (the thread is left behind; anything it registers later is
+refused). A preprocessor an extension added that fails when run is a ``PreprocessorError``
+naming the extension (a 400 in the API), not a server error. Disabled extensions (A1111's ``disabled_extensions`` setting) are listed
 but not imported; :meth:`ExtensionManager.set_enabled` switches one on or off while the server
 runs, without a restart.
 
@@ -53,6 +57,9 @@ NO_ENTRY_POINT = ("no extension.py or __init__.py with a register(api) function;
                   "(a scripts/ folder) do not work in this studio")
 CLONE_TIMEOUT_S = 600
 GIT_INFO_TIMEOUT_S = 5
+# How long one extension's import + register(api) may take before start-up goes on without it.
+LOAD_TIMEOUT_S = 10.0
+TIMED_OUT = "timed out"
 
 
 class ExtensionError(ValueError):
@@ -64,7 +71,7 @@ class ExtensionInfo:
     name: str
     path: Path
     enabled: bool = True
-    status: str = "not loaded"        # "loaded" | "disabled" | "error" | "not loaded"
+    status: str = "not loaded"        # "loaded" | "disabled" | "error" | "timed out" | "not loaded"
     error: str | None = None
     preprocessors: list[str] = field(default_factory=list)
 
@@ -79,6 +86,15 @@ class ExtensionAPI:
     def __init__(self, info: ExtensionInfo, registry: PreprocessorRegistry):
         self._info = info
         self._registry = registry
+        # The load runs in a thread of its own; once it is abandoned (deadline passed) nothing it
+        # registers afterwards may reach the registry. The lock makes "check, then register" atomic.
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def close(self) -> None:
+        """Refuse every registration from now on (the load of this extension was abandoned)."""
+        with self._lock:
+            self._closed = True
 
     @staticmethod
     def slider(label: str, minimum: float, maximum: float, value: float, step: float = 1.0) -> Slider:
@@ -91,15 +107,21 @@ class ExtensionAPI:
         if not name or not isinstance(name, str):
             raise ValueError("a preprocessor needs a name")
         kwargs: dict[str, Any] = {} if uses_resolution else {"resolution": None}
-        self._registry.register(Preprocessor(name=name, label=label or name, run=run, slider_1=slider_1,
-                                             slider_2=slider_2, source=self._info.name, model_free=True, **kwargs))
-        self._info.preprocessors.append(name)
+        with self._lock:
+            if self._closed:
+                raise ExtensionError(f"extension {self._info.name!r} missed its loading deadline; "
+                                     f"preprocessor {name!r} was not added")
+            self._registry.register(Preprocessor(name=name, label=label or name, run=run, slider_1=slider_1,
+                                                 slider_2=slider_2, source=self._info.name, model_free=True,
+                                                 **kwargs))
+            self._info.preprocessors.append(name)
 
 
 class ExtensionManager:
     def __init__(self, folders: list[Path], registry: PreprocessorRegistry, disabled: Callable[[], list[str]],
-                 save_disabled: Callable[[list[str]], None] | None = None):
+                 save_disabled: Callable[[list[str]], None] | None = None, load_timeout_s: float = LOAD_TIMEOUT_S):
         self.folders = folders
+        self.load_timeout_s = load_timeout_s
         self.registry = registry
         self._disabled = disabled
         self._save_disabled = save_disabled
@@ -278,28 +300,64 @@ class ExtensionManager:
             return
         module_name = _module_name(info.name)
         before = set(self.registry.names())
-        try:
-            spec = importlib.util.spec_from_file_location(module_name, entry,
-                                                          submodule_search_locations=[str(info.path)])
-            if spec is None or spec.loader is None:
-                raise ImportError(f"cannot import {entry}")
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[module_name] = module
-            spec.loader.exec_module(module)
-            register = getattr(module, "register", None)
-            if not callable(register):
-                raise AttributeError(f"{entry.name} defines no register(api) function")
-            register(ExtensionAPI(info, self.registry))
+        api = ExtensionAPI(info, self.registry)
+        finished, error = _call_with_deadline(lambda: _import_and_register(module_name, entry, info.path, api),
+                                              self.load_timeout_s, f"extension-{info.name}")
+        if finished and error is None:
             info.status = "loaded"
             log.info("Extension %s loaded (%s)", info.name, ", ".join(info.preprocessors) or "nothing registered")
-        except Exception as e:  # noqa: BLE001 - any failure of third-party code is reported, not fatal
-            sys.modules.pop(module_name, None)
-            for name in set(self.registry.names()) - before:
-                self.registry.unregister(name)  # a half-registered extension leaves nothing behind
-            info.preprocessors.clear()
-            info.status = "error"
-            info.error = f"{type(e).__name__}: {e}"
-            log.error("Extension %s failed to load: %s\n%s", info.name, info.error, traceback.format_exc(limit=3))
+            return
+        if not finished:
+            api.close()  # the thread goes on; whatever it registers from now on is refused
+        sys.modules.pop(module_name, None)
+        for name in set(self.registry.names()) - before:
+            self.registry.unregister(name)  # a half-registered extension leaves nothing behind
+        info.preprocessors.clear()
+        if finished:
+            info.status, info.error = "error", f"{type(error).__name__}: {error}"
+            trace = "".join(traceback.format_exception(error, limit=3))
+            log.error("Extension %s failed to load: %s\n%s", info.name, info.error, trace)
+        else:
+            info.status = TIMED_OUT
+            info.error = (f"import and register(api) did not finish within {self.load_timeout_s:g} s; "
+                          "skipped (it may still be running in the background until the studio restarts)")
+            log.error("Extension %s: %s", info.name, info.error)
+
+
+def _import_and_register(module_name: str, entry: Path, folder: Path, api: ExtensionAPI) -> None:
+    spec = importlib.util.spec_from_file_location(module_name, entry, submodule_search_locations=[str(folder)])
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {entry}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    register = getattr(module, "register", None)
+    if not callable(register):
+        raise AttributeError(f"{entry.name} defines no register(api) function")
+    register(api)
+
+
+def _call_with_deadline(fn: Callable[[], None], timeout_s: float, thread_name: str
+                        ) -> tuple[bool, BaseException | None]:
+    """Run ``fn`` in a daemon thread and wait at most ``timeout_s``: (finished, what it raised).
+
+    A thread cannot be killed, so one that misses the deadline is left running; daemon, so it never
+    keeps the process alive. BaseException is caught too: an extension calling ``sys.exit()`` at
+    import must not end start-up."""
+    raised: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            fn()
+        except BaseException as e:  # noqa: BLE001 - any failure of third-party code is reported, not fatal
+            raised.append(e)
+
+    thread = threading.Thread(target=target, name=thread_name, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        return False, None
+    return True, (raised[0] if raised else None)
 
 
 def _entry(path: Path) -> Path | None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
-from studio.controlnet.preprocessors import PreprocessorRegistry
+from studio.controlnet.preprocessors import PreprocessorError, PreprocessorRegistry
 from studio.extensions import ExtensionManager
 
 GOOD = '''
@@ -88,3 +90,63 @@ def test_shipped_example_extension_loads_with_the_studio(tmp_path):
         assert set(np.unique(np.asarray(out))) <= {0, 128}
     finally:
         studio.queue.shutdown()
+
+
+HANGS_UNTIL_RELEASED = '''
+import time
+from pathlib import Path
+
+RELEASE = Path({release!r})
+while not RELEASE.exists():  # stands in for an import that never returns
+    time.sleep(0.02)
+
+def register(api):
+    api.add_preprocessor("too_late", lambda image, *a, **k: image)
+'''
+RAISES_AT_RUN = '''
+def register(api):
+    api.add_preprocessor("divide", lambda image, *a, **k: 1 / 0)
+    api.add_preprocessor("not_an_image", lambda image, *a, **k: None, uses_resolution=False)
+'''
+
+
+def test_hanging_extension_times_out_and_the_rest_loads(tmp_path):
+    from studio.ui.extensions_tab import table_value  # imports gradio: only this test needs it
+
+    release = tmp_path / "release"
+    ext = tmp_path / "extensions"
+    write(ext, "a_hangs", HANGS_UNTIL_RELEASED.format(release=str(release)))
+    write(ext, "b_good", GOOD)
+    registry = PreprocessorRegistry.with_builtins(tmp_path / "annotators")
+    m = ExtensionManager([ext], registry, list, load_timeout_s=0.5)
+    m.load_all()
+    status = {e.name: (e.status, e.error) for e in m.extensions}
+    assert status["a_hangs"][0] == "timed out" and "within 0.5 s" in status["a_hangs"][1]
+    assert status["b_good"] == ("loaded", None)
+    assert "timed out" in table_value(m) and "ext-timed-out ext-error" in table_value(m)
+    assert next(e for e in m.api_list() if e["name"] == "a_hangs")["status"] == "timed out"
+
+    # the abandoned thread finishing later cannot add anything any more
+    [thread] = [t for t in threading.enumerate() if t.name == "extension-a_hangs"]
+    assert thread.daemon
+    release.touch()
+    thread.join(10)
+    assert not thread.is_alive()
+    assert "too_late" not in registry and m.get("a_hangs").preprocessors == []
+
+
+def test_sys_exit_at_import_is_an_error_not_the_end_of_start_up(tmp_path):
+    write(tmp_path / "extensions", "quits", "import sys\nsys.exit(3)\n")
+    [info] = manager(tmp_path).extensions
+    assert info.status == "error" and info.error == "SystemExit: 3"
+
+
+def test_extension_preprocessor_failing_at_run_time_is_a_preprocessor_error(tmp_path):
+    write(tmp_path / "extensions", "flaky", RAISES_AT_RUN)
+    m = manager(tmp_path)
+    image = Image.new("RGB", (64, 64))
+    with pytest.raises(PreprocessorError, match="preprocessor 'divide' from extension 'flaky' failed: "
+                                                "ZeroDivisionError: division by zero"):
+        m.registry.run("divide", image)
+    with pytest.raises(PreprocessorError, match="preprocessor 'not_an_image' from extension 'flaky' failed"):
+        m.registry.run("not_an_image", image)

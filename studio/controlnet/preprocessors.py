@@ -23,6 +23,7 @@ ANNOTATORS_REPO = "lllyasviel/Annotators"
 # sd-webui-controlnet pads the detector input up to a multiple of 64 (resize_image_with_pad) because
 # several networks down-sample by 2**6; the pad is cropped off the map afterwards.
 PAD_MULTIPLE = 64
+BUILT_IN = "built-in"  # Preprocessor.source of the modules shipped here; otherwise an extension's name
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ class Preprocessor:
     slider_1: Slider | None = None
     slider_2: Slider | None = None
     needs_weights: tuple[str, ...] = ()
-    source: str = "built-in"
+    source: str = BUILT_IN
     # The extension's notion: True only for modules that work without any ControlNet model.
     model_free: bool = False
 
@@ -353,6 +354,20 @@ def builtin_preprocessors(annotators_dir: Path) -> list[Preprocessor]:
 # registry
 
 
+def _control_map(p: Preprocessor, image: Image.Image, resolution: int, slider_1: Any, slider_2: Any,
+                 ctx: dict[str, Any]) -> np.ndarray:
+    """``p``'s output as an RGB array. An extension's module failing (or returning something that is
+    not an image) is the extension's fault, not the server's: a PreprocessorError naming it, which
+    the API answers with a 400. A built-in failing stays what it is, a bug to see in full."""
+    if p.source == BUILT_IN:
+        return _as_rgb_array(p.run(image, resolution, slider_1, slider_2, **ctx))
+    try:
+        return _as_rgb_array(p.run(image, resolution, slider_1, slider_2, **ctx))
+    except Exception as e:  # third-party code: any failure is reported, with its type
+        raise PreprocessorError(
+            f"preprocessor {p.name!r} from extension {p.source!r} failed: {type(e).__name__}: {e}") from e
+
+
 def _slider_value(slider: Slider | None, given: float | None) -> float | None:
     """The value to use: the slider default for None, or for -1 on a slider that cannot go negative
     (the A1111 API's "use the default" sentinel), else ``given`` clamped to the slider range."""
@@ -426,13 +441,12 @@ class PreprocessorRegistry:
         ctx = {**ctx, "annotators_dir": self.annotators_dir, "models": self._models,
                "models_lock": self._models_lock, "global_rng_lock": self._rng_lock}
         if p.resolution is None:
-            out = p.run(rgb, 0, s1, s2, **ctx)
-            return to_rgb(out)
+            return Image.fromarray(_control_map(p, rgb, 0, s1, s2, ctx))
         res = int(_slider_value(p.resolution, resolution))
         size = scaled_size(rgb.width, rgb.height, res)
         arr = _resize_np(np.asarray(rgb), size)
         padded = _pad_to_multiple(arr, PAD_MULTIPLE)
-        out = _as_rgb_array(p.run(Image.fromarray(padded), res, s1, s2, **ctx))
+        out = _control_map(p, Image.fromarray(padded), res, s1, s2, ctx)
         if out.shape[:2] != padded.shape[:2]:
             out = _resize_np(out, (padded.shape[1], padded.shape[0]))
         return Image.fromarray(np.ascontiguousarray(out[: size[1], : size[0]]))

@@ -14,12 +14,13 @@ from typing import TYPE_CHECKING, Any
 import gradio as gr
 from gradio.context import Context
 
-from studio.extensions import ACCESS_DISABLED, ExtensionError, ExtensionInfo, ExtensionManager
+from studio.extensions import ACCESS_DISABLED, TIMED_OUT, ExtensionError, ExtensionInfo, ExtensionManager
 
 if TYPE_CHECKING:
     from studio.core import Studio
 
 HEADERS = ["Extension", "Status", "Preprocessors", "Path", "Error"]
+FAILED = ("error", TIMED_OUT)  # statuses shown as failures: the row in red, a warning after Apply
 RELOAD_NOTE = ("Apply takes effect at once, without a restart. The ControlNet preprocessor lists in the "
                "other tabs show the change after the page is reloaded.")
 INSTALL_NOTE = ("Clones a git repository into the data folder's `extensions/` and loads it. An extension "
@@ -31,12 +32,20 @@ def table_rows(manager: ExtensionManager) -> list[list[str]]:
     return [[e.name, e.status, ", ".join(e.preprocessors), str(e.path), e.error or ""] for e in manager.extensions]
 
 
+def row_class(status: str) -> str:
+    """CSS classes of a row: ``ext-<status>`` (spaces as dashes), plus ``ext-error`` for every failure
+    so a timed-out extension is styled like a broken one."""
+    own = "ext-" + status.replace(" ", "-")
+    return f"{own} ext-error" if status in FAILED and own != "ext-error" else own
+
+
 def table_value(manager: ExtensionManager) -> str:
     """An HTML table rather than a Dataframe: a broken extension's error wraps onto as many lines as
     it needs instead of being cut off at the cell's edge."""
     head = "".join(f"<th>{h}</th>" for h in HEADERS)
     body = "".join(
-        f"<tr class='ext-{html.escape(row[1])}'>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>"
+        f"<tr class='{html.escape(row_class(row[1]))}'>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row)
+        + "</tr>"
         for row in table_rows(manager))
     if not body:
         body = f"<tr><td colspan='{len(HEADERS)}'>No extensions installed.</td></tr>"
@@ -53,7 +62,7 @@ def refresh_extensions(studio: Studio) -> tuple[str, dict[str, Any]]:
 
 
 def _failures(infos: list[ExtensionInfo]) -> str:
-    return "".join(f"\n- ⚠️ **{e.name}**: {e.error}" for e in infos if e.status == "error")
+    return "".join(f"\n- ⚠️ **{e.name}** ({e.status}): {e.error}" for e in infos if e.status in FAILED)
 
 
 def apply_extensions(studio: Studio, enabled: list[str] | None) -> tuple[str, str, dict[str, Any]]:
@@ -78,8 +87,8 @@ def install_extension(studio: Studio, url: str | None, dirname: str | None = Non
                                                   dirname=dirname or None, branch=branch or None)
     except ExtensionError as e:
         return f"**Error:** {e}", *refresh_extensions(studio)
-    if info.status == "error":
-        text = f"Installed **{info.name}** into `{info.path}`, but it failed to load: {info.error}"
+    if info.status in FAILED:
+        text = f"Installed **{info.name}** into `{info.path}`, but it failed to load ({info.status}): {info.error}"
     else:
         added = ", ".join(info.preprocessors) or "nothing"
         text = (f"Installed **{info.name}** into `{info.path}` and loaded it (preprocessors: {added}). "
