@@ -213,15 +213,47 @@ def test_api_dict_matches_a1111(tmp_path):
     assert set(body) == {"loaded", "skipped"}
     assert set(body["loaded"]) == {"xlstyle"}
     assert set(body["skipped"]) == {"sd1style", "sd2style", "badxl"}
-    for entry in [*body["loaded"].values(), *body["skipped"].values()]:
+    for entry in body["loaded"].values():
         assert set(entry) == ENTRY_KEYS
+    for entry in body["skipped"].values():
+        assert set(entry) == ENTRY_KEYS | {"reason"}  # A1111's keys, plus why
     assert body["loaded"]["xlstyle"] == {
         "step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": 2048, "vectors": 3,
     }
     assert body["skipped"]["sd1style"] == {
         "step": 0, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": 768, "vectors": 2,
+        "reason": "single-encoder embedding of width 768 does not match this model (expects clip_l 768 + clip_g 1280)",
     }
     assert body["skipped"]["sd2style"]["shape"] == 1024 and body["skipped"]["sd2style"]["vectors"] == 4
+
+
+def test_refused_files_are_listed_as_skipped_with_the_reason(tmp_path):
+    marker = tmp_path / "pwned.txt"
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    torch.save({"emb": CodePayload(marker)}, folder / "evil.pt")  # a pickle that would run exec
+    (folder / "garbage.pt").write_bytes(b"\x00not a checkpoint at all" * 10)
+    torch.save({"a": 1, "b": "two"}, folder / "odd.pt")  # readable, but no embedding layout
+    write_a1111_pt(folder / "good.pt", random_vectors(2, 768, 1))
+    write_a1111_pt(folder / "wide.pt", random_vectors(1, 1024, 2))
+    second = tmp_path / "more"
+    write_a1111_pt(second / "good.pt", random_vectors(1, 768, 3))  # a second "good": not listed twice
+    lib = EmbeddingLibrary([folder, second])
+    lib.refresh()
+    body = lib.api_dict(SD1)
+
+    assert not marker.exists()
+    assert set(body["loaded"]) == {"good"} and body["loaded"]["good"]["vectors"] == 2
+    assert set(body["skipped"]) == {"evil", "garbage", "odd", "wide"}
+    for name in ("evil", "garbage", "odd"):
+        entry = body["skipped"][name]
+        assert set(entry) == ENTRY_KEYS | {"reason"}
+        assert entry["shape"] == 0 and entry["vectors"] == 0 and entry["step"] is None
+        assert f"{name}.pt" in entry["reason"]
+    assert "refused" in body["skipped"]["evil"]["reason"] and "exec" in body["skipped"]["evil"]["reason"]
+    assert "neither a textual inversion embedding" in body["skipped"]["odd"]["reason"]
+    assert body["skipped"]["wide"]["reason"] == "width 1024 does not match this model (expects 768)"
+    assert body["skipped"]["wide"]["shape"] == 1024
 
 
 def test_hash_is_sha256_prefix_and_cached(tmp_path):

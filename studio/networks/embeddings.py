@@ -8,7 +8,9 @@ before anything touches the text encoder). Semantics follow A1111:
   ``nn.ParameterDict`` variant), SDXL ``{"clip_l", "clip_g"}``, and any dict holding a single
   tensor ("diffuser concepts": diffusers ``learned_embeds`` and kohya ``emb_params``), plus a bare
   tensor saved with ``torch.save``;
-- embeddings whose width does not fit the loaded model are "skipped", not errors;
+- embeddings whose width does not fit the loaded model are "skipped", not errors; files that are
+  not usable at all (a refused pickle, an unreadable file, an unknown layout) are listed as
+  skipped too, each with the ``reason`` (A1111 leaves them out of the list);
 - the TI hash is the sha256 of the whole file, first 12 hex characters.
 
 Pickles are only ever opened with ``torch.load(weights_only=True)``; the one extra class we allow
@@ -85,6 +87,14 @@ class Embedding:
             "shape": self.shape,
             "vectors": self.n_vectors,
         }
+
+
+def unreadable_api_dict(reason: str) -> dict[str, Any]:
+    """The ``skipped`` entry of a file that could not be read as an embedding: A1111's keys, with
+    0 for ``shape`` and ``vectors`` (integers in A1111's schema, so typed clients still parse it),
+    and why."""
+    return {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": 0, "vectors": 0,
+            "reason": reason}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,12 +299,22 @@ class EmbeddingLibrary:
         return loaded, skipped
 
     def api_dict(self, widths: Mapping[str, int]) -> dict[str, dict[str, dict[str, Any]]]:
-        """A1111's ``GET /sdapi/v1/embeddings`` body for a model with text encoders of ``widths``."""
+        """A1111's ``GET /sdapi/v1/embeddings`` body for a model with text encoders of ``widths``.
+
+        Every ``skipped`` entry has a ``reason`` beside A1111's keys: the width mismatch, or why the
+        file could not be used at all (see :func:`unreadable_api_dict`). A name that is loaded is
+        never also listed as skipped: a second file with a taken name stays in :attr:`errors` only.
+        """
+        embeddings, errors = self.embeddings, self.errors  # refresh() swaps both whole
         loaded, skipped = self.resolve(widths)
-        return {
+        body: dict[str, dict[str, dict[str, Any]]] = {
             "loaded": {name: emb.api_dict() for name, emb in loaded.items()},
-            "skipped": {name: self.embeddings[name].api_dict() for name in skipped},
+            "skipped": {name: {**embeddings[name].api_dict(), "reason": reason} for name, reason in skipped.items()},
         }
+        for name, reason in errors.items():
+            if name not in embeddings:
+                body["skipped"][name] = unreadable_api_dict(reason)
+        return body
 
     def _scan(self) -> Iterator[tuple[Path, tuple[int, int]]]:
         # Sorted walk order across the folders in turn: _register lets the first file of a stem win.
