@@ -11,8 +11,10 @@ import argparse
 import json
 import logging
 import os
+import re
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -222,6 +224,7 @@ class Paths:
             (self.models / sub).mkdir(parents=True, exist_ok=True)
         self.outputs.mkdir(parents=True, exist_ok=True)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_files(self.data)
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
@@ -246,6 +249,38 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda temp: temp.write_text(text, encoding="utf-8"))
+
+
+# atomic_write's temporary names: "." + target name + "." + tempfile's 8 random characters + ".tmp".
+ATOMIC_TEMP_NAME = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+STALE_TEMP_AGE_S = 60.0
+
+
+def remove_stale_temp_files(folder: Path, older_than_s: float = STALE_TEMP_AGE_S) -> list[Path]:
+    """Delete :func:`atomic_write` temporary files in ``folder`` (not below it) last modified more than
+    ``older_than_s`` ago: a save that was killed between writing and renaming leaves one behind
+    (``.config.json.k3j9x_2a.tmp``) forever. Younger ones may belong to a save in progress and are kept,
+    as is anything whose name does not have exactly that shape, and anything that is not a plain
+    file. Returns what was deleted; never raises (a file that cannot be removed stays)."""
+    removed: list[Path] = []
+    now = time.time()
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        if not ATOMIC_TEMP_NAME.fullmatch(entry.name):
+            continue
+        try:
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            if now - entry.stat(follow_symlinks=False).st_mtime <= older_than_s:
+                continue
+            os.unlink(entry.path)
+        except OSError:
+            continue
+        removed.append(Path(entry.path))
+    return removed
 
 
 @dataclass
