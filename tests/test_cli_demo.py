@@ -1,12 +1,19 @@
-"""The CLI and the built-in demo model, run as a user runs them."""
+"""The CLI and the built-in demo model.
+
+One smoke test runs ``python -m studio`` in a subprocess, as a user runs it; the others call
+``studio.cli.main`` in-process (the same code after the interpreter starts), which saves a Python
+start and a torch import per command."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import dataclass
 
+import pytest
 from PIL import Image
 
+from studio.cli import main
 from studio.config import Flags
 from studio.core import Studio
 from studio.generation.infotext import parse_infotext
@@ -14,9 +21,41 @@ from studio.generation.request import Txt2ImgRequest
 from tests.helpers import REPO, make_models_dir
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "studio", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=300, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+@dataclass
+class CliRun:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """``python -m studio ARGS`` in-process: exit status, stdout and stderr."""
+    def run(*args: str) -> CliRun:
+        capsys.readouterr()  # only this command's output
+        try:
+            code = main(list(args))
+        except SystemExit as e:  # argparse's usage errors exit as they would in a shell
+            code = e.code if isinstance(e.code, int) else 1
+        captured = capsys.readouterr()
+        return CliRun(code, captured.out, captured.err)
+    return run
+
+
+def test_python_m_studio_generates_in_a_subprocess(tmp_path):
+    """The one real subprocess: the package's __main__, the exit status and the files, as a user sees them."""
+    make_models_dir(tmp_path)
+    out = tmp_path / "cli-out"
+    gen = subprocess.run(
+        [sys.executable, "-m", "studio", "generate", "--data-dir", str(tmp_path), "-p", "a small boat, at sea",
+         "--steps", "2", "--width", "64", "--height", "64", "--seed", "11", "--batch-size", "2", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert gen.returncode == 0, gen.stderr
+    files = sorted(out.glob("*.png"))
+    assert [f.name for f in files] == ["00000-11.png", "00001-12.png"]
+    assert gen.stdout.split() == [str(f) for f in files]
+    info = parse_infotext(Image.open(files[1]).info["parameters"])
+    assert info["Prompt"] == "a small boat, at sea" and info["Seed"] == "12"
 
 
 def test_demo_model_offered_when_no_checkpoint(tmp_path):
@@ -32,7 +71,7 @@ def test_demo_model_offered_when_no_checkpoint(tmp_path):
     assert all(not c.is_demo for c in studio.refresh_checkpoints())
 
 
-def test_cli_generate_models_and_pnginfo(tmp_path):
+def test_cli_generate_models_and_pnginfo(tmp_path, run_cli):
     make_models_dir(tmp_path)
     listing = run_cli("models", "--data-dir", str(tmp_path))
     assert listing.returncode == 0 and "tiny-sd1.safetensors" in listing.stdout
@@ -48,7 +87,7 @@ def test_cli_generate_models_and_pnginfo(tmp_path):
     assert shown.returncode == 0 and "Seed: 11," in shown.stdout
 
 
-def test_cli_styles_and_embeddings(tmp_path):
+def test_cli_styles_and_embeddings(tmp_path, run_cli):
     from studio.testing.embeddings import random_vectors, write_a1111_pt
 
     make_models_dir(tmp_path)
@@ -63,7 +102,7 @@ def test_cli_styles_and_embeddings(tmp_path):
     assert info["TI hashes"].startswith("clitoken: ")
 
 
-def test_cli_reports_bad_input(tmp_path):
+def test_cli_reports_bad_input(tmp_path, run_cli):
     make_models_dir(tmp_path)
     bad = run_cli("generate", "--data-dir", str(tmp_path), "-p", "x", "--sampler", "Nope")
     assert bad.returncode == 2 and "Valid samplers" in bad.stderr
@@ -71,7 +110,7 @@ def test_cli_reports_bad_input(tmp_path):
     assert missing.returncode == 2 and "error" in missing.stderr
 
 
-def test_cli_lora_hypernet_and_vae(tmp_path):
+def test_cli_lora_hypernet_and_vae(tmp_path, run_cli):
     from studio.testing import make_vae, tiny_components
     from studio.testing.hypernetworks import tiny_widths, write_hypernetwork
     from studio.testing.loras import write_kohya_lora
@@ -95,7 +134,7 @@ def test_cli_lora_hypernet_and_vae(tmp_path):
     assert bad.returncode == 2 and "nope.pt" in bad.stderr
 
 
-def test_cli_img2img_inpaint_hires_and_upscale(tmp_path):
+def test_cli_img2img_inpaint_hires_and_upscale(tmp_path, run_cli):
     import numpy as np
 
     make_models_dir(tmp_path)
