@@ -1,10 +1,14 @@
 """Schemathesis over the running server's OpenAPI schema: whatever a client sends to /sdapi/v1 or
 /controlnet, the answer is never a 5xx. Generation requests are kept cheap (small sizes, few steps)
-only where they are valid; invalid values stay as generated, so validation is fuzzed too."""
+only where they are valid; invalid values stay as generated, so validation is fuzzed too.
+
+Marked slow (its own server and ~1,000 requests): CI runs it in its second step (``pytest -m slow``)."""
 
 from __future__ import annotations
 
 import pytest
+
+pytestmark = pytest.mark.slow
 
 schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402

@@ -1,6 +1,8 @@
 """The benchmark suite's harness on tiny models: each case in its own process, the report's tables
 and goals filled from what was measured. Timings are not checked (never timing asserts in tests);
-that the harness runs, measures both sides and reports them is."""
+that the harness runs, measures both sides and reports them is.
+
+Marked slow (each case is a fresh Python process): CI runs them in its second step (``pytest -m slow``)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,11 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers import REPO
+
+pytestmark = pytest.mark.slow
 
 
 def test_suite_runs_cases_in_processes_and_writes_the_report(tmp_path):
