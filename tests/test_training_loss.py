@@ -1,9 +1,14 @@
-"""The training objective: targets, Min-SNR weights, noise offset."""
+"""The training objective: targets, Min-SNR weights, noise offset.
+
+References are independent of studio.training.loss: the SNR is diffusers' own
+(``diffusers.training_utils.compute_snr``), and the Min-SNR-γ weights are computed as diffusers'
+train_text_to_image example does (``stack([snr, γ]).min() / snr``, ``/ (snr + 1)`` for v-prediction)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from diffusers.training_utils import compute_snr
 
 from studio.training.loss import (
     diffusion_loss,
@@ -26,17 +31,29 @@ def test_scheduler_follows_the_model_config():
     assert torch.isclose(eps.betas[0], torch.tensor(0.00085)) and torch.isclose(eps.betas[-1], torch.tensor(0.012))
 
 
+def reference_min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-γ loss weights as diffusers' train_text_to_image example computes them."""
+    values = compute_snr(scheduler, timesteps)
+    weights = torch.stack([values, gamma * torch.ones_like(timesteps)], dim=1).min(dim=1)[0]
+    if scheduler.config.prediction_type == "v_prediction":
+        return weights / (values + 1)
+    return weights / values
+
+
 def test_snr_and_min_snr_weights():
     sched = train_scheduler(SD_CONFIG)
-    t = torch.tensor([0, 500, 999])
-    a = sched.alphas_cumprod[t]
+    v_sched = train_scheduler({**SD_CONFIG, "prediction_type": "v_prediction"})
+    t = torch.arange(0, 1000, 37)
     values = snr(sched.alphas_cumprod, t)
-    assert torch.allclose(values, a / (1 - a))
-    assert values[0] > 5 > values[2]        # early steps are nearly clean, late ones nearly noise
-    w_eps = min_snr_weights(values, 5.0, v_prediction=False)
-    w_v = min_snr_weights(values, 5.0, v_prediction=True)
-    assert torch.isclose(w_eps[0], 5.0 / values[0]) and torch.isclose(w_eps[2], torch.tensor(1.0))
-    assert torch.isclose(w_v[0], 5.0 / (values[0] + 1)) and torch.isclose(w_v[2], values[2] / (values[2] + 1))
+    assert torch.allclose(values, compute_snr(sched, t), rtol=1e-5)
+    assert values[0] > 5 > values[-1]        # early steps are nearly clean, late ones nearly noise
+    for gamma in (1.0, 5.0):
+        w_eps = min_snr_weights(values, gamma, v_prediction=False)
+        w_v = min_snr_weights(values, gamma, v_prediction=True)
+        assert torch.allclose(w_eps, reference_min_snr_weights(sched, t, gamma), rtol=1e-5)
+        assert torch.allclose(w_v, reference_min_snr_weights(v_sched, t, gamma), rtol=1e-5)
+    # epsilon: noisy steps (snr below γ) keep their full weight
+    assert (min_snr_weights(values, 5.0, v_prediction=False)[values < 5] == 1).all()
 
 
 def test_targets():
@@ -54,12 +71,14 @@ def test_targets():
 def test_loss_plain_and_weighted():
     g = torch.Generator().manual_seed(1)
     pred, target = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
-    sched = train_scheduler(SD_CONFIG)
     t = torch.tensor([5, 400, 990])
-    assert torch.isclose(diffusion_loss(pred, target, t, sched), F.mse_loss(pred, target))
-    per = ((pred - target) ** 2).mean(dim=(1, 2, 3))
-    w = min_snr_weights(snr(sched.alphas_cumprod, t), 5.0, False)
-    assert torch.isclose(diffusion_loss(pred, target, t, sched, min_snr_gamma=5.0), (per * w).mean())
+    for config in (SD_CONFIG, {**SD_CONFIG, "prediction_type": "v_prediction"}):
+        sched = train_scheduler(config)
+        assert torch.isclose(diffusion_loss(pred, target, t, sched), F.mse_loss(pred, target))
+        # diffusers' example: per-sample MSE times the weights, then the batch mean
+        per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=list(range(1, pred.ndim)))
+        expected = (per_sample * reference_min_snr_weights(sched, t, 5.0)).mean()
+        assert torch.isclose(diffusion_loss(pred, target, t, sched, min_snr_gamma=5.0), expected)
 
 
 def test_offset_noise():
