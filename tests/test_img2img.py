@@ -11,8 +11,11 @@ from PIL import Image
 
 from studio.config import Flags
 from studio.core import Studio
+from studio.generation import img2img_pixels as pixels
+from studio.generation.img2img import latent_mask, prepare, run_img2img
 from studio.generation.infotext import parse_infotext
 from studio.generation.request import Img2ImgRequest, RequestError
+from studio.jobs import JobState
 from tests.helpers import make_models_dir
 
 
@@ -156,8 +159,87 @@ def test_odd_inputs_are_accepted_or_refused_clearly(studio):
         studio.submit_img2img(request(init_images=()))
     with pytest.raises(RequestError):
         studio.submit_img2img(request(init_images=(b"not an image at all",)))
-    with pytest.raises(RequestError, match="denoising_strength"):
-        studio.submit_img2img(request(denoising_strength=1.5))
+    with pytest.raises(ValueError, match="denoising_strength"):  # the schema refuses it when built
+        request(denoising_strength=1.5)
+
+
+def run_direct(studio, req: Img2ImgRequest, **options):
+    """run_img2img itself, for the engine parameters the settings feed (colour correction, upscaler), on the
+    request as the engine prepares it (clip skip, seed and the other settings-backed fields resolved)."""
+    req = studio.engine.prepare(req).request
+    model = studio.models.load(req.checkpoint)
+    return run_img2img(model, req, JobState(job_id="test", description="img2img"), None, **options)
+
+
+def test_color_correction_matches_the_result_to_the_init_colours(studio):
+    init = picture(seed=7)
+    req = request(init_images=(init,), denoising_strength=0.9)
+    plain = run_direct(studio, req).images[0]
+    corrected = run_direct(studio, req, color_correction=True).images[0]
+    # the same sampling, then A1111's correction toward the init image's LAB histogram
+    expected = pixels.correct_colors(plain, pixels.color_reference(init))
+    np.testing.assert_array_equal(arr(corrected), arr(expected))
+
+    def colour_distance(image):  # mean LAB a/b: the colour, whatever the luminosity (which the result keeps)
+        ab = lambda im: pixels.color_reference(im)[..., 1:].reshape(-1, 2).mean(axis=0)
+        return np.abs(ab(image) - ab(init)).sum()
+
+    assert colour_distance(corrected) < colour_distance(plain)
+
+
+def test_color_correction_comes_before_the_inpaint_overlay(studio):
+    image, mask = picture(seed=8), centre_mask()
+    req = request(init_images=(image,), mask=mask, mask_blur_x=0, mask_blur_y=0, inpaint_full_res=False,
+                  denoising_strength=1.0)
+    out = arr(run_direct(studio, req, color_correction=True).images[0])
+    keep = np.asarray(mask) == 0
+    np.testing.assert_array_equal(out[keep], arr(image)[keep])  # the original, uncorrected, outside
+
+
+def test_upscale_enlarges_a_small_init_image_and_only_then(studio):
+    calls = []
+
+    def green(image, width, height):
+        calls.append((image.size, (width, height)))
+        return Image.new("RGB", (width, height), (0, 200, 0))
+
+    small = request(init_images=(picture(32, 32),), denoising_strength=0.0)
+    out = arr(run_direct(studio, small, upscale=green).images[0])
+    assert calls == [((32, 32), (64, 64))]
+    # its output is what was encoded: the same as starting from that green picture
+    already = request(init_images=(Image.new("RGB", (64, 64), (0, 200, 0)),), denoising_strength=0.0)
+    np.testing.assert_array_equal(out, arr(run_direct(studio, already).images[0]))
+    assert not np.array_equal(out, arr(run_direct(studio, small).images[0]))
+    big = request(init_images=(picture(128, 128),), denoising_strength=0.0)
+    np.testing.assert_array_equal(arr(run_direct(studio, big, upscale=green).images[0]),
+                                  arr(run_direct(studio, big).images[0]))
+    assert len(calls) == 1  # shrinking is Lanczos
+
+
+def test_only_masked_region_comes_from_the_blurred_mask():
+    mask = centre_mask(box=(24, 24, 40, 40))
+    req = request(mask=mask, mask_blur_x=4, mask_blur_y=4, inpaint_full_res=True, inpaint_full_res_padding=0)
+    box = prepare(req, picture()).box
+    # the blur reaches int(2.5*4+0.5) = 10 pixels past the painted square; A1111 crops around that
+    assert box[0] <= 24 - 8 and box[1] <= 24 - 8 and box[2] >= 40 + 8 and box[3] >= 40 + 8
+
+
+@pytest.mark.parametrize("fill,filled", [(0, True), (1, False), (2, True), (3, True)])
+def test_masked_area_is_filled_unless_original(fill, filled):
+    image = picture(seed=9)
+    req = request(init_images=(image,), mask=centre_mask(), mask_blur_x=0, mask_blur_y=0, inpaint_full_res=False,
+                  inpainting_fill=fill)
+    work = arr(prepare(req, image).work)
+    inside = np.asarray(centre_mask()) > 0
+    assert np.array_equal(work[~inside], arr(image)[~inside])
+    assert (not np.array_equal(work[inside], arr(image)[inside])) == filled
+
+
+def test_latent_mask_is_a1111s_latmask():
+    mask = pixels.blur_mask(centre_mask(64, 48, (10, 7, 37, 30)), 4, 4)
+    # A1111: init_mask.convert('RGB').resize((w // 8, h // 8)) with Pillow's default filter, first channel, rounded
+    expected = np.around(np.asarray(mask.convert("RGB").resize((8, 6)), dtype=np.float32)[..., 0] / 255)
+    np.testing.assert_array_equal(latent_mask(mask, 64, 48)[0, 0].numpy(), expected)
 
 
 def test_variation_seed_and_resize_seed(studio):

@@ -2,15 +2,22 @@
 
 The steps follow A1111's ``StableDiffusionProcessingImg2Img``:
 
-1. the init image is brought to the generation size with the resize mode; with a mask and
-   "Only masked", the mask's bounding box plus padding (grown to the generation's aspect
-   ratio) is cut out and brought to the generation size instead;
-2. masked content "fill" paints the masked area with colours from its surroundings first;
+1. the init image is brought to the generation size with the resize mode (enlarged by the
+   ``upscale`` callable, A1111's ``upscaler_for_img2img``, where it grows); with a mask and
+   "Only masked", the blurred mask's bounding box plus padding (grown to the generation's
+   aspect ratio) is cut out and brought to the generation size instead;
+2. unless masked content is "original", the masked area is painted with colours from its
+   surroundings first (A1111 fills for "latent noise" / "latent nothing" too: the encoded
+   latents next to the mask, and 9-channel conditioning, see the filled picture);
 3. the image is encoded; the sampler enters the schedule at the denoising strength
    (generation/sampling.py); with a mask, the unmasked area stays on the init latents and
    9-channel inpainting models also get mask + masked-image latents;
-4. the decoded image is composited over the original with the blurred mask, so pixels
-   outside the mask are the original ones; "Only masked" pastes the crop back first.
+4. with ``color_correction`` (A1111's ``img2img_color_correction``) each decoded image's colour
+   histogram is matched to the (filled) init image's;
+5. the original is laid back over the result with the blurred mask, so pixels outside the
+   mask are the original ones; "Only masked" pastes the crop back first.
+
+The pixel steps are in generation/img2img_pixels.py.
 
 Denoising strength 0 decodes the init latents without sampling (A1111 runs one step at the
 smallest sigma, which changes nothing visible either).
@@ -24,9 +31,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
 from studio.generation import imageops
+from studio.generation import img2img_pixels as pixels
+from studio.generation.img2img_pixels import Upscale
 from studio.generation.request import INPAINT_FILL, Img2ImgRequest
 from studio.generation.sampling import encode_images
 from studio.generation.txt2img import GenerationResult, ModeHooks, run_txt2img
@@ -39,58 +49,78 @@ LATENT_UPSCALE = 3  # resize mode "Just resize (latent upscale)"
 class PreparedImage:
     """One init image, ready for the loop."""
 
-    original: Image.Image                 # the user's image, RGB (compositing target)
+    original: Image.Image                 # the user's image, RGB
     work: Image.Image                     # what is encoded, at the generation size
-    overlay_mask: Image.Image | None      # blurred mask at the original's size, for compositing
+    overlay_base: Image.Image | None      # what is laid back over the result: the original ("Only
+                                          # masked") or the resized init image ("Whole picture")
+    overlay_mask: Image.Image | None      # its mask: blurred at the original's size, or blurred, resized
+                                          # and doubled at the generation size (A1111's mask_for_overlay)
     work_mask: Image.Image | None         # mask at the generation size, for the latent mask
     box: tuple[int, int, int, int] | None  # "Only masked" crop in the original
     notes: list[str] = field(default_factory=list)
+    color_reference: np.ndarray | None = None  # LAB init image, with colour correction
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
-    """RGB image -> [1, 3, H, W] in [-1, 1]."""
-    arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(arr).permute(2, 0, 1)[None]
+    """RGB image -> [1, 3, H, W] in [-1, 1] (diffusers' VaeImageProcessor steps, A1111's arithmetic)."""
+    p = VaeImageProcessor
+    return p.normalize(p.numpy_to_pt(p.pil_to_numpy(image.convert("RGB"))))
 
 
-def prepare(req: Img2ImgRequest, image: Image.Image) -> PreparedImage:
+def _latent_upscale_source(original: Image.Image) -> Image.Image:
+    # encoded at its own size (to a multiple of 8); the latents are resized instead
+    w, h = max(8, original.width // 8 * 8), max(8, original.height // 8 * 8)
+    return original if (w, h) == original.size else original.resize((w, h), Image.Resampling.LANCZOS)
+
+
+def prepare(req: Img2ImgRequest, image: Image.Image, upscale: Upscale | None = None,
+            color_correction: bool = False) -> PreparedImage:
+    """One init image through A1111's img2img preparation (``StableDiffusionProcessingImg2Img.init``)."""
     original = imageops.normalize_image(image)
     if req.mask is None:
         if req.resize_mode == LATENT_UPSCALE:
-            # encoded at its own size (to a multiple of 8); the latents are resized instead
-            w, h = max(8, original.width // 8 * 8), max(8, original.height // 8 * 8)
-            work = original if (w, h) == original.size else original.resize((w, h), Image.Resampling.LANCZOS)
+            work = _latent_upscale_source(original)
         else:
-            work = imageops.resize_image(req.resize_mode, original, req.width, req.height)
-        return PreparedImage(original, work, None, None, None)
+            work = pixels.resize_image(req.resize_mode, original, req.width, req.height, upscale)
+        return PreparedImage(original, work, None, None, None, None,
+                             color_reference=pixels.color_reference(work) if color_correction else None)
     mask, notes = imageops.normalize_mask(req.mask, original.size)
     if req.inpainting_mask_invert:
         mask = imageops.invert_mask(mask)
-    overlay = imageops.blur_mask(mask, req.mask_blur_x, req.mask_blur_y)
+    blurred = pixels.blur_mask(mask, req.mask_blur_x, req.mask_blur_y)
     box = None
     if req.inpaint_full_res:
-        box = imageops.crop_region(mask, req.inpaint_full_res_padding)
-        box = imageops.expand_to_aspect(box, req.width, req.height, *original.size)
-        work = imageops.extract_crop(original, box, req.width, req.height)
-        work_mask = imageops.extract_crop(overlay, box, req.width, req.height)
+        # A1111 takes the region of the blurred mask; an empty mask crops nothing away
+        box = pixels.crop_region(blurred, req.inpaint_full_res_padding, req.width, req.height) \
+            or (0, 0, *original.size)
+        work = pixels.extract_crop(original, box, req.width, req.height, upscale)
+        work_mask = pixels.extract_crop(blurred, box, req.width, req.height)
+        overlay_base, overlay_mask = original, blurred
     else:
-        work = imageops.resize_image(req.resize_mode, original, req.width, req.height)
-        work_mask = imageops.resize_image(req.resize_mode, overlay, req.width, req.height)
-    if INPAINT_FILL[req.inpainting_fill] == "fill":
-        work = imageops.fill_masked(work, work_mask)
-    return PreparedImage(original, work, overlay, work_mask.convert("L"), box, notes)
+        work = pixels.resize_image(req.resize_mode, original, req.width, req.height, upscale)
+        work_mask = pixels.resize_image(req.resize_mode, blurred, req.width, req.height)
+        overlay_base, overlay_mask = work, pixels.double_mask(work_mask)
+    if INPAINT_FILL[req.inpainting_fill] != "original":
+        work = pixels.fill_masked(work, work_mask)
+    return PreparedImage(original, work, overlay_base, overlay_mask, work_mask, box, notes,
+                         color_reference=pixels.color_reference(work) if color_correction else None)
 
 
 def latent_mask(mask: Image.Image, width: int, height: int) -> torch.Tensor:
-    """The mask at latent size, rounded to 0/1 as A1111's ``latmask``."""
-    small = mask.resize((width // 8, height // 8), Image.Resampling.BILINEAR)
+    """The mask at latent size, rounded to 0/1 as A1111's ``latmask`` (resized with Pillow's default
+    filter, bicubic, as A1111's ``.resize()`` without one)."""
+    small = mask.convert("L").resize((width // 8, height // 8), Image.Resampling.BICUBIC)
     arr = np.round(np.asarray(small, dtype=np.float32) / 255.0)
     return torch.from_numpy(arr)[None, None]
 
 
 def run_img2img(model: Any, req: Img2ImgRequest, state: JobState, outdir: Path | None, preview_every: int = 0,
-                networks: Any = None, vae: Any = None, controls: Any = None, save_format: Any = None) -> GenerationResult:
-    prepared = [prepare(req, image) for image in req.init_images]
+                networks: Any = None, vae: Any = None, controls: Any = None, save_format: Any = None,
+                color_correction: bool = False, upscale: Upscale | None = None) -> GenerationResult:
+    """``color_correction``: A1111's ``img2img_color_correction``. ``upscale(image, width, height)``:
+    A1111's ``upscaler_for_img2img``, used where an init image (or an "Only masked" crop, or the crop
+    pasted back) is enlarged; None resizes with Lanczos."""
+    prepared = [prepare(req, image, upscale, color_correction) for image in req.init_images]
     if controls and prepared[0].box is not None:
         controls = controls.cropped(prepared[0].box, prepared[0].original.size)
     notes = [n for p in prepared for n in p.notes]
@@ -140,17 +170,12 @@ def run_img2img(model: Any, req: Img2ImgRequest, state: JobState, outdir: Path |
 
     def postprocess(index: int, image: Image.Image) -> Image.Image:
         p = item(index)
+        if p.color_reference is not None:
+            # before the overlay, as A1111: the original laid back keeps its own colours
+            image = pixels.correct_colors(image, p.color_reference)
         if p.overlay_mask is None:
             return image
-        if p.box is not None:
-            pasted = imageops.paste_crop(p.original, image, p.box)
-            return imageops.composite(p.original, pasted, p.overlay_mask)
-        original = imageops.resize_image(req.resize_mode, p.original, req.width, req.height)
-        mask = imageops.resize_image(req.resize_mode, p.overlay_mask, req.width, req.height).convert("L")
-        # A1111 doubles the blurred mask for "Whole picture" before overlaying: the generated
-        # pixels win over the inner half of the blur, the original fades in over the outer half
-        doubled = np.clip(np.asarray(mask, dtype=np.float32) * 2, 0, 255).astype(np.uint8)
-        return imageops.composite(original, image, Image.fromarray(doubled, "L"))
+        return pixels.overlay(p.overlay_base, image, p.overlay_mask, p.box, upscale)
 
     params: dict[str, Any] = {"Denoising strength": f"{req.denoising_strength:g}"}
     if req.mask is not None:

@@ -13,13 +13,16 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, PngImagePlugin, UnidentifiedImageError
+from PIL import Image, PngImagePlugin
 
 from studio.config import atomic_write
+from studio.generation.imageops import ImageInputError, ImageTooLargeError, check_size, open_unloaded
+
+UNREADABLE = "The file is not a readable image (PNG, JPEG or WebP expected)."
 
 
 class ImageReadError(ValueError):
-    pass
+    """A file that is not a readable image, or is over the size limit; the message is for the user."""
 
 
 def next_number(folder: Path, basename: str = "") -> int:
@@ -123,7 +126,15 @@ def save_image(image: Image.Image, infotext: str, outdir: Path, seed: int, dated
 
 
 def read_infotext(image: Image.Image) -> str | None:
-    """The ``parameters`` chunk of a PNG, or the EXIF UserComment of a JPEG/WebP."""
+    """The ``parameters`` chunk of a PNG, or the EXIF UserComment of a JPEG/WebP.
+
+    An image whose size is over the limit (``imageops.MAX_PIXELS`` / ``MAX_SIDE``) is refused with
+    :class:`ImageReadError` first: looking for the EXIF block of a lazily opened PNG decodes its pixels.
+    The text of any image within the limit is read."""
+    try:
+        check_size(image.size)
+    except ImageInputError as e:
+        raise ImageReadError(str(e)) from e
     text = image.info.get("parameters")
     if isinstance(text, bytes):
         text = text.decode("utf-8", errors="replace")
@@ -140,9 +151,16 @@ def read_infotext(image: Image.Image) -> str | None:
 
 
 def open_image(data: bytes) -> Image.Image:
+    """The decoded image in a file's bytes. The size in its header is checked against the limit
+    (``imageops.MAX_PIXELS`` / ``MAX_SIDE``) before any pixel is decoded, so a decompression bomb (a
+    small file declaring a huge picture) is refused with an :class:`ImageReadError` that names its size."""
     try:
-        img = Image.open(io.BytesIO(data))
+        img = open_unloaded(data)
         img.load()
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise ImageReadError("The file is not a readable image (PNG, JPEG or WebP expected).") from e
+    except ImageTooLargeError as e:
+        raise ImageReadError(str(e)) from e
+    except Image.DecompressionBombError as e:  # a format whose frames outgrow the size in its header
+        raise ImageReadError(f"image is too large ({e})") from e
+    except (ImageInputError, OSError, ValueError, SyntaxError, EOFError) as e:
+        raise ImageReadError(UNREADABLE) from e
     return img
