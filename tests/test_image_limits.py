@@ -69,6 +69,16 @@ def test_open_image_refuses_every_size_over_the_limit(size):
             open_image(bomb_png(*size))
 
 
+def test_a_jpeg_declaring_a_huge_size_is_refused_too():
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), "red").save(buf, "JPEG")
+    data = bytearray(buf.getvalue())
+    sof = data.find(b"\xff\xc0")  # baseline frame header: length, precision, then height and width
+    data[sof + 5 : sof + 9] = struct.pack(">HH", 30000, 30000)
+    with pytest.raises(ImageReadError, match=r"30000x30000 \(900 MP\)"):
+        open_image(bytes(data))
+
+
 def test_pillows_bomb_warning_as_an_error_still_names_the_size():
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
