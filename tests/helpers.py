@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,13 +22,22 @@ from studio.testing import make_checkpoint
 REPO = Path(__file__).resolve().parent.parent
 
 
+@functools.cache
+def _tiny_checkpoint(family: str, suffix: str) -> Path:
+    """The tiny checkpoint of a family and file format, written once per test run: building one takes
+    0.3-0.6 s and dozens of fixtures want the same file (same seed, so the same bytes)."""
+    folder = Path(tempfile.mkdtemp(prefix="studio-test-checkpoints-"))
+    atexit.register(shutil.rmtree, folder, True)
+    return make_checkpoint(folder / f"tiny-{family}{suffix}", family, seed=1)
+
+
 def make_models_dir(root: Path, families=(("sd1", ".safetensors"),)) -> Path:
     folder = root / "models" / "Stable-diffusion"
     folder.mkdir(parents=True, exist_ok=True)
     for family, suffix in families:
         path = folder / f"tiny-{family}{suffix}"
         if not path.exists():
-            make_checkpoint(path, family, seed=1)
+            shutil.copyfile(_tiny_checkpoint(family, suffix), path)  # a copy: tests may change or break it
     return folder
 
 
