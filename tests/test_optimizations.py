@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from studio.api.options import validate_options
+from studio.options import validate_changes as validate_options
 from studio.config import Flags, parse_flags
 from studio.core import Studio
 from studio.devices import resolve_policy
 from studio.generation.infotext import infotext_to_fields, parse_infotext
 from studio.generation.request import RequestError, Txt2ImgRequest
-from studio.optimizations import CompileOptions, set_compiled, token_merging, token_merging_ratios
+from studio.optimizations import CompileOptions, TokenMerging, set_compiled, token_merging, token_merging_ratios
 from studio.testing.factory import tiny_components
 from studio.ui.settings_tab import SECTIONS, apply_settings
 from tests.helpers import make_models_dir
@@ -92,6 +92,30 @@ def test_settings_ratio_applies_and_a_request_can_turn_it_off(studio):
     assert "Token merging" not in off.infotexts[0]
     info = parse_infotext(hires.infotexts[0])
     assert info["Token merging ratio"] == "0.5" and info["Token merging ratio hr"] == "0.5"
+
+
+def test_token_merging_callback_patches_one_pass_and_unpatches_on_error(studio):
+    from studio.generation.samplers import effective_schedule, split_sampler_name
+    from studio.generation.sampling import BatchSpec, sample
+    from studio.generation.step_callbacks import StepCallback
+    from studio.prompts.schedule import ConditioningPlan
+
+    model = studio.select_checkpoint("tiny-sd1.safetensors")
+    patched = []
+
+    class Fails(StepCallback):
+        def unet_kwargs(self, call):
+            patched.append(any(type(m).__name__ == "ToMeBlock" for m in model.unet.modules()))
+            raise RuntimeError("boom")
+
+    sampler, schedule = split_sampler_name("Euler", "Automatic")
+    spec = BatchSpec(plan=ConditioningPlan(model.conditioner, "a boat", "", 3, 1), sampler=sampler,
+                     schedule=effective_schedule(sampler, schedule), steps=3, cfg_scale=7.0, eta=None, width=64,
+                     height=64, seeds=[5], callbacks=[TokenMerging(0.5), Fails()])
+    with pytest.raises(RuntimeError, match="boom"):
+        studio.queue.run(lambda state: sample(model, spec, state))
+    assert patched == [True]
+    assert not any(type(m).__name__ == "ToMeBlock" or hasattr(m, "_tome_info") for m in model.unet.modules())
 
 
 def test_token_merging_context_is_a_no_op_at_zero():

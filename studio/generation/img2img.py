@@ -26,7 +26,6 @@ smallest sigma, which changes nothing visible either).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,7 +38,7 @@ from studio.generation import img2img_pixels as pixels
 from studio.generation.img2img_pixels import Upscale
 from studio.generation.request import INPAINT_FILL, Img2ImgRequest
 from studio.generation.sampling import encode_images
-from studio.generation.txt2img import GenerationResult, ModeHooks, run_txt2img
+from studio.generation.runner import GenerationResult, ModeHooks, run_generation
 from studio.jobs import JobState
 
 LATENT_UPSCALE = 3  # resize mode "Just resize (latent upscale)"
@@ -114,10 +113,10 @@ def latent_mask(mask: Image.Image, width: int, height: int) -> torch.Tensor:
     return torch.from_numpy(arr)[None, None]
 
 
-def run_img2img(model: Any, req: Img2ImgRequest, state: JobState, outdir: Path | None, preview_every: int = 0,
-                networks: Any = None, vae: Any = None, controls: Any = None, save_format: Any = None,
-                color_correction: bool = False, upscale: Upscale | None = None) -> GenerationResult:
-    """``color_correction``: A1111's ``img2img_color_correction``. ``upscale(image, width, height)``:
+def run_img2img(model: Any, req: Img2ImgRequest, state: JobState, controls: Any = None,
+                color_correction: bool = False, upscale: Upscale | None = None, **options: Any) -> GenerationResult:
+    """img2img / inpainting as hooks on the generic runner; ``options`` go to ``run_generation`` as they
+    are (saver, previews, networks, VAE, ENSD, NGMS...). ``color_correction``: A1111's ``img2img_color_correction``. ``upscale(image, width, height)``:
     A1111's ``upscaler_for_img2img``, used where an init image (or an "Only masked" crop, or the crop
     pasted back) is enlarged; None resizes with Lanczos."""
     prepared = [prepare(req, image, upscale, color_correction) for image in req.init_images]
@@ -189,8 +188,7 @@ def run_img2img(model: Any, req: Img2ImgRequest, state: JobState, outdir: Path |
     hooks = ModeHooks(spec_extras=spec_extras, postprocess=postprocess, decode=decode, params=params,
                       denoising_strength=req.denoising_strength)
     req = req.with_changes(notes=tuple([*req.notes, *notes]))
-    return run_txt2img(model, req, state, outdir, preview_every, networks=networks, vae=vae, hooks=hooks,
-                       controls=controls, save_format=save_format)
+    return run_generation(model, req, state, hooks=hooks, controls=controls, **options)
 
 
 def inpaint_conditioning(model: Any, image: Image.Image, mask: Image.Image | None) -> torch.Tensor:
