@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from studio.generation.step_callbacks import PassInfo, StepCallback
 from studio.options import COMPILE_BACKENDS, MAX_TOKEN_MERGING
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,24 @@ def token_merging(unet: Any, ratio: float, seed: int) -> Iterator[None]:
         # remove_patch restores the blocks' classes but leaves its bookkeeping on every module
         for module in unet.modules():
             module.__dict__.pop("_tome_info", None)
+
+
+class TokenMerging(StepCallback):
+    """Token merging for one sampling pass, as a step callback: the UNet is patched when the pass
+    starts, seeded from the batch's first seed, and restored when it ends, however it ends."""
+
+    def __init__(self, ratio: float):
+        self.ratio = ratio
+        self._patch: contextlib.AbstractContextManager | None = None
+
+    def on_pass_start(self, run: PassInfo) -> None:
+        self._patch = token_merging(run.model.unet, self.ratio, run.seeds[0])
+        self._patch.__enter__()
+
+    def on_pass_end(self, run: PassInfo) -> None:
+        if self._patch is not None:
+            patch, self._patch = self._patch, None
+            patch.__exit__(None, None, None)
 
 
 def compile_cache_dir(data_dir: Path) -> Path:

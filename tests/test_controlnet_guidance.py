@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from studio.config import Flags
-from studio.controlnet.guidance import ControlUnit, control_residuals
+from studio.controlnet.guidance import ControlNetGuidance, ControlUnit, control_residuals
 from studio.controlnet.models import ControlNetLibrary, load_controlnet
 from studio.core import Studio
 from studio.generation.samplers import effective_schedule, split_sampler_name
@@ -44,7 +44,8 @@ def latents(studio, model, units, steps=4):
     sampler, schedule = split_sampler_name("Euler", "Automatic")
     plan = ConditioningPlan(model.conditioner, "a house", "", steps, 1)
     spec = BatchSpec(plan=plan, sampler=sampler, schedule=effective_schedule(sampler, schedule), steps=steps,
-                     cfg_scale=7.0, eta=None, width=64, height=64, seeds=[5], controlnets=units)
+                     cfg_scale=7.0, eta=None, width=64, height=64, seeds=[5],
+                     callbacks=[ControlNetGuidance(units)])
     return studio.queue.run(lambda state: sample(model, spec, state))
 
 

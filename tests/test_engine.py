@@ -15,7 +15,7 @@ from studio.config import Flags
 from studio.core import Studio
 from studio.generation.infotext import parse_infotext
 from studio.generation.outputs import read_infotext
-from studio.generation.request import RequestError, Txt2ImgRequest
+from studio.generation.request import RequestError, Txt2ImgRequest, build_request
 from studio.models.probe import probe_checkpoint
 from studio.models.state_dict import ModelFileError, read_shapes
 from studio.testing import make_checkpoint, make_diffusers_folder, tiny_components
@@ -236,8 +236,10 @@ def test_unknown_checkpoint_lists_available(studio):
 
 
 def test_bad_request_rejected_before_queue(studio):
-    with pytest.raises(RequestError):
-        studio.submit_txt2img(small(width=10))
+    with pytest.raises(RequestError, match="Unknown sampler"):
+        studio.submit_txt2img(small(sampler_name="no such sampler"))
+    with pytest.raises(RequestError, match="width"):
+        studio.submit_txt2img(build_request(Txt2ImgRequest, {"prompt": "a cube", "width": 10}))
     assert studio.queue.job_count == 0
 
 

@@ -7,7 +7,7 @@ import torch
 from diffusers.models.downsampling import Downsample2D
 from torch import nn
 
-from studio.generation.noise import batch_seeds, make_noise, slerp
+from studio.generation.noise import batch_seeds, make_noise, slerp, step_noise_generators
 from studio.generation.tiling import seamless
 from studio.testing import tiny_components
 
@@ -145,6 +145,15 @@ def test_batch_seeds(strength):
 
 def _own_noise(seed: int) -> torch.Tensor:
     return _randn(seed, SHAPE)
+
+
+def test_step_noise_generators_carry_on_without_ensd_and_are_reseeded_with_it():
+    _, gens = make_noise([5, 6], (4, 8, 8))
+    assert step_noise_generators([5, 6], gens, 0) is gens
+    for seed, gen in zip([5, 6], step_noise_generators([5, 6], gens, 31337)):
+        # A1111's ImageRNG: fresh generators at seed + delta after the first draw
+        expected = torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(seed + 31337))
+        assert torch.equal(torch.randn(4, 8, 8, generator=gen), expected)
 
 
 def test_resize_from_smaller_pastes_centre():

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from studio.generation.step_callbacks import ModelCall, StepCallback
+
 CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")
 SOFT_DECAY = 0.825
 
@@ -79,3 +81,14 @@ def control_residuals(units: list[ControlUnit], x: torch.Tensor, t: Any, context
     if down is None:
         return {}
     return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+
+
+class ControlNetGuidance(StepCallback):
+    """The units as a step callback: their residuals go into every UNet call of the pass."""
+
+    def __init__(self, units: list[ControlUnit]):
+        self.units = units
+
+    def unet_kwargs(self, call: ModelCall) -> dict[str, Any]:
+        return control_residuals(self.units, call.x, call.timestep, call.context, call.added, call.step,
+                                 call.steps, call.groups, call.batch, call.has_uncond)

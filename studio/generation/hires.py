@@ -10,16 +10,16 @@ A1111's keys; ``Size`` stays the first pass's size, as in A1111.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
 
 from studio.generation.request import RequestError, Txt2ImgRequest
-from studio.generation.sampling import BatchSpec, encode_images, sample
+from studio.generation.sampling import BatchSpec, sample
+from studio.generation.txt2img import encode_images
 from studio.jobs import JobState
-from studio.prompts.schedule import ConditioningPlan
 
 
 @dataclass(frozen=True)
@@ -83,10 +83,10 @@ def make_plan(req: Txt2ImgRequest, upscalers: Any) -> HiresPlan:
                      sampler, effective_schedule(sampler, schedule))
 
 
-def second_pass(model: Any, req: Txt2ImgRequest, plan: HiresPlan, latents: torch.Tensor, images_first: Any,
-                cond: ConditioningPlan, seeds: list[int], subseeds: list[int], state: JobState, upscalers: Any,
-                preview_every: int, controlnets: list | None = None) -> torch.Tensor:
-    """The upscaled, re-denoised latents of one batch."""
+def second_pass(model: Any, plan: HiresPlan, spec: BatchSpec, latents: torch.Tensor, images_first: Any,
+                state: JobState, upscalers: Any) -> torch.Tensor:
+    """The upscaled, re-denoised latents of one batch. ``spec`` is the first pass's, with the hires
+    prompt and the hires pass's step callbacks already in; the sampler, size and start change here."""
     from studio.upscale import is_latent_mode, latent_upscale
 
     h, w = plan.height // 8, plan.width // 8
@@ -100,8 +100,7 @@ def second_pass(model: Any, req: Txt2ImgRequest, plan: HiresPlan, latents: torch
             pixels.append(torch.from_numpy(arr).permute(2, 0, 1))
         init = encode_images(model, torch.stack(pixels))
     state.textinfo = f"Hires fix: {plan.width}x{plan.height}"
-    spec = BatchSpec(plan=cond, sampler=plan.sampler, schedule=plan.schedule, steps=plan.steps,
-                     cfg_scale=req.cfg_scale, eta=req.eta, width=plan.width, height=plan.height, seeds=seeds,
-                     preview_every=preview_every, subseeds=subseeds, subseed_strength=req.subseed_strength,
-                     init_latents=init, strength=plan.strength, controlnets=controlnets)
+    # the hires noise is the seeds' own at the new size; "resize seed from" shapes the first pass only
+    spec = replace(spec, sampler=plan.sampler, schedule=plan.schedule, steps=plan.steps, width=plan.width,
+                   height=plan.height, resize_from=None, init_latents=init, strength=plan.strength)
     return sample(model, spec, state)

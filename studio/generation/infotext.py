@@ -122,6 +122,25 @@ INFOTEXT_FIELDS = {
 }
 
 
+# infotext key -> (setting, converter): keys A1111 restores as ``override_settings`` when an infotext
+# is pasted, because they are settings rather than request fields.
+INFOTEXT_SETTINGS = {
+    "ENSD": ("eta_noise_seed_delta", int),
+    "NGMS": ("s_min_uncond", float),
+}
+
+
+def infotext_to_settings(parsed: dict[str, str]) -> dict[str, Any]:
+    """Override settings from a parsed infotext; values that do not convert are skipped."""
+    settings: dict[str, Any] = {}
+    for key, (name, convert) in INFOTEXT_SETTINGS.items():
+        try:
+            settings[name] = convert(parsed[key])
+        except (KeyError, TypeError, ValueError):
+            continue
+    return settings
+
+
 def infotext_to_fields(parsed: dict[str, str]) -> dict[str, Any]:
     """Request fields from a parsed infotext; values that do not convert are skipped."""
     fields: dict[str, Any] = {}

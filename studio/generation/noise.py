@@ -12,6 +12,9 @@ so images made before these options existed keep their pixels.
   the target's own noise, so a composition found at one size roughly survives a size change.
 - **Batches** (:func:`batch_seeds`): seeds run seed+i, unless variation is on, when the seed stays
   put and the variation seeds run subseed+i -- a batch is then variations of one image.
+- **ENSD** (:func:`step_noise_generators`, A1111's ``eta_noise_seed_delta``): the noise that
+  ancestral and SDE samplers draw between steps comes from generators seeded seed + delta; the
+  initial noise keeps the seed.
 """
 
 from __future__ import annotations
@@ -121,3 +124,13 @@ def make_noise(
             noise = _paste_centred(noise, own)
         images.append(noise)
     return torch.stack(images), gens
+
+
+def step_noise_generators(seeds: list[int], initial: list[torch.Generator],
+                          delta: int) -> list[torch.Generator]:
+    """The generators a sampler draws its per-step noise from. With no delta they are the initial
+    noise's own generators, carried on (so images made before ENSD existed keep their pixels); with
+    one, fresh generators seeded ``seed + delta``, as A1111's ``ImageRNG`` makes after its first draw."""
+    if not delta:
+        return initial
+    return [torch.Generator("cpu").manual_seed(seed + delta) for seed in seeds]

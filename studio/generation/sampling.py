@@ -1,26 +1,33 @@
-"""The denoising loop shared by txt2img, img2img, inpainting and (later) hires fix.
+"""The denoising loop shared by txt2img, img2img, inpainting and hires fix.
 
 One batch of images: noise drawn on the CPU per seed, the prompt plan looked up per step,
-classifier-free guidance over AND sub-prompts, interrupt/skip between steps, throttled
-previews. img2img enters the schedule part-way (A1111's step count: ``int(strength * steps) + 1``
-of ``steps``) from the init latents noised to that point; inpainting keeps the unmasked area
-on the init latents, re-noised to the current step after every step (as diffusers' inpaint
-pipeline does for 4-channel models), and 9-channel models also get mask + masked-image
-latents as extra input channels.
+classifier-free guidance over AND sub-prompts, interrupt/skip between model calls, and step
+callbacks (generation/step_callbacks.py) for everything else: job progress and previews,
+ControlNet, token merging, extensions. img2img enters the schedule part-way (A1111's step count:
+``int(strength * steps) + 1`` of ``steps``) from the init latents noised to that point;
+inpainting keeps the unmasked area on the init latents, re-noised to the current step after every
+step (as diffusers' inpaint pipeline does for 4-channel models), and 9-channel models also get
+mask + masked-image latents as extra input channels.
+
+Steps are counted as diffusers counts them (``len(timesteps) // scheduler.order``): Heun at 20
+steps calls the UNet 39 times and reports 20 steps.
 """
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
-from studio.controlnet.guidance import control_residuals
-from studio.generation.noise import make_noise
-from studio.generation.preview import latent_preview
+from studio.generation.noise import make_noise, step_noise_generators
+from studio.generation.preview import JobProgress
 from studio.generation.samplers import SamplerSpec, ScheduleSpec, make_scheduler
+from studio.generation.step_callbacks import ModelCall, PassInfo, StepCallback, StepCallbacks, StepEnd
+from studio.generation.txt2img import encode_images, txt2img_image_conditioning  # noqa: F401 (re-exported)
 from studio.jobs import JobState
 from studio.prompts.schedule import ConditioningPlan
 
@@ -47,7 +54,9 @@ class BatchSpec:
     mask: torch.Tensor | None = None            # [B or 1, 1, h, w], 1 = repaint: inpainting
     image_conditioning: torch.Tensor | None = None  # [B, 5, h, w] for 9-channel UNets
     latent_fill: str | None = None              # "latent noise" | "latent nothing" in the masked area
-    controlnets: list[Any] | None = None        # ControlUnit list (studio.controlnet.guidance)
+    callbacks: Sequence[StepCallback] = ()      # run after the job's own progress callback
+    eta_noise_seed_delta: int = 0               # A1111's ENSD: seeds of the per-step noise are seed + this
+    s_min_uncond: float = 0.0                   # A1111's NGMS: below this sigma, skip the negative prompt
 
 
 def guide(preds: tuple[torch.Tensor, ...], weights: list[float], cfg_scale: float, has_uncond: bool) -> torch.Tensor:
@@ -67,6 +76,42 @@ def img2img_start(steps: int, strength: float) -> int:
     ``int(min(strength, 0.999) * steps) + 1`` steps, so 0.75 of 20 runs 16 and 1.0 runs all."""
     run = min(steps, int(min(strength, 0.999) * steps) + 1)
     return steps - run
+
+
+def ends_step(call: int, calls: int, steps: int, order: int) -> bool:
+    """Whether model call ``call`` (of ``calls``) finishes a sampler step, by diffusers' progress rule:
+    second-order samplers finish a step every ``order`` calls (their last step has one call), and
+    samplers that make more calls than ``steps * order`` (PLMS's warm-up) count the extra ones first."""
+    warmup = calls - steps * order
+    return call == calls - 1 or (call + 1 > warmup and (call + 1) % order == 0)
+
+
+def skips_uncond(call: int, sigma: float, s_min_uncond: float) -> bool:
+    """A1111's NGMS (``s_min_uncond``): below that sigma every other model call -- the odd ones,
+    counted from the pass's first call -- runs without the negative prompt."""
+    return s_min_uncond > 0 and call % 2 == 1 and sigma < s_min_uncond
+
+
+def draws_step_noise(sampler: SamplerSpec, eta: float | None) -> bool:
+    """Whether the sampler draws fresh noise from the per-image generators between steps, which
+    is what ENSD reseeds: ancestral, SDE-DPM-Solver and LCM samplers, and DDIM with eta > 0. (DPM++
+    SDE's Brownian noise has a seed of its own.)"""
+    if sampler.uses_eta:
+        return (eta or 0.0) > 0
+    return ("Ancestral" in sampler.scheduler_class or sampler.scheduler_class == "LCMScheduler"
+            or str(sampler.kwargs.get("algorithm_type", "")).startswith("sde"))
+
+
+def call_sigmas(scheduler: Any, timesteps: torch.Tensor, start: int) -> list[float]:
+    """The noise level (k-diffusion sigma) the UNet sees at each model call from ``start`` on: the
+    scheduler's own sigmas where it keeps one per call, else from ``alphas_cumprod`` at the timestep."""
+    sigmas = getattr(scheduler, "sigmas", None)
+    if sigmas is not None and len(sigmas) == len(scheduler.timesteps) + 1:
+        return sigmas[start:start + len(timesteps)].float().cpu().tolist()
+    alphas = scheduler.alphas_cumprod.float().cpu().numpy()
+    log_sigmas = np.log(((1 - alphas) / alphas) ** 0.5)
+    t = timesteps.float().cpu().numpy()
+    return np.exp(np.interp(t, np.arange(len(alphas)), log_sigmas)).tolist()
 
 
 def sample(model: Any, spec: BatchSpec, state: JobState) -> torch.Tensor:
@@ -92,11 +137,14 @@ def sample(model: Any, spec: BatchSpec, state: JobState) -> torch.Tensor:
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(start)
     timesteps = scheduler.timesteps[start:]
+    calls = len(timesteps)
+    sigmas = call_sigmas(scheduler, timesteps, start)
     step_params = inspect.signature(scheduler.step).parameters
     resize = None
     if spec.resize_from and spec.resize_from[0] > 0 and spec.resize_from[1] > 0:
         resize = (spec.resize_from[0] // 8, spec.resize_from[1] // 8)
     noise, gens = make_noise(spec.seeds, (latent_ch, h, w), spec.subseeds, spec.subseed_strength, resize)
+    gens = step_noise_generators(spec.seeds, gens, spec.eta_noise_seed_delta)
     noise = noise.to(device)
     init = spec.init_latents.to(device) if spec.init_latents is not None else None
     if init is not None:
@@ -104,7 +152,7 @@ def sample(model: Any, spec: BatchSpec, state: JobState) -> torch.Tensor:
             init = init * (1 - spec.mask) + noise * spec.mask
         elif spec.mask is not None and spec.latent_fill == "latent nothing":
             init = init * (1 - spec.mask)
-        latents = scheduler.add_noise(init, noise, timesteps[:1]) if len(timesteps) else init
+        latents = scheduler.add_noise(init, noise, timesteps[:1]) if calls else init
     else:
         latents = noise * scheduler.init_noise_sigma
     extra_step: dict[str, Any] = {}
@@ -119,16 +167,19 @@ def sample(model: Any, spec: BatchSpec, state: JobState) -> torch.Tensor:
     if cond_image is not None:
         cond_image = cond_image.to(device)
 
-    state.set_total(len(timesteps))
-    last_embeds = None
     # A1111 counts prompt-schedule steps from 0 in img2img too, over the steps actually run
     steps_run = spec.steps - start // scheduler.order
-    with torch.inference_mode():
+    callbacks = StepCallbacks([JobProgress(state, spec.preview_every, model.is_sdxl), *spec.callbacks])
+    last_embeds = None
+    done = 0                     # sampler steps finished
+    step_start = 0               # the model call the current step started at
+    with torch.inference_mode(), callbacks.running(PassInfo(model, steps_run, list(spec.seeds))):
         for i, t in enumerate(timesteps):
             if state.interrupted or state.skipped:
                 break
             # second-order samplers call the model twice per step; prompt schedules count steps
-            embeds, pooled = plan.at(i * steps_run // len(timesteps))
+            step = i * steps_run // calls
+            embeds, pooled = plan.at(step)
             if embeds is not last_embeds:  # the plan returns the same tensors until the text changes
                 last_embeds = embeds
                 if not use_uncond:
@@ -139,46 +190,35 @@ def sample(model: Any, spec: BatchSpec, state: JobState) -> torch.Tensor:
                 if added_time_ids is not None:
                     added = {"text_embeds": pooled.to(device, dtype).repeat_interleave(batch, dim=0),
                              "time_ids": added_time_ids.repeat(groups * batch, 1)}
-            x = scheduler.scale_model_input(latents.repeat(groups, 1, 1, 1), t)
+            has_uncond = use_uncond and not skips_uncond(i, sigmas[i], spec.s_min_uncond)
+            run_groups, run_context, run_added = groups, context, added
+            if use_uncond and not has_uncond:  # the first block of the batch is the negative prompt's
+                run_groups, run_context = groups - 1, context[batch:]
+                run_added = None if added is None else {k: v[batch:] for k, v in added.items()}
+            x = scheduler.scale_model_input(latents.repeat(run_groups, 1, 1, 1), t)
             if cond_image is not None:
-                x = torch.cat([x, cond_image.repeat(groups, 1, 1, 1)], dim=1)
-            control = {}
-            if spec.controlnets:
-                control = control_residuals(spec.controlnets, x, t, context, added, i * steps_run // len(timesteps),
-                                            steps_run, groups, batch, use_uncond)
-            pred = unet(x.to(dtype), t, encoder_hidden_states=context, added_cond_kwargs=added,
-                        **control).sample.float()
-            pred = guide(pred.chunk(groups), plan.weights, spec.cfg_scale, use_uncond)
+                x = torch.cat([x, cond_image.repeat(run_groups, 1, 1, 1)], dim=1)
+            call = ModelCall(i, step, steps_run, t, sigmas[i], x, run_context, run_added, run_groups, batch,
+                             has_uncond)
+            extra = callbacks.unet_kwargs(call)
+            pred = unet(x.to(dtype), t, encoder_hidden_states=run_context, added_cond_kwargs=run_added,
+                        **extra).sample.float()
+            preds = pred.chunk(run_groups)
+            if has_uncond or not use_uncond:
+                pred = guide(preds, plan.weights, spec.cfg_scale, use_uncond)
+            else:
+                # A1111 puts the first prompt's prediction where the negative one would be, at scale 1
+                pred = guide((preds[0], *preds), plan.weights, 1.0, True)
             latents = scheduler.step(pred, t, latents, **extra_step).prev_sample
             if spec.mask is not None and init is not None:
                 # keep the unmasked area on the init image, noised to where the sampler now is
                 keep = init
-                if i + 1 < len(timesteps):
+                if i + 1 < calls:
                     keep = scheduler.add_noise(init, noise, timesteps[i + 1:i + 2])
                 latents = keep * (1 - spec.mask) + latents * spec.mask
-            show = spec.preview_every > 0 and (i + 1) % spec.preview_every == 0 and i + 1 < len(timesteps)
-            state.advance((lambda lat=latents: latent_preview(lat[0], model.is_sdxl)) if show else None)
+            if ends_step(i, calls, steps_run, scheduler.order):
+                tensors = {"latents": latents, "noise_pred": pred, "prompt_embeds": run_context}
+                end = StepEnd(done, steps_run, timesteps[step_start], sigmas[step_start])
+                latents = callbacks.step_end(end, tensors)["latents"]
+                done, step_start = done + 1, i + 1
     return latents
-
-
-def encode_images(model: Any, pixels: torch.Tensor) -> torch.Tensor:
-    """[B, 3, H, W] in [-1, 1] -> scaled latents (the distribution's mean: deterministic)."""
-    from studio.generation.txt2img import vae_tiling
-
-    vae = model.vae
-    with torch.inference_mode(), vae_tiling(vae, pixels.shape[-1], pixels.shape[-2]):
-        x = pixels.to(model.policy.device, vae.dtype)
-        lat = vae.encode(x).latent_dist.mode()
-        if torch.isnan(lat).any() and vae.dtype != torch.float32:
-            vae.to(torch.float32)
-            lat = vae.encode(x.float()).latent_dist.mode()
-    return lat.float() * vae.config.scaling_factor
-
-
-def txt2img_image_conditioning(model: Any, batch: int, height: int, width: int) -> torch.Tensor:
-    """9-channel UNets in txt2img get a full mask over a neutral gray image (A1111's
-    ``txt2img_image_conditioning``): channel order mask(1) + masked-image latents(4)."""
-    gray = torch.zeros(1, 3, height, width)
-    lat = encode_images(model, gray)
-    mask = torch.ones(1, 1, height // 8, width // 8, device=lat.device, dtype=lat.dtype)
-    return torch.cat([mask, lat], dim=1).expand(batch, -1, -1, -1).float()

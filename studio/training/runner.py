@@ -199,7 +199,7 @@ def _sampler(studio: Engine, model: Any, prepared: PreparedTraining, state: JobS
     latest one is the job's live preview."""
     from studio.generation.outputs import save_image
     from studio.generation.request import Txt2ImgRequest
-    from studio.generation.txt2img import run_txt2img
+    from studio.generation.runner import run_generation
     from studio.training.loop import work_dir
 
     s = prepared.request.settings
@@ -214,7 +214,7 @@ def _sampler(studio: Engine, model: Any, prepared: PreparedTraining, state: JobS
                              sampler_name="Euler a", save_images=False, clip_skip=s.clip_skip)
         model.conditioner.clear_cache()
         sub = JobState(job_id=state.job_id, description="training sample")
-        result = run_txt2img(model, req, sub, None)
+        result = run_generation(model, req, sub)
         model.conditioner.clear_cache()
         if not result.images:
             return None

@@ -1,0 +1,340 @@
+"""The generic generation runner: txt2img, and img2img / inpainting through :class:`ModeHooks`.
+
+Owning the loop (rather than calling StableDiffusionPipeline) lets one place handle
+interrupt/skip between steps, throttled previews, per-image seeds, prompt schedules, ControlNet,
+hires fix and step callbacks, without re-wrapping a pipeline for each feature.
+
+Per batch: seeds (A1111's batch rule: ``seed + index``), the sampling pass (generation/sampling.py),
+the hires pass when asked, the VAE decode, the mode's post-processing, the infotext, and saving
+through the caller's saver. Noise is drawn on the CPU from one generator per image, so a seed
+gives the same image on any device and in any batch position; the same generators feed ancestral
+samplers' per-step noise unless ENSD (``eta_noise_seed_delta``) gives them their own seeds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from studio import __version__
+from studio.controlnet.guidance import ControlNetGuidance
+from studio.generation.hires import infotext_params as hires_params
+from studio.generation.hires import make_plan, second_pass
+from studio.generation.infotext import build_infotext
+from studio.generation.noise import batch_seeds
+from studio.generation.request import Txt2ImgRequest, resolve_seed
+from studio.generation.samplers import SamplerSpec, effective_schedule, split_sampler_name
+from studio.generation.sampling import BatchSpec, draws_step_noise, sample
+from studio.generation.step_callbacks import StepCallback
+from studio.generation.tiling import seamless
+from studio.generation.txt2img import decode_latents
+from studio.jobs import JobState
+from studio.models.loader import LoadedModel
+from studio.networks.activation import ExtraNetworks, NetworkActivation
+from studio.optimizations import TokenMerging
+from studio.prompts.parser import DEFAULT_EMPHASIS, extract_extra_networks
+from studio.prompts.schedule import ConditioningPlan
+
+
+@dataclass
+class GenerationResult:
+    images: list[Image.Image]
+    seeds: list[int]
+    infotexts: list[str]
+    paths: list[Path]
+    request: Txt2ImgRequest
+    model: LoadedModel
+    notes: list[str] = field(default_factory=list)
+    interrupted: bool = False
+    vae: Any = None            # the external VaeInfo in use, None = the checkpoint's own
+    subseeds: list[int] = field(default_factory=list)
+    denoising_strength: float | None = None
+    extra_params: dict[str, Any] = field(default_factory=dict)   # infotext keys of the mode (img2img)
+    detected_maps: list[Image.Image] = field(default_factory=list)  # ControlNet maps to show with the images
+    grid_path: Path | None = None   # the saved grid of a multi-image run, when the saver makes one
+
+    def info(self) -> dict[str, Any]:
+        """A1111's ``Processed.js()`` keys (served as a JSON string in ``info``)."""
+        req, m = self.request, self.model
+        return {
+            "prompt": req.prompt,
+            "all_prompts": [req.prompt] * len(self.images),
+            "negative_prompt": req.negative_prompt,
+            "all_negative_prompts": [req.negative_prompt] * len(self.images),
+            "seed": self.seeds[0] if self.seeds else req.seed,
+            "all_seeds": self.seeds,
+            "subseed": self.subseeds[0] if self.subseeds else req.subseed,
+            "all_subseeds": self.subseeds,
+            "subseed_strength": req.subseed_strength,
+            "width": req.width,
+            "height": req.height,
+            "sampler_name": req.sampler_name,
+            "scheduler": req.scheduler,
+            "cfg_scale": req.cfg_scale,
+            "steps": req.steps,
+            "batch_size": req.batch_size,
+            "restore_faces": False,
+            "face_restoration_model": None,
+            "sd_model_name": m.info.name_for_extra,
+            "sd_model_hash": m.info.shorthash,
+            "sd_vae_name": self.vae.filename if self.vae else None,
+            "sd_vae_hash": self.vae.shorthash if self.vae else None,
+            "seed_resize_from_w": req.seed_resize_from_w or -1,
+            "seed_resize_from_h": req.seed_resize_from_h or -1,
+            "denoising_strength": self.denoising_strength,
+            "extra_generation_params": self.extra_params,
+            "index_of_first_image": 0,
+            "infotexts": self.infotexts,
+            "styles": [],
+            "job_timestamp": datetime.now().strftime("%Y%m%d%H%M%S"),
+            "clip_skip": req.clip_skip,
+            "is_using_inpainting_conditioning": m.probe.variant == "inpaint",
+            "version": f"studio-{__version__}",
+            "notes": self.notes,
+            "interrupted": self.interrupted,
+        }
+
+
+# img2img / inpainting infotext keys
+MODE_PARAMS = ("Denoising strength", "Mask blur", "Mask mode", "Masked content", "Inpaint area",
+               "Masked area padding")
+
+
+def _is_extra_generation_param(key: str) -> bool:
+    """The infotext keys A1111 keeps in ``extra_generation_params`` (the mode's, hires, ControlNet, NGMS)."""
+    return key in MODE_PARAMS or key == "NGMS" or key.startswith(("Hires", "ControlNet "))
+
+
+@dataclass
+class ModeHooks:
+    """What img2img and inpainting add to the shared generation loop."""
+
+    spec_extras: Any = None        # (batch_index, seeds) -> BatchSpec field overrides (init latents, mask…)
+    postprocess: Any = None        # (image_index, decoded image) -> final image (compositing)
+    decode: Any = None             # (batch_index, seeds) -> latents to decode instead of sampling
+    params: dict[str, Any] = field(default_factory=dict)   # infotext keys, MODE_PARAMS order
+    denoising_strength: float | None = None
+
+
+def _fmt(x: float) -> str:
+    return f"{x:g}"
+
+
+def make_infotext(req: Txt2ImgRequest, model: LoadedModel, seed: int, schedule_label: str,
+                  ti_hashes: dict[str, str] | None = None, extra: dict[str, Any] | None = None,
+                  subseed: int | None = None) -> str:
+    """A1111's parameter order: sampling, seed, size, model, VAE, networks, version."""
+    extra = extra or {}
+    params: dict[str, Any] = {
+        "Steps": req.steps,
+        "Sampler": req.sampler_name,
+        "Schedule type": schedule_label,
+        "CFG scale": _fmt(req.cfg_scale),
+        "Seed": seed,
+        "Size": f"{req.width}x{req.height}",
+        "Model hash": model.info.shorthash,
+        "Model": model.info.name_for_extra,
+        "VAE hash": extra.get("VAE hash"),
+        "VAE": extra.get("VAE"),
+        "Variation seed": subseed if req.subseed_strength > 0 else None,
+        "Variation seed strength": _fmt(req.subseed_strength) if req.subseed_strength > 0 else None,
+        "Seed resize from": (f"{req.seed_resize_from_w}x{req.seed_resize_from_h}"
+                             if req.seed_resize_from_w > 0 and req.seed_resize_from_h > 0 else None),
+        "Denoising strength": extra.get("Denoising strength"),
+        "Clip skip": req.clip_skip if req.clip_skip > 1 else None,
+        "ENSD": extra.get("ENSD"),
+        "Token merging ratio": extra.get("Token merging ratio"),
+        "Token merging ratio hr": extra.get("Token merging ratio hr"),
+        "RNG": "CPU",
+        "Eta": _fmt(req.eta) if req.eta is not None else None,
+        "Tiling": True if req.tiling else None,
+        **{k: v for k, v in extra.items() if k.startswith("Hires")},
+        # the mode's extra_generation_params (mask settings), where A1111 appends them
+        **{k: v for k, v in extra.items() if k in MODE_PARAMS and k != "Denoising strength"},
+        **{k: v for k, v in extra.items() if k.startswith("ControlNet ")},
+        "Lora hashes": extra.get("Lora hashes"),
+        # A1111 adds NGMS while sampling and the text encoder's keys (TI hashes, Emphasis) after it
+        "NGMS": extra.get("NGMS"),
+        "TI hashes": ", ".join(f"{k}: {v}" for k, v in ti_hashes.items()) if ti_hashes else None,
+        "Emphasis": extra.get("Emphasis"),
+        "Version": f"studio-{__version__}",
+    }
+    return build_infotext(req.prompt, req.negative_prompt, params)
+
+
+def sampler_params(sampler: SamplerSpec, eta: float | None, eta_noise_seed_delta: int,
+                   s_min_uncond: float) -> dict[str, Any]:
+    """ENSD when it changes the image (a sampler that draws noise between steps), NGMS when on."""
+    params: dict[str, Any] = {}
+    if eta_noise_seed_delta and draws_step_noise(sampler, eta):
+        params["ENSD"] = eta_noise_seed_delta
+    if s_min_uncond > 0:
+        params["NGMS"] = _fmt(s_min_uncond)
+    return params
+
+
+def run_generation(
+    model: LoadedModel,
+    req: Txt2ImgRequest,
+    state: JobState,
+    saver: Any = None,
+    preview_every: int = 0,
+    networks: ExtraNetworks | None = None,
+    vae: Any = None,
+    hooks: ModeHooks | None = None,
+    upscalers: Any = None,
+    controls: Any = None,
+    callbacks: Sequence[StepCallback] = (),
+    eta_noise_seed_delta: int = 0,
+    s_min_uncond: float = 0.0,
+    emphasis: str = DEFAULT_EMPHASIS,
+) -> GenerationResult:
+    """Run ``req`` on ``model``. ``saver`` (``save(image, infotext, seed, request) -> Path``, optionally
+    ``save_grid(images, infotext, request) -> Path | None``) saves when ``req.save_images``; None saves
+    nothing. ``networks`` applies the prompt's LoRA/hypernetwork tags (None: tags are only noted);
+    ``vae`` is the external VAE already swapped in, recorded in the infotext; ``hooks`` turn the loop
+    into img2img / inpainting (see generation/img2img.py); ``controls`` is the prepared ControlNet
+    units (studio.controlnet.runtime.ControlPlan); ``callbacks`` run in every sampling pass (see
+    generation/step_callbacks.py). ``eta_noise_seed_delta`` and ``s_min_uncond`` are A1111's ENSD and
+    NGMS options (0 = off); ``emphasis`` is A1111's emphasis mode for the prompts' (weights)."""
+    prompt, tags = extract_extra_networks(req.prompt)
+    negative, neg_tags = extract_extra_networks(req.negative_prompt)
+    notes = list(req.notes)
+    if neg_tags:
+        # A1111 activates networks from the positive prompt only
+        notes.append("Extra networks in the negative prompt are ignored: "
+                     + ", ".join(f"<{t.kind}:{t.name}>" for t in neg_tags))
+    if networks is not None:
+        activation = networks.activate(model, tags)
+    else:
+        activation = NetworkActivation()
+        if tags:
+            activation.notes.append("Extra networks were not applied: " + ", ".join(t.name for t in tags))
+    notes += activation.notes
+    options = _RunOptions(saver, preview_every, vae, hooks or ModeHooks(), upscalers, controls,
+                          tuple(callbacks), eta_noise_seed_delta, s_min_uncond, emphasis)
+    try:
+        return _run(model, req, state, prompt, negative, notes, activation, options)
+    finally:
+        activation.close()
+
+
+@dataclass(frozen=True)
+class _RunOptions:
+    saver: Any
+    preview_every: int
+    vae: Any
+    hooks: ModeHooks
+    upscalers: Any
+    controls: Any
+    callbacks: tuple[StepCallback, ...]
+    eta_noise_seed_delta: int
+    s_min_uncond: float
+    emphasis: str
+
+
+def _pass_callbacks(units: list | None, merge_ratio: float,
+                    callbacks: tuple[StepCallback, ...]) -> list[StepCallback]:
+    """One sampling pass's callbacks: its ControlNet units, token merging, then the caller's."""
+    own: list[StepCallback] = []
+    if units:
+        own.append(ControlNetGuidance(units))
+    if merge_ratio:
+        own.append(TokenMerging(merge_ratio))
+    return [*own, *callbacks]
+
+
+def _run(model: LoadedModel, req: Txt2ImgRequest, state: JobState, prompt: str, negative: str,
+         notes: list[str], activation: NetworkActivation, o: _RunOptions) -> GenerationResult:
+    hooks, controls = o.hooks, o.controls
+    sampler, schedule = split_sampler_name(req.sampler_name, req.scheduler)
+    schedule = effective_schedule(sampler, schedule)
+    base_seed = resolve_seed(req.seed)
+    base_subseed = resolve_seed(req.subseed) if req.subseed_strength > 0 else req.subseed
+    req = req.with_changes(seed=base_seed, subseed=base_subseed)
+    conditioner = model.conditioner
+    plan = ConditioningPlan(conditioner, prompt, negative, req.steps, req.clip_skip, o.emphasis)
+    ti_hashes = {e.name: e.hash for text in plan.all_texts for e in conditioner.used_embeddings(text)}
+    extra: dict[str, Any] = dict(activation.infotext_params()) | plan.infotext_params()
+    if o.vae is not None:
+        extra |= {"VAE hash": o.vae.shorthash, "VAE": o.vae.filename}
+    extra |= hooks.params
+    if controls:
+        extra |= controls.infotext_params()
+    extra |= sampler_params(sampler, req.eta, o.eta_noise_seed_delta, o.s_min_uncond)
+    hires = hires_cond = None
+    denoising = hooks.denoising_strength
+    if req.enable_hr and hooks.spec_extras is None:  # hires fix is a txt2img feature
+        hires = make_plan(req, o.upscalers)
+        extra |= hires_params(req, hires)
+        denoising = hires.strength
+        hr_prompt, _ = extract_extra_networks(req.hr_prompt) if req.hr_prompt else (prompt, [])
+        hr_negative, _ = extract_extra_networks(req.hr_negative_prompt) if req.hr_negative_prompt else (negative, [])
+        hires_cond = ConditioningPlan(conditioner, hr_prompt, hr_negative, hires.steps, req.clip_skip,
+                                      o.emphasis)
+
+    merge = req.token_merging_ratio or 0.0
+    merge_hr = merge if req.token_merging_ratio_hr is None else req.token_merging_ratio_hr
+    if merge:
+        extra["Token merging ratio"] = merge
+    if hires is not None and merge_hr:
+        extra["Token merging ratio hr"] = merge_hr
+
+    result = GenerationResult([], [], [], [], req, model, notes=notes, vae=o.vae, denoising_strength=denoising,
+                              extra_params={k: v for k, v in extra.items() if _is_extra_generation_param(k)})
+    first_units = hires_units = None
+    if controls:
+        result.detected_maps = controls.detected_maps()
+        first_units = controls.units_for(req.width, req.height, None if hires is None else False) or None
+        if hires is not None:
+            hires_units = controls.units_for(hires.width, hires.height, True) or None
+    first_callbacks = _pass_callbacks(first_units, merge, o.callbacks)
+    hires_callbacks = _pass_callbacks(hires_units, merge_hr, o.callbacks)
+    saving = o.saver is not None and req.save_images
+    state.batches = req.n_iter
+    for batch_index in range(req.n_iter):
+        if state.interrupted:
+            break
+        state.batch = batch_index
+        state.skipped = False
+        seeds, subseeds = batch_seeds(base_seed, base_subseed, req.subseed_strength, batch_index, req.batch_size)
+        state.textinfo = f"Batch {batch_index + 1} of {req.n_iter}"
+
+        latents = hooks.decode(batch_index, seeds) if hooks.decode is not None else None
+        if latents is None:
+            spec = BatchSpec(plan=plan, sampler=sampler, schedule=schedule, steps=req.steps,
+                             cfg_scale=req.cfg_scale, eta=req.eta, width=req.width, height=req.height, seeds=seeds,
+                             preview_every=o.preview_every, subseeds=subseeds, subseed_strength=req.subseed_strength,
+                             resize_from=(req.seed_resize_from_w, req.seed_resize_from_h),
+                             callbacks=first_callbacks, eta_noise_seed_delta=o.eta_noise_seed_delta,
+                             s_min_uncond=o.s_min_uncond,
+                             **(hooks.spec_extras(batch_index, seeds) if hooks.spec_extras else {}))
+            with seamless(model.unet, model.vae, enabled=req.tiling):
+                latents = sample(model, spec, state)
+                if hires is not None and not (state.interrupted or state.skipped):
+                    hires_spec = replace(spec, plan=hires_cond, callbacks=hires_callbacks)
+                    latents = second_pass(model, hires, hires_spec, latents,
+                                          lambda first=latents: decode_latents(model, first), state, o.upscalers)
+
+        with seamless(model.vae, enabled=req.tiling):
+            images = decode_latents(model, latents)
+        if hooks.postprocess is not None:
+            first = batch_index * req.batch_size
+            images = [hooks.postprocess(first + j, image) for j, image in enumerate(images)]
+        for seed, subseed, image in zip(seeds, subseeds, images):
+            infotext = make_infotext(req, model, seed, schedule.label, ti_hashes, extra, subseed)
+            result.images.append(image)
+            result.seeds.append(seed)
+            result.subseeds.append(subseed)
+            result.infotexts.append(infotext)
+            if saving:
+                result.paths.append(o.saver.save(image, infotext, seed, req))
+    if saving and len(result.images) > 1 and hasattr(o.saver, "save_grid"):
+        result.grid_path = o.saver.save_grid(result.images, result.infotexts[0], req)
+    result.interrupted = state.interrupted
+    return result
