@@ -162,3 +162,13 @@ def test_pasted_infotext_gives_the_settings_back():
     parsed = parse_infotext("a cube\nSteps: 4, Sampler: Euler a, Seed: 1, ENSD: 31337, NGMS: 0.5, Version: x")
     assert infotext_to_settings(parsed) == {"eta_noise_seed_delta": 31337, "s_min_uncond": 0.5}
     assert infotext_to_settings(parse_infotext("a cube\nSteps: 4, Seed: 1, ENSD: lots")) == {}
+
+
+def test_dpmpp_sde_is_reproducible_and_batch_independent(studio):
+    # its Brownian noise is seeded per image, as in A1111, not drawn at random each run
+    req = request(sampler_name="DPM++ SDE", steps=3)
+    first, _ = generate(studio, req)
+    again, _ = generate(studio, req)
+    assert np.array_equal(pixels(first), pixels(again))
+    batch, _ = generate(studio, request(sampler_name="DPM++ SDE", steps=3, seed=20, batch_size=2))
+    assert np.array_equal(np.asarray(batch.images[1], dtype=np.int16), pixels(first))   # seed 21 alone

@@ -130,6 +130,10 @@ def sample(model: Any, spec: BatchSpec, state: JobState) -> torch.Tensor:
                                       device=device)
 
     scheduler = make_scheduler(spec.sampler, spec.schedule, model.scheduler_config)
+    if hasattr(scheduler, "noise_sampler_seed"):
+        # DPM++ SDE's Brownian noise: one tree per image seeded with its seed, as A1111 seeds it; left
+        # unset, diffusers draws a random seed and the same seed gives a different image every time
+        scheduler.noise_sampler_seed = list(spec.seeds)
     scheduler.set_timesteps(spec.steps, device=device)
     start = 0
     if spec.init_latents is not None:
