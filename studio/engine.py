@@ -161,7 +161,7 @@ class Engine:
         vae = self.apply_vae(model, req.vae)
         set_compiled(model.unet, CompileOptions.from_settings(options.model_dump()),
                      compile_cache_dir(self.paths.data))
-        controls = self._prepare_controls(req, model, state)
+        controls = self.control_plan(req, model, state)
         every = options.show_progress_every_n_steps if options.live_previews_enable else 0
         saver = OutputSaver.from_options(options.model_dump(), self.paths.data, req.kind,
                                          model_name=model.info.name_for_extra, model_hash=model.info.shorthash or "",
@@ -187,7 +187,7 @@ class Engine:
 
         return upscale
 
-    def _prepare_controls(self, req: Txt2ImgRequest, model: LoadedModel, state: JobState) -> Any:
+    def control_plan(self, req: Txt2ImgRequest, model: LoadedModel, state: JobState) -> Any:
         """On the worker: preprocess the enabled ControlNet units and load their models. The seed is the
         request's resolved seed, so a seeded preprocessor (shuffle) gives the map the infotext promises."""
         if not any(u.enabled for u in req.controlnet_units):

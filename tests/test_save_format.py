@@ -25,7 +25,8 @@ def test_generations_are_saved_in_the_format(tmp_path, fmt):
     try:
         studio.settings.update({"samples_format": fmt}, persist=False)
         result = studio.txt2img(Txt2ImgRequest(prompt="a red door", steps=2, width=64, height=64, seed=3,
-                                               sampler_name="Euler", checkpoint="tiny-sd1.safetensors"))
+                                               sampler_name="Euler", checkpoint="tiny-sd1.safetensors",
+                                               save_images=True))
         path = result.paths[0]
         assert path.suffix == f".{fmt}" and path.parent.parent == tmp_path / "outputs" / "txt2img-images"
         image = open_image(path.read_bytes())
