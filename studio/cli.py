@@ -390,6 +390,8 @@ def cmd_models(ns: argparse.Namespace) -> int:
     from studio.core import Studio
 
     studio = Studio.create(_flags(ns))
+    studio.queue.shutdown()   # listing needs no worker
+
     def show(kind: str) -> bool:
         return ns.kind in ("all", kind)
 

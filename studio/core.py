@@ -88,7 +88,7 @@ class Studio:
         engine = Engine(paths, settings, models, JobQueue(), EmbeddingLibrary(list(paths.embedding_dirs)),
                         StyleDatabase(paths.styles_file), vaes, networks,
                         UpscalerLibrary(default_folders(paths.models), policy.device, policy.dtype),
-                        preprocessors, controlnets)
+                        preprocessors, controlnets, step_callbacks=extensions.step_callbacks)
         log.info("Device policy: %s", policy.label)
         return cls(flags, paths, settings, policy, engine, extensions, schemas or RequestSchemas())
 

@@ -11,7 +11,8 @@ ControlNet detection and img2img's batch-folder loop live here too, so the Studi
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -71,6 +72,8 @@ class Engine:
     upscalers: UpscalerLibrary
     preprocessors: PreprocessorRegistry
     controlnets: ControlNetModels
+    # extensions' step callbacks, read per job (an extension enabled later takes part from then on)
+    step_callbacks: Callable[[], list[Any]] = field(default=lambda: [])
 
     # -- model state --------------------------------------------------------------------
     def initial_checkpoint(self) -> str | None:
@@ -168,7 +171,7 @@ class Engine:
                                          vae_filename=vae.filename if vae else "")
         common = dict(preview_every=every, networks=self.networks, vae=vae, controls=controls, saver=saver,
                       eta_noise_seed_delta=options.eta_noise_seed_delta, s_min_uncond=options.s_min_uncond,
-                      emphasis=options.emphasis)
+                      emphasis=options.emphasis, callbacks=self.step_callbacks())
         if isinstance(req, Img2ImgRequest):
             return run_img2img(model, req, state, color_correction=options.img2img_color_correction,
                                upscale=self._img2img_upscaler(options.upscaler_for_img2img), **common)

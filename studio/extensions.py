@@ -74,6 +74,7 @@ class ExtensionInfo:
     status: str = "not loaded"        # "loaded" | "disabled" | "error" | "timed out" | "not loaded"
     error: str | None = None
     preprocessors: list[str] = field(default_factory=list)
+    step_callbacks: list[Any] = field(default_factory=list)   # studio.generation.step_callbacks.StepCallback
 
     def api_dict(self) -> dict[str, Any]:
         return {"name": self.name, "path": str(self.path), "enabled": self.enabled, "status": self.status,
@@ -115,6 +116,20 @@ class ExtensionAPI:
                                                  slider_2=slider_2, source=self._info.name, model_free=True,
                                                  **kwargs))
             self._info.preprocessors.append(name)
+
+    def add_step_callback(self, callback: Any) -> None:
+        """Hook every sampling pass of every generation: ``callback`` is a
+        ``studio.generation.step_callbacks.StepCallback`` (or ``OnStepEnd(fn, tensor_inputs)`` for a
+        diffusers-style ``fn(step_index, timestep, tensors) -> dict | None``)."""
+        from studio.generation.step_callbacks import StepCallback  # torch: only when an extension asks
+
+        if not isinstance(callback, StepCallback):
+            raise TypeError("add_step_callback takes a StepCallback (studio.generation.step_callbacks)")
+        with self._lock:
+            if self._closed:
+                raise ExtensionError(f"extension {self._info.name!r} missed its loading deadline; "
+                                     "its step callback was not added")
+            self._info.step_callbacks.append(callback)
 
 
 class ExtensionManager:
@@ -204,10 +219,17 @@ class ExtensionManager:
             if name in self.registry and self.registry.get(name).source == info.name:
                 self.registry.unregister(name)
         info.preprocessors.clear()
+        info.step_callbacks.clear()
         # forget the module (and its submodules) so enabling again runs the current code
         module_name = _module_name(info.name)
         for key in [k for k in sys.modules if k == module_name or k.startswith(module_name + ".")]:
             sys.modules.pop(key, None)
+
+    def step_callbacks(self) -> list[Any]:
+        """The step callbacks of the loaded, enabled extensions, in load order (the engine hands them to
+        every sampling pass)."""
+        with self._lock:
+            return [cb for info in self.extensions if info.status == "loaded" for cb in info.step_callbacks]
 
     def disabled_names(self) -> list[str]:
         """The list to persist: disabled extensions, plus saved names of extensions not present
@@ -313,6 +335,7 @@ class ExtensionManager:
         for name in set(self.registry.names()) - before:
             self.registry.unregister(name)  # a half-registered extension leaves nothing behind
         info.preprocessors.clear()
+        info.step_callbacks.clear()
         if finished:
             info.status, info.error = "error", f"{type(error).__name__}: {error}"
             trace = "".join(traceback.format_exception(error, limit=3))

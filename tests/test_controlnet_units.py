@@ -255,3 +255,16 @@ def test_hires_option_picks_the_passes(studio):
     assert both.shape == (96, 96, 3)
     for a, b in ((both, low), (both, high), (low, high), (plain, high)):
         assert np.abs(a - b).max() > 0
+
+
+def test_a_seeded_preprocessor_uses_the_images_seed(studio):
+    """A random seed is resolved before the ControlNet maps are made, so a shuffle map can be made again
+    from the seed the infotext reports (it used to be made with seed 0 whenever the seed was -1)."""
+    result = run(studio, unit(module="shuffle"), seed=-1)
+    seed = result.seeds[0]
+    assert seed >= 0 and f"Seed: {seed}," in result.infotexts[0]
+    again = studio.preprocessors.run("shuffle", control_image(), 512, seed=seed)
+    other = studio.preprocessors.run("shuffle", control_image(), 512, seed=0 if seed else 1)
+    detected = np.asarray(result.detected_maps[0], dtype=np.int16)
+    assert np.array_equal(detected, np.asarray(again, dtype=np.int16))
+    assert not np.array_equal(detected, np.asarray(other, dtype=np.int16))
