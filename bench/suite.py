@@ -327,8 +327,9 @@ def case_sd15_img2img(setup: Setup) -> dict[str, Any]:
     pipe = sd_pipeline(model, "StableDiffusionImg2ImgPipeline")
     size = setup.base
     init = Image.effect_noise((size, size), 60).convert("RGB")
-    fields = {k: v for k, v in asdict(txt2img_request(setup, size)).items() if k != "notes"}
-    req = Img2ImgRequest(**fields, init_images=(init,), denoising_strength=0.75)
+    fields = {k: v for k, v in txt2img_request(setup, size).as_dict().items()
+              if k not in ("notes", "kind", "denoising_strength")}
+    req = Img2ImgRequest(**fields, init_images=[init], denoising_strength=0.75)
     studio_steps = unet_calls(model, lambda: studio.img2img(req))
     strength = strength_for(studio_steps, setup.steps)
     result = compare(lambda: studio.img2img(req),

@@ -82,9 +82,8 @@ def build_parser(schemas: RequestSchemas | None = None) -> argparse.ArgumentPars
     u = sub.add_parser("upscale", help="upscale images with an upscaler (Extras)")
     _common(u)
     u.add_argument("images", nargs="+")
-    u.add_argument("--upscaler", default="Lanczos")
-    u.add_argument("--scale", type=float, default=2.0)
-    u.add_argument("--out", "-o", default=None, help="output folder (default outputs/extras-images)")
+    add_request_arguments(u, schemas.extras)   # every Extras field, from the schema
+    u.add_argument("--out", "-o", default=None, help="output folder (default: the outdir_extras_samples setting)")
 
     d = sub.add_parser("detect", help="run a ControlNet preprocessor on images and save the maps")
     _common(d)
@@ -423,14 +422,20 @@ def cmd_models(ns: argparse.Namespace) -> int:
 def cmd_upscale(ns: argparse.Namespace) -> int:
     from studio.core import Studio
     from studio.generation.outputs import ImageReadError, open_image, save_image
-    from studio.generation.request import RequestError
+    from studio.generation.request import RequestError, build_request
 
     studio = Studio.create(_flags(ns))
     status = 0
+    try:
+        req = build_request(studio.schemas.extras, request_values(ns, studio.schemas.extras))
+    except RequestError as e:
+        print(f"error: {e}", file=sys.stderr)
+        studio.queue.shutdown()
+        return 2
     for name in ns.images:
         try:
             image = open_image(Path(name).read_bytes())
-            out, info, path = studio.upscale_image(image, ns.upscaler, scale=ns.scale, save=ns.out is None)
+            out, info, path = studio.engine.extras(req, image, save=ns.out is None)
         except (OSError, ImageReadError, RequestError) as e:
             print(f"error: {name}: {e}", file=sys.stderr)
             status = 2

@@ -17,7 +17,8 @@ from studio.errors import RequestError
 from studio.generation.request import INTERACTIVE_DEFAULTS, public_fields, studio_hints
 
 # Fields a command line has no use for: the reply's shape (a CLI prints paths) and A1111's old alias.
-NOT_ON_THE_COMMAND_LINE = frozenset({"send_images", "save_images", "include_init_images", "sampler_index"})
+NOT_ON_THE_COMMAND_LINE = frozenset({"send_images", "save_images", "include_init_images", "sampler_index",
+                                     "show_extras_results"})
 IMAGE_FIELDS = frozenset({"init_images", "mask"})   # file paths on the command line
 
 

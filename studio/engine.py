@@ -23,8 +23,11 @@ from studio.errors import RequestError
 from studio.generation.imageops import ImageInputError, normalize_image
 from studio.generation.outputs import ImageReadError, SaveFormat, open_image, save_image
 from studio.generation.request import (
+    ExtrasRequest,
     Img2ImgRequest,
     Txt2ImgRequest,
+    build_request,
+    check_extras,
     resolve_seed,
     validate_img2img,
     validate_txt2img,
@@ -235,44 +238,63 @@ class Engine:
     def upscale_image(self, image: Any, upscaler: str, scale: float | None = None,
                       size: tuple[int, int] | None = None, upscaler_2: str | None = None,
                       visibility_2: float = 0.0, save: bool = True) -> tuple[Any, str, Path | None]:
-        """The Extras tab / POST /extra-single-image: one image through an upscaler (and, blended
-        in at ``visibility_2``, a second one), on the worker. Returns (image, info text, saved path)."""
+        """One image through an upscaler by a factor or to a size: :meth:`extras` with those fields."""
+        if (scale is None) == (size is None):
+            raise RequestError("give either an upscale factor or a target size")
+        fields: dict[str, Any] = {"upscaler_1": upscaler or "None", "upscaler_2": upscaler_2 or "None",
+                                  "extras_upscaler_2_visibility": visibility_2}
+        if scale is not None:
+            fields.update(resize_mode=0, upscaling_resize=scale)
+        else:
+            fields.update(resize_mode=1, upscaling_resize_w=size[0], upscaling_resize_h=size[1])
+        return self.extras(build_request(ExtrasRequest, fields), image, save=save)
+
+    def extras(self, req: ExtrasRequest, image: Any, save: bool = True) -> tuple[Any, str, Path | None]:
+        """The Extras tab, POST /extra-single-image and ``studio upscale``: one image through an upscaler
+        (and, blended in at ``extras_upscaler_2_visibility``, a second one), on the worker. Resizing *to* a
+        size works as A1111's: upscale until the image covers the target, then (``upscaling_crop``) crop
+        the middle. Returns (image, info text, saved path)."""
         from PIL import Image
 
-        for name in (upscaler, upscaler_2):
+        check_extras(req)
+        for name in (req.upscaler_1, req.upscaler_2):
             if name and name != "None" and self.upscalers.find(name) is None:
                 self.upscalers.refresh()
                 if self.upscalers.find(name) is None:
                     names = ", ".join(u.name for u in self.upscalers.items())
                     raise RequestError(f"upscaler {name!r} not found. Available: {names}")
-        if (scale is None) == (size is None):
-            raise RequestError("give either an upscale factor or a target size")
-        if scale is not None and not 0.05 <= scale <= 8:
-            raise RequestError(f"upscaling_resize must be between 0.05 and 8 (got {scale:g})")
-        if size is not None and not all(8 <= v <= 8192 for v in size):
-            raise RequestError(f"target size must be between 8 and 8192 (got {size[0]}x{size[1]})")
         try:
             image = normalize_image(image)
         except ImageInputError as e:
             raise RequestError(str(e)) from e
+        target = (req.upscaling_resize_w, req.upscaling_resize_h) if req.resize_mode == 1 else None
+        scale = max(target[0] / image.width, target[1] / image.height) if target else req.upscaling_resize
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        second = req.upscaler_2 if req.upscaler_2 != "None" and req.extras_upscaler_2_visibility > 0 else None
 
         def job(state: JobState) -> Any:
-            state.textinfo = f"Upscaling with {upscaler}"
+            state.textinfo = f"Upscaling with {req.upscaler_1}"
             try:
-                out = self.upscalers.upscale(image, upscaler or "None", scale=scale, size=size)
-                if upscaler_2 and upscaler_2 != "None" and visibility_2 > 0:
-                    second = self.upscalers.upscale(image, upscaler_2, size=out.size)
-                    out = Image.blend(out, second, float(visibility_2))
+                out = self.upscalers.upscale(image, req.upscaler_1 or "None", size=size)
+                if second:
+                    out = Image.blend(out, self.upscalers.upscale(image, second, size=out.size),
+                                      float(req.extras_upscaler_2_visibility))
             except UpscalerError as e:
                 raise RequestError(str(e)) from e
+            if target and req.upscaling_crop and out.size != target:
+                left, top = (out.width - target[0]) // 2, (out.height - target[1]) // 2
+                out = out.crop((left, top, left + target[0], top + target[1]))
             return out
 
         out = self.queue.run(job, "upscale")
-        parts = [f"Postprocess upscale {'by' if scale is not None else 'to'}: "
-                 + (f"{scale:g}" if scale is not None else f"{size[0]}x{size[1]}"),
-                 f"Postprocess upscaler: {upscaler}"]
-        if upscaler_2 and upscaler_2 != "None" and visibility_2 > 0:
-            parts += [f"Postprocess upscaler 2: {upscaler_2}", f"Postprocess upscaler 2 visibility: {visibility_2:g}"]
+        parts = [f"Postprocess upscale to: {target[0]}x{target[1]}" if target
+                 else f"Postprocess upscale by: {scale:g}"]
+        if target and req.upscaling_crop:
+            parts.append(f"Postprocess crop to: {target[0]}x{target[1]}")
+        parts.append(f"Postprocess upscaler: {req.upscaler_1}")
+        if second:
+            parts += [f"Postprocess upscaler 2: {second}",
+                      f"Postprocess upscaler 2 visibility: {req.extras_upscaler_2_visibility:g}"]
         info = ", ".join(parts)
         path = None
         if save:
@@ -325,8 +347,12 @@ class Engine:
 
     def token_count(self, text: str, steps: int = 20) -> tuple[int, int]:
         """A1111's counter: the longest text any step will see, extra-network tags removed.
-        Returns (tokens, limit) where the limit grows in steps of 75."""
+        Returns (tokens, limit) where the limit grows in steps of 75. A prompt over the request limits
+        raises RequestError without being parsed (the parse itself is what the limits bound)."""
         from studio.prompts.encode import tokenize_prompt
+        from studio.prompts.limits import check_prompt_limits
+
+        check_prompt_limits(text, steps)
         from studio.prompts.parser import extract_extra_networks, split_and
         from studio.prompts.schedule import cached_schedule
 

@@ -220,7 +220,7 @@ RAW = object()  # marker: send the string as the raw body
     ("extra-single-image", {"image": NOT_AN_IMAGE, "upscaler_1": "Lanczos"}, 400, "image"),
     ("extra-single-image", {"image": b64_png(Image.new("RGB", (8, 8))), "upscaler_1": "../../x"}, 400,
      "not found"),
-    ("extra-single-image", {"image": b64_png(Image.new("RGB", (8, 8))), "upscaling_resize": 1e6}, 400,
+    ("extra-single-image", {"image": b64_png(Image.new("RGB", (8, 8))), "upscaling_resize": 1e6}, 422,
      "upscaling_resize"),
     ("extra-batch-images", {"imageList": [{"data": "!!", "name": "a.png"}]}, 400, "base64"),
     ("png-info", {"image": NOT_AN_IMAGE}, 400, "image"),

@@ -311,3 +311,16 @@ def test_hires_fix_size_steps_and_infotext(studio, upscaler):
     assert info["Denoising strength"] == "0.5"
     with pytest.raises(RequestError, match="hr_upscaler"):
         studio.txt2img(req.with_changes(hr_upscaler="no-such-upscaler"))
+
+
+def test_mask_round_off_keeps_a_soft_mask(studio):
+    """A1111's ``mask_round``: on (the default) the latent mask is rounded to 0/1; off, a soft mask's
+    grey edge blends the new latents in partly, so the pictures differ."""
+    ramp = np.tile(np.linspace(0, 255, 64, dtype=np.float32), (64, 1))
+    soft = Image.fromarray(ramp.astype(np.uint8), "L")
+    common = dict(mask=soft, mask_blur=0, inpainting_fill=1, inpaint_full_res=False, denoising_strength=0.9)
+    rounded = arr(studio.img2img(request(**common)).images[0])
+    again = arr(studio.img2img(request(**common, mask_round=True)).images[0])
+    kept = arr(studio.img2img(request(**common, mask_round=False)).images[0])
+    assert np.array_equal(rounded, again)
+    assert np.abs(rounded - kept).max() > 0

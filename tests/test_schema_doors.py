@@ -213,3 +213,10 @@ def test_cli_args_are_an_argparse_namespace_of_fields():
     values = request_values(ns, Img2ImgRequest)
     assert values["sampler_name"] == "Euler a" and values["n_iter"] == 2 and values["enable_hr"] is True
     assert values["inpaint_full_res"] is True and values["inpainting_mask_invert"] == 1
+
+
+def test_the_token_counter_refuses_what_a_request_would_refuse(studio):
+    # the counter runs on every keystroke: an over-limit prompt is refused before the (slow) parse
+    assert studio.token_count("a cat", 20) == (2, 75)
+    with pytest.raises(RequestError, match="limit is 200"):
+        studio.token_count("[" * 1000, 20)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel
 
 
 class ImageResponse(BaseModel):
@@ -44,40 +44,6 @@ class ProgressResponse(BaseModel):
     current_image: str | None = None
     textinfo: str | None = None
     current_task: str | None = None
-
-
-class ExtrasBase(BaseModel):
-    """A1111's ``ExtrasBaseRequest`` (face restoration fields are accepted and ignored: the studio
-    has no face restorer)."""
-
-    model_config = ConfigDict(extra="allow")
-
-    resize_mode: int = 0                 # 0 = upscale by, 1 = upscale to
-    show_extras_results: bool = True
-    gfpgan_visibility: float = 0
-    codeformer_visibility: float = 0
-    codeformer_weight: float = 0
-    upscaling_resize: float = 2
-    upscaling_resize_w: int = 512
-    upscaling_resize_h: int = 512
-    upscaling_crop: bool = True
-    upscaler_1: str = "None"
-    upscaler_2: str = "None"
-    extras_upscaler_2_visibility: float = 0
-    upscale_first: bool = False
-
-
-class ExtrasSingleRequest(ExtrasBase):
-    image: str = ""
-
-
-class ExtrasBatchImage(BaseModel):
-    data: str
-    name: str = ""
-
-
-class ExtrasBatchRequest(ExtrasBase):
-    imageList: list[ExtrasBatchImage] = Field(default_factory=list)  # noqa: N815 - A1111's field name
 
 
 class InterrogateRequest(BaseModel):

@@ -24,8 +24,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from studio.api.auth import install_access
 from studio.api.controlnet import build_controlnet_router
 from studio.api.models import (
-    ExtrasBatchRequest,
-    ExtrasSingleRequest,
     FaceRestorerItem,
     ImageResponse,
     InterrogateRequest,
@@ -53,7 +51,16 @@ from studio.generation.outputs import (
     png_bytes,
     read_infotext,
 )
-from studio.generation.request import Img2ImgRequest, RequestError, Txt2ImgRequest, fill_from_infotext
+from studio.generation.request import (
+    ExtrasBatchRequest,
+    ExtrasSingleRequest,
+    Img2ImgRequest,
+    RequestError,
+    Txt2ImgRequest,
+    check_extras,
+    decode_image_input,
+    fill_from_infotext,
+)
 from studio.generation.samplers import UnknownSamplerError, samplers_api, schedules_api
 from studio.jobs import Job
 from studio.models.manager import ModelNotFoundError
@@ -198,26 +205,23 @@ def build_router(studio: Studio) -> APIRouter:
         studio.refresh_vaes()
         return {}
 
-    def extras(body: Any, data: str) -> tuple[str, str]:
-        image = decode_base64_image(data)
-        scale, size = (body.upscaling_resize, None) if body.resize_mode == 0 else \
-            (None, (body.upscaling_resize_w, body.upscaling_resize_h))
-        out, info, _ = studio.upscale_image(image, body.upscaler_1, scale=scale, size=size,
-                                            upscaler_2=body.upscaler_2,
-                                            visibility_2=body.extras_upscaler_2_visibility)
+    def extras(body: Any, data: Any) -> tuple[str, str]:
+        check_extras(body)   # refused before any image is decoded
+        out, info, _ = studio.engine.extras(body, decode_image_input(data))
         return encode_image(out, info, **image_format()), info
 
     @r.post("/extra-single-image")
     def extra_single_image(body: ExtrasSingleRequest) -> dict[str, Any]:
         image, info = extras(body, body.image)
-        return {"html_info": f"<p>{info}</p>", "image": image}
+        return {"html_info": f"<p>{info}</p>", "image": image if body.show_extras_results else None}
 
     @r.post("/extra-batch-images")
     def extra_batch_images(body: ExtrasBatchRequest) -> dict[str, Any]:
         if not body.imageList:
             raise HTTPException(400, "imageList: at least one image is required")
         results = [extras(body, item.data) for item in body.imageList]
-        return {"html_info": f"<p>{results[0][1]}</p>", "images": [image for image, _ in results]}
+        images = [image for image, _ in results] if body.show_extras_results else []
+        return {"html_info": f"<p>{results[0][1]}</p>", "images": images}
 
     @r.get("/upscalers")
     def upscalers() -> list[dict[str, Any]]:

@@ -83,7 +83,7 @@ def prepare(req: Img2ImgRequest, image: Image.Image, upscale: Upscale | None = N
             work = pixels.resize_image(req.resize_mode, original, req.width, req.height, upscale)
         return PreparedImage(original, work, None, None, None, None,
                              color_reference=pixels.color_reference(work) if color_correction else None)
-    mask, notes = imageops.normalize_mask(req.mask, original.size)
+    mask, notes = imageops.normalize_mask(req.mask, original.size, round_alpha=req.mask_round)
     if req.inpainting_mask_invert:
         mask = imageops.invert_mask(mask)
     blurred = pixels.blur_mask(mask, req.mask_blur_x, req.mask_blur_y)
@@ -105,11 +105,13 @@ def prepare(req: Img2ImgRequest, image: Image.Image, upscale: Upscale | None = N
                          color_reference=pixels.color_reference(work) if color_correction else None)
 
 
-def latent_mask(mask: Image.Image, width: int, height: int) -> torch.Tensor:
-    """The mask at latent size, rounded to 0/1 as A1111's ``latmask`` (resized with Pillow's default
-    filter, bicubic, as A1111's ``.resize()`` without one)."""
+def latent_mask(mask: Image.Image, width: int, height: int, round_mask: bool = True) -> torch.Tensor:
+    """The mask at latent size, rounded to 0/1 as A1111's ``latmask`` when ``round_mask`` (its
+    ``mask_round``; off keeps the soft edge), resized with Pillow's default filter, bicubic, as A1111's
+    ``.resize()`` without one."""
     small = mask.convert("L").resize((width // 8, height // 8), Image.Resampling.BICUBIC)
-    arr = np.round(np.asarray(small, dtype=np.float32) / 255.0)
+    arr = np.asarray(small, dtype=np.float32) / 255.0
+    arr = np.round(arr) if round_mask else arr
     return torch.from_numpy(arr)[None, None]
 
 
@@ -150,7 +152,7 @@ def run_img2img(model: Any, req: Img2ImgRequest, state: JobState, controls: Any 
         masks = [item(i).work_mask for i in indices]
         if masks[0] is not None:
             device = model.policy.device
-            lat_masks = torch.cat([latent_mask(m, req.width, req.height) for m in masks]).to(device)
+            lat_masks = torch.cat([latent_mask(m, req.width, req.height, req.mask_round) for m in masks]).to(device)
             extras["mask"] = lat_masks
             fill = INPAINT_FILL[req.inpainting_fill]
             extras["latent_fill"] = fill if fill in ("latent noise", "latent nothing") else None

@@ -223,6 +223,57 @@ class Img2ImgRequest(Txt2ImgRequest):
     kind: SkipJsonSchema[str] = Field("img2img", exclude=True)
 
 
+class ExtrasRequest(BaseModel):
+    """A1111's ``ExtrasBaseRequest`` (the Extras tab, POST /extra-single-image and /extra-batch-images,
+    ``studio upscale``): field names, defaults and ranges as A1111's API."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True, arbitrary_types_allowed=True)
+
+    resize_mode: int = Field(0, ge=0, le=1, description="0 = upscale by upscaling_resize, 1 = upscale to "
+                             "upscaling_resize_w x _h", json_schema_extra=door(ui=False))
+    show_extras_results: bool = Field(True, description="return the images", json_schema_extra=door(ui=False))
+    gfpgan_visibility: float = Field(0, ge=0, le=1, description="not available: refused when above 0",
+                                     json_schema_extra=door(ui=False))
+    codeformer_visibility: float = Field(0, ge=0, le=1, description="not available: refused when above 0",
+                                         json_schema_extra=door(ui=False))
+    codeformer_weight: float = Field(0, ge=0, le=1, json_schema_extra=door(ui=False))
+    upscaling_resize: float = Field(2, ge=0.05, le=8, description="upscale by this factor (resize_mode 0)",
+                                    json_schema_extra=door(cli=("--scale",), ui=False))
+    upscaling_resize_w: int = Field(512, ge=8, le=8192, description="target width (resize_mode 1)",
+                                    json_schema_extra=door(ui=False))
+    upscaling_resize_h: int = Field(512, ge=8, le=8192, description="target height (resize_mode 1)",
+                                    json_schema_extra=door(ui=False))
+    upscaling_crop: bool = Field(True, description="resize_mode 1: upscale to cover the target, then crop "
+                                 "the middle to it", json_schema_extra=door(ui=False))
+    upscaler_1: str = Field("None", description="upscaler name (GET /sdapi/v1/upscalers)",
+                            json_schema_extra=door(cli=("--upscaler",), ui=False))
+    upscaler_2: str = Field("None", description="a second upscaler blended in", json_schema_extra=door(ui=False))
+    extras_upscaler_2_visibility: float = Field(0, ge=0, le=1, description="how much of upscaler 2",
+                                                json_schema_extra=door(ui=False))
+    upscale_first: bool = Field(False, description="upscale before face restoration",
+                                json_schema_extra=door(ui=False))
+
+
+class ExtrasSingleRequest(ExtrasRequest):
+    image: ImageInput = Field("", description="base64 image", json_schema_extra=door(ui=False))
+
+
+class ExtrasBatchImage(BaseModel):
+    data: ImageInput
+    name: str = ""
+
+
+class ExtrasBatchRequest(ExtrasRequest):
+    imageList: list[ExtrasBatchImage] = Field(default_factory=list)  # noqa: N815 - A1111's field name
+
+
+def check_extras(req: ExtrasRequest) -> None:
+    """What the studio can't do yet is refused, never ignored."""
+    for name in ("gfpgan_visibility", "codeformer_visibility"):
+        if getattr(req, name) > 0:
+            raise RequestError(f"{name}: face restoration is not available in this studio")
+
+
 @dataclass(frozen=True)
 class RequestSchemas:
     """The request model of each kind that the doors derive from. A test (or a later feature) can
@@ -230,12 +281,14 @@ class RequestSchemas:
 
     txt2img: type[Txt2ImgRequest] = Txt2ImgRequest
     img2img: type[Img2ImgRequest] = Img2ImgRequest
+    extras: type[ExtrasRequest] = ExtrasRequest
 
 
 # A1111's UI starts from other values than its API; the interactive doors (UI, CLI) use these.
 INTERACTIVE_DEFAULTS: dict[str, Any] = {
     "steps": 20, "sampler_name": "DPM++ 2M", "scheduler": "Automatic", "save_images": True,
-    "inpainting_fill": 1, "inpaint_full_res": False, "inpaint_full_res_padding": 32, "denoising_strength": 0.75,
+    "inpainting_fill": 1, "inpaint_full_res": False, "inpaint_full_res_padding": 32,
+    "upscaler_1": "Lanczos",
 }
 
 

@@ -242,6 +242,9 @@ class TextConditioner:
                 rows = [[(o, e.vectors[key].to(device)) for o, e in c.fixes if key in e.vectors] for c in chunks]
                 with _spliced(encoder, rows):
                     out = encoder(ids, output_hidden_states=True)
+                # a skip past the encoder's depth (12 is allowed; pruned and tiny encoders have fewer
+                # layers) stops at its first layer rather than indexing out of range
+                clip_skip = min(clip_skip, len(out.hidden_states) - (2 if m.is_sdxl else 1))
                 if m.is_sdxl:
                     hidden = out.hidden_states[-(clip_skip + 1)]
                 elif clip_skip > 1:

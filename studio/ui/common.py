@@ -5,6 +5,7 @@ the tab's id (``txt2img_prompt``, ``img2img_prompt``…), as in A1111."""
 
 from __future__ import annotations
 
+import html
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -44,7 +45,10 @@ class PromptArea:
     def wire_token_counters(self, studio: Studio, steps: gr.Slider) -> None:
         """A1111's n/75 counters; the steps matter because prompt editing changes the text."""
         def count(text, st):
-            tokens, limit = studio.token_count(text or "", int(st or 20))
+            try:
+                tokens, limit = studio.token_count(text or "", int(st or 20))
+            except RequestError as e:
+                return f"<span class='token-counter over' title='{html.escape(str(e), quote=True)}'>too long</span>"
             warn = " over" if tokens > limit else ""
             return f"<span class='token-counter{warn}'>{tokens}/{limit}</span>"
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import gradio as gr
 
 from studio.core import Studio
 from studio.generation.outputs import ImageReadError, open_image
+from studio.generation.request import build_request
+from studio.ui.bindings import RequestForm
 from studio.ui.common import USER_ERRORS
 
 
@@ -34,34 +37,44 @@ def build_extras_tab(studio: Studio) -> None:
                     upscaler_2 = gr.Dropdown(names, value="None", label="Upscaler 2", elem_id="extras_upscaler_2")
                     visibility = gr.Slider(0, 1, value=0, step=0.01, label="Upscaler 2 visibility",
                                            elem_id="extras_upscaler_2_visibility")
+                crop = gr.Checkbox(True, label="Crop to fit", elem_id="extras_upscaling_crop",
+                                   info="Scale to: upscale until the image covers the size, then crop the middle")
+                form = RequestForm(studio.schemas.extras, "extras")
                 run = gr.Button("Generate", variant="primary", elem_id="extras_generate")
             with gr.Column():
                 gallery = gr.Gallery(label="Result", elem_id="extras_gallery", columns=2, height=420,
                                      object_fit="contain", format="png")
                 info = gr.Markdown("", elem_id="extras_info")
 
-    def upscale(single, batch, mode_index, by, w, h, first, second, vis):
+    form.bind("resize_mode", mode, int)
+    form.bind("upscaling_resize", scale, float)
+    form.bind("upscaling_resize_w", width, int)
+    form.bind("upscaling_resize_h", height, int)
+    form.bind("upscaling_crop", crop, bool)
+    form.bind("upscaler_1", upscaler_1, lambda v: v or "None")
+    form.bind("upscaler_2", upscaler_2, lambda v: v or "None")
+    form.bind("extras_upscaler_2_visibility", visibility, float)
+
+    def upscale(data: dict[Any, Any]):
         sources = []
-        if batch:
-            for path in batch:
+        if data[files]:
+            for path in data[files]:
                 try:
                     sources.append(open_image(Path(path).read_bytes()))
                 except (ImageReadError, OSError) as e:
                     gr.Warning(f"{Path(path).name}: {e}")
-        elif single is not None:
-            sources.append(single)
+        elif data[image] is not None:
+            sources.append(data[image])
         if not sources:
             return gr.update(), "**Error:** add an image first"
-        results, text = [], ""
-        for source in sources:
-            try:
-                out, text, path = studio.upscale_image(
-                    source, first, scale=float(by) if mode_index == 0 else None,
-                    size=None if mode_index == 0 else (int(w), int(h)), upscaler_2=second, visibility_2=float(vis))
-            except USER_ERRORS as e:
-                return gr.update(), f"**Error:** {e}"
-            results.append((out, f"{out.width}x{out.height}"))
-        return results, f"{text}. Saved to outputs/extras-images."
+        results, text, path = [], "", None
+        try:
+            req = build_request(form.schema, form.values(data))
+            for source in sources:
+                out, text, path = studio.engine.extras(req, source)
+                results.append((out, f"{out.width}x{out.height}"))
+        except USER_ERRORS as e:
+            return gr.update(), f"**Error:** {e}"
+        return results, f"{text}. Saved to {path.parent if path else 'nowhere'}."
 
-    run.click(upscale, [image, files, mode, scale, width, height, upscaler_1, upscaler_2, visibility],
-              [gallery, info])
+    run.click(upscale, form.inputs() | {image, files}, [gallery, info])
