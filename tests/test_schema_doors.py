@@ -220,3 +220,20 @@ def test_the_token_counter_refuses_what_a_request_would_refuse(studio):
     assert studio.token_count("a cat", 20) == (2, 75)
     with pytest.raises(RequestError, match="limit is 200"):
         studio.token_count("[" * 1000, 20)
+
+
+def test_a_prepared_request_travels_to_another_process_intact(studio):
+    """A queued job's request is plain data (pydantic + PIL + unit dataclasses), so a worker in another
+    process (the workers issue) gets exactly what the front door checked."""
+    import pickle
+
+    from PIL import Image
+
+    from studio.controlnet.units import ControlNetUnitRequest
+
+    unit = ControlNetUnitRequest(enabled=False, module="canny", image=Image.new("RGB", (8, 8), "red"))
+    req = studio.engine.prepare(Img2ImgRequest(prompt="x", init_images=[Image.new("RGB", (64, 64))],
+                                               controlnet_units=(unit,))).request
+    back = pickle.loads(pickle.dumps(req))
+    assert back == req and back.seed == req.seed and back.controlnet_units[0].module == "canny"
+    assert back.init_images[0].size == (64, 64)
