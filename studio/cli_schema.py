@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import types
 import typing
 from pathlib import Path
 from typing import Any
@@ -14,34 +13,18 @@ from typing import Any
 from pydantic import BaseModel
 
 from studio.errors import RequestError
-from studio.generation.request import INTERACTIVE_DEFAULTS, public_fields, studio_hints
+from studio.generation.request import (
+    INTERACTIVE_DEFAULTS,
+    field_bounds,
+    field_type,
+    public_fields,
+    studio_hints,
+)
 
 # Fields a command line has no use for: the reply's shape (a CLI prints paths) and A1111's old alias.
 NOT_ON_THE_COMMAND_LINE = frozenset({"send_images", "save_images", "include_init_images", "sampler_index",
                                      "show_extras_results"})
 IMAGE_FIELDS = frozenset({"init_images", "mask"})   # file paths on the command line
-
-
-def _base_type(annotation: Any) -> tuple[Any, bool]:
-    """(the type inside Optional[...], whether it is a list)."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        return _base_type(args[0]) if len(args) == 1 else (Any, False)
-    if origin is list:
-        inner = typing.get_args(annotation)
-        return (inner[0] if inner else Any), True
-    if origin is typing.Annotated:
-        return _base_type(typing.get_args(annotation)[0])
-    return annotation, False
-
-
-def _bounds(info: Any) -> tuple[Any, Any]:
-    lo = hi = None
-    for item in info.metadata:
-        lo = getattr(item, "ge", lo)
-        hi = getattr(item, "le", hi)
-    return lo, hi
 
 
 def add_request_arguments(parser: argparse.ArgumentParser, model: type[BaseModel]) -> None:
@@ -62,7 +45,7 @@ def add_request_arguments(parser: argparse.ArgumentParser, model: type[BaseModel
         if default not in (None, "", [], {}):
             help_text += f" (default {default})"
         kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
-        base, is_list = _base_type(info.annotation)
+        base, is_list = field_type(info.annotation)
         if name in IMAGE_FIELDS:
             kwargs.update(metavar="PATH", action="append" if is_list else "store",
                           help=help_text + " (an image file)")
@@ -72,7 +55,7 @@ def add_request_arguments(parser: argparse.ArgumentParser, model: type[BaseModel
             kwargs.update(type=json.loads, metavar="JSON")
         elif is_list:
             kwargs.update(action="append", type=str if base is Any else base, metavar=name.upper())
-        elif base is int and _bounds(info) == (0, 1):
+        elif base is int and field_bounds(info) == (0, 1):
             kwargs.update(type=int, nargs="?", const=1, metavar="0|1")   # a switch that also takes 0/1
         else:
             kwargs["type"] = base if base in (int, float, str) else str

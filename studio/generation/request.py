@@ -16,6 +16,8 @@ from __future__ import annotations
 import base64
 import binascii
 import random
+import types
+import typing
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -296,6 +298,29 @@ def studio_hints(info: Any) -> dict[str, Any]:
     """The door hints of a field (see :func:`door`), with defaults for fields that have none."""
     extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
     return {"group": "", "cli": [], "ui": True, "label": "", **extra.get("studio", {})}
+
+
+def field_type(annotation: Any) -> tuple[Any, bool]:
+    """A field's type for a door: (the type inside Optional/Annotated, whether it is a list of it)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return field_type(args[0]) if len(args) == 1 else (Any, False)
+    if origin is list:
+        inner = typing.get_args(annotation)
+        return (inner[0] if inner else Any), True
+    if origin is typing.Annotated:
+        return field_type(typing.get_args(annotation)[0])
+    return annotation, False
+
+
+def field_bounds(info: Any) -> tuple[Any, Any]:
+    """A field's ``ge`` and ``le`` (None where it has none)."""
+    lo = hi = None
+    for item in info.metadata:
+        lo = getattr(item, "ge", lo)
+        hi = getattr(item, "le", hi)
+    return lo, hi
 
 
 def public_fields(model: type[BaseModel]) -> dict[str, Any]:

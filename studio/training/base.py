@@ -2,6 +2,12 @@
 that a LoRA, an embedding or a hypernetwork implements so that one loop (studio.training.loop)
 trains all three.
 
+:class:`TrainSettings` is a typed schema like the generation requests (studio.generation.request):
+ranges and choices live on its fields, so the API (a 422), the CLI and the Train tab refuse the same
+mistake with pydantic's same words, and their flags and controls are derived from it. Checks that need
+the files (the dataset folder, the output name, an existing output) are made when a run is prepared
+(a 400).
+
 The loop owns the dataset, the noise, the loss, the optimizer, Accelerate, progress, sampling,
 saving and resuming; a trainable owns only what differs: which parameters learn, how captions
 become text conditioning (an embedding is spliced into the prompt, a LoRA may train the text
@@ -12,57 +18,139 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol, get_args
 
-import torch
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
-from studio.generation.request import RequestError
+from studio.errors import RequestError
+from studio.generation.request import MAX_SEED, door
 
-LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear")
-OPTIMIZERS = ("AdamW", "AdamW8bit")
-MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
+if TYPE_CHECKING:
+    import torch
+
+LrScheduler = Literal["constant", "constant_with_warmup", "cosine", "linear"]
+Optimizer = Literal["AdamW", "AdamW8bit"]
+MixedPrecision = Literal["auto", "no", "fp16", "bf16"]
+LR_SCHEDULERS: tuple[str, ...] = get_args(LrScheduler)
+OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
+MIXED_PRECISION: tuple[str, ...] = get_args(MixedPrecision)
+
+MAX_TRAIN_STEPS = 1_000_000
+MAX_TRAIN_BATCH = 64
+MAX_GRADIENT_ACCUMULATION = 256
+MIN_RESOLUTION, MAX_RESOLUTION = 64, 4096
+MAX_EVERY = 1_000_000           # save_every / sample_every
+MAX_SAMPLE_STEPS = 150
+
+# CLI argument groups (door(group=...)) of the training flags
+_LEARNING, _DATASET, _OUTPUT = "learning", "dataset and captions", "saving and samples"
 
 
 class TrainingError(RequestError):
     """A run that cannot start or go on because of the user's input: said in the UI, a 4xx in the API."""
 
 
-@dataclass(frozen=True)
-class TrainSettings:
-    """Settings every kind of training has (kohya / A1111 names in the comments)."""
+def settings_error(message: str) -> PydanticCustomError:
+    """A check across fields, raised from a field validator: pydantic reports it under that field
+    with exactly this text (no "Value error," prefix), a 422 in the API like a range."""
+    return PydanticCustomError("training_settings", message)
 
-    data_dir: str                          # images + .txt captions (kohya <repeats>_<name> sub-folders)
-    output_name: str                       # file name without extension
-    checkpoint: str | None = None          # None = the loaded / chosen checkpoint
-    steps: int = 1000                      # max_train_steps
-    batch_size: int = 1
-    gradient_accumulation: int = 1
-    learning_rate: float = 1e-4
-    lr_scheduler: str = "constant"
-    lr_warmup_steps: int = 0
-    optimizer: str = "AdamW"
-    mixed_precision: str = "auto"          # auto: fp16 on CUDA, none on the CPU
-    resolution: int = 512
-    enable_bucket: bool = True
-    min_bucket_reso: int = 256
-    max_bucket_reso: int = 1024
-    caption_extension: str = ".txt"
-    shuffle_caption: bool = False
-    keep_tokens: int = 0
-    caption_dropout: float = 0.0           # caption_dropout_rate: the whole caption
-    tag_dropout: float = 0.0               # caption_tag_dropout_rate: each comma-separated tag
-    template: str | None = None            # prompt template lines with [name] / [filewords] (TI, HN)
-    noise_offset: float = 0.0
-    min_snr_gamma: float = 0.0             # 0 = off; 5 is the paper's value
-    clip_skip: int = 1
-    max_grad_norm: float = 1.0             # 0 = no clipping
-    seed: int = 0
-    save_every: int = 0                    # steps; 0 = only at the end
-    sample_every: int = 0                  # steps; 0 = never
-    sample_prompt: str = ""
-    sample_steps: int = 20
-    overwrite: bool = False
-    resume: bool = True                    # continue from the last save of the same output when there is one
+
+class TrainSettings(BaseModel):
+    """Settings every kind of training has: kohya ``train_network.py`` names (A1111's where kohya has
+    none). Frozen: a changed copy is ``settings.model_copy(update={...})``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+    train_data_dir: str = Field(
+        validation_alias=AliasChoices("train_data_dir", "data_dir"),   # data_dir: the API's name before
+        description="the images and their .txt captions (kohya <repeats>_<name> sub-folders work)",
+        json_schema_extra=door(cli=("--data",), label="Dataset directory"))
+    output_name: str = Field(description="the file name to write, without extension (for an embedding or a "
+                                         "hypernetwork: the one to train)",
+                             json_schema_extra=door(cli=("--name",), label="Output name"))
+    checkpoint: str | None = Field(None, description="title, name or hash of the checkpoint to train on; "
+                                   "empty = the loaded one", json_schema_extra=door(cli=("-m",), ui=False))
+    steps: int = Field(1000, ge=1, le=MAX_TRAIN_STEPS, description="optimizer steps (kohya max_train_steps)")
+    batch_size: int = Field(1, ge=1, le=MAX_TRAIN_BATCH, description="images per step")
+    learning_rate: float = Field(1e-4, gt=0, le=10, description="learning rate",
+                                 json_schema_extra=door(cli=("--lr",)))
+    gradient_accumulation: int = Field(
+        1, ge=1, le=MAX_GRADIENT_ACCUMULATION, description="gradient accumulation steps "
+        "(kohya gradient_accumulation_steps)", json_schema_extra=door(group=_LEARNING, cli=("--grad-accum",)))
+    lr_scheduler: LrScheduler = Field("constant", description="learning-rate schedule: "
+                                      + ", ".join(LR_SCHEDULERS),
+                                      json_schema_extra=door(group=_LEARNING, cli=("--scheduler",),
+                                                             label="LR scheduler"))
+    lr_warmup_steps: int = Field(0, ge=0, le=MAX_TRAIN_STEPS, description="learning-rate warmup steps "
+                                 "(at most steps)", json_schema_extra=door(group=_LEARNING, cli=("--warmup",)))
+    optimizer: Optimizer = Field("AdamW", description="AdamW, or AdamW8bit (bitsandbytes, CUDA only)",
+                                 json_schema_extra=door(group=_LEARNING))
+    mixed_precision: MixedPrecision = Field("auto", description="auto (fp16 on CUDA, none on the CPU), no, "
+                                            "fp16 or bf16", json_schema_extra=door(group=_LEARNING))
+    max_grad_norm: float = Field(1.0, ge=0, le=1e6, description="gradient clipping; 0 = none",
+                                 json_schema_extra=door(group=_LEARNING))
+    noise_offset: float = Field(0.0, ge=0, le=1, description="offset noise (darker darks, brighter brights); "
+                                "0 = off", json_schema_extra=door(group=_LEARNING))
+    min_snr_gamma: float = Field(0.0, ge=0, le=100, description="Min-SNR-γ loss weighting; 0 = off, 5 is the "
+                                 "paper's value", json_schema_extra=door(group=_LEARNING, label="Min-SNR gamma"))
+    clip_skip: int = Field(1, ge=1, le=12, description="train on the n-th last layer of CLIP",
+                           json_schema_extra=door(group=_LEARNING))
+    seed: int = Field(0, ge=-1, le=MAX_SEED, description="-1 = random", json_schema_extra=door(group=_LEARNING))
+    resolution: int = Field(512, ge=MIN_RESOLUTION, le=MAX_RESOLUTION, multiple_of=8,
+                            description="training resolution (a multiple of 8)",
+                            json_schema_extra=door(group=_DATASET))
+    enable_bucket: bool = Field(True, description="aspect-ratio buckets; off: every image is cropped square",
+                                json_schema_extra=door(group=_DATASET, cli=("--no-bucket",),
+                                                       label="Aspect-ratio buckets"))
+    min_bucket_reso: int = Field(256, ge=MIN_RESOLUTION, le=MAX_RESOLUTION, description="smallest bucket side",
+                                 json_schema_extra=door(group=_DATASET, cli=("--min-bucket",)))
+    max_bucket_reso: int = Field(1024, ge=MIN_RESOLUTION, le=MAX_RESOLUTION, description="largest bucket side",
+                                 json_schema_extra=door(group=_DATASET, cli=("--max-bucket",)))
+    caption_extension: str = Field(".txt", min_length=1, description="the caption files' extension",
+                                   json_schema_extra=door(group=_DATASET))
+    shuffle_caption: bool = Field(False, description="shuffle the comma-separated tags of captions",
+                                  json_schema_extra=door(group=_DATASET, cli=("--shuffle-tags",),
+                                                         label="Shuffle tags"))
+    keep_tokens: int = Field(0, ge=0, le=1000, description="tags at the start that are never shuffled",
+                             json_schema_extra=door(group=_DATASET))
+    caption_dropout: float = Field(0.0, ge=0, le=1, description="chance to train without the caption "
+                                   "(kohya caption_dropout_rate)", json_schema_extra=door(group=_DATASET))
+    tag_dropout: float = Field(0.0, ge=0, le=1, description="chance to drop each tag "
+                               "(kohya caption_tag_dropout_rate)", json_schema_extra=door(group=_DATASET))
+    template: str | None = Field(None, description="prompt template: a built-in one (subject, "
+                                 "subject_filewords, style, style_filewords, none) or lines with [name] and "
+                                 "[filewords]; empty = the captions as they are (LoRA) or the kind's default",
+                                 json_schema_extra=door(group=_DATASET))
+    save_every: int = Field(0, ge=0, le=MAX_EVERY, description="save every N steps; 0 = at the end only",
+                            json_schema_extra=door(group=_OUTPUT))
+    sample_every: int = Field(0, ge=0, le=MAX_EVERY, description="sample an image every N steps; 0 = never",
+                              json_schema_extra=door(group=_OUTPUT))
+    sample_prompt: str = Field("", description="the samples' prompt; empty = the first image's caption",
+                               json_schema_extra=door(group=_OUTPUT))
+    sample_steps: int = Field(20, ge=1, le=MAX_SAMPLE_STEPS, description="the samples' sampling steps",
+                              json_schema_extra=door(group=_OUTPUT))
+    overwrite: bool = Field(False, description="replace an existing output of that name",
+                            json_schema_extra=door(group=_OUTPUT))
+    resume: bool = Field(True, description="continue from the last save of the same output when there is one",
+                         json_schema_extra=door(group=_OUTPUT))
+
+    @field_validator("lr_warmup_steps")
+    @classmethod
+    def _warmup_within_steps(cls, value: int, info: ValidationInfo) -> int:
+        steps = info.data.get("steps")
+        if steps is not None and value > steps:
+            raise settings_error(f"must be at most steps ({steps})")
+        return value
+
+    @field_validator("max_bucket_reso")
+    @classmethod
+    def _buckets_in_order(cls, value: int, info: ValidationInfo) -> int:
+        smallest = info.data.get("min_bucket_reso")
+        if smallest is not None and value < smallest:
+            raise settings_error(f"must be at least min_bucket_reso ({smallest})")
+        return value
 
 
 @dataclass

@@ -40,9 +40,11 @@ from typing import Any
 
 import safetensors.torch
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from torch import nn
 
 from studio.config import atomic_write
+from studio.generation.request import door
 from studio.networks.lora_keys import (
     TEXT_ENCODER,
     UNET,
@@ -50,7 +52,7 @@ from studio.networks.lora_keys import (
     text_encoder_names,
     unet_ldm_names,
 )
-from studio.training.base import TrainingError
+from studio.training.base import TrainingError, settings_error
 
 __all__ = ["ADAPTER_NAME", "LoraSettings", "LoraTrainable", "kohya_key_names"]
 
@@ -72,39 +74,46 @@ _IMPL_DIFFUSERS = "diffusers"
 _LEGACY_HASH_OFFSET = 0x100000
 _LEGACY_HASH_LENGTH = 0x10000
 
+MAX_RANK = 1024
+MAX_ALPHA = 1e6
+_NETWORK = "network (LoRA)"   # the CLI's argument group of these fields
+
 
 # --------------------------------------------------------------------------- settings
 
 
-@dataclass(frozen=True)
-class LoraSettings:
-    """kohya ``train_network.py`` options of a LoRA (names in the comments)."""
+class LoraSettings(BaseModel):
+    """kohya ``train_network.py`` options of a LoRA (kohya's names in the descriptions). Frozen, ranges
+    on the fields like :class:`~studio.training.base.TrainSettings`."""
 
-    rank: int = 8                          # network_dim
-    alpha: float = 8.0                     # network_alpha; 0 = rank (kohya's rule)
-    conv_rank: int = 0                     # network_args conv_dim; 0 = no conv LoRA (LoCon)
-    conv_alpha: float = 1.0                # network_args conv_alpha; 0 = conv_rank
-    train_unet: bool = True                # False = network_train_text_encoder_only
-    train_text_encoder: bool = False       # False = network_train_unet_only
-    unet_lr: float | None = None           # None = the run's learning_rate
-    text_encoder_lr: float | None = None
-    dropout: float = 0.0                   # peft lora_dropout (on the LoRA's input), 0 = none
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.rank, int) or self.rank < 1:
-            raise TrainingError(f"LoRA rank must be a whole number of at least 1, not {self.rank!r}")
-        if not isinstance(self.conv_rank, int) or self.conv_rank < 0:
-            raise TrainingError(f"conv rank must be 0 (off) or a whole number, not {self.conv_rank!r}")
-        for label, value in (("alpha", self.alpha), ("conv alpha", self.conv_alpha)):
-            if not math.isfinite(value) or value < 0:
-                raise TrainingError(f"LoRA {label} must be 0 or more, not {value!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise TrainingError(f"LoRA dropout must be in [0, 1), not {self.dropout!r}")
-        for label, lr in (("UNet", self.unet_lr), ("text encoder", self.text_encoder_lr)):
-            if lr is not None and not (math.isfinite(lr) and lr > 0):
-                raise TrainingError(f"{label} learning rate must be more than 0, not {lr!r}")
-        if not (self.train_unet or self.train_text_encoder):
-            raise TrainingError("a LoRA must train the UNet, the text encoder, or both")
+    rank: int = Field(8, ge=1, le=MAX_RANK, description="network dim (kohya network_dim)",
+                      json_schema_extra=door(group=_NETWORK, label="Rank (dim)"))
+    alpha: float = Field(8.0, ge=0, le=MAX_ALPHA, description="network alpha (kohya network_alpha); 0 = rank",
+                         json_schema_extra=door(group=_NETWORK))
+    conv_rank: int = Field(0, ge=0, le=MAX_RANK, description="rank of the conv layers (LoCon, kohya conv_dim); "
+                           "0 = none", json_schema_extra=door(group=_NETWORK))
+    conv_alpha: float = Field(1.0, ge=0, le=MAX_ALPHA, description="conv layers' alpha (kohya conv_alpha); "
+                              "0 = conv_rank", json_schema_extra=door(group=_NETWORK))
+    train_unet: bool = Field(True, description="train the UNet (off: kohya network_train_text_encoder_only)",
+                             json_schema_extra=door(group=_NETWORK))
+    train_text_encoder: bool = Field(False, description="train the text encoder(s) too (off: kohya "
+                                     "network_train_unet_only)", json_schema_extra=door(group=_NETWORK))
+    unet_lr: float | None = Field(None, gt=0, le=10, description="UNet learning rate; empty = learning_rate",
+                                  json_schema_extra=door(group=_NETWORK, label="UNet learning rate"))
+    text_encoder_lr: float | None = Field(None, gt=0, le=10, description="text encoder learning rate; "
+                                          "empty = learning_rate",
+                                          json_schema_extra=door(group=_NETWORK, cli=("--te-lr",)))
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout (peft lora_dropout, on the LoRA's "
+                           "input); 0 = none", json_schema_extra=door(group=_NETWORK, label="Network dropout"))
+
+    @field_validator("train_text_encoder")
+    @classmethod
+    def _trains_something(cls, value: bool, info: ValidationInfo) -> bool:
+        if not value and info.data.get("train_unet") is False:
+            raise settings_error("a LoRA must train the UNet, the text encoder, or both")
+        return value
 
     @property
     def effective_alpha(self) -> float:

@@ -9,7 +9,6 @@ field added to the schema appears in the UI without touching the tabs."""
 
 from __future__ import annotations
 
-import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,7 +17,13 @@ from typing import Any
 import gradio as gr
 from pydantic import BaseModel
 
-from studio.generation.request import INTERACTIVE_DEFAULTS, public_fields, studio_hints
+from studio.generation.request import (
+    INTERACTIVE_DEFAULTS,
+    field_bounds,
+    field_type,
+    public_fields,
+    studio_hints,
+)
 
 
 @dataclass
@@ -76,25 +81,10 @@ class RequestForm:
         return made
 
 
-def _unwrap(annotation: Any) -> Any:
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        return args[0] if len(args) == 1 else annotation
-    return annotation
-
-
-def _bounds(info: Any) -> tuple[Any, Any]:
-    lo = hi = None
-    for item in info.metadata:
-        lo = getattr(item, "ge", lo)
-        hi = getattr(item, "le", hi)
-    return lo, hi
-
-
 def control_for(info: Any, value: Any, label: str, elem_id: str) -> Any:
     """A component for a pydantic field, from its type: checkbox, dropdown (a Literal, or a list of
     names with ``choices``), slider (a bounded number), number, or text. None for structured fields."""
-    kind = _unwrap(info.annotation)
+    kind = field_type(info.annotation)[0]
     common = {"label": label, "elem_id": elem_id, "info": info.description if info.description != label else None}
     if kind is bool:
         return gr.Checkbox(value=bool(value), **common)
@@ -102,7 +92,7 @@ def control_for(info: Any, value: Any, label: str, elem_id: str) -> Any:
         choices = list(typing.get_args(kind))
         return gr.Dropdown(choices, value=value if value in choices else choices[0], **common)
     if kind in (int, float):
-        lo, hi = _bounds(info)
+        lo, hi = field_bounds(info)
         if lo is not None and hi is not None and hi - lo <= 100_000:
             step = 1 if kind is int else (hi - lo) / 100
             return gr.Slider(lo, hi, value=value if value is not None else lo, step=step, **common)
@@ -119,7 +109,7 @@ def _control_for(name: str, info: Any, tab_id: str) -> Any:
 
 
 def _converter(info: Any) -> Callable[[Any], Any]:
-    kind = _unwrap(info.annotation)
+    kind = field_type(info.annotation)[0]
     optional = kind is not info.annotation
 
     def convert(value: Any) -> Any:

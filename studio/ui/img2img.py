@@ -66,6 +66,18 @@ def _mode_controls(tab_id: str, inpaint: bool) -> dict[str, Any]:
     return c
 
 
+def _request_form(studio: Studio, tab_id: str, parts: tuple[Any, ...], mode: dict[str, Any],
+                  extra_column: Any) -> RequestForm:
+    """The tab's controls bound to the img2img schema, and controls for the fields none of them set."""
+    form = RequestForm(studio.schemas.img2img, tab_id)
+    for part in parts:
+        part.bind(form)
+    _bind_mode(form, mode)
+    with extra_column:
+        form.add_schema_controls()
+    return form
+
+
 def _bind_mode(form: RequestForm, c: dict[str, Any]) -> None:
     form.bind("resize_mode", c["resize_mode"], int)
     form.bind("denoising_strength", c["denoising"], float)
@@ -107,12 +119,7 @@ def build_img2img_tab(studio: Studio) -> None:
         source = gr.State("upload")
     area.wire_token_counters(studio, controls.steps)
     sources.select(_tab_id, None, source, queue=False)
-    form = RequestForm(studio.schemas.img2img, "img2img")
-    for part in (area, controls, panel):
-        part.bind(form)
-    _bind_mode(form, mode)
-    with extra_column:
-        form.add_schema_controls()
+    form = _request_form(studio, "img2img", (area, controls, panel), mode, extra_column)
 
     def run(data: dict[Any, Any]):
         fields = form.values(data)
@@ -172,12 +179,7 @@ def build_inpaint_tab(studio: Studio) -> None:
             with gr.Column(scale=1):
                 out = build_output_area("inpaint")
     area.wire_token_counters(studio, controls.steps)
-    form = RequestForm(studio.schemas.img2img, "inpaint")
-    for part in (area, controls, panel):
-        part.bind(form)
-    _bind_mode(form, mode)
-    with extra_column:
-        form.add_schema_controls()
+    form = _request_form(studio, "inpaint", (area, controls, panel), mode, extra_column)
 
     def run(data: dict[Any, Any]):
         image, mask = editor_parts(data[editor])
