@@ -105,7 +105,7 @@ def build_parser(schemas: RequestSchemas | None = None) -> argparse.ArgumentPars
     i = sub.add_parser("pnginfo", help="print the generation parameters stored in an image")
     i.add_argument("image")
 
-    _add_training_parsers(sub)
+    _add_training_parsers(sub, schemas)
 
     sub.add_parser("serve", help="start the web UI and API (same flags as app.py)", add_help=False)
     return parser
@@ -114,80 +114,80 @@ def build_parser(schemas: RequestSchemas | None = None) -> argparse.ArgumentPars
 # -------------------------------------------------------------------------------------------------------
 # Training: train lora / embedding / hypernetwork, create-embedding, create-hypernetwork, dataset
 
-EMBEDDING_LR = "0.005"           # A1111's Train tab defaults
-HYPERNETWORK_LR = "0.00001"
-# studio.training.dataset.DEFAULT_TEMPLATES' names, spelled out so that building the parser imports no torch.
-TEMPLATE_NAMES = ("subject", "subject_filewords", "style", "style_filewords", "none")
+def _dataset_flags(p: argparse.ArgumentParser) -> None:
+    """``dataset``'s flags: the dataset fields of the training settings, with their help and defaults."""
+    from studio.training.base import TrainSettings
 
+    fields = TrainSettings.model_fields
 
-def _dataset_flags(p: argparse.ArgumentParser, resolution: int = 512) -> None:
-    p.add_argument("--resolution", type=int, default=resolution, help=f"training resolution (default {resolution})")
+    def described(name: str) -> str:
+        return f"{fields[name].description} (default {fields[name].default})"
+
+    p.add_argument("--resolution", type=int, default=fields["resolution"].default,
+                   help=described("resolution"))
     p.add_argument("--no-bucket", action="store_true", help="no aspect-ratio buckets: crop every image square")
-    p.add_argument("--min-bucket", type=int, default=256, help="smallest bucket side (default 256)")
-    p.add_argument("--max-bucket", type=int, default=1024, help="largest bucket side (default 1024)")
-    p.add_argument("--caption-extension", default=".txt", help="caption files' extension (default .txt)")
+    p.add_argument("--min-bucket", type=int, default=fields["min_bucket_reso"].default,
+                   help=described("min_bucket_reso"))
+    p.add_argument("--max-bucket", type=int, default=fields["max_bucket_reso"].default,
+                   help=described("max_bucket_reso"))
+    p.add_argument("--caption-extension", default=fields["caption_extension"].default,
+                   help=described("caption_extension"))
 
 
-def _train_flags(p: argparse.ArgumentParser, steps: int) -> None:
-    """What every kind of training takes (TrainSettings)."""
+def _finish_schema_flags(parser: argparse.ArgumentParser, schema) -> None:
+    """What studio.cli_schema does not do (yet) for a training schema: a required field is a required
+    flag (its help had "default PydanticUndefined"); a field that shares a name with a generation field
+    in INTERACTIVE_DEFAULTS ("steps") shows its own default; and each help says the field's range."""
+    from studio.generation.request import INTERACTIVE_DEFAULTS, field_bounds, public_fields
+
+    fields = public_fields(schema)
+    for action in parser._actions:   # argparse keeps no public list of a parser's arguments
+        info = fields.get(action.dest)
+        if info is None or action.help is None:
+            continue
+        if info.is_required():
+            action.required = True
+            action.help = action.help.replace(f" (default {info.default})", "")
+        elif action.dest in INTERACTIVE_DEFAULTS:
+            action.help = action.help.replace(f"(default {INTERACTIVE_DEFAULTS[action.dest]})",
+                                              f"(default {info.default})")
+        lo, hi = field_bounds(info)
+        if lo is not None and hi is not None:
+            action.help += f" [{_plain(lo)} to {_plain(hi)}]"
+
+
+def _plain(number: float) -> str:
+    return str(int(number)) if float(number).is_integer() else str(number)
+
+
+def _train_flags(p: argparse.ArgumentParser, schema) -> None:
+    """A flag for every field of the kind's training schema (studio.training.schemas), named as the
+    field, with the studio's older short names (``--data``, ``--name``, ``--lr``, ``--grad-accum``...)."""
     _common(p)
-    p.add_argument("--data", required=True, metavar="DIR",
-                   help="the images and their .txt captions (kohya <repeats>_<name> sub-folders work)")
-    p.add_argument("--name", required=True, help="what to train / the output's name")
-    p.add_argument("--checkpoint", "-m", default=None, help="title, name or hash; default: last used")
-    p.add_argument("--steps", type=int, default=steps, help=f"optimizer steps (default {steps})")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
-    _dataset_flags(p)
-    p.add_argument("--shuffle-tags", action="store_true", help="shuffle the comma-separated tags of captions")
-    p.add_argument("--keep-tokens", type=int, default=0, help="tags at the start that are never shuffled")
-    p.add_argument("--caption-dropout", type=float, default=0.0, help="chance to train without the caption")
-    p.add_argument("--tag-dropout", type=float, default=0.0, help="chance to drop each tag")
-    p.add_argument("--optimizer", default="AdamW", help="AdamW or AdamW8bit")
-    p.add_argument("--mixed-precision", default="auto", help="auto, no, fp16 or bf16 (auto: fp16 on CUDA)")
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping; 0 = none")
-    p.add_argument("--noise-offset", type=float, default=0.0)
-    p.add_argument("--min-snr-gamma", type=float, default=0.0, help="0 = off; 5 is the paper's value")
-    p.add_argument("--clip-skip", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save-every", type=int, default=0, help="save every N steps; 0 = at the end only")
-    p.add_argument("--sample-every", type=int, default=0, help="sample an image every N steps; 0 = never")
-    p.add_argument("--sample-prompt", default="", help="default: the first image's caption")
-    p.add_argument("--sample-steps", type=int, default=20)
-    p.add_argument("--no-resume", action="store_true",
-                   help="start over instead of continuing from the last save of the same name")
+    add_request_arguments(p, schema)
+    _finish_schema_flags(p, schema)
+    # the older flag; as an alias of the schema's --enable-bucket argparse would also make --no-no-bucket
+    p.add_argument("--no-bucket", dest="enable_bucket", action="store_false", default=argparse.SUPPRESS,
+                   help="the same as --no-enable-bucket")
 
 
-def _add_training_parsers(sub) -> None:
+def _add_training_parsers(sub, schemas=None) -> None:
+    """``train lora|embedding|hypernetwork`` (flags from the studio's training schemas: ``schemas`` is a
+    RequestSchemas with a ``training`` member or a TrainingSchemas), create-embedding,
+    create-hypernetwork and dataset."""
+    from studio.training.schemas import training_schemas
+
+    training = training_schemas(schemas)
     t = sub.add_parser("train", help="train a LoRA, an embedding or a hypernetwork on a folder of images")
     kinds = t.add_subparsers(dest="kind", required=True)
 
     lo = kinds.add_parser("lora", help="train a LoRA (kohya format, into models/Lora)")
-    _train_flags(lo, steps=1000)
-    lo.add_argument("--rank", type=int, default=8, help="network dim (default 8)")
-    lo.add_argument("--alpha", type=float, default=8.0, help="network alpha; 0 = rank (default 8)")
-    lo.add_argument("--conv-rank", type=int, default=0, help="conv layers' rank (LoCon); 0 = none")
-    lo.add_argument("--conv-alpha", type=float, default=1.0)
-    lo.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout")
-    lo.add_argument("--lr", type=float, default=1e-4, help="learning rate (default 1e-4)")
-    lo.add_argument("--unet-lr", type=float, default=None, help="UNet learning rate (default --lr)")
-    lo.add_argument("--te-lr", type=float, default=None, help="text encoder learning rate (default --lr)")
-    lo.add_argument("--train-text-encoder", action="store_true", help="train the text encoder(s) too")
-    lo.add_argument("--text-encoder-only", action="store_true", help="train only the text encoder(s)")
-    lo.add_argument("--scheduler", default="constant", help="constant, constant_with_warmup, cosine or linear")
-    lo.add_argument("--warmup", type=int, default=0, help="learning-rate warmup steps")
-    lo.add_argument("--overwrite", action="store_true", help="replace an existing LoRA of that name")
-
-    templates = ", ".join(TEMPLATE_NAMES)
-    for kind, lr, template in (("embedding", EMBEDDING_LR, "subject_filewords"),
-                               ("hypernetwork", HYPERNETWORK_LR, "style_filewords")):
+    _train_flags(lo, training.lora)
+    lo.add_argument("--text-encoder-only", action="store_true",
+                    help="train only the text encoder(s): --no-train-unet --train-text-encoder")
+    for kind in ("embedding", "hypernetwork"):
         k = kinds.add_parser(kind, help=f"train an existing {kind} (make one with create-{kind})")
-        _train_flags(k, steps=1000)
-        k.add_argument("--lr", default=lr, help=f'learning rate or an A1111 schedule like "0.005:100, 1e-5" '
-                                               f"(default {lr})")
-        k.add_argument("--template", default=template,
-                       help=f"prompt template: one of {templates}, or a text file of lines with [name] and "
-                            f"[filewords] (default {template})")
+        _train_flags(k, training.of(kind))
 
     ce = sub.add_parser("create-embedding", help="create an embedding to train (A1111's Create embedding)")
     _common(ce)
@@ -556,39 +556,27 @@ def _template(value: str) -> str:
     raise TrainingError(f"unknown template {value!r}: use one of {', '.join(DEFAULT_TEMPLATES)} or a text file")
 
 
-def training_request(ns: argparse.Namespace):
-    """The TrainingRequest a ``train`` command line asks for (TrainingError for values that cannot be one;
-    ranges are checked when the job is submitted)."""
-    from studio.training.base import TrainSettings
-    from studio.training.runner import TrainingRequest
-
-    common = dict(
-        data_dir=str(Path(ns.data).expanduser()), output_name=ns.name, checkpoint=ns.checkpoint, steps=ns.steps,
-        batch_size=ns.batch_size, gradient_accumulation=ns.grad_accum, optimizer=ns.optimizer,
-        mixed_precision=ns.mixed_precision, resolution=ns.resolution, enable_bucket=not ns.no_bucket,
-        min_bucket_reso=ns.min_bucket, max_bucket_reso=ns.max_bucket, caption_extension=ns.caption_extension,
-        shuffle_caption=ns.shuffle_tags, keep_tokens=ns.keep_tokens, caption_dropout=ns.caption_dropout,
-        tag_dropout=ns.tag_dropout, noise_offset=ns.noise_offset, min_snr_gamma=ns.min_snr_gamma,
-        clip_skip=ns.clip_skip, max_grad_norm=ns.max_grad_norm, seed=ns.seed, save_every=ns.save_every,
-        sample_every=ns.sample_every, sample_prompt=ns.sample_prompt, sample_steps=ns.sample_steps,
-        resume=not ns.no_resume,
-    )
-    if ns.kind == "lora":
-        from studio.training.lora import LoraSettings
-
-        lora = LoraSettings(rank=ns.rank, alpha=ns.alpha, conv_rank=ns.conv_rank, conv_alpha=ns.conv_alpha,
-                            train_unet=not ns.text_encoder_only,
-                            train_text_encoder=ns.train_text_encoder or ns.text_encoder_only,
-                            unet_lr=ns.unet_lr, text_encoder_lr=ns.te_lr, dropout=ns.dropout)
-        settings = TrainSettings(**common, learning_rate=ns.lr, lr_scheduler=ns.scheduler,
-                                 lr_warmup_steps=ns.warmup, overwrite=ns.overwrite)
-        return TrainingRequest("lora", settings, lora=lora)
+def training_request(ns: argparse.Namespace, schemas=None):
+    """The TrainingRequest a ``train`` command line asks for: the flags given, over the schema's defaults,
+    validated by the kind's schema (a RequestError with pydantic's words, as the API's 422 says)."""
+    from studio.generation.request import build_request, public_fields
     from studio.training.base import TrainingError
+    from studio.training.runner import request_for
+    from studio.training.schemas import training_schemas
 
-    if not str(ns.lr).strip():
+    schema = training_schemas(schemas).of(ns.kind)
+    # only what the user typed (studio.cli_schema's request_values would add generation's defaults)
+    values = {name: getattr(ns, name) for name in public_fields(schema) if hasattr(ns, name)}
+    if "train_data_dir" in values:
+        values["train_data_dir"] = str(Path(values["train_data_dir"]).expanduser())
+    if getattr(ns, "text_encoder_only", False):
+        values.update(train_unet=False, train_text_encoder=True)
+    if "learn_rate" in values and not str(values["learn_rate"]).strip():
         raise TrainingError("give a learning rate (--lr)")
-    settings = TrainSettings(**common, template=_template(ns.template))
-    return TrainingRequest(ns.kind, settings, learn_rate=str(ns.lr).strip())
+    template = values.get("template", schema.model_fields["template"].default)
+    if template:
+        values["template"] = _template(template)
+    return request_for(ns.kind, build_request(schema, values))
 
 
 def _duration(seconds: float | None) -> str:
@@ -706,15 +694,16 @@ def cmd_create_hypernetwork(ns: argparse.Namespace) -> int:
 
 
 def cmd_dataset(ns: argparse.Namespace) -> int:
-    from studio.training.base import TrainingError, TrainSettings
+    from studio.generation.request import RequestError, build_request
+    from studio.training.base import TrainSettings
     from studio.training.dataset import TrainDataset, summary
 
     try:
-        dataset = TrainDataset.from_settings(TrainSettings(
-            data_dir=str(Path(ns.dir).expanduser()), output_name="dataset", resolution=ns.resolution,
-            enable_bucket=not ns.no_bucket, min_bucket_reso=ns.min_bucket, max_bucket_reso=ns.max_bucket,
-            caption_extension=ns.caption_extension))
-    except TrainingError as e:
+        dataset = TrainDataset.from_settings(build_request(TrainSettings, {
+            "train_data_dir": str(Path(ns.dir).expanduser()), "output_name": "dataset",
+            "resolution": ns.resolution, "enable_bucket": not ns.no_bucket, "min_bucket_reso": ns.min_bucket,
+            "max_bucket_reso": ns.max_bucket, "caption_extension": ns.caption_extension}))
+    except RequestError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(summary(dataset))

@@ -84,8 +84,15 @@ def test_train_lora_waits_or_queues(server):
 def test_bad_training_requests(server):
     r = post(server, "/train/lora", {"data_dir": "/nonexistent/folder", "output_name": "x"})
     assert r.status_code == 400 and "/nonexistent/folder" in r.json()["detail"]
+    # a value out of the schema's range is a 422 with pydantic's words, as on the generation routes
     r = post(server, "/train/lora", {"data_dir": str(dataset(server)), "output_name": "x", "rank": 0})
-    assert r.status_code == 400 and "rank" in r.json()["detail"]
+    assert r.status_code == 422
+    problems = [(e["loc"][-1], e["msg"]) for e in r.json()["detail"]]
+    assert problems == [("rank", "Input should be greater than or equal to 1")]
+    r = post(server, "/train/lora", {"train_data_dir": str(dataset(server)), "output_name": "x",
+                                     "train_unet": False, "train_text_encoder": False})
+    assert r.status_code == 422 and r.json()["detail"][0]["msg"] == ("a LoRA must train the UNet, the text "
+                                                                     "encoder, or both")
     r = post(server, "/train/lora", {"data_dir": str(dataset(server)), "output_name": "x", "bogus": 1})
     assert r.status_code == 422
     r = post(server, "/train/embedding", {"embedding_name": "nope", "data_root": str(dataset(server)), **TINY})

@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 import studio.cli as cli_module
-from studio.cli import TEMPLATE_NAMES, build_parser, main, training_request
+from studio.cli import build_parser, main, training_request
+from studio.training.base import TEMPLATE_NAMES
 from studio.training.dataset import DEFAULT_TEMPLATES
 from tests.helpers import make_models_dir
 
@@ -125,8 +126,13 @@ def test_ctrl_c_interrupts_and_saves(capsys, root, monkeypatch):
 
 @pytest.mark.parametrize("args, message", [
     (("lora", "--data", "{root}/missing", "--name", "x"), "the dataset folder"),
-    (("lora", "--data", "{root}/dataset", "--name", "x", "--rank", "0"), "LoRA rank must be"),
-    (("lora", "--data", "{root}/dataset", "--name", "x", "--scheduler", "often"), "lr_scheduler must be one of"),
+    # the schema's words, as the API's 422 says them
+    (("lora", "--data", "{root}/dataset", "--name", "x", "--rank", "0"),
+     "rank: Input should be greater than or equal to 1 (got 0)"),
+    (("lora", "--data", "{root}/dataset", "--name", "x", "--scheduler", "often"),
+     "lr_scheduler: Input should be 'constant', 'constant_with_warmup', 'cosine' or 'linear'"),
+    (("lora", "--data", "{root}/dataset", "--name", "x", "--steps", "10", "--warmup", "20"),
+     "lr_warmup_steps: must be at most steps (10)"),
     (("lora", "--data", "{root}/dataset", "--name", "../x"), "not a valid file name"),
     (("embedding", "--data", "{root}/dataset", "--name", "no_such_emb"), "no embedding named 'no_such_emb'"),
     (("hypernetwork", "--data", "{root}/dataset", "--name", "no_such_hn"), "no hypernetwork named 'no_such_hn'"),

@@ -19,8 +19,6 @@ from studio.training.dataset import DEFAULT_TEMPLATES
 from studio.training.loop import TrainResult
 from studio.training.lora import LoraSettings
 from studio.ui.train import (
-    LORA_FIELDS,
-    TI_FIELDS,
     build_train_tab,
     create_embedding,
     create_hypernetwork,
@@ -61,9 +59,10 @@ def dataset(tmp_path_factory) -> Path:
     return folder
 
 
+# The LoRA form's values as RequestForm.values gives them: the schema's field names.
 LORA_VALUES = dict(
-    name=" my_lora ", data_dir="", rank=4, alpha=2.0, conv_rank=2, conv_alpha=1.5, train_unet=True,
-    train_text_encoder=True, unet_lr="2e-4", text_encoder_lr="", network_dropout=0.1, learning_rate="1e-4",
+    output_name="my_lora", train_data_dir="", rank=4, alpha=2.0, conv_rank=2, conv_alpha=1.5, train_unet=True,
+    train_text_encoder=True, unet_lr="2e-4", text_encoder_lr=None, dropout=0.1, learning_rate="1e-4",
     lr_scheduler="cosine", lr_warmup_steps=5, optimizer="AdamW8bit", mixed_precision="bf16", steps=100,
     batch_size=2, gradient_accumulation=3, max_grad_norm=0.5, resolution=640, enable_bucket=False,
     min_bucket_reso=128, max_bucket_reso=768, caption_extension=".caption", shuffle_caption=True, keep_tokens=1,
@@ -71,17 +70,33 @@ LORA_VALUES = dict(
     save_every=25, sample_every=50, sample_prompt="a cat", sample_steps=12, overwrite=True, resume=False,
 )
 
+# The "Train embedding / hypernetwork" form: shared fields, and each kind's name and learning rate.
 TI_VALUES = dict(
     embedding="emb_a", hypernetwork="hn_a", embedding_lr="0.005:100, 1e-5", hypernetwork_lr="0.00001",
-    batch_size=2, gradient_accumulation=1, data_dir="", template="style_filewords", resolution=128,
-    enable_bucket=True, steps=50, save_every=10, sample_every=0, sample_prompt="", shuffle_caption=True,
-    tag_dropout=0.2, clip_skip=1, seed=3, resume=True,
+    batch_size=2, gradient_accumulation=1, train_data_dir="", template="style_filewords", resolution=128,
+    min_bucket_reso=128, max_bucket_reso=1024, enable_bucket=True, steps=50, save_every=10, sample_every=0,
+    sample_prompt="", shuffle_caption=True, tag_dropout=0.2, clip_skip=1, seed=3, resume=True,
 )
 
 
-def test_the_tab_builds(studio):
+def build_forms(studio):
     with gr.Blocks() as blocks, gr.Tab("Train"):
-        build_train_tab(studio)
+        forms = build_train_tab(studio)
+    return blocks, forms
+
+
+def browser_data(form, typed: dict[str, object]) -> dict:
+    """What a click sends: every input of ``form`` at its initial value, except what was ``typed`` (by
+    elem_id, without the tab's prefix)."""
+    data = {}
+    for component in form.inputs():
+        key = component.elem_id.removeprefix(f"{form.tab_id}_")
+        data[component] = typed.get(key, component.value)
+    return data
+
+
+def test_the_tab_builds(studio):
+    blocks, forms = build_forms(studio)
     ids = {getattr(b, "elem_id", None) for b in blocks.blocks.values()}
     for elem_id in ("train_lora_name", "train_lora_data_dir", "train_lora_start", "train_lora_preview",
                     "train_lora_gallery", "train_lora_progress", "train_lora_loss", "train_lora_result",
@@ -90,25 +105,47 @@ def test_the_tab_builds(studio):
                     "train_create_hn_result", "train_embedding_select", "train_embedding_start",
                     "train_hypernetwork_select", "train_hypernetwork_start", "train_ti_loss", "train_ti_interrupt"):
         assert elem_id in ids, elem_id
-    assert set(LORA_FIELDS) == set(LORA_VALUES) and set(TI_FIELDS) == set(TI_VALUES)
+    # every field of the LoRA schema is set by a control (the hand-made ones, then "More parameters")
+    hidden = {"checkpoint"}   # the UI trains on the checkpoint chosen at the top
+    assert set(forms["lora"].schema.model_fields) - hidden <= forms["lora"].bound
+    assert "train_lora_template" in ids and "train_lora_more_parameters" in ids
+    # the embedding form reaches what A1111's tab has no control for
+    assert {"train_ti_optimizer", "train_ti_mixed_precision", "train_ti_caption_extension"} <= ids
+    assert set(forms["ti"].schema.model_fields) - hidden - {"learning_rate", "lr_scheduler", "lr_warmup_steps",
+                                                            "overwrite"} <= forms["ti"].bound
 
 
 def test_lora_values_map_to_the_request(studio, dataset):
-    req = lora_request_from_values(studio, {**LORA_VALUES, "data_dir": f'"{dataset}"'})
-    assert req.kind == "lora"
-    assert req.lora == LoraSettings(rank=4, alpha=2.0, conv_rank=2, conv_alpha=1.5, train_unet=True,
-                                    train_text_encoder=True, unet_lr=2e-4, text_encoder_lr=None, dropout=0.1)
-    assert req.settings == TrainSettings(
-        data_dir=str(dataset), output_name="my_lora", steps=100, batch_size=2, gradient_accumulation=3,
+    req = lora_request_from_values(studio, {**LORA_VALUES, "train_data_dir": str(dataset)})
+    assert req.kind == "lora" and req.lora is req.settings   # one object: the run's and the LoRA's settings
+    lora_fields = set(LoraSettings.model_fields)
+    assert req.lora.model_dump(include=lora_fields) == LoraSettings(
+        rank=4, alpha=2.0, conv_rank=2, conv_alpha=1.5, train_unet=True, train_text_encoder=True, unet_lr=2e-4,
+        text_encoder_lr=None, dropout=0.1).model_dump()
+    assert req.settings.model_dump(exclude=lora_fields) == TrainSettings(
+        train_data_dir=str(dataset), output_name="my_lora", steps=100, batch_size=2, gradient_accumulation=3,
         learning_rate=1e-4, lr_scheduler="cosine", lr_warmup_steps=5, optimizer="AdamW8bit",
         mixed_precision="bf16", resolution=640, enable_bucket=False, min_bucket_reso=128, max_bucket_reso=768,
         caption_extension=".caption", shuffle_caption=True, keep_tokens=1, caption_dropout=0.05, tag_dropout=0.1,
         noise_offset=0.03, min_snr_gamma=5.0, clip_skip=2, max_grad_norm=0.5, seed=42, save_every=25,
-        sample_every=50, sample_prompt="a cat", sample_steps=12, overwrite=True, resume=False)
+        sample_every=50, sample_prompt="a cat", sample_steps=12, overwrite=True, resume=False).model_dump()
+
+
+def test_the_lora_form_turns_controls_into_fields(studio, dataset):
+    _, forms = build_forms(studio)
+    form = forms["lora"]
+    values = form.values(browser_data(form, {"name": " my_lora ", "data_dir": f'"{dataset}"', "unet_lr": " ",
+                                             "te_lr": "5e-5", "caption_extension": "", "rank": 4}))
+    assert values["output_name"] == "my_lora" and values["train_data_dir"] == str(dataset)
+    assert values["unet_lr"] is None and values["text_encoder_lr"] == "5e-5"
+    assert values["caption_extension"] == ".txt" and values["rank"] == 4
+    assert values["steps"] == 1000   # the schema's default in the control, not generation's 20
+    req = lora_request_from_values(studio, values)
+    assert req.lora.text_encoder_lr == 5e-5 and req.settings.template is None
     # a relative folder is found in the studio's data folder
     (Path(studio.paths.data) / "my_images").mkdir(exist_ok=True)
-    relative = lora_request_from_values(studio, {**LORA_VALUES, "data_dir": "my_images"})
-    assert relative.settings.data_dir == str(Path(studio.paths.data) / "my_images")
+    relative = form.values(browser_data(form, {"name": "x", "data_dir": "my_images"}))
+    assert relative["train_data_dir"] == str(Path(studio.paths.data) / "my_images")
 
 
 def test_ti_values_map_to_the_request(studio):
@@ -116,23 +153,40 @@ def test_ti_values_map_to_the_request(studio):
     assert emb.kind == "embedding" and emb.learn_rate == "0.005:100, 1e-5" and emb.lora is None
     s = emb.settings
     assert s.output_name == "emb_a" and s.steps == 50 and s.batch_size == 2 and s.resolution == 128
-    assert s.template == "\n".join(DEFAULT_TEMPLATES["style_filewords"])
+    assert s.template == "style_filewords"   # a built-in template by name (the dataset reads it)
     assert s.min_bucket_reso == 128 and s.max_bucket_reso == 1024 and s.enable_bucket
     assert s.shuffle_caption and s.tag_dropout == 0.2 and s.save_every == 10 and s.seed == 3 and s.resume
     hn = ti_request_from_values(studio, "hypernetwork", TI_VALUES)
     assert hn.kind == "hypernetwork" and hn.settings.output_name == "hn_a" and hn.learn_rate == "0.00001"
 
 
+def test_the_ti_form_turns_controls_into_fields(studio):
+    _, forms = build_forms(studio)
+    form = forms["ti"]
+    data = browser_data(form, {"resolution": 128, "template": "style_filewords", "steps": 50})
+    data.update({c: value for c in form.inputs() for elem_id, value in (("train_embedding_select", "emb_a"),
+                 ("train_hypernetwork_select", "hn_a")) if c.elem_id == elem_id})
+    values = form.values(data)
+    # one size as in A1111's tab: the buckets around it; the template's lines
+    assert (values["resolution"], values["min_bucket_reso"], values["max_bucket_reso"]) == (128, 128, 1024)
+    assert values["template"] == "\n".join(DEFAULT_TEMPLATES["style_filewords"])
+    emb = ti_request_from_values(studio, "embedding", values)
+    hn = ti_request_from_values(studio, "hypernetwork", values)
+    assert (emb.settings.output_name, emb.learn_rate) == ("emb_a", "0.005")   # the tab's own default rates
+    assert (hn.settings.output_name, hn.learn_rate) == ("hn_a", "0.00001")
+    assert emb.settings.optimizer == "AdamW" and emb.settings.steps == 50
+
+
 def run_stream(studio, submit) -> list[tuple]:
     return list(stream_training(studio, submit, poll=0.05))
 
 
-@pytest.mark.parametrize("changes, message", [
-    (dict(rank="four"), "LoRA rank must be a number"),
-    (dict(rank=2.5), "LoRA rank must be a whole number"),
-    (dict(learning_rate=""), "learning rate: give a number"),
-    (dict(unet_lr="fast"), "UNet learning rate must be a number"),
-    (dict(steps=None), "steps: give a number"),
+@pytest.mark.parametrize("changes, message", [   # pydantic's words, as the API's 422 and the CLI say them
+    (dict(rank="four"), "rank: Input should be a valid integer, unable to parse string as an integer"),
+    (dict(rank=2.5), "rank: Input should be a valid integer, got a number with a fractional part"),
+    (dict(learning_rate=""), "learning_rate: Input should be a valid number, unable to parse string as a number"),
+    (dict(unet_lr="fast"), "unet_lr: Input should be a valid number, unable to parse string as a number"),
+    (dict(steps=None), "steps: Input should be a valid integer"),
     (dict(train_unet=False, train_text_encoder=False), "the UNet, the text encoder, or both"),
 ])
 def test_bad_lora_values_are_said_and_nothing_is_queued(studio, changes, message):
@@ -147,9 +201,10 @@ def test_bad_lora_values_are_said_and_nothing_is_queued(studio, changes, message
 
 def test_the_engine_refuses_what_the_form_cannot_know(studio, dataset, tmp_path):
     # checked by the engine before queueing: a missing folder, a bad name, values out of range
-    for changes, message in ((dict(data_dir=str(tmp_path / "nope")), "does not exist"),
-                             (dict(data_dir=str(dataset), name="a/b"), "not a valid file name"),
-                             (dict(data_dir=str(dataset), lr_scheduler="sometimes"), "lr_scheduler must be one of")):
+    for changes, message in ((dict(train_data_dir=str(tmp_path / "nope")), "does not exist"),
+                             (dict(train_data_dir=str(dataset), output_name="a/b"), "not a valid file name"),
+                             (dict(train_data_dir=str(dataset), lr_scheduler="sometimes"),
+                              "lr_scheduler: Input should be 'constant'")):
         updates = run_stream(studio, lambda c=changes: studio.submit_training(
             lora_request_from_values(studio, {**LORA_VALUES, **c})))
         assert message in updates[-1][3], updates
@@ -191,7 +246,7 @@ def test_dataset_preview(studio, dataset, tmp_path):
                             (tmp_path, "no images in")):
         items, text = preview_dataset(studio, str(folder) if folder else "", 64, True, 64, 128, ".txt")
         assert items == [] and text.startswith("**Error:**") and message in text
-    assert "resolution must be a number" in preview_dataset(studio, str(dataset), "big")[1]
+    assert "resolution: Input should be a valid integer" in preview_dataset(studio, str(dataset), "big")[1]
 
 
 def test_stream_shows_progress_losses_sample_and_summary(studio, tmp_path):

@@ -1,17 +1,20 @@
 """Training over HTTP: A1111's create/train routes (same paths, field names and replies), plus
-``/sdapi/v1/train/lora`` of ours. Every route builds a TrainingRequest for the same trainer the
-Train tab and the CLI use; training routes block until the run ends, as A1111's do, unless a LoRA
-request says ``"wait": false``."""
+``/sdapi/v1/train/lora`` of ours, whose body is the studio's LoRA training schema
+(studio.training.schemas) plus ``wait``: a value out of its range is a 422 with pydantic's words, as
+on the generation routes; what needs the files (the dataset, the name, an existing output) is a 400.
+Every route builds a TrainingRequest for the same trainer the Train tab and the CLI use; training
+routes block until the run ends, as A1111's do, unless a LoRA request says ``"wait": false``."""
 
 from __future__ import annotations
 
-from dataclasses import MISSING, fields
-from typing import Any, get_type_hints
+from typing import Any
 
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
+from studio.generation.request import build_request
 from studio.training.base import TrainingError, TrainSettings
+from studio.training.schemas import EMBEDDING_LR, HYPERNETWORK_LR, TrainLoraRequest, training_schemas
 
 # A1111's prompt template files → our built-in templates
 TEMPLATE_FILES = {"subject.txt": "subject", "subject_filewords.txt": "subject_filewords", "style.txt": "style",
@@ -67,28 +70,11 @@ class TrainA1111Body(BaseModel):
     preview_seed: int = -1
 
 
-def _fields_of(*classes: type) -> dict[str, Any]:
-    """pydantic field definitions from the dataclasses' own fields, types and defaults, so the API body
-    can never drift from the settings it fills."""
-    out: dict[str, Any] = {}
-    for cls in classes:
-        hints = get_type_hints(cls)
-        for f in fields(cls):
-            if f.default is not MISSING:
-                out[f.name] = (hints[f.name], f.default)
-            elif f.default_factory is not MISSING:
-                out[f.name] = (hints[f.name], Field(default_factory=f.default_factory))
-            else:
-                out[f.name] = (hints[f.name], ...)
-    return out
-
-
-def lora_body_model() -> type[BaseModel]:
-    """The body of POST /sdapi/v1/train/lora: every TrainSettings and LoraSettings field, plus ``wait``."""
-    from studio.training.lora import LoraSettings
-
-    return create_model("TrainLoraBody", __config__=ConfigDict(extra="forbid"),
-                        wait=(bool, True), **_fields_of(LoraSettings, TrainSettings))
+def lora_body_model(schema: type[TrainLoraRequest] = TrainLoraRequest) -> type[BaseModel]:
+    """The body of POST /sdapi/v1/train/lora: every field of the LoRA training schema, plus ``wait``."""
+    return create_model("TrainLoraBody", __base__=schema,
+                        wait=(bool, Field(True, description="wait for the run to end; false: queue it and "
+                                                            "answer at once with its job id")))
 
 
 def _a1111_settings(body: TrainA1111Body, name: str, save_every: int) -> TrainSettings:
@@ -99,14 +85,16 @@ def _a1111_settings(body: TrainA1111Body, name: str, save_every: int) -> TrainSe
             grad = float(body.clip_grad_value)
         except (TypeError, ValueError) as e:
             raise TrainingError(f"clip_grad_value must be a number (got {body.clip_grad_value!r})") from e
-    return TrainSettings(
-        data_dir=body.data_root, output_name=name, steps=body.steps, batch_size=body.batch_size,
-        gradient_accumulation=body.gradient_step, resolution=(res := max(body.training_width, body.training_height)),
-        min_bucket_reso=min(256, res), max_bucket_reso=max(1024, res),
-        enable_bucket=body.varsize, shuffle_caption=body.shuffle_tags, tag_dropout=body.tag_drop_out,
-        template=template, max_grad_norm=grad, save_every=save_every, sample_every=body.create_image_every,
-        sample_prompt=body.preview_prompt, sample_steps=body.preview_steps,
-        seed=body.preview_seed if body.preview_seed >= 0 else 0, resume=True)
+    resolution = max(body.training_width, body.training_height)
+    # A1111's body is not the studio's schema: its values are checked as settings (a 400 naming the field)
+    return build_request(TrainSettings, {
+        "train_data_dir": body.data_root, "output_name": name, "steps": body.steps,
+        "batch_size": body.batch_size, "gradient_accumulation": body.gradient_step, "resolution": resolution,
+        "min_bucket_reso": min(256, resolution), "max_bucket_reso": max(1024, resolution),
+        "enable_bucket": body.varsize, "shuffle_caption": body.shuffle_tags, "tag_dropout": body.tag_drop_out,
+        "template": template, "max_grad_norm": grad, "save_every": save_every,
+        "sample_every": body.create_image_every, "sample_prompt": body.preview_prompt,
+        "sample_steps": body.preview_steps, "seed": max(body.preview_seed, 0), "resume": True})
 
 
 def build_training_router(studio: Any, route_class: Any) -> APIRouter:
@@ -142,26 +130,25 @@ def build_training_router(studio: Any, route_class: Any) -> APIRouter:
 
     @r.post("/train/embedding")
     def train_embedding(body: TrainA1111Body) -> dict[str, Any]:
-        return train_a1111("embedding", body, body.embedding_name, "0.005", body.save_embedding_every)
+        return train_a1111("embedding", body, body.embedding_name, EMBEDDING_LR, body.save_embedding_every)
 
     @r.post("/train/hypernetwork")
     def train_hypernetwork(body: TrainA1111Body) -> dict[str, Any]:
-        return train_a1111("hypernetwork", body, body.hypernetwork_name, "0.00001", body.save_hypernetwork_every)
+        return train_a1111("hypernetwork", body, body.hypernetwork_name, HYPERNETWORK_LR,
+                           body.save_hypernetwork_every)
+
+    schema = training_schemas(studio.schemas).lora
 
     def train_lora(body: Any) -> dict[str, Any]:
-        from studio.training.lora import LoraSettings
-
-        values = body.model_dump()
-        lora = LoraSettings(**{f.name: values[f.name] for f in fields(LoraSettings) if f.name in values})
-        settings = TrainSettings(**{f.name: values[f.name] for f in fields(TrainSettings) if f.name in values})
-        job = studio.submit_training(TrainingRequest("lora", settings, lora=lora))
+        settings = schema.model_validate(body.model_dump(exclude={"wait"}))
+        job = studio.submit_training(TrainingRequest("lora", settings))
         if not body.wait:
             return {"info": "queued", "job": job.state.job_id}
         result = job.wait()
         return {"info": f"train lora complete: filename: {result.output_path}", "result": result.api_dict()}
 
-    # the body model is built at run time, so the annotation is set on the function itself
-    train_lora.__annotations__["body"] = lora_body_model()
+    # the body is the studio's schema, so the annotation is set on the function itself
+    train_lora.__annotations__["body"] = lora_body_model(schema)
     r.post("/train/lora")(train_lora)
 
     return r

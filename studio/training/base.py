@@ -42,6 +42,8 @@ MAX_GRADIENT_ACCUMULATION = 256
 MIN_RESOLUTION, MAX_RESOLUTION = 64, 4096
 MAX_EVERY = 1_000_000           # save_every / sample_every
 MAX_SAMPLE_STEPS = 150
+# the built-in prompt templates (studio.training.dataset.DEFAULT_TEMPLATES' names)
+TEMPLATE_NAMES = ("subject", "subject_filewords", "style", "style_filewords", "none")
 
 # CLI argument groups (door(group=...)) of the training flags
 _LEARNING, _DATASET, _OUTPUT = "learning", "dataset and captions", "saving and samples"
@@ -83,8 +85,9 @@ class TrainSettings(BaseModel):
                                       + ", ".join(LR_SCHEDULERS),
                                       json_schema_extra=door(group=_LEARNING, cli=("--scheduler",),
                                                              label="LR scheduler"))
-    lr_warmup_steps: int = Field(0, ge=0, le=MAX_TRAIN_STEPS, description="learning-rate warmup steps "
-                                 "(at most steps)", json_schema_extra=door(group=_LEARNING, cli=("--warmup",)))
+    lr_warmup_steps: int = Field(0, ge=0, le=MAX_TRAIN_STEPS, validate_default=True,
+                                 description="learning-rate warmup steps (at most steps)",
+                                 json_schema_extra=door(group=_LEARNING, cli=("--warmup",)))
     optimizer: Optimizer = Field("AdamW", description="AdamW, or AdamW8bit (bitsandbytes, CUDA only)",
                                  json_schema_extra=door(group=_LEARNING))
     mixed_precision: MixedPrecision = Field("auto", description="auto (fp16 on CUDA, none on the CPU), no, "
@@ -102,11 +105,11 @@ class TrainSettings(BaseModel):
                             description="training resolution (a multiple of 8)",
                             json_schema_extra=door(group=_DATASET))
     enable_bucket: bool = Field(True, description="aspect-ratio buckets; off: every image is cropped square",
-                                json_schema_extra=door(group=_DATASET, cli=("--no-bucket",),
-                                                       label="Aspect-ratio buckets"))
+                                json_schema_extra=door(group=_DATASET, label="Aspect-ratio buckets"))
     min_bucket_reso: int = Field(256, ge=MIN_RESOLUTION, le=MAX_RESOLUTION, description="smallest bucket side",
                                  json_schema_extra=door(group=_DATASET, cli=("--min-bucket",)))
-    max_bucket_reso: int = Field(1024, ge=MIN_RESOLUTION, le=MAX_RESOLUTION, description="largest bucket side",
+    max_bucket_reso: int = Field(1024, ge=MIN_RESOLUTION, le=MAX_RESOLUTION, validate_default=True,
+                                 description="largest bucket side",
                                  json_schema_extra=door(group=_DATASET, cli=("--max-bucket",)))
     caption_extension: str = Field(".txt", min_length=1, description="the caption files' extension",
                                    json_schema_extra=door(group=_DATASET))
@@ -119,9 +122,9 @@ class TrainSettings(BaseModel):
                                    "(kohya caption_dropout_rate)", json_schema_extra=door(group=_DATASET))
     tag_dropout: float = Field(0.0, ge=0, le=1, description="chance to drop each tag "
                                "(kohya caption_tag_dropout_rate)", json_schema_extra=door(group=_DATASET))
-    template: str | None = Field(None, description="prompt template: a built-in one (subject, "
-                                 "subject_filewords, style, style_filewords, none) or lines with [name] and "
-                                 "[filewords]; empty = the captions as they are (LoRA) or the kind's default",
+    template: str | None = Field(None, description=f"prompt template: a built-in one "
+                                 f"({', '.join(TEMPLATE_NAMES)}) or lines with [name] and [filewords]; empty = "
+                                 "the captions as they are (LoRA) or the kind's default",
                                  json_schema_extra=door(group=_DATASET))
     save_every: int = Field(0, ge=0, le=MAX_EVERY, description="save every N steps; 0 = at the end only",
                             json_schema_extra=door(group=_OUTPUT))

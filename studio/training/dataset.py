@@ -283,17 +283,17 @@ class TrainDataset:
         self.name = name if name is not None else settings.output_name
         self.notes = list(notes or [])
         self.template_lines = _template_lines(settings.template)
-        self.root = Path(settings.data_dir).expanduser()
+        self.root = Path(settings.train_data_dir).expanduser()
 
     # ---- scanning
 
     @classmethod
     def from_settings(cls, settings: TrainSettings, name: str | None = None) -> TrainDataset:
-        """Scan ``settings.data_dir``; ``name`` is what ``[name]`` in a template becomes (the embedding or
-        hypernetwork name; ``settings.output_name`` when not given)."""
-        if not settings.data_dir or not str(settings.data_dir).strip():
+        """Scan ``settings.train_data_dir``; ``name`` is what ``[name]`` in a template becomes (the embedding
+        or hypernetwork name; ``settings.output_name`` when not given)."""
+        if not settings.train_data_dir.strip():
             raise TrainingError("choose the folder with the training images")
-        root = Path(settings.data_dir).expanduser()
+        root = Path(settings.train_data_dir).expanduser()
         if not root.exists():
             raise TrainingError(f"the dataset folder {root} does not exist")
         if not root.is_dir():

@@ -21,7 +21,7 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -215,7 +215,7 @@ def run_training(model: Any, trainable: Trainable, settings: TrainSettings, data
                                 "epoch": epoch, "trainable": trainable.state_dict(),
                                 "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
                                 "torch_rng": torch.get_rng_state(), "losses": history[-10000:],
-                                "settings": {k: str(v) for k, v in asdict(settings).items()}},
+                                "settings": {k: str(v) for k, v in settings.model_dump().items()}},
                                folder / STATE_FILE)
             log.info("Training %s: saved step %d to %s%s", trainable.kind, step, path, " (final)" if final else "")
 

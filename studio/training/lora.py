@@ -98,7 +98,8 @@ class LoraSettings(BaseModel):
                               "0 = conv_rank", json_schema_extra=door(group=_NETWORK))
     train_unet: bool = Field(True, description="train the UNet (off: kohya network_train_text_encoder_only)",
                              json_schema_extra=door(group=_NETWORK))
-    train_text_encoder: bool = Field(False, description="train the text encoder(s) too (off: kohya "
+    train_text_encoder: bool = Field(False, validate_default=True,   # checked with train_unet's default too
+                                     description="train the text encoder(s) too (off: kohya "
                                      "network_train_unet_only)", json_schema_extra=door(group=_NETWORK))
     unet_lr: float | None = Field(None, gt=0, le=10, description="UNet learning rate; empty = learning_rate",
                                   json_schema_extra=door(group=_NETWORK, label="UNet learning rate"))

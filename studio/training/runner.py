@@ -16,14 +16,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from studio.jobs import JobState
-from studio.training.base import (
-    LR_SCHEDULERS,
-    MIXED_PRECISION,
-    OPTIMIZERS,
-    TrainingError,
-    TrainSettings,
-    check_output_name,
-)
+from studio.training.base import TrainingError, TrainSettings, check_output_name
+from studio.training.lora import LoraSettings
+from studio.training.schemas import EMBEDDING_LR, HYPERNETWORK_LR, TrainEmbeddingRequest
 
 if TYPE_CHECKING:
     from studio.engine import Engine
@@ -36,10 +31,22 @@ KINDS = ("lora", "embedding", "hypernetwork")
 
 @dataclass(frozen=True)
 class TrainingRequest:
+    """A run of ``kind`` with ``settings`` (validated: a schema of studio.training.schemas or a plain
+    TrainSettings). A LoRA's own settings are ``lora``, or the settings themselves when they are a
+    TrainLoraRequest; an embedding's or hypernetwork's schedule is ``learn_rate``, or the settings'."""
+
     kind: str                              # "lora" | "embedding" | "hypernetwork"
     settings: TrainSettings
-    lora: Any = None                       # studio.training.lora.LoraSettings for kind "lora"
+    lora: LoraSettings | None = None
     learn_rate: str | None = None          # A1111 schedule for embeddings / hypernetworks: "0.005:100, 1e-5"
+
+
+def request_for(kind: str, settings: TrainSettings) -> TrainingRequest:
+    """The request for settings built from the kind's schema: a LoRA's settings are its own
+    (``TrainLoraRequest`` is both), an embedding's or hypernetwork's schedule is their ``learn_rate``."""
+    lora = settings if isinstance(settings, LoraSettings) else None
+    learn_rate = settings.learn_rate if isinstance(settings, TrainEmbeddingRequest) else None
+    return TrainingRequest(kind, settings, lora=lora, learn_rate=learn_rate)
 
 
 @dataclass
@@ -49,38 +56,6 @@ class PreparedTraining:
     output_path: Path
     source_path: Path | None               # the embedding / hypernetwork file being trained
     lr_at: Any = None
-
-
-def _check(name: str, value: float, lo: float, hi: float) -> None:
-    if isinstance(value, bool) or not lo <= value <= hi:
-        raise TrainingError(f"{name} must be between {lo:g} and {hi:g} (got {value!r})")
-
-
-def check_settings(s: TrainSettings) -> None:
-    _check("steps", s.steps, 1, 1_000_000)
-    _check("batch_size", s.batch_size, 1, 64)
-    _check("gradient_accumulation", s.gradient_accumulation, 1, 256)
-    _check("learning_rate", s.learning_rate, 1e-12, 10)
-    _check("lr_warmup_steps", s.lr_warmup_steps, 0, s.steps)
-    _check("resolution", s.resolution, 64, 4096)
-    _check("min_bucket_reso", s.min_bucket_reso, 64, s.max_bucket_reso)
-    _check("max_bucket_reso", s.max_bucket_reso, s.min_bucket_reso, 4096)
-    _check("noise_offset", s.noise_offset, 0, 1)
-    _check("min_snr_gamma", s.min_snr_gamma, 0, 100)
-    _check("clip_skip", s.clip_skip, 1, 12)
-    _check("max_grad_norm", s.max_grad_norm, 0, 1e6)
-    _check("caption_dropout", s.caption_dropout, 0, 1)
-    _check("tag_dropout", s.tag_dropout, 0, 1)
-    _check("keep_tokens", s.keep_tokens, 0, 1000)
-    _check("save_every", s.save_every, 0, 1_000_000)
-    _check("sample_every", s.sample_every, 0, 1_000_000)
-    _check("sample_steps", s.sample_steps, 1, 150)
-    if s.resolution % 8:
-        raise TrainingError(f"resolution must be a multiple of 8 (got {s.resolution})")
-    for name, value, choices in (("lr_scheduler", s.lr_scheduler, LR_SCHEDULERS), ("optimizer", s.optimizer, OPTIMIZERS),
-                                 ("mixed_precision", s.mixed_precision, MIXED_PRECISION)):
-        if value not in choices:
-            raise TrainingError(f"{name} must be one of {', '.join(choices)} (got {value!r})")
 
 
 def _lora_output(studio: Engine, name: str) -> Path:
@@ -100,21 +75,13 @@ def prepare(studio: Engine, req: TrainingRequest) -> PreparedTraining:
         raise TrainingError(f"unknown training kind {req.kind!r}; use one of {', '.join(KINDS)}")
     settings = req.settings
     name = check_output_name(settings.output_name)
-    settings = replace(settings, output_name=name)
+    settings = settings.model_copy(update={"output_name": name})
     if settings.seed < 0:  # A1111's -1 = random
-        settings = replace(settings, seed=random.randrange(2**31))
-    check_settings(settings)
+        settings = settings.model_copy(update={"seed": random.randrange(2**31)})
     source = None
     lr_at = None
     if req.kind == "lora":
-        from studio.training.lora import LoraSettings
-
-        lora = req.lora or LoraSettings()
-        _check("rank", lora.rank, 1, 1024)
-        _check("alpha", lora.alpha, 1e-6, 1e6)
-        _check("conv_rank", lora.conv_rank, 0, 1024)
-        if not (lora.train_unet or lora.train_text_encoder):
-            raise TrainingError("train the UNet, the text encoder, or both")
+        lora = req.lora or (settings if isinstance(settings, LoraSettings) else LoraSettings())
         output = _lora_output(studio, name)
         if output.exists() and not settings.overwrite and not (settings.resume and _resumable(studio, "lora", name, output)):
             raise TrainingError(f"a LoRA named {name!r} already exists ({output}); tick overwrite or choose another name")
@@ -122,23 +89,26 @@ def prepare(studio: Engine, req: TrainingRequest) -> PreparedTraining:
     else:
         source = _find_source(studio, req.kind, name)
         output = source
+        if req.learn_rate is None and isinstance(settings, TrainEmbeddingRequest):
+            req = replace(req, learn_rate=settings.learn_rate)
         if not (req.learn_rate or "").strip():
             # A1111's defaults for the two
-            req = replace(req, learn_rate="0.005" if req.kind == "embedding" else "0.00001")
+            req = replace(req, learn_rate=EMBEDDING_LR if req.kind == "embedding" else HYPERNETWORK_LR)
         if req.learn_rate:
             from studio.training.embedding import lr_at as schedule_lr
             from studio.training.embedding import parse_lr_schedule
 
             schedule = parse_lr_schedule(req.learn_rate, settings.steps)
             # A1111 stops where the schedule's last rate ends
-            settings = replace(settings, learning_rate=schedule[0][0], steps=min(settings.steps, schedule[-1][1]))
+            settings = settings.model_copy(update={"learning_rate": schedule[0][0],
+                                                   "steps": min(settings.steps, schedule[-1][1])})
 
             def lr_at(index: int, schedule=schedule) -> float:
                 # the LR scheduler counts from 0, A1111's schedule from step 1
                 return schedule_lr(schedule, index + 1)
         if not settings.template:
             kind_templates = DEFAULT_TEMPLATES["subject" if req.kind == "embedding" else "style"]
-            settings = replace(settings, template="\n".join(kind_templates))
+            settings = settings.model_copy(update={"template": "\n".join(kind_templates)})
     dataset = TrainDataset.from_settings(settings, name=name)
     return PreparedTraining(replace(req, settings=settings), dataset, output, source, lr_at)
 

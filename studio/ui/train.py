@@ -1,10 +1,13 @@
 """Train tab: A1111's Train tab (create an embedding or a hypernetwork, train them) with LoRA training
 next to it.
 
-Every control's value goes through a module-level function (``lora_request_from_values``,
-``ti_request_from_values``, ``preview_dataset``, ``loss_plot_value``…) into the same
-:class:`~studio.training.runner.TrainingRequest` the API and CLI build, so the tests drive the tab
-without a browser. A training button submits the job (a bad value is said in the result and nothing is
+The training forms are bound to the studio's training schemas (studio.training.schemas) with
+:class:`~studio.ui.bindings.RequestForm`: each control sets the field it is bound to, a field no control
+binds gets one under "More parameters", and the values go through a module-level function
+(``lora_request_from_values``, ``ti_request_from_values``) into the same
+:class:`~studio.training.runner.TrainingRequest` the API and CLI build, validated by the same schema (a
+bad value is said in pydantic's words, as the API's 422 says it), so the tests drive the tab without a
+browser. A training button submits the job (a bad value is said in the result and nothing is
 queued), then streams its progress: step/total and ETA, the live loss plot, the latest sample image,
 and at the end what was written.
 """
@@ -22,27 +25,15 @@ import pandas as pd
 from PIL import Image, ImageOps
 
 from studio.core import Studio
+from studio.generation.request import build_request
 from studio.training.base import LR_SCHEDULERS, MIXED_PRECISION, OPTIMIZERS, TrainingError, TrainSettings
 from studio.training.dataset import DEFAULT_TEMPLATES, TrainDataset, summary
-from studio.training.runner import TrainingRequest
+from studio.training.runner import TrainingRequest, request_for
+from studio.training.schemas import TrainingSchemas, training_schemas
+from studio.ui.bindings import RequestForm
 from studio.ui.common import USER_ERRORS
 
-# The order of the LoRA sub-tab's inputs, as lora_request_from_values reads them.
-LORA_FIELDS = (
-    "name", "data_dir", "rank", "alpha", "conv_rank", "conv_alpha", "train_unet", "train_text_encoder",
-    "unet_lr", "text_encoder_lr", "network_dropout", "learning_rate", "lr_scheduler", "lr_warmup_steps",
-    "optimizer", "mixed_precision", "steps", "batch_size", "gradient_accumulation", "max_grad_norm",
-    "resolution", "enable_bucket", "min_bucket_reso", "max_bucket_reso", "caption_extension",
-    "shuffle_caption", "keep_tokens", "caption_dropout", "tag_dropout", "noise_offset", "min_snr_gamma",
-    "clip_skip", "seed", "save_every", "sample_every", "sample_prompt", "sample_steps", "overwrite", "resume",
-)
-
-# The order of the "Train embedding / hypernetwork" sub-tab's inputs (ti_request_from_values).
-TI_FIELDS = (
-    "embedding", "hypernetwork", "embedding_lr", "hypernetwork_lr", "batch_size", "gradient_accumulation",
-    "data_dir", "template", "resolution", "enable_bucket", "steps", "save_every", "sample_every",
-    "sample_prompt", "shuffle_caption", "tag_dropout", "clip_skip", "seed", "resume",
-)
+TI_KINDS = ("embedding", "hypernetwork")
 
 HN_SIZES = ("768", "1024", "320", "640", "1280")
 HN_DEFAULT_SIZES = ["768", "320", "640", "1280"]
@@ -81,8 +72,17 @@ def _int(value: Any, label: str) -> int:
     return int(number)
 
 
-def _optional_number(value: Any, label: str) -> float | None:
-    return None if _blank(value) else _number(value, label)
+def _text(value: Any) -> str:
+    return "" if value is None else str(value).strip()
+
+
+def _optional(value: Any) -> Any:
+    """An optional field's control: empty is "not set" (None)."""
+    return None if _blank(value) else value
+
+
+def _extension(value: Any) -> str:
+    return _text(value) or ".txt"
 
 
 def resolve_data_dir(studio: Studio | None, text: Any) -> str:
@@ -99,41 +99,14 @@ def resolve_data_dir(studio: Studio | None, text: Any) -> str:
     return str(path)
 
 
-def lora_request_from_values(studio: Studio | None, values: Mapping[str, Any]) -> TrainingRequest:
-    """The LoRA sub-tab's values (keys of :data:`LORA_FIELDS`) as a request. Raises TrainingError for a
-    value that is not a number where one is needed (ranges are checked when the job is submitted)."""
-    from studio.training.lora import LoraSettings
+def _schemas(studio: Studio | None) -> TrainingSchemas:
+    return training_schemas(getattr(studio, "schemas", None))
 
-    v = values
-    lora = LoraSettings(
-        rank=_int(v["rank"], "LoRA rank"), alpha=_number(v["alpha"], "LoRA alpha"),
-        conv_rank=_int(v["conv_rank"], "conv rank"), conv_alpha=_number(v["conv_alpha"], "conv alpha"),
-        train_unet=bool(v["train_unet"]), train_text_encoder=bool(v["train_text_encoder"]),
-        unet_lr=_optional_number(v["unet_lr"], "UNet learning rate"),
-        text_encoder_lr=_optional_number(v["text_encoder_lr"], "text encoder learning rate"),
-        dropout=_number(v["network_dropout"], "network dropout"),
-    )
-    settings = TrainSettings(
-        data_dir=resolve_data_dir(studio, v["data_dir"]), output_name=str(v["name"] or "").strip(),
-        steps=_int(v["steps"], "steps"), batch_size=_int(v["batch_size"], "batch size"),
-        gradient_accumulation=_int(v["gradient_accumulation"], "gradient accumulation steps"),
-        learning_rate=_number(v["learning_rate"], "learning rate"), lr_scheduler=str(v["lr_scheduler"]),
-        lr_warmup_steps=_int(v["lr_warmup_steps"], "warmup steps"), optimizer=str(v["optimizer"]),
-        mixed_precision=str(v["mixed_precision"]), max_grad_norm=_number(v["max_grad_norm"], "max grad norm"),
-        resolution=_int(v["resolution"], "resolution"), enable_bucket=bool(v["enable_bucket"]),
-        min_bucket_reso=_int(v["min_bucket_reso"], "min bucket resolution"),
-        max_bucket_reso=_int(v["max_bucket_reso"], "max bucket resolution"),
-        caption_extension=str(v["caption_extension"] or ".txt").strip() or ".txt",
-        shuffle_caption=bool(v["shuffle_caption"]), keep_tokens=_int(v["keep_tokens"], "keep tokens"),
-        caption_dropout=_number(v["caption_dropout"], "caption dropout"),
-        tag_dropout=_number(v["tag_dropout"], "tag dropout"), noise_offset=_number(v["noise_offset"], "noise offset"),
-        min_snr_gamma=_number(v["min_snr_gamma"], "Min-SNR gamma"), clip_skip=_int(v["clip_skip"], "clip skip"),
-        seed=_int(v["seed"], "seed"), save_every=_int(v["save_every"], "save every"),
-        sample_every=_int(v["sample_every"], "sample every"), sample_prompt=str(v["sample_prompt"] or ""),
-        sample_steps=_int(v["sample_steps"], "sample steps"), overwrite=bool(v["overwrite"]),
-        resume=bool(v["resume"]),
-    )
-    return TrainingRequest("lora", settings, lora=lora)
+
+def lora_request_from_values(studio: Studio | None, values: Mapping[str, Any]) -> TrainingRequest:
+    """The LoRA form's values (the LoRA schema's field names, as :meth:`RequestForm.values` gives them)
+    as a request; a value the schema refuses is a RequestError in pydantic's words."""
+    return request_for("lora", build_request(_schemas(studio).lora, dict(values)))
 
 
 def template_text(name: Any) -> str:
@@ -144,32 +117,34 @@ def template_text(name: Any) -> str:
     return "\n".join(DEFAULT_TEMPLATES[key])
 
 
+def ti_buckets(resolution: Any) -> dict[str, Any]:
+    """A1111's Train tab has one size: the buckets around it (a value that is no number goes to the schema
+    as it is, which says so)."""
+    try:
+        size = int(resolution)
+    except (TypeError, ValueError):
+        return {"resolution": resolution}
+    return {"resolution": resolution, "min_bucket_reso": max(64, min(256, size)),
+            "max_bucket_reso": max(1024, size)}
+
+
 def ti_request_from_values(studio: Studio | None, kind: str, values: Mapping[str, Any]) -> TrainingRequest:
-    """The "Train embedding / hypernetwork" sub-tab's values (keys of :data:`TI_FIELDS`) as a request
-    for ``kind`` "embedding" or "hypernetwork"."""
-    if kind not in ("embedding", "hypernetwork"):
+    """The "Train embedding / hypernetwork" form's values as a request for ``kind`` "embedding" or
+    "hypernetwork": the schema's fields both kinds share, plus the sub-tab's two name dropdowns and two
+    learning rates (keys ``embedding``, ``hypernetwork``, ``embedding_lr``, ``hypernetwork_lr``), of which
+    ``kind``'s are the output name and the learn rate."""
+    if kind not in TI_KINDS:
         raise ValueError(f"kind must be embedding or hypernetwork, not {kind!r}")
-    v = values
-    name = str(v[kind] or "").strip()
+    name = str(values.get(kind) or "").strip()
     if not name:
         where = "Create embedding" if kind == "embedding" else "Create hypernetwork"
         raise TrainingError(f"choose the {kind} to train (or make one in {where})")
-    rate = str(v[f"{kind}_lr"] or "").strip()
+    rate = str(values.get(f"{kind}_lr") or "").strip()
     if not rate:
         raise TrainingError(f"give the {kind} learning rate (a number or a schedule like 0.005:100, 1e-5)")
-    resolution = _int(v["resolution"], "resolution")
-    settings = TrainSettings(
-        data_dir=resolve_data_dir(studio, v["data_dir"]), output_name=name, steps=_int(v["steps"], "max steps"),
-        batch_size=_int(v["batch_size"], "batch size"),
-        gradient_accumulation=_int(v["gradient_accumulation"], "gradient accumulation steps"),
-        template=template_text(v["template"]), resolution=resolution, enable_bucket=bool(v["enable_bucket"]),
-        min_bucket_reso=max(64, min(256, resolution)), max_bucket_reso=max(1024, resolution),
-        save_every=_int(v["save_every"], "save every"), sample_every=_int(v["sample_every"], "sample every"),
-        sample_prompt=str(v["sample_prompt"] or ""), shuffle_caption=bool(v["shuffle_caption"]),
-        tag_dropout=_number(v["tag_dropout"], "tag dropout"), clip_skip=_int(v["clip_skip"], "clip skip"),
-        seed=_int(v["seed"], "seed"), resume=bool(v["resume"]),
-    )
-    return TrainingRequest(kind, settings, learn_rate=rate)
+    schema = _schemas(studio).of(kind)
+    fields = {key: value for key, value in values.items() if key in schema.model_fields}
+    return request_for(kind, build_request(schema, {**fields, "output_name": name, "learn_rate": rate}))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -194,14 +169,12 @@ def preview_dataset(studio: Studio | None, data_dir: Any, resolution: Any = 512,
     """``(gallery items, summary markdown)`` for the dataset folder: each image (a thumbnail) captioned
     with its bucket and caption, and the summary with the scan's notes. An error is the summary."""
     try:
-        settings = TrainSettings(
-            data_dir=resolve_data_dir(studio, data_dir), output_name="preview",
-            resolution=_int(resolution, "resolution"), enable_bucket=bool(enable_bucket),
-            min_bucket_reso=_int(min_bucket, "min bucket resolution"),
-            max_bucket_reso=_int(max_bucket, "max bucket resolution"),
-            caption_extension=str(caption_extension or ".txt").strip() or ".txt")
+        settings = build_request(TrainSettings, {
+            "train_data_dir": resolve_data_dir(studio, data_dir), "output_name": "preview",
+            "resolution": resolution, "enable_bucket": bool(enable_bucket), "min_bucket_reso": min_bucket,
+            "max_bucket_reso": max_bucket, "caption_extension": _extension(caption_extension)})
         dataset = TrainDataset.from_settings(settings)
-    except TrainingError as e:
+    except USER_ERRORS as e:
         return [], f"**Error:** {e}"
     items = []
     for item, row in zip(dataset.items, dataset.preview(limit)):
@@ -420,52 +393,54 @@ def _output_column(prefix: str, buttons: list[tuple[str, str]]) -> dict[str, Any
     return out
 
 
-def _build_lora(studio: Studio) -> None:
-    c: dict[str, Any] = {}
+def _build_lora(studio: Studio) -> RequestForm:
+    form = RequestForm(_schemas(studio).lora, "train_lora")
+    at = {name: info.default for name, info in form.schema.model_fields.items()}   # controls start at these
+    c: dict[str, Any] = {}   # field name -> its control
     with gr.Row(equal_height=False):
         with gr.Column(scale=3):
             with gr.Row():
-                c["name"] = gr.Textbox(label="Output name", placeholder="my_lora", elem_id="train_lora_name",
-                                       info="saved as models/Lora/<name>.safetensors")
-                c["data_dir"] = gr.Textbox(label="Dataset directory", placeholder="/path/to/images",
-                                           elem_id="train_lora_data_dir", scale=2,
-                                           info="images + .txt captions; kohya <repeats>_<name> sub-folders")
+                c["output_name"] = gr.Textbox(label="Output name", placeholder="my_lora", elem_id="train_lora_name",
+                                              info="saved as models/Lora/<name>.safetensors")
+                c["train_data_dir"] = gr.Textbox(label="Dataset directory", placeholder="/path/to/images",
+                                                 elem_id="train_lora_data_dir", scale=2,
+                                                 info="images + .txt captions; kohya <repeats>_<name> sub-folders")
             with gr.Accordion("Dataset preview", open=True, elem_id="train_lora_dataset"):
                 preview_button = gr.Button("Preview dataset", elem_id="train_lora_preview", size="sm")
                 dataset_summary = gr.Markdown("", elem_id="train_lora_dataset_summary")
                 gallery = gr.Gallery(label="Images (bucket · caption)", columns=6, height=300,
                                      object_fit="contain", elem_id="train_lora_gallery", format="png")
             with gr.Row():
-                c["rank"] = gr.Number(8, label="Rank (dim)", precision=0, elem_id="train_lora_rank")
-                c["alpha"] = gr.Number(8, label="Alpha", elem_id="train_lora_alpha", info="0 = rank")
-                c["train_unet"] = gr.Checkbox(True, label="Train UNet", elem_id="train_lora_train_unet")
-                c["train_text_encoder"] = gr.Checkbox(False, label="Train text encoder",
+                c["rank"] = gr.Number(at["rank"], label="Rank (dim)", precision=0, elem_id="train_lora_rank")
+                c["alpha"] = gr.Number(at["alpha"], label="Alpha", elem_id="train_lora_alpha", info="0 = rank")
+                c["train_unet"] = gr.Checkbox(at["train_unet"], label="Train UNet", elem_id="train_lora_train_unet")
+                c["train_text_encoder"] = gr.Checkbox(at["train_text_encoder"], label="Train text encoder",
                                                       elem_id="train_lora_train_text_encoder")
             with gr.Row():
-                c["learning_rate"] = gr.Textbox("1e-4", label="Learning rate", elem_id="train_lora_learning_rate")
-                c["steps"] = gr.Number(1000, label="Steps", precision=0, elem_id="train_lora_steps")
-                c["batch_size"] = gr.Number(1, label="Batch size", precision=0,
+                c["learning_rate"] = gr.Textbox(f"{at['learning_rate']:g}", label="Learning rate",
+                                                elem_id="train_lora_learning_rate")
+                c["steps"] = gr.Number(at["steps"], label="Steps", precision=0, elem_id="train_lora_steps")
+                c["batch_size"] = gr.Number(at["batch_size"], label="Batch size", precision=0,
                                             elem_id="train_lora_batch_size")
-                c["resolution"] = gr.Number(512, label="Resolution", precision=0, step=64,
+                c["resolution"] = gr.Number(at["resolution"], label="Resolution", precision=0, step=64,
                                             elem_id="train_lora_resolution")
             with gr.Row():
-                c["save_every"] = gr.Number(0, label="Save every N steps", precision=0,
+                c["save_every"] = gr.Number(at["save_every"], label="Save every N steps", precision=0,
                                             elem_id="train_lora_save_every", info="0 = at the end only")
-                c["sample_every"] = gr.Number(0, label="Sample every N steps", precision=0,
+                c["sample_every"] = gr.Number(at["sample_every"], label="Sample every N steps", precision=0,
                                               elem_id="train_lora_sample_every", info="0 = never")
                 c["sample_prompt"] = gr.Textbox(label="Sample prompt", elem_id="train_lora_sample_prompt", scale=2,
                                                 placeholder="empty: the first image's caption")
             with gr.Row():
-                c["overwrite"] = gr.Checkbox(False, label="Overwrite an existing LoRA",
+                c["overwrite"] = gr.Checkbox(at["overwrite"], label="Overwrite an existing LoRA",
                                              elem_id="train_lora_overwrite")
-                c["resume"] = gr.Checkbox(True, label="Resume from the last save", elem_id="train_lora_resume")
+                c["resume"] = gr.Checkbox(at["resume"], label="Resume from the last save", elem_id="train_lora_resume")
             with gr.Accordion("Network (advanced)", open=False, elem_id="train_lora_network_advanced"):
                 with gr.Row():
-                    c["conv_rank"] = gr.Number(0, label="Conv rank", precision=0,
+                    c["conv_rank"] = gr.Number(at["conv_rank"], label="Conv rank", precision=0,
                                                elem_id="train_lora_conv_rank", info="0 = no conv layers (LoCon)")
-                    c["conv_alpha"] = gr.Number(1, label="Conv alpha", elem_id="train_lora_conv_alpha")
-                    c["network_dropout"] = gr.Number(0, label="Network dropout",
-                                                     elem_id="train_lora_dropout")
+                    c["conv_alpha"] = gr.Number(at["conv_alpha"], label="Conv alpha", elem_id="train_lora_conv_alpha")
+                    c["dropout"] = gr.Number(at["dropout"], label="Network dropout", elem_id="train_lora_dropout")
                 with gr.Row():
                     c["unet_lr"] = gr.Textbox("", label="UNet learning rate", placeholder="= learning rate",
                                               elem_id="train_lora_unet_lr")
@@ -473,63 +448,71 @@ def _build_lora(studio: Studio) -> None:
                                                       placeholder="= learning rate", elem_id="train_lora_te_lr")
             with gr.Accordion("Optimizer (advanced)", open=False, elem_id="train_lora_optimizer_advanced"):
                 with gr.Row():
-                    c["lr_scheduler"] = gr.Dropdown(list(LR_SCHEDULERS), value="constant", label="LR scheduler",
-                                                    elem_id="train_lora_lr_scheduler")
-                    c["lr_warmup_steps"] = gr.Number(0, label="Warmup steps", precision=0,
+                    c["lr_scheduler"] = gr.Dropdown(list(LR_SCHEDULERS), value=at["lr_scheduler"],
+                                                    label="LR scheduler", elem_id="train_lora_lr_scheduler")
+                    c["lr_warmup_steps"] = gr.Number(at["lr_warmup_steps"], label="Warmup steps", precision=0,
                                                      elem_id="train_lora_warmup")
-                    c["optimizer"] = gr.Dropdown(list(OPTIMIZERS), value="AdamW", label="Optimizer",
+                    c["optimizer"] = gr.Dropdown(list(OPTIMIZERS), value=at["optimizer"], label="Optimizer",
                                                  elem_id="train_lora_optimizer")
-                    c["mixed_precision"] = gr.Dropdown(list(MIXED_PRECISION), value="auto", label="Mixed precision",
-                                                       elem_id="train_lora_mixed_precision")
+                    c["mixed_precision"] = gr.Dropdown(list(MIXED_PRECISION), value=at["mixed_precision"],
+                                                       label="Mixed precision", elem_id="train_lora_mixed_precision")
                 with gr.Row():
-                    c["gradient_accumulation"] = gr.Number(1, label="Gradient accumulation steps", precision=0,
-                                                           minimum=1, elem_id="train_lora_grad_accum")
-                    c["max_grad_norm"] = gr.Number(1.0, label="Max grad norm",
+                    c["gradient_accumulation"] = gr.Number(at["gradient_accumulation"], precision=0, minimum=1,
+                                                           label="Gradient accumulation steps",
+                                                           elem_id="train_lora_grad_accum")
+                    c["max_grad_norm"] = gr.Number(at["max_grad_norm"], label="Max grad norm",
                                                    elem_id="train_lora_max_grad_norm", info="0 = no clipping")
-                    c["noise_offset"] = gr.Number(0, label="Noise offset",
+                    c["noise_offset"] = gr.Number(at["noise_offset"], label="Noise offset",
                                                   elem_id="train_lora_noise_offset")
-                    c["min_snr_gamma"] = gr.Number(0, label="Min-SNR gamma",
+                    c["min_snr_gamma"] = gr.Number(at["min_snr_gamma"], label="Min-SNR gamma",
                                                    elem_id="train_lora_min_snr_gamma", info="0 = off; 5 is typical")
                 with gr.Row():
-                    c["clip_skip"] = gr.Slider(1, 12, value=1, step=1, label="Clip skip",
+                    c["clip_skip"] = gr.Slider(1, 12, value=at["clip_skip"], step=1, label="Clip skip",
                                                elem_id="train_lora_clip_skip")
-                    c["seed"] = gr.Number(0, label="Seed", precision=0, elem_id="train_lora_seed")
-                    c["sample_steps"] = gr.Number(20, label="Sample steps", precision=0,
+                    c["seed"] = gr.Number(at["seed"], label="Seed", precision=0, elem_id="train_lora_seed")
+                    c["sample_steps"] = gr.Number(at["sample_steps"], label="Sample steps", precision=0,
                                                   elem_id="train_lora_sample_steps")
             with gr.Accordion("Dataset (advanced)", open=False, elem_id="train_lora_dataset_advanced"):
                 with gr.Row():
-                    c["enable_bucket"] = gr.Checkbox(True, label="Aspect-ratio buckets",
+                    c["enable_bucket"] = gr.Checkbox(at["enable_bucket"], label="Aspect-ratio buckets",
                                                      elem_id="train_lora_enable_bucket")
-                    c["min_bucket_reso"] = gr.Number(256, label="Min bucket resolution", precision=0, step=64,
-                                                     elem_id="train_lora_min_bucket")
-                    c["max_bucket_reso"] = gr.Number(1024, label="Max bucket resolution", precision=0, step=64,
-                                                     elem_id="train_lora_max_bucket")
-                    c["caption_extension"] = gr.Textbox(".txt", label="Caption extension",
+                    c["min_bucket_reso"] = gr.Number(at["min_bucket_reso"], label="Min bucket resolution",
+                                                     precision=0, step=64, elem_id="train_lora_min_bucket")
+                    c["max_bucket_reso"] = gr.Number(at["max_bucket_reso"], label="Max bucket resolution",
+                                                     precision=0, step=64, elem_id="train_lora_max_bucket")
+                    c["caption_extension"] = gr.Textbox(at["caption_extension"], label="Caption extension",
                                                         elem_id="train_lora_caption_extension")
                 with gr.Row():
-                    c["shuffle_caption"] = gr.Checkbox(False, label="Shuffle tags",
+                    c["shuffle_caption"] = gr.Checkbox(at["shuffle_caption"], label="Shuffle tags",
                                                        elem_id="train_lora_shuffle_caption")
-                    c["keep_tokens"] = gr.Number(0, label="Keep first N tags", precision=0,
+                    c["keep_tokens"] = gr.Number(at["keep_tokens"], label="Keep first N tags", precision=0,
                                                  elem_id="train_lora_keep_tokens")
-                    c["caption_dropout"] = gr.Slider(0, 1, value=0, step=0.01, label="Caption dropout",
-                                                     elem_id="train_lora_caption_dropout")
-                    c["tag_dropout"] = gr.Slider(0, 1, value=0, step=0.01, label="Tag dropout",
+                    c["caption_dropout"] = gr.Slider(0, 1, value=at["caption_dropout"], step=0.01,
+                                                     label="Caption dropout", elem_id="train_lora_caption_dropout")
+                    c["tag_dropout"] = gr.Slider(0, 1, value=at["tag_dropout"], step=0.01, label="Tag dropout",
                                                  elem_id="train_lora_tag_dropout")
+            converters = {"output_name": _text, "train_data_dir": lambda text: resolve_data_dir(studio, text),
+                          "learning_rate": _text, "unet_lr": _optional, "text_encoder_lr": _optional,
+                          "caption_extension": _extension, "sample_prompt": _text}
+            for name, control in c.items():
+                form.bind(name, control, converters.get(name))
+            form.add_schema_controls()   # the schema's fields no control above sets
         with gr.Column(scale=2):
             out = _output_column("lora", [("Train LoRA", "train_lora_start")])
 
-    def train(*values):
+    def train(data: dict[Any, Any]):
         yield from stream_training(
-            studio, lambda: studio.submit_training(lora_request_from_values(studio, dict(zip(LORA_FIELDS, values)))))
+            studio, lambda: studio.submit_training(lora_request_from_values(studio, form.values(data))))
 
     outputs = [out["progress"], out["loss"], out["sample"], out["result"]]
-    out["train_lora_start"].click(train, [c[name] for name in LORA_FIELDS], outputs)
+    out["train_lora_start"].click(train, form.inputs(), outputs)
     out["interrupt"].click(lambda: interrupt_training(studio), None, out["result"], queue=False)
     preview_button.click(
         lambda *a: preview_dataset(studio, *a),
-        [c["data_dir"], c["resolution"], c["enable_bucket"], c["min_bucket_reso"], c["max_bucket_reso"],
+        [c["train_data_dir"], c["resolution"], c["enable_bucket"], c["min_bucket_reso"], c["max_bucket_reso"],
          c["caption_extension"]],
         [gallery, dataset_summary])
+    return form
 
 
 def _build_create_embedding(studio: Studio) -> dict[str, Any]:
@@ -570,7 +553,12 @@ def _build_create_hypernetwork(studio: Studio) -> dict[str, Any]:
                         dropout_structure, overwrite], button=button, result=result)
 
 
-def _build_train_ti(studio: Studio) -> dict[str, Any]:
+def _build_train_ti(studio: Studio) -> tuple[RequestForm, dict[str, Any]]:
+    # one form for both kinds: the fields they share, plus each kind's name and learning rate
+    schemas = _schemas(studio)
+    form = RequestForm(schemas.embedding, "train_ti")
+    default = {name: info.default for name, info in form.schema.model_fields.items()}
+    learn_rate = {kind: schemas.of(kind).model_fields["learn_rate"].default for kind in TI_KINDS}
     c: dict[str, Any] = {}
     embeddings, hypernetworks = embedding_choices(studio), hypernetwork_choices(studio)
     with gr.Row(equal_height=False):
@@ -584,21 +572,21 @@ def _build_train_ti(studio: Studio) -> dict[str, Any]:
                 refresh_hn = gr.Button("↻", elem_id="train_hypernetwork_refresh", scale=0, min_width=40,
                                        size="sm")
             with gr.Row():
-                c["embedding_lr"] = gr.Textbox("0.005", label="Embedding Learning rate",
+                c["embedding_lr"] = gr.Textbox(learn_rate["embedding"], label="Embedding Learning rate",
                                                placeholder="Embedding Learning rate",
                                                elem_id="train_embedding_learn_rate")
-                c["hypernetwork_lr"] = gr.Textbox("0.00001", label="Hypernetwork Learning rate",
-                                                  placeholder="Hypernetwork Learning rate",
+                c["hypernetwork_lr"] = gr.Textbox(learn_rate["hypernetwork"], placeholder="Hypernetwork Learning rate",
+                                                  label="Hypernetwork Learning rate",
                                                   elem_id="train_hypernetwork_learn_rate")
             with gr.Row():
                 c["batch_size"] = gr.Number(1, label="Batch size", precision=0,
                                             elem_id="train_ti_batch_size")
                 c["gradient_accumulation"] = gr.Number(1, label="Gradient accumulation steps", precision=0,
                                                        minimum=1, elem_id="train_ti_grad_accum")
-            c["data_dir"] = gr.Textbox(label="Dataset directory", placeholder="Path to directory with input images",
-                                       elem_id="train_ti_data_dir")
+            c["train_data_dir"] = gr.Textbox(label="Dataset directory", elem_id="train_ti_data_dir",
+                                             placeholder="Path to directory with input images")
             with gr.Row():
-                c["template"] = gr.Dropdown(list(DEFAULT_TEMPLATES), value="subject_filewords",
+                c["template"] = gr.Dropdown(list(DEFAULT_TEMPLATES), value=default["template"],
                                             label="Prompt template", elem_id="train_ti_template")
                 c["resolution"] = gr.Number(512, label="Resolution", precision=0, step=64,
                                             elem_id="train_ti_resolution")
@@ -620,38 +608,51 @@ def _build_train_ti(studio: Studio) -> dict[str, Any]:
                 c["clip_skip"] = gr.Slider(1, 12, value=1, step=1, label="Clip skip", elem_id="train_ti_clip_skip")
                 c["seed"] = gr.Number(0, label="Seed", precision=0, elem_id="train_ti_seed")
                 c["resume"] = gr.Checkbox(True, label="Resume from the last save", elem_id="train_ti_resume")
+            named = ("embedding", "hypernetwork", "embedding_lr", "hypernetwork_lr")
+            # ti_request_from_values picks the clicked kind's name and rate
+            form.bind_group(("output_name", "learn_rate"), [c[key] for key in named],
+                            lambda values: dict(zip(named, values)))
+            form.bind_group(("resolution", "min_bucket_reso", "max_bucket_reso"), [c["resolution"]],
+                            lambda values: ti_buckets(values[0]))
+            converters = {"train_data_dir": lambda text: resolve_data_dir(studio, text),
+                          "template": template_text, "sample_prompt": _text}
+            for name in ("batch_size", "gradient_accumulation", "train_data_dir", "template", "enable_bucket",
+                         "steps", "save_every", "sample_every", "sample_prompt", "shuffle_caption", "tag_dropout",
+                         "clip_skip", "seed", "resume"):
+                form.bind(name, c[name], converters.get(name))
+            form.add_schema_controls()   # the schema's fields no control above sets
         with gr.Column(scale=2):
             out = _output_column("ti", [("Train Embedding", "train_embedding_start"),
                                         ("Train Hypernetwork", "train_hypernetwork_start")])
 
     def runner(kind: str):
-        def train(*values):
+        def train(data: dict[Any, Any]):
             yield from stream_training(studio, lambda: studio.submit_training(
-                ti_request_from_values(studio, kind, dict(zip(TI_FIELDS, values)))))
+                ti_request_from_values(studio, kind, form.values(data))))
         return train
 
-    inputs = [c[name] for name in TI_FIELDS]
     outputs = [out["progress"], out["loss"], out["sample"], out["result"]]
-    out["train_embedding_start"].click(runner("embedding"), inputs, outputs)
-    out["train_hypernetwork_start"].click(runner("hypernetwork"), inputs, outputs)
+    out["train_embedding_start"].click(runner("embedding"), form.inputs(), outputs)
+    out["train_hypernetwork_start"].click(runner("hypernetwork"), form.inputs(), outputs)
     out["interrupt"].click(lambda: interrupt_training(studio), None, out["result"], queue=False)
     refresh_emb.click(lambda v: refresh_embeddings(studio, v), c["embedding"], c["embedding"], queue=False)
     refresh_hn.click(lambda v: refresh_hypernetworks(studio, v), c["hypernetwork"], c["hypernetwork"], queue=False)
-    return c
+    return form, c
 
 
-def build_train_tab(studio: Studio) -> None:
-    """The contents of the (already open) Train tab."""
+def build_train_tab(studio: Studio) -> dict[str, RequestForm]:
+    """The contents of the (already open) Train tab; returns its training forms (``lora``, ``ti``)."""
     with gr.Tabs(elem_id="train_tabs"):
         with gr.Tab("LoRA", id="train_lora", elem_id="train_lora_tab"):
-            _build_lora(studio)
+            lora_form = _build_lora(studio)
         with gr.Tab("Create embedding", id="train_create_embedding", elem_id="train_create_embedding_tab"):
             create_emb = _build_create_embedding(studio)
         with gr.Tab("Create hypernetwork", id="train_create_hn", elem_id="train_create_hn_tab"):
             create_hn = _build_create_hypernetwork(studio)
         with gr.Tab("Train embedding / hypernetwork", id="train_ti", elem_id="train_ti_tab"):
-            ti = _build_train_ti(studio)
+            ti_form, ti = _build_train_ti(studio)
     create_emb["button"].click(lambda *a: create_embedding(studio, *a), create_emb["inputs"],
                                [create_emb["result"], ti["embedding"]])
     create_hn["button"].click(lambda *a: create_hypernetwork(studio, *a), create_hn["inputs"],
                               [create_hn["result"], ti["hypernetwork"]])
+    return {"lora": lora_form, "ti": ti_form}
