@@ -134,41 +134,11 @@ def _dataset_flags(p: argparse.ArgumentParser) -> None:
                    help=described("caption_extension"))
 
 
-def _finish_schema_flags(parser: argparse.ArgumentParser, schema) -> None:
-    """What studio.cli_schema does not do (yet) for a training schema: a required field is a required
-    flag (its help had "default PydanticUndefined"); a field that shares a name with a generation field
-    in INTERACTIVE_DEFAULTS ("steps") shows its own default; and each help says the field's range."""
-    from studio.generation.request import INTERACTIVE_DEFAULTS, field_bounds, public_fields
-
-    fields = public_fields(schema)
-    for action in parser._actions:   # argparse keeps no public list of a parser's arguments
-        info = fields.get(action.dest)
-        if info is None or action.help is None:
-            continue
-        if info.is_required():
-            action.required = True
-            action.help = action.help.replace(f" (default {info.default})", "")
-        elif action.dest in INTERACTIVE_DEFAULTS:
-            action.help = action.help.replace(f"(default {INTERACTIVE_DEFAULTS[action.dest]})",
-                                              f"(default {info.default})")
-        lo, hi = field_bounds(info)
-        if lo is not None and hi is not None:
-            action.help += f" [{_plain(lo)} to {_plain(hi)}]"
-
-
-def _plain(number: float) -> str:
-    return str(int(number)) if float(number).is_integer() else str(number)
-
-
 def _train_flags(p: argparse.ArgumentParser, schema) -> None:
     """A flag for every field of the kind's training schema (studio.training.schemas), named as the
     field, with the studio's older short names (``--data``, ``--name``, ``--lr``, ``--grad-accum``...)."""
     _common(p)
     add_request_arguments(p, schema)
-    _finish_schema_flags(p, schema)
-    # the older flag; as an alias of the schema's --enable-bucket argparse would also make --no-no-bucket
-    p.add_argument("--no-bucket", dest="enable_bucket", action="store_false", default=argparse.SUPPRESS,
-                   help="the same as --no-enable-bucket")
 
 
 def _add_training_parsers(sub, schemas=None) -> None:
@@ -559,14 +529,13 @@ def _template(value: str) -> str:
 def training_request(ns: argparse.Namespace, schemas=None):
     """The TrainingRequest a ``train`` command line asks for: the flags given, over the schema's defaults,
     validated by the kind's schema (a RequestError with pydantic's words, as the API's 422 says)."""
-    from studio.generation.request import build_request, public_fields
+    from studio.generation.request import build_request
     from studio.training.base import TrainingError
     from studio.training.runner import request_for
     from studio.training.schemas import training_schemas
 
     schema = training_schemas(schemas).of(ns.kind)
-    # only what the user typed (studio.cli_schema's request_values would add generation's defaults)
-    values = {name: getattr(ns, name) for name in public_fields(schema) if hasattr(ns, name)}
+    values = request_values(ns, schema)
     if "train_data_dir" in values:
         values["train_data_dir"] = str(Path(values["train_data_dir"]).expanduser())
     if getattr(ns, "text_encoder_only", False):

@@ -14,9 +14,9 @@ from pydantic import BaseModel
 
 from studio.errors import RequestError
 from studio.generation.request import (
-    INTERACTIVE_DEFAULTS,
     field_bounds,
     field_type,
+    interactive_defaults,
     public_fields,
     studio_hints,
 )
@@ -31,6 +31,7 @@ def add_request_arguments(parser: argparse.ArgumentParser, model: type[BaseModel
     """Add a flag for every public field of ``model``, grouped as the schema says. Every flag
     defaults to "not given" (argparse.SUPPRESS), so only what the user typed reaches the request."""
     groups: dict[str, Any] = {}
+    starts = interactive_defaults(model)
     for name, info in public_fields(model).items():
         if name in NOT_ON_THE_COMMAND_LINE:
             continue
@@ -39,13 +40,23 @@ def add_request_arguments(parser: argparse.ArgumentParser, model: type[BaseModel
         group = groups.get(group_name)
         if group is None:
             group = groups[group_name] = parser.add_argument_group(group_name) if group_name else parser
-        flags = [f"--{name.replace('_', '-')}", *hints["cli"]]
-        default = INTERACTIVE_DEFAULTS.get(name, info.default if info.default_factory is None else None)
-        help_text = (info.description or "").replace("%", "%%")
-        if default not in (None, "", [], {}):
-            help_text += f" (default {default})"
-        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
         base, is_list = field_type(info.annotation)
+        # an alias "--no-x" of a switch is its negative form (argparse would make "--no-no-x" of it)
+        negatives = [f for f in hints["cli"] if base is bool and f.startswith("--no-")]
+        flags = [f"--{name.replace('_', '-')}", *(f for f in hints["cli"] if f not in negatives)]
+        help_text = (info.description or "").replace("%", "%%")
+        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS}
+        if info.is_required():
+            kwargs.pop("default")
+            kwargs["required"] = True
+        else:
+            default = starts.get(name, info.default if info.default_factory is None else None)
+            if default not in (None, "", [], {}):
+                help_text += f" (default {default})"
+        lo, hi = field_bounds(info)
+        if lo is not None and hi is not None:
+            help_text += f" [{_plain(lo)} to {_plain(hi)}]"
+        kwargs["help"] = help_text
         if name in IMAGE_FIELDS:
             kwargs.update(metavar="PATH", action="append" if is_list else "store",
                           help=help_text + " (an image file)")
@@ -60,6 +71,13 @@ def add_request_arguments(parser: argparse.ArgumentParser, model: type[BaseModel
         else:
             kwargs["type"] = base if base in (int, float, str) else str
         group.add_argument(*flags, **kwargs)
+        for negative in negatives:
+            group.add_argument(negative, dest=name, action="store_false", default=argparse.SUPPRESS,
+                               help=f"the same as --no-{name.replace('_', '-')}")
+
+
+def _plain(number: float) -> str:
+    return str(int(number)) if float(number).is_integer() else f"{number:g}"
 
 
 def _read_image(path: str) -> Any:
@@ -77,5 +95,4 @@ def request_values(ns: argparse.Namespace, model: type[BaseModel]) -> dict[str, 
     for name in IMAGE_FIELDS & given.keys():
         value = given[name]
         given[name] = [_read_image(p) for p in value] if isinstance(value, list) else _read_image(value)
-    defaults = {k: v for k, v in INTERACTIVE_DEFAULTS.items() if k in model.model_fields}
-    return {**defaults, **given}
+    return {**interactive_defaults(model), **given}

@@ -19,7 +19,7 @@ import random
 import types
 import typing
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema
 from pydantic.json_schema import SkipJsonSchema
@@ -65,6 +65,11 @@ class Txt2ImgRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore", frozen=True, arbitrary_types_allowed=True,
                               protected_namespaces=(), validate_default=False)
+    # A1111's UI starts from other values than its API; the interactive doors (UI, CLI) use these.
+    interactive_defaults: ClassVar[dict[str, Any]] = {
+        "steps": 20, "sampler_name": "DPM++ 2M", "scheduler": "Automatic", "save_images": True,
+        "inpainting_fill": 1, "inpaint_full_res": False, "inpaint_full_res_padding": 32,
+    }
 
     prompt: str = Field("", description="the prompt, in A1111 syntax",
                         json_schema_extra=door(cli=("-p",), ui=False))
@@ -230,6 +235,7 @@ class ExtrasRequest(BaseModel):
     ``studio upscale``): field names, defaults and ranges as A1111's API."""
 
     model_config = ConfigDict(extra="ignore", frozen=True, arbitrary_types_allowed=True)
+    interactive_defaults: ClassVar[dict[str, Any]] = {"upscaler_1": "Lanczos"}
 
     resize_mode: int = Field(0, ge=0, le=1, description="0 = upscale by upscaling_resize, 1 = upscale to "
                              "upscaling_resize_w x _h", json_schema_extra=door(ui=False))
@@ -284,14 +290,15 @@ class RequestSchemas:
     txt2img: type[Txt2ImgRequest] = Txt2ImgRequest
     img2img: type[Img2ImgRequest] = Img2ImgRequest
     extras: type[ExtrasRequest] = ExtrasRequest
+    # studio.training.schemas.TrainingSchemas; None = the studio's own (typed Any: the training schemas
+    # import this module, so naming their class here would be an import cycle)
+    training: Any = None
 
 
-# A1111's UI starts from other values than its API; the interactive doors (UI, CLI) use these.
-INTERACTIVE_DEFAULTS: dict[str, Any] = {
-    "steps": 20, "sampler_name": "DPM++ 2M", "scheduler": "Automatic", "save_images": True,
-    "inpainting_fill": 1, "inpaint_full_res": False, "inpaint_full_res_padding": 32,
-    "upscaler_1": "Lanczos",
-}
+def interactive_defaults(model: type[BaseModel]) -> dict[str, Any]:
+    """The values the UI and the CLI start from where they differ from the schema's (API) defaults: the
+    model's ``interactive_defaults`` (A1111's UI defaults for generation), for the fields it has."""
+    return {k: v for k, v in getattr(model, "interactive_defaults", {}).items() if k in model.model_fields}
 
 
 def studio_hints(info: Any) -> dict[str, Any]:

@@ -105,7 +105,8 @@ class TrainSettings(BaseModel):
                             description="training resolution (a multiple of 8)",
                             json_schema_extra=door(group=_DATASET))
     enable_bucket: bool = Field(True, description="aspect-ratio buckets; off: every image is cropped square",
-                                json_schema_extra=door(group=_DATASET, label="Aspect-ratio buckets"))
+                                json_schema_extra=door(group=_DATASET, cli=("--no-bucket",),
+                                                       label="Aspect-ratio buckets"))
     min_bucket_reso: int = Field(256, ge=MIN_RESOLUTION, le=MAX_RESOLUTION, description="smallest bucket side",
                                  json_schema_extra=door(group=_DATASET, cli=("--min-bucket",)))
     max_bucket_reso: int = Field(1024, ge=MIN_RESOLUTION, le=MAX_RESOLUTION, validate_default=True,

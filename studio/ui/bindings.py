@@ -18,9 +18,9 @@ import gradio as gr
 from pydantic import BaseModel
 
 from studio.generation.request import (
-    INTERACTIVE_DEFAULTS,
     field_bounds,
     field_type,
+    interactive_defaults,
     public_fields,
     studio_hints,
 )
@@ -59,7 +59,7 @@ class RequestForm:
 
     def values(self, data: dict[Any, Any]) -> dict[str, Any]:
         """Request fields from an event's ``{component: value}``, over the interactive defaults."""
-        out = {k: v for k, v in INTERACTIVE_DEFAULTS.items() if k in self.schema.model_fields}
+        out = interactive_defaults(self.schema)
         for binding in self.bindings:
             out.update(binding.convert([data.get(c) for c in binding.components]))
         return out
@@ -74,7 +74,7 @@ class RequestForm:
         made = []
         with gr.Accordion("More parameters", open=False, elem_id=f"{self.tab_id}_more_parameters"):
             for name, info in fields.items():
-                component = _control_for(name, info, self.tab_id)
+                component = _control_for(name, info, self.tab_id, interactive_defaults(self.schema))
                 if component is not None:
                     self.bind(name, component, _converter(info))
                     made.append(component)
@@ -102,9 +102,9 @@ def control_for(info: Any, value: Any, label: str, elem_id: str) -> Any:
     return None
 
 
-def _control_for(name: str, info: Any, tab_id: str) -> Any:
+def _control_for(name: str, info: Any, tab_id: str, starts: dict[str, Any]) -> Any:
     label = studio_hints(info)["label"] or name.replace("_", " ").capitalize()
-    default = INTERACTIVE_DEFAULTS.get(name, None if info.default_factory else info.default)
+    default = starts.get(name, None if info.default_factory else info.default)
     return control_for(info, default, label, f"{tab_id}_{name}")
 
 
