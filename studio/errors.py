@@ -7,3 +7,9 @@ from __future__ import annotations
 
 class RequestError(ValueError):
     """Bad input from a user or client: shown in the UI, a 4xx in the API."""
+
+
+class UnknownScriptError(RequestError):
+    """A ``script_name`` or an ``alwayson_scripts`` entry the studio does not have: A1111 answers 422."""
+
+    status = 422

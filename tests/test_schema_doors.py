@@ -237,3 +237,21 @@ def test_a_prepared_request_travels_to_another_process_intact(studio):
     back = pickle.loads(pickle.dumps(req))
     assert back == req and back.seed == req.seed and back.controlnet_units[0].module == "canny"
     assert back.init_images[0].size == (64, 64)
+
+
+def test_scripts_the_studio_does_not_have_are_a1111s_422(studio):
+    from studio.api.routes import build_router
+
+    app = FastAPI()
+    app.include_router(build_router(studio))
+    client = TestClient(app)
+    r = client.post("/sdapi/v1/txt2img", json={"script_name": "x/y/z plot", "steps": 1})
+    assert r.status_code == 422 and r.json()["detail"] == "Script 'x/y/z plot' not found"
+    r = client.post("/sdapi/v1/txt2img", json={"alwayson_scripts": {"ADetailer": {"args": []}}, "steps": 1})
+    assert r.status_code == 422 and r.json()["detail"] == "always on script ADetailer not found"
+    # A1111's UI words for "the same as the first pass" are not a request for something else
+    same = studio.engine.prepare(Txt2ImgRequest(enable_hr=True, hr_checkpoint_name="Use same checkpoint",
+                                                hr_sampler_name="Use same sampler")).request
+    assert same.hr_sampler_name is None
+    with pytest.raises(RequestError, match="hr_checkpoint_name"):
+        studio.engine.prepare(Txt2ImgRequest(enable_hr=True, hr_checkpoint_name="other.safetensors"))

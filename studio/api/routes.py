@@ -457,7 +457,8 @@ class StudioRoute(APIRoute):
                 return JSONResponse({"detail": str(e).strip("'\""), "error": type(e).__name__},
                                     status_code=404)
             except USER_ERRORS as e:
-                return JSONResponse({"detail": str(e), "error": type(e).__name__}, status_code=400)
+                return JSONResponse({"detail": str(e), "error": type(e).__name__},
+                                    status_code=getattr(e, "status", 400))
             except Exception as e:  # noqa: BLE001 - a bug must still answer in JSON, and be logged
                 log.exception("%s %s failed", request.method, request.url.path)
                 return JSONResponse({"error": type(e).__name__, "detail": str(e) or type(e).__name__,

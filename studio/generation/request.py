@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSche
 from pydantic.json_schema import SkipJsonSchema
 
 from studio.controlnet.units import MAX_UNITS, check_unit, units_from_alwayson
-from studio.errors import RequestError
+from studio.errors import RequestError, UnknownScriptError
 from studio.generation.imageops import ImageInputError, normalize_image, normalize_mask
 from studio.generation.infotext import infotext_to_fields, parse_infotext
 from studio.generation.outputs import ImageReadError, open_image
@@ -377,12 +377,22 @@ def decode_image_input(value: Any, what: str = "image") -> Any:
         raise RequestError(f"{what}: {e}") from e
 
 
+# A1111's UI sends these words for "the same as the first pass"
+SAME_CHECKPOINT, SAME_SAMPLER = "Use same checkpoint", "Use same sampler"
+ALWAYSON_SCRIPTS = ("controlnet",)   # the always-on scripts the studio has (lower case, as A1111 matches)
+
+
 def _unsupported(req: Txt2ImgRequest) -> None:
     """Fields A1111 accepts that the studio can't honour yet: refused, never silently ignored."""
     if req.restore_faces:
         raise RequestError("restore_faces: face restoration is not available in this studio")
-    if req.hr_checkpoint_name and req.enable_hr:
+    if req.hr_checkpoint_name not in (None, "", SAME_CHECKPOINT) and req.enable_hr:
         raise RequestError("hr_checkpoint_name: a separate hires checkpoint is not supported yet")
+    if req.script_name and req.script_name.strip().lower() != "none":
+        raise UnknownScriptError(f"Script '{req.script_name}' not found")
+    for name in req.alwayson_scripts or {}:
+        if str(name).strip().lower() not in ALWAYSON_SCRIPTS:
+            raise UnknownScriptError(f"always on script {name} not found")
 
 
 def validate_txt2img(req: Txt2ImgRequest) -> Txt2ImgRequest:
@@ -407,7 +417,9 @@ def validate_txt2img(req: Txt2ImgRequest) -> Txt2ImgRequest:
     for index, unit in enumerate(units):
         if unit.enabled:
             check_unit(unit, index)
-    if req.enable_hr and req.hr_sampler_name:
+    if req.hr_sampler_name == SAME_SAMPLER:
+        changes["hr_sampler_name"] = None
+    elif req.enable_hr and req.hr_sampler_name:
         try:
             split_sampler_name(req.hr_sampler_name, req.hr_scheduler)
         except UnknownSamplerError as e:
