@@ -29,11 +29,9 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5Config, T
 
 from studio.models.ldm_keys import clip_to_ldm, vae_to_ldm
 from studio.testing.factory import (
-    NORM_GROUPS,
-    UNET_SAMPLE_SIZE,
-    VAE_CHANNELS,
     _randomise_constants,
     text_encoder_config,
+    vae_architecture,
 )
 
 CLIP_L_PREFIX = "text_encoders.clip_l.transformer."
@@ -93,15 +91,7 @@ def vae16_config(family: str) -> dict[str, Any]:
     if family not in VAE_FACTORS:
         raise ValueError(f"unknown 16-channel VAE family {family!r}; expected one of {tuple(VAE_FACTORS)}")
     return {
-        "in_channels": 3,
-        "out_channels": 3,
-        "down_block_types": ("DownEncoderBlock2D",) * len(VAE_CHANNELS),
-        "up_block_types": ("UpDecoderBlock2D",) * len(VAE_CHANNELS),
-        "block_out_channels": VAE_CHANNELS,
-        "layers_per_block": 2,
-        "latent_channels": LATENT_CHANNELS_16,
-        "norm_num_groups": NORM_GROUPS,
-        "sample_size": UNET_SAMPLE_SIZE * 2 ** (len(VAE_CHANNELS) - 1),
+        **vae_architecture(LATENT_CHANNELS_16),
         "use_quant_conv": False,
         "use_post_quant_conv": False,
         **VAE_FACTORS[family],

@@ -138,8 +138,8 @@ def unet_config(family: str) -> dict[str, Any]:
     return config
 
 
-def vae_config(family: str) -> dict[str, Any]:
-    _check(family)
+def vae_architecture(latent_channels: int) -> dict[str, Any]:
+    """The tiny VAE's shape, shared by SD's 4-channel VAE and the DiT families' 16-channel one."""
     return {
         "in_channels": 3,
         "out_channels": 3,
@@ -147,11 +147,15 @@ def vae_config(family: str) -> dict[str, Any]:
         "up_block_types": ("UpDecoderBlock2D",) * len(VAE_CHANNELS),
         "block_out_channels": VAE_CHANNELS,
         "layers_per_block": 2,
-        "latent_channels": LATENT_CHANNELS,
+        "latent_channels": latent_channels,
         "norm_num_groups": NORM_GROUPS,
         "sample_size": UNET_SAMPLE_SIZE * 2 ** (len(VAE_CHANNELS) - 1),
-        "scaling_factor": scaling_factor(family),
     }
+
+
+def vae_config(family: str) -> dict[str, Any]:
+    _check(family)
+    return {**vae_architecture(LATENT_CHANNELS), "scaling_factor": scaling_factor(family)}
 
 
 def text_encoder_config(family: str, which: int = 1) -> CLIPTextConfig:
