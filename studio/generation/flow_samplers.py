@@ -98,7 +98,7 @@ FLOW_SAMPLER_NAMES: tuple[str, ...] = tuple(s.name for s in FLOW_SAMPLERS)
 # The schedule types that set one of the FlowMatch schedulers' sigma-conversion flags (samplers.SCHEDULES)
 _SIGMA_FLAGS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
 # Names meaning "the family's default sigmas": A1111's automatic and uniform, Forge's Simple
-_DEFAULT_SCHEDULES = ("automatic", "uniform")
+_DEFAULT_SCHEDULES = ("automatic", "uniform", "simple")
 _SIMPLE = "simple"
 
 
@@ -110,7 +110,7 @@ def _unsupported(name: str) -> UnknownSamplerError:
 
 
 def _strip_simple(sampler_name: str, scheduler: str | None) -> tuple[str, str | None]:
-    """Forge calls the flow default schedule "Simple", which A1111's table lacks: read it as Uniform,
+    """Forge calls the flow default schedule "Simple", which older A1111 tables lack: read it as Uniform,
     also as the suffix of a combined name ("Euler Simple")."""
     if scheduler is not None and scheduler.strip().lower() == _SIMPLE:
         scheduler = "uniform"
