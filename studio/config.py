@@ -80,6 +80,8 @@ class Flags:
     no_demo: bool = False
     inbrowser: bool = False
     controlnet_dir: str | None = None
+    text_encoder_dir: str | None = None
+    extra_model_paths_config: str | None = None
     enable_insecure_extension_access: bool = False
     api_auth: str | None = None
     api_server_stop: bool = False
@@ -119,6 +121,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae-dir", default=None, help="VAE folder (default models/VAE)")
     p.add_argument("--lora-dir", default=None, help="LoRA / LyCORIS folder (default models/Lora)")
     p.add_argument("--hypernetwork-dir", default=None, help="hypernetwork folder (default models/hypernetworks)")
+    p.add_argument("--text-encoder-dir", default=None,
+                   help="extra folder of text encoders (clip_l, clip_g, t5xxl) for SD3/FLUX files that lack them")
+    p.add_argument("--extra-model-paths-config", default=None,
+                   help="ComfyUI's extra_model_paths.yaml (default: <data-dir>/extra_model_paths.yaml when present)")
     p.add_argument("--medvram", action="store_true",
                    help="small GPUs: keep models in RAM, move one component at a time to the GPU")
     p.add_argument("--medvram-sdxl", action="store_true", help="--medvram for SDXL models only")
@@ -173,6 +179,8 @@ class Paths:
     lora_dirs: tuple[Path, ...] = ()
     hypernetwork_dirs: tuple[Path, ...] = ()
     controlnet_dirs: tuple[Path, ...] = ()
+    text_encoder_dirs: tuple[Path, ...] = ()     # --text-encoder-dir (models/text_encoder(s), models/clip are read too)
+    extra_model_paths: Path | None = None        # ComfyUI's extra_model_paths.yaml
 
     @classmethod
     def from_flags(cls, flags: Flags) -> Paths:
@@ -181,7 +189,8 @@ class Paths:
             models = Path(flags.models_dir).expanduser().resolve()
         else:
             models = data / "models"
-        ckpt = [models / "Stable-diffusion"]
+        # ComfyUI's folders for transformer-only files (FLUX, SD3.5) are checkpoints here too
+        ckpt = [models / "Stable-diffusion", models / "diffusion_models", models / "unet"]
         if flags.ckpt_dir:
             ckpt.append(Path(flags.ckpt_dir).expanduser().resolve())
         # A1111 reads a top-level embeddings/ folder; models/embeddings is read too
@@ -197,7 +206,11 @@ class Paths:
         return cls(data=data, models=models, ckpt_dirs=tuple(ckpt), embedding_dirs=tuple(emb), styles_file=styles,
                    vae_dirs=folders("VAE", flags.vae_dir), lora_dirs=folders("Lora", flags.lora_dir),
                    hypernetwork_dirs=folders("hypernetworks", flags.hypernetwork_dir),
-                   controlnet_dirs=folders("ControlNet", flags.controlnet_dir))
+                   controlnet_dirs=folders("ControlNet", flags.controlnet_dir),
+                   text_encoder_dirs=(Path(flags.text_encoder_dir).expanduser().resolve(),)
+                   if flags.text_encoder_dir else (),
+                   extra_model_paths=Path(flags.extra_model_paths_config).expanduser().resolve()
+                   if flags.extra_model_paths_config else data / "extra_model_paths.yaml")
 
     @property
     def vae(self) -> Path:

@@ -21,6 +21,7 @@ from studio.generation.request import Img2ImgRequest, RequestSchemas, Txt2ImgReq
 from studio.jobs import Job, JobQueue, JobState
 from studio.models.catalog import Catalog, CheckpointInfo, HashCache
 from studio.models.manager import CacheLimits, ModelManager, OffloadFlags, default_budget_bytes
+from studio.models.module_source import checkpoint_folders, module_scanner
 from studio.models.vae import VaeCatalog, VaeNotFoundError
 from studio.networks.activation import ExtraNetworks
 from studio.networks.embeddings import EmbeddingLibrary
@@ -65,11 +66,12 @@ class Studio:
                                 split_attention=flags.opt_split_attention, force_channels_last=flags.opt_channelslast)
         # one HashCache for every kind of file: it owns cache.json and its lock
         hashes = HashCache(paths.hash_cache_file)
-        catalog = Catalog(paths.ckpt_dirs, hashes, hashing=not flags.no_hashing)
+        catalog = Catalog(checkpoint_folders(paths), hashes, hashing=not flags.no_hashing)
         demo_dir = None if flags.no_demo else paths.cache_dir / "demo"
         models = ModelManager(catalog, policy, paths.cache_dir / "configs", demo_dir,
                               limits=lambda: cache_limits(settings),
-                              offload=OffloadFlags(flags.medvram, flags.lowvram, flags.medvram_sdxl))
+                              offload=OffloadFlags(flags.medvram, flags.lowvram, flags.medvram_sdxl),
+                              modules=module_scanner(paths))
         models.refresh()
         vaes = VaeCatalog(paths.vae, paths.ckpt_dirs, hashes)
         vaes.refresh()
@@ -245,4 +247,4 @@ class Studio:
         return training.create_hypernetwork_file(self.engine, name, **options)
 
 
-__all__ = ["Studio", "RequestError"]
+__all__ = ["RequestError", "Studio"]

@@ -11,7 +11,7 @@ ControlNet detection and img2img's batch-folder loop live here too, so the Studi
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,6 +20,7 @@ from studio.config import Paths, Settings
 from studio.controlnet.preprocessors import PreprocessorError, PreprocessorRegistry
 from studio.controlnet.runtime import ControlNetModels, check_units, prepare_controls
 from studio.errors import RequestError
+from studio.generation.family_rules import adapt_to_family, unset_preset_fields
 from studio.generation.imageops import ImageInputError, normalize_image
 from studio.generation.outputs import ImageReadError, SaveFormat, open_image, save_image
 from studio.generation.request import (
@@ -76,7 +77,7 @@ class Engine:
     preprocessors: PreprocessorRegistry
     controlnets: ControlNetModels
     # extensions' step callbacks, read per job (an extension enabled later takes part from then on)
-    step_callbacks: Callable[[], list[Any]] = field(default=lambda: [])
+    step_callbacks: Callable[[], list[Any]] = field(default=list)
 
     # -- model state --------------------------------------------------------------------
     def initial_checkpoint(self) -> str | None:
@@ -97,9 +98,12 @@ class Engine:
         if {k: id(v) for k, v in loaded.items()} != {k: id(v) for k, v in current.items()}:
             model.conditioner.set_embeddings(loaded)
 
-    def load(self, query: str | None) -> LoadedModel:
-        """On the worker: load a checkpoint and give it the embeddings that fit it."""
-        model = self.models.load(query)
+    def load(self, query: str | None, modules: Sequence[str] | None = None) -> LoadedModel:
+        """On the worker: load a checkpoint and give it the embeddings that fit it. ``modules``: the
+        text-encoder / VAE files for checkpoints that lack them (None = the forge_additional_modules setting)."""
+        if modules is None:
+            modules = self.settings.options.forge_additional_modules
+        model = self.models.load(query, modules)
         self.sync_embeddings()
         return model
 
@@ -123,6 +127,8 @@ class Engine:
     def prepare(self, req: Txt2ImgRequest) -> Prepared:
         """Everything that can be checked or decided before queueing. Raises RequestError."""
         options = self.settings.options
+        if req.preset_fields is None:  # what the caller left unset, before anything below sets it
+            req = req.model_copy(update={"preset_fields": unset_preset_fields(req)})
         if req.override_settings:
             options = options.model_copy(update=validate_changes(req.override_settings, options))
         if req.styles:
@@ -163,7 +169,8 @@ class Engine:
         from studio.generation.runner import run_generation
 
         req, options = prepared.request, prepared.options
-        model = self.load(req.checkpoint or self.initial_checkpoint())
+        model = self.load(req.checkpoint or self.initial_checkpoint(), options.forge_additional_modules)
+        req = adapt_to_family(req, model)
         vae = self.apply_vae(model, req.vae)
         set_compiled(model.unet, CompileOptions.from_settings(options.model_dump()),
                      compile_cache_dir(self.paths.data))

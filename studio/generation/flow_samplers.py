@@ -25,6 +25,7 @@ from studio.generation.samplers import (
     find_schedule,
     split_sampler_name,
 )
+from studio.generation.sampling import img2img_start
 
 
 @dataclass(frozen=True)
@@ -228,9 +229,6 @@ def flow_img2img_start(scheduler: Any, timesteps: torch.Tensor, steps: int, stre
     """Index into ``timesteps`` of the first timestep img2img runs, by A1111's rule (it runs
     ``int(min(strength, 0.999) * steps) + 1`` of ``steps``); second-order samplers (Heun) have two
     timesteps per step after the first. Pass it to ``scheduler.set_begin_index`` before noising."""
-    # imported here: the denoising loop (sampling.py) is where flow sampling will be wired in
-    from studio.generation.sampling import img2img_start
-
     index = img2img_start(steps, strength) * scheduler.order
     if index >= len(timesteps):
         raise ValueError(f"{len(timesteps)} timesteps cannot hold {steps} steps of {type(scheduler).__name__}")

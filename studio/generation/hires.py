@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from studio.generation.denoise import denoise
 from studio.generation.request import RequestError, Txt2ImgRequest
-from studio.generation.sampling import BatchSpec, sample
+from studio.generation.sampling import BatchSpec
 from studio.generation.txt2img import encode_images
 from studio.jobs import JobState
 
@@ -33,9 +34,10 @@ class HiresPlan:
     schedule: Any
 
 
-def target_size(req: Txt2ImgRequest) -> tuple[int, int]:
+def target_size(req: Txt2ImgRequest, multiple: int = 8) -> tuple[int, int]:
     """A1111's rules: ``hr_resize_x/y`` win over ``hr_scale``; with only one of them the other
-    follows the first pass's aspect ratio; sizes are rounded down to multiples of 8."""
+    follows the first pass's aspect ratio; sizes are rounded down to multiples of 8 (of 16 for the
+    families whose transformer takes 2x2 latent patches)."""
     w, h = req.width, req.height
     if req.hr_resize_x > 0 and req.hr_resize_y > 0:
         tw, th = req.hr_resize_x, req.hr_resize_y
@@ -45,7 +47,7 @@ def target_size(req: Txt2ImgRequest) -> tuple[int, int]:
         tw, th = round(req.hr_resize_y * w / h), req.hr_resize_y
     else:
         tw, th = round(w * req.hr_scale), round(h * req.hr_scale)
-    return max(64, tw - tw % 8), max(64, th - th % 8)
+    return max(64, tw - tw % multiple), max(64, th - th % multiple)
 
 
 def infotext_params(req: Txt2ImgRequest, plan: HiresPlan) -> dict[str, Any]:
@@ -66,7 +68,7 @@ def infotext_params(req: Txt2ImgRequest, plan: HiresPlan) -> dict[str, Any]:
     return params
 
 
-def make_plan(req: Txt2ImgRequest, upscalers: Any) -> HiresPlan:
+def make_plan(req: Txt2ImgRequest, upscalers: Any, family: Any = None) -> HiresPlan:
     from studio.generation.samplers import effective_schedule, split_sampler_name
     from studio.upscale import is_latent_mode, latent_mode
 
@@ -78,9 +80,10 @@ def make_plan(req: Txt2ImgRequest, upscalers: Any) -> HiresPlan:
         raise RequestError(f"hr_upscaler {name!r} not found. Available: {known}")
     sampler, schedule = split_sampler_name(req.hr_sampler_name or req.sampler_name,
                                            req.hr_scheduler or req.scheduler)
-    width, height = target_size(req)
+    flow = family is not None and family.is_flow
+    width, height = target_size(req, family.size_multiple if family is not None else 8)
     return HiresPlan(width, height, name, req.hr_second_pass_steps or req.steps, req.hr_denoising_strength,
-                     sampler, effective_schedule(sampler, schedule))
+                     sampler, schedule if flow else effective_schedule(sampler, schedule))
 
 
 def second_pass(model: Any, plan: HiresPlan, spec: BatchSpec, latents: torch.Tensor, images_first: Any,
@@ -103,4 +106,4 @@ def second_pass(model: Any, plan: HiresPlan, spec: BatchSpec, latents: torch.Ten
     # the hires noise is the seeds' own at the new size; "resize seed from" shapes the first pass only
     spec = replace(spec, sampler=plan.sampler, schedule=plan.schedule, steps=plan.steps, width=plan.width,
                    height=plan.height, resize_from=None, init_latents=init, strength=plan.strength)
-    return sample(model, spec, state)
+    return denoise(model, spec, state)

@@ -99,6 +99,10 @@ class Txt2ImgRequest(BaseModel):
     steps: int = Field(50, ge=1, le=MAX_STEPS, description="sampling steps", json_schema_extra=door(ui=False))
     cfg_scale: float = Field(7.0, ge=0, le=MAX_CFG, description="classifier-free guidance scale",
                              json_schema_extra=door(ui=False))
+    distilled_cfg_scale: float | None = Field(
+        None, ge=0, le=MAX_CFG, description="FLUX.1's distilled guidance (Forge's 'Distilled CFG Scale'); "
+        "null = the model's preset (3.5); used by guidance-distilled models only",
+        json_schema_extra=door(label="Distilled CFG Scale"))
     width: int = Field(512, ge=MIN_SIZE, le=MAX_SIZE, description="image width (rounded down to a multiple of 8)",
                        json_schema_extra=door(cli=("-W",), ui=False))
     height: int = Field(512, ge=MIN_SIZE, le=MAX_SIZE, description="image height (rounded down to a multiple of 8)",
@@ -170,6 +174,8 @@ class Txt2ImgRequest(BaseModel):
     controlnet_units: SkipJsonSchema[tuple[Any, ...]] = Field((), exclude=True)
     hr_denoising_strength: SkipJsonSchema[float | None] = Field(None, exclude=True)
     notes: SkipJsonSchema[tuple[str, ...]] = Field((), exclude=True)    # adjustments made by validation
+    # fields the caller left to their defaults, which a model family's presets may set (FLUX: CFG 1)
+    preset_fields: SkipJsonSchema[tuple[str, ...] | None] = Field(None, exclude=True)
 
     kind: SkipJsonSchema[str] = Field("txt2img", exclude=True)
 
@@ -272,7 +278,7 @@ class ExtrasBatchImage(BaseModel):
 
 
 class ExtrasBatchRequest(ExtrasRequest):
-    imageList: list[ExtrasBatchImage] = Field(default_factory=list)  # noqa: N815 - A1111's field name
+    imageList: list[ExtrasBatchImage] = Field(default_factory=list)
 
 
 def check_extras(req: ExtrasRequest) -> None:

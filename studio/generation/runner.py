@@ -23,13 +23,15 @@ from PIL import Image
 
 from studio import __version__
 from studio.controlnet.guidance import ControlNetGuidance
+from studio.generation.denoise import denoise
+from studio.generation.family_rules import uses_guidance
 from studio.generation.hires import infotext_params as hires_params
 from studio.generation.hires import make_plan, second_pass
 from studio.generation.infotext import build_infotext
 from studio.generation.noise import batch_seeds
 from studio.generation.request import Txt2ImgRequest, resolve_seed
 from studio.generation.samplers import SamplerSpec, effective_schedule, split_sampler_name
-from studio.generation.sampling import BatchSpec, draws_step_noise, sample
+from studio.generation.sampling import BatchSpec, draws_step_noise
 from studio.generation.step_callbacks import StepCallback
 from studio.generation.tiling import seamless
 from studio.generation.txt2img import decode_latents
@@ -135,6 +137,7 @@ def make_infotext(req: Txt2ImgRequest, model: LoadedModel, seed: int, schedule_l
         "Sampler": req.sampler_name,
         "Schedule type": schedule_label,
         "CFG scale": _fmt(req.cfg_scale),
+        "Distilled CFG Scale": extra.get("Distilled CFG Scale"),   # Forge's key and place (FLUX.1)
         "Seed": seed,
         "Size": f"{req.width}x{req.height}",
         "Model hash": model.info.shorthash,
@@ -253,7 +256,8 @@ def _run(model: LoadedModel, req: Txt2ImgRequest, state: JobState, prompt: str, 
          notes: list[str], activation: NetworkActivation, o: _RunOptions) -> GenerationResult:
     hooks, controls = o.hooks, o.controls
     sampler, schedule = split_sampler_name(req.sampler_name, req.scheduler)
-    schedule = effective_schedule(sampler, schedule)
+    if not model.spec.is_flow:  # flow models' "Automatic" is their pipeline's own schedule
+        schedule = effective_schedule(sampler, schedule)
     base_seed = resolve_seed(req.seed)
     base_subseed = resolve_seed(req.subseed) if req.subseed_strength > 0 else req.subseed
     req = req.with_changes(seed=base_seed, subseed=base_subseed)
@@ -267,10 +271,12 @@ def _run(model: LoadedModel, req: Txt2ImgRequest, state: JobState, prompt: str, 
     if controls:
         extra |= controls.infotext_params()
     extra |= sampler_params(sampler, req.eta, o.eta_noise_seed_delta, o.s_min_uncond)
+    if req.distilled_cfg_scale is not None and uses_guidance(model):
+        extra["Distilled CFG Scale"] = _fmt(req.distilled_cfg_scale)
     hires = hires_cond = None
     denoising = hooks.denoising_strength
     if req.enable_hr and hooks.spec_extras is None:  # hires fix is a txt2img feature
-        hires = make_plan(req, o.upscalers)
+        hires = make_plan(req, o.upscalers, model.spec)
         extra |= hires_params(req, hires)
         denoising = hires.strength
         hr_prompt, _ = extract_extra_networks(req.hr_prompt) if req.hr_prompt else (prompt, [])
@@ -312,10 +318,10 @@ def _run(model: LoadedModel, req: Txt2ImgRequest, state: JobState, prompt: str, 
                              preview_every=o.preview_every, subseeds=subseeds, subseed_strength=req.subseed_strength,
                              resize_from=(req.seed_resize_from_w, req.seed_resize_from_h),
                              callbacks=first_callbacks, eta_noise_seed_delta=o.eta_noise_seed_delta,
-                             s_min_uncond=o.s_min_uncond,
+                             s_min_uncond=o.s_min_uncond, guidance=req.distilled_cfg_scale,
                              **(hooks.spec_extras(batch_index, seeds) if hooks.spec_extras else {}))
             with seamless(model.unet, model.vae, enabled=req.tiling):
-                latents = sample(model, spec, state)
+                latents = denoise(model, spec, state)
                 if hires is not None and not (state.interrupted or state.skipped):
                     hires_spec = replace(spec, plan=hires_cond, callbacks=hires_callbacks)
                     latents = second_pass(model, hires, hires_spec, latents,

@@ -65,6 +65,9 @@ SCHEDULES: tuple[ScheduleSpec, ...] = (
     ScheduleSpec("exponential", "Exponential", {"use_exponential_sigmas": True}),
     ScheduleSpec("beta", "Beta", {"use_beta_sigmas": True}),
     ScheduleSpec("sgm_uniform", "SGM Uniform", {"timestep_spacing": "trailing"}),
+    # A1111 1.10's "Simple" (ComfyUI's): every (1000/steps)-th of the model's sigmas from the top, which is
+    # diffusers' trailing spacing; for flow models it is their pipelines' own schedule (Forge's FLUX default)
+    ScheduleSpec("simple", "Simple", {"timestep_spacing": "trailing"}),
 )
 
 SAMPLER_NAMES = tuple(s.name for s in SAMPLERS)

@@ -57,6 +57,7 @@ class BatchSpec:
     callbacks: Sequence[StepCallback] = ()      # run after the job's own progress callback
     eta_noise_seed_delta: int = 0               # A1111's ENSD: seeds of the per-step noise are seed + this
     s_min_uncond: float = 0.0                   # A1111's NGMS: below this sigma, skip the negative prompt
+    guidance: float | None = None               # FLUX's distilled guidance (Forge's "Distilled CFG Scale")
 
 
 def guide(preds: tuple[torch.Tensor, ...], weights: list[float], cfg_scale: float, has_uncond: bool) -> torch.Tensor:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from studio.config import atomic_write_text
 
-CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
+CHECKPOINT_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".gguf")
 
 
 class ModelFileNames:

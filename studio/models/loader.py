@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from studio.devices import DevicePolicy
+from studio.families.spec import FamilySpec, family_spec
 from studio.models.arch import derive_configs
 from studio.models.bundled import match_bundled
 from studio.models.catalog import CheckpointInfo
@@ -53,7 +54,7 @@ def scheduler_base_config(prediction_type: str) -> dict[str, Any]:
 class LoadedModel:
     info: CheckpointInfo
     probe: CheckpointProbe
-    unet: Any
+    unet: Any          # the denoiser: SD's UNet2DConditionModel, or SD3's / FLUX's transformer
     vae: Any
     text_encoders: list[Any]
     tokenizers: list[Any]
@@ -65,12 +66,29 @@ class LoadedModel:
     conditioner: Any = None  # the model's TextConditioner (prompt encoding + cache)
     # per-model state made on first use: LoRA backups, the external-VAE swap
     lora_patcher: Any = None
+    # the separate text-encoder / VAE files a DiT checkpoint was completed with: kind -> file name
+    modules_used: dict[str, str] = field(default_factory=dict)
     vae_swapper: Any = None
 
     def __post_init__(self) -> None:
-        from studio.prompts.encode import TextConditioner
+        if self.spec.is_flow:
+            from studio.prompts.dit_encode import make_dit_conditioner
 
-        self.conditioner = TextConditioner(self)
+            self.conditioner = make_dit_conditioner(self)
+        else:
+            from studio.prompts.encode import TextConditioner
+
+            self.conditioner = TextConditioner(self)
+
+    @property
+    def spec(self) -> FamilySpec:
+        """The family's declaration (studio/families/spec.py)."""
+        return family_spec(self.probe.family)
+
+    @property
+    def denoiser(self) -> Any:
+        """The network that denoises: SD's UNet or the DiT families' transformer (held in ``unet``)."""
+        return self.unet
 
     @property
     def modules(self) -> list[Any]:
@@ -90,6 +108,8 @@ class LoadedModel:
     @property
     def text_widths(self) -> dict[str, int]:
         """Text-encoder widths keyed as embedding files key them."""
+        if self.spec.is_flow:
+            return {}  # textual-inversion files are for the CLIP-only families
         widths = [te.config.hidden_size for te in self.text_encoders]
         return {"clip_l": widths[0], "clip_g": widths[1]} if self.is_sdxl else {"default": widths[0]}
 

@@ -18,7 +18,7 @@ import gc
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,6 +32,7 @@ from studio.offload import Offloader, OffloadMode, offload_mode
 
 if TYPE_CHECKING:
     from studio.models.loader import LoadedModel
+    from studio.models.modules import ModuleFile
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,8 @@ def _sysconf(name: str) -> int:
 class ModelManager:
     def __init__(self, catalog: Catalog, policy: DevicePolicy, config_cache: Path,
                  demo_dir: Path | None = None, limits: Callable[[], CacheLimits] = CacheLimits,
-                 offload: OffloadFlags | None = None):
+                 offload: OffloadFlags | None = None,
+                 modules: Callable[[], Sequence[ModuleFile]] | None = None):
         self.catalog = catalog
         self.policy = policy
         self.config_cache = config_cache
@@ -83,6 +85,8 @@ class ModelManager:
         self.last_switch_seconds = 0.0
         self.offload = offload or OffloadFlags()
         self._offloader: Offloader | None = None
+        # the separate text-encoder / VAE files, for checkpoints that lack them (scanned when asked)
+        self.modules = modules or (lambda: ())
 
     # -- catalog --------------------------------------------------------------------------
     def refresh(self) -> list[CheckpointInfo]:
@@ -126,10 +130,13 @@ class ModelManager:
     def cached_bytes(self) -> int:
         return sum(m.nbytes for m in self._cache.values())
 
-    def load(self, query: str | None) -> LoadedModel:
+    def load(self, query: str | None, chosen_modules: Sequence[str] = ()) -> LoadedModel:
+        """Load (or switch to) a checkpoint. ``chosen_modules`` are the text-encoder / VAE file names the
+        user picked (Forge's ``forge_additional_modules``) for checkpoints that lack them."""
         info = self.resolve(query)
         started = time.perf_counter()
         key = info.path.resolve()
+        self._drop_if_modules_changed(key, chosen_modules)
         if self.current is not None and self.current.info.path.resolve() == key:
             return self.current
         hit = self._cache.get(key)
@@ -144,10 +151,17 @@ class ModelManager:
             self.catalog.ensure_hash(info)
         except OSError as e:
             raise ModelFileError(f"{info.name}: cannot read file: {e}") from e
-        from studio.models import loader  # diffusers: imported on first load
+        from studio.models import (
+            dit_loader,
+            loader,  # diffusers: imported on first load
+        )
 
         if info.is_diffusers:
             model = loader.load_diffusers_folder(info, self.policy)
+        elif dit_loader.is_dit_file(info.path):
+            if not self._fits(info.path.stat().st_size):
+                self._make_room(incoming=1)
+            model = dit_loader.load_dit(info, self.policy, self.config_cache, self.modules(), chosen_modules)
         else:
             ckpt = loader.read_checkpoint(info, self.config_cache)
             victim = self._reusable(ckpt.arch_key(self.policy))
@@ -173,6 +187,23 @@ class ModelManager:
         self._evict_over_limits()
         self.last_switch_seconds = time.perf_counter() - started
         return model
+
+    def _drop_if_modules_changed(self, key: Path, chosen: Sequence[str]) -> None:
+        """A cached DiT model was completed with separate text-encoder / VAE files; when the user's choice
+        (``forge_additional_modules``) or the files now pick others, it must be built again."""
+        cached = self._cache.get(key)
+        if cached is None or not cached.modules_used:
+            return
+        from studio.models import dit_loader
+
+        try:
+            wanted = dit_loader.planned_modules(cached.info.path, self.modules(), chosen)
+        except ModelFileError:
+            wanted = None  # the load will report it
+        if wanted != cached.modules_used:
+            log.info("%s: text encoder / VAE choice changed; reloading", cached.info.title)
+            self._evict(cached)
+            self._free()
 
     def _reusable(self, arch_key: tuple) -> LoadedModel | None:
         """The least recently used model that must go to make room for one more, if it has

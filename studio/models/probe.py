@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from studio.families.spec import family_label
 from studio.models.state_dict import ModelFileError, Shapes
 
 UNET = "model.diffusion_model."
@@ -26,8 +27,8 @@ V_PRED_KEYS = ("v_pred",)
 
 @dataclass(frozen=True)
 class CheckpointProbe:
-    family: str                 # "sd1" | "sd2" | "sdxl" | "sdxl-refiner"
-    variant: str                # "base" | "inpaint" | "ip2p"
+    family: str                 # a family id of studio/families/spec.py: "sd1" | "sd2" | "sdxl" | "sd3" | "flux1" ...
+    variant: str                # "base" | "inpaint" | "ip2p"; DiT: "dev" | "schnell" | "fill" | "control" | "turbo"
     in_channels: int
     prediction_type: str | None  # "epsilon" | "v_prediction" | None = decide by running the UNet
     has_vae: bool
@@ -35,9 +36,8 @@ class CheckpointProbe:
 
     @property
     def label(self) -> str:
-        names = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "sdxl-refiner": "SDXL refiner"}
-        text = names[self.family]
-        if self.variant != "base":
+        text = family_label(self.family)
+        if self.variant not in ("base", "dev"):
             text += f" {self.variant}"
         if self.prediction_type == "v_prediction":
             text += " (v-prediction)"

@@ -21,6 +21,7 @@ Shapes = dict[str, tuple[int, ...]]
 
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+GGUF_SUFFIXES = (".gguf",)
 
 
 class ModelFileError(ValueError):
@@ -96,7 +97,36 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
             raise ModelFileError(f"{path.name}: corrupt safetensors file ({e})") from e
     if suffix in PICKLE_SUFFIXES:
         return load_pickle_weights(path)
+    if suffix in GGUF_SUFFIXES:
+        return load_gguf_weights(path)
     raise ModelFileError(f"{path.name}: unsupported file type {suffix!r}")
+
+
+def load_gguf_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A GGUF file's tensors as diffusers reads them: quantized ones stay quantized (``GGUFParameter``,
+    dequantized layer by layer when they run), F16/F32 ones are plain tensors."""
+    from diffusers.models.model_loading_utils import load_gguf_checkpoint
+
+    try:
+        return load_gguf_checkpoint(str(path), return_tensors=True)
+    except (ValueError, OSError, KeyError) as e:
+        raise ModelFileError(f"{path.name}: cannot read this GGUF file ({str(e).splitlines()[0][:300]})") from e
+
+
+def read_gguf_shapes(path: Path) -> Shapes:
+    """Tensor names and logical shapes (GGUF stores dimensions innermost first)."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except (ValueError, OSError, KeyError) as e:
+        raise ModelFileError(f"{path.name}: not a readable GGUF file ({e})") from e
+    return {t.name: tuple(int(d) for d in reversed(t.shape.tolist())) for t in reader.tensors}
+
+
+def tensor_shape(tensor: torch.Tensor) -> tuple[int, ...]:
+    """The logical shape of a tensor, also for quantized GGUF data (stored as bytes per row)."""
+    return tuple(getattr(tensor, "quant_shape", None) or tensor.shape)
 
 
 def read_shapes(path: Path) -> Shapes:
@@ -107,4 +137,6 @@ def read_shapes(path: Path) -> Shapes:
     if path.suffix.lower() in SAFETENSORS_SUFFIXES:
         header = read_safetensors_header(path)
         return {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+    if path.suffix.lower() in GGUF_SUFFIXES:
+        return read_gguf_shapes(path)
     return {k: tuple(v.shape) for k, v in load_state_dict(path).items()}

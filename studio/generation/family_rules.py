@@ -1,0 +1,83 @@
+"""What a request becomes on a given model family: the family's presets for the fields the caller
+left unset (FLUX.1 runs at CFG 1 with its distilled guidance 3.5, schnell in 4 steps), its size
+rule, and a clear refusal of every field the family cannot honour yet -- never a silent no-op.
+Runs on the worker once the model (and so its family) is known."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from studio.errors import RequestError
+from studio.generation.flow_samplers import FLOW_SAMPLER_NAMES, flow_sampler_supported
+from studio.generation.request import Txt2ImgRequest
+from studio.prompts.parser import extract_extra_networks
+
+# Request fields a family's presets may fill when the caller left them to their defaults.
+PRESET_FIELDS = ("steps", "cfg_scale", "sampler_name", "scheduler")
+
+
+def unset_preset_fields(req: Txt2ImgRequest) -> tuple[str, ...]:
+    """The preset fields the caller did not send (``sampler_index`` is the old name of ``sampler_name``)."""
+    given = set(req.model_fields_set)
+    if "sampler_index" in given:
+        given.add("sampler_name")
+    return tuple(f for f in PRESET_FIELDS if f not in given)
+
+
+def uses_guidance(model: Any) -> bool:
+    """Whether the model takes FLUX's distilled guidance as an input (dev, Fill, Kontext; not schnell)."""
+    return bool(getattr(model.denoiser.config, "guidance_embeds", False))
+
+
+def adapt_to_family(req: Txt2ImgRequest, model: Any) -> Txt2ImgRequest:
+    spec = model.spec
+    notes = list(req.notes)
+    if not spec.is_flow:
+        if req.distilled_cfg_scale is not None:
+            notes.append(f"Distilled CFG Scale is an input of guidance-distilled models (FLUX.1 dev); "
+                         f"{model.label} does not use it.")
+        return req.model_copy(update={"notes": tuple(notes)}) if notes != list(req.notes) else req
+    _refuse_unsupported(req, model)
+    presets = spec.presets_for(model.probe.variant)
+    changes: dict[str, Any] = {k: presets[k] for k in (req.preset_fields or ()) if k in presets}
+    if uses_guidance(model):
+        if req.distilled_cfg_scale is None:
+            changes["distilled_cfg_scale"] = presets.get("distilled_cfg_scale", 3.5)
+    elif req.distilled_cfg_scale is not None:
+        notes.append(f"Distilled CFG Scale is not used by {model.label} (no guidance input).")
+    sampler = changes.get("sampler_name", req.sampler_name)
+    if not flow_sampler_supported(sampler):
+        raise RequestError(f"sampler {sampler!r} is not available for {spec.label} models (flow matching); "
+                           f"use one of: {', '.join(FLOW_SAMPLER_NAMES)}")
+    multiple = spec.size_multiple
+    width, height = req.width - req.width % multiple, req.height - req.height % multiple
+    if (width, height) != (req.width, req.height):
+        notes.append(f"Size {req.width}x{req.height} rounded down to {width}x{height} "
+                     f"({spec.label} needs multiples of {multiple}).")
+        changes |= {"width": width, "height": height}
+    changes["notes"] = tuple(notes)
+    return req.model_copy(update=changes)
+
+
+def _refuse_unsupported(req: Txt2ImgRequest, model: Any) -> None:
+    """Features written for SD's UNet and CLIP that the DiT engines do not have yet."""
+    label = model.spec.label
+    refused = []
+    if any(u.enabled for u in req.controlnet_units):
+        refused.append("ControlNet units")
+    if req.tiling:
+        refused.append("tiling (seamless textures)")
+    if req.token_merging_ratio or req.token_merging_ratio_hr:
+        refused.append("token merging (a UNet optimisation)")
+    for field in ("prompt", "hr_prompt"):
+        _, tags = extract_extra_networks(getattr(req, field) or "")
+        if tags:
+            refused.append("extra networks in the prompt (" + ", ".join(f"<{t.kind}:{t.name}>" for t in tags)
+                           + "): LoRAs for this family are not supported yet")
+            break
+    if getattr(req, "mask", None) is not None and model.probe.variant == "fill":
+        refused.append("inpainting with FLUX.1 Fill (its 384-channel input)")
+    if model.probe.variant in ("fill", "control"):
+        refused.append(f"the FLUX.1 {model.probe.variant} variant (it needs its conditioning image input)")
+    if refused:
+        raise RequestError(f"{label} models do not support " + "; ".join(dict.fromkeys(refused)) + " yet")

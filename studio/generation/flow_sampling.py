@@ -1,0 +1,121 @@
+"""The denoising loop of the flow-matching families (SD3/SD3.5, FLUX.1): the same batch spec,
+job progress, interrupt/skip, prompt schedules, AND sub-prompts, CFG, NGMS and step callbacks as
+the SD loop (generation/sampling.py), with what flow models do differently:
+
+- the sample starts as pure noise (sigma 1) and the model predicts a velocity; the schedulers are
+  diffusers' flow-matching ones (generation/flow_samplers.py), shifted as the family declares
+  (FLUX.1 dev by resolution, as ``FluxPipeline`` does);
+- img2img and inpainting enter the schedule part-way from the init latents moved along the
+  straight flow path to that step's sigma (``sigma * noise + (1 - sigma) * init``);
+- FLUX.1's guidance-distilled models take the "Distilled CFG Scale" as an input; real CFG (with the
+  negative prompt) runs only when ``cfg_scale`` is not 1, as in Forge.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import torch
+
+from studio.families.spec import SCHNELL_SHIFT
+from studio.generation.dit_denoisers import make_denoiser
+from studio.generation.flow_samplers import FlowShift, flow_add_noise, flow_img2img_start, make_flow_scheduler
+from studio.generation.noise import make_noise, step_noise_generators
+from studio.generation.preview import JobProgress
+from studio.generation.sampling import BatchSpec, ends_step, guide, skips_uncond
+from studio.generation.step_callbacks import ModelCall, PassInfo, StepCallbacks, StepEnd
+from studio.jobs import JobState
+
+
+def flow_shift(model) -> FlowShift:
+    spec = model.spec.flow_shift
+    if model.spec.id == "flux1" and model.probe.variant == "schnell":
+        spec = SCHNELL_SHIFT
+    return FlowShift(**dataclasses.asdict(spec))
+
+
+def sample_flow(model, spec: BatchSpec, state: JobState) -> torch.Tensor:
+    """Denoise one batch of a flow model; returns float32 latents scaled as the VAE decoder takes them."""
+    family = model.spec
+    device = model.policy.device
+    scale = family.latent.downscale
+    h, w = spec.height // scale, spec.width // scale
+    tokens = (h // family.latent.patch) * (w // family.latent.patch)
+    scheduler, timesteps = make_flow_scheduler(spec.sampler.name, spec.schedule.name, flow_shift(model),
+                                               spec.steps, tokens, device=device)
+    start = 0
+    if spec.init_latents is not None:
+        start = flow_img2img_start(scheduler, timesteps, spec.steps, spec.strength)
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(start)
+    timesteps = timesteps[start:]
+    calls = len(timesteps)
+    sigmas = [float(s) for s in scheduler.sigmas[start:start + calls]]
+    resize = None
+    if spec.resize_from and spec.resize_from[0] > 0 and spec.resize_from[1] > 0:
+        resize = (spec.resize_from[0] // scale, spec.resize_from[1] // scale)
+    noise, gens = make_noise(spec.seeds, (family.latent.channels, h, w), spec.subseeds, spec.subseed_strength,
+                             resize)
+    gens = step_noise_generators(spec.seeds, gens, spec.eta_noise_seed_delta)
+    noise = noise.to(device)
+    init = spec.init_latents.to(device) if spec.init_latents is not None else None
+    if init is not None:
+        if spec.mask is not None and spec.latent_fill == "latent noise":
+            init = init * (1 - spec.mask) + noise * spec.mask
+        elif spec.mask is not None and spec.latent_fill == "latent nothing":
+            init = init * (1 - spec.mask)
+        latents = flow_add_noise(scheduler, init, noise, start) if calls else init
+    else:
+        latents = noise
+    extra_step = {}
+    if "generator" in inspect.signature(scheduler.step).parameters:
+        extra_step["generator"] = gens[0]
+
+    denoiser = make_denoiser(model)
+    plan = spec.plan
+    use_uncond = spec.cfg_scale != 1.0 or len(plan.weights) > 1
+    batch = len(spec.seeds)
+    order = getattr(scheduler, "order", 1)
+    steps_run = spec.steps - start // order   # as the SD loop counts an img2img pass
+    callbacks = StepCallbacks([JobProgress(state, spec.preview_every, model.is_sdxl), *spec.callbacks])
+    last_embeds = None
+    done, step_start = 0, 0
+    with torch.inference_mode(), callbacks.running(PassInfo(model, steps_run, list(spec.seeds))):
+        for i, t in enumerate(timesteps):
+            if state.interrupted or state.skipped:
+                break
+            step = i * steps_run // calls
+            embeds, pooled = plan.at(step)
+            if embeds is not last_embeds:
+                last_embeds = embeds
+                if not use_uncond:
+                    embeds, pooled = embeds[1:], pooled[1:]
+                groups = embeds.shape[0]
+                context = embeds.to(device).repeat_interleave(batch, dim=0)
+                vectors = pooled.to(device).repeat_interleave(batch, dim=0)
+            has_uncond = use_uncond and not skips_uncond(i, sigmas[i], spec.s_min_uncond)
+            run_groups, run_context, run_vectors = groups, context, vectors
+            if use_uncond and not has_uncond:
+                run_groups, run_context, run_vectors = groups - 1, context[batch:], vectors[batch:]
+            x = latents.repeat(run_groups, 1, 1, 1)
+            call = ModelCall(i, step, steps_run, t, sigmas[i], x, run_context, None, run_groups, batch, has_uncond)
+            callbacks.unet_kwargs(call)
+            pred = denoiser(x, t, run_context, run_vectors, spec.guidance)
+            preds = pred.chunk(run_groups)
+            if has_uncond or not use_uncond:
+                pred = guide(preds, plan.weights, spec.cfg_scale, use_uncond)
+            else:
+                pred = guide((preds[0], *preds), plan.weights, 1.0, True)
+            latents = scheduler.step(pred, t, latents, **extra_step).prev_sample.float()
+            if spec.mask is not None and init is not None:
+                keep = init
+                if i + 1 < calls:
+                    keep = flow_add_noise(scheduler, init, noise, start + i + 1)
+                latents = keep * (1 - spec.mask) + latents * spec.mask
+            if ends_step(i, calls, steps_run, order):
+                tensors = {"latents": latents, "noise_pred": pred, "prompt_embeds": run_context}
+                end = StepEnd(done, steps_run, timesteps[step_start], sigmas[step_start])
+                latents = callbacks.step_end(end, tensors)["latents"]
+                done, step_start = done + 1, i + 1
+    return latents
