@@ -352,6 +352,22 @@ class Engine:
                     for name, emb in self.embeddings.embeddings.items()]
         raise ValueError(f"unknown extra network kind {kind!r}")
 
+    def token_counts(self, text: str, steps: int = 20) -> dict[str, tuple[int, int]]:
+        """Each text encoder's (tokens, limit) for the longest text any step sees: {"clip": (n, 75)} for
+        SD models, plus "t5" for SD3/FLUX (whose CLIP part is cut at 75 tokens while T5 reads on)."""
+        from studio.prompts.parser import extract_extra_networks, split_and
+        from studio.prompts.schedule import cached_schedule
+
+        model = self.models.current
+        if model is None or not model.spec.is_flow:
+            count, limit = self.token_count(text, steps)
+            return {"clip": (count, limit)}
+        self.token_count(text, steps)  # the request limits
+        text, _ = extract_extra_networks(text or "")
+        texts = [t for sub, _ in split_and(text) for _, t in cached_schedule(sub, steps)] or [""]
+        counts = [model.conditioner.token_counts(t) for t in texts]
+        return {key: (max(c[key][0] for c in counts), counts[0][key][1]) for key in counts[0]}
+
     def token_count(self, text: str, steps: int = 20) -> tuple[int, int]:
         """A1111's counter: the longest text any step will see, extra-network tags removed.
         Returns (tokens, limit) where the limit grows in steps of 75. A prompt over the request limits
@@ -365,12 +381,17 @@ class Engine:
 
         text, _ = extract_extra_networks(text or "")
         model = self.models.current
+        texts = [t for sub, _ in split_and(text) for _, t in cached_schedule(sub, steps)] or [""]
+        if model is not None and model.spec.is_flow:
+            # T5 reads the whole prompt up to its sequence length: that is the limit that matters
+            counts = [model.conditioner.token_counts(t) for t in texts]
+            key = "t5" if "t5" in counts[0] else "clip"
+            return max(c[key][0] for c in counts), counts[0][key][1]
         if model is not None:
             tokenizer, index = model.tokenizers[0], model.conditioner.index
         else:
             from studio.models.tokenizer import make_clip_tokenizer
             tokenizer, index = make_clip_tokenizer(), None
-        texts = [t for sub, _ in split_and(text) for _, t in cached_schedule(sub, steps)] or [""]
         count = max(tokenize_prompt(tokenizer, t, index)[1] for t in texts)
         return count, max(75, -(-count // 75) * 75)
 

@@ -78,7 +78,7 @@ def sample_flow(model, spec: BatchSpec, state: JobState) -> torch.Tensor:
     batch = len(spec.seeds)
     order = getattr(scheduler, "order", 1)
     steps_run = spec.steps - start // order   # as the SD loop counts an img2img pass
-    callbacks = StepCallbacks([JobProgress(state, spec.preview_every, model.is_sdxl), *spec.callbacks])
+    callbacks = StepCallbacks([JobProgress(state, spec.preview_every, model.previewer), *spec.callbacks])
     last_embeds = None
     done, step_start = 0, 0
     with torch.inference_mode(), callbacks.running(PassInfo(model, steps_run, list(spec.seeds))):

@@ -106,6 +106,7 @@ INFOTEXT_FIELDS = {
     "Sampler": ("sampler_name", str),
     "Schedule type": ("scheduler", str),
     "CFG scale": ("cfg_scale", float),
+    "Distilled CFG Scale": ("distilled_cfg_scale", float),   # Forge's key (FLUX.1's guidance input)
     "Seed": ("seed", int),
     "Size-1": ("width", int),
     "Size-2": ("height", int),

@@ -1,5 +1,5 @@
-"""Live previews from latents without any extra weights: a fixed linear map from the 4
-latent channels to RGB (A1111's "Approx cheap"), costing one tiny matmul per preview; and the
+"""Live previews from latents without any extra weights: a fixed linear map from the latent
+channels to RGB (A1111's "Approx cheap"), costing one tiny matmul per preview; and the
 step callback that reports a pass's progress and previews to its job."""
 
 from __future__ import annotations
@@ -26,13 +26,56 @@ SDXL_LATENT_RGB = torch.tensor([
 ])
 
 
-def latent_preview(latent: torch.Tensor, sdxl: bool = False) -> Image.Image:
-    """``latent``: [4, h, w] (one image). Returns an RGB image 8x the latent size."""
-    coefs = SDXL_LATENT_RGB if sdxl else SD_LATENT_RGB
-    rgb = torch.einsum("chw,cr->hwr", latent[:4].detach().float().cpu(), coefs)
+def latent_preview(latent: torch.Tensor, sdxl: bool = False, coefs: torch.Tensor | None = None,
+                   bias: torch.Tensor | None = None) -> Image.Image:
+    """``latent``: [C, h, w] (one image). Returns an RGB image 8x the latent size. ``coefs`` [C, 3] (and
+    ``bias`` [3]) map the channels to RGB; by default A1111's published fits for SD / SDXL."""
+    if coefs is None:
+        coefs = SDXL_LATENT_RGB if sdxl else SD_LATENT_RGB
+    rgb = torch.einsum("chw,cr->hwr", latent[:coefs.shape[0]].detach().float().cpu(), coefs)
+    if bias is not None:
+        rgb = rgb + bias
     arr = ((rgb + 1.0) * 127.5).clamp(0, 255).to(torch.uint8).numpy()
     img = Image.fromarray(np.ascontiguousarray(arr), "RGB")
     return img.resize((img.width * 8, img.height * 8), Image.Resampling.NEAREST)
+
+
+def fit_latent_rgb(vae, shift: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A least-squares fit of latent channels -> RGB for a VAE without published factors (the 16-channel
+    SD3/FLUX VAEs): random latents are decoded once, the images averaged over each latent cell's 8x8
+    pixels, and the linear map (plus bias) that best predicts those colours is solved for. One decode of
+    four 64x64 images, made when the first preview is shown."""
+    channels = vae.config.latent_channels
+    generator = torch.Generator().manual_seed(seed)
+    latents = torch.randn(4, channels, 8, 8, generator=generator)
+    param = next(vae.parameters())
+    with torch.inference_mode():
+        x = (latents / vae.config.scaling_factor + shift).to(param.device, param.dtype)
+        pixels = vae.decode(x).sample.float().cpu()
+    colours = torch.nn.functional.avg_pool2d(pixels, 8)                    # [4, 3, 8, 8]
+    inputs = torch.cat([latents, torch.ones(4, 1, 8, 8)], dim=1)           # a constant for the bias
+    a = inputs.permute(0, 2, 3, 1).reshape(-1, channels + 1)
+    b = colours.permute(0, 2, 3, 1).reshape(-1, 3)
+    solution = torch.linalg.lstsq(a, b).solution                            # [C + 1, 3]
+    return solution[:channels], solution[channels]
+
+
+class LatentPreviewer:
+    """Turns a model's latents into the cheap preview: A1111's factors for 4-channel latents, a fit
+    of the model's own VAE for 16-channel ones (made once, on first use)."""
+
+    def __init__(self, model):
+        self.model = model
+        self._fit: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def __call__(self, latent: torch.Tensor) -> Image.Image:
+        vae = self.model.vae
+        if vae.config.latent_channels == 4:
+            return latent_preview(latent, self.model.is_sdxl)
+        if self._fit is None:
+            self._fit = fit_latent_rgb(vae, float(getattr(vae.config, "shift_factor", None) or 0.0))
+        coefs, bias = self._fit
+        return latent_preview(latent, coefs=coefs, bias=bias)
 
 
 class JobProgress(StepCallback):
@@ -41,8 +84,9 @@ class JobProgress(StepCallback):
 
     tensor_inputs = ("latents",)
 
-    def __init__(self, state: JobState, preview_every: int = 0, sdxl: bool = False):
-        self.state, self.preview_every, self.sdxl = state, preview_every, sdxl
+    def __init__(self, state: JobState, preview_every: int = 0, previewer=None):
+        self.state, self.preview_every = state, preview_every
+        self.previewer = previewer or latent_preview
 
     def on_pass_start(self, run: PassInfo) -> None:
         self.state.set_total(run.steps)
@@ -51,4 +95,4 @@ class JobProgress(StepCallback):
         done = step.index + 1
         show = self.preview_every > 0 and done % self.preview_every == 0 and done < step.total
         latents = tensors["latents"]
-        self.state.advance((lambda: latent_preview(latents[0], self.sdxl)) if show else None)
+        self.state.advance((lambda: self.previewer(latents[0])) if show else None)

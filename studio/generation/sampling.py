@@ -174,7 +174,7 @@ def sample(model: Any, spec: BatchSpec, state: JobState) -> torch.Tensor:
 
     # A1111 counts prompt-schedule steps from 0 in img2img too, over the steps actually run
     steps_run = spec.steps - start // scheduler.order
-    callbacks = StepCallbacks([JobProgress(state, spec.preview_every, model.is_sdxl), *spec.callbacks])
+    callbacks = StepCallbacks([JobProgress(state, spec.preview_every, model.previewer), *spec.callbacks])
     last_embeds = None
     done = 0                     # sampler steps finished
     step_start = 0               # the model call the current step started at

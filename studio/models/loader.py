@@ -68,6 +68,7 @@ class LoadedModel:
     lora_patcher: Any = None
     # the separate text-encoder / VAE files a DiT checkpoint was completed with: kind -> file name
     modules_used: dict[str, str] = field(default_factory=dict)
+    previewer: Any = None   # latents -> live-preview image (generation/preview.py), made with the model
     vae_swapper: Any = None
 
     def __post_init__(self) -> None:
@@ -79,6 +80,9 @@ class LoadedModel:
             from studio.prompts.encode import TextConditioner
 
             self.conditioner = TextConditioner(self)
+        from studio.generation.preview import LatentPreviewer
+
+        self.previewer = LatentPreviewer(self)
 
     @property
     def spec(self) -> FamilySpec:
