@@ -45,6 +45,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-dir", default=None)
     p.add_argument("--hypernetwork-dir", default=None)
     p.add_argument("--controlnet-dir", default=None, help="ControlNet model folder (default models/ControlNet)")
+    p.add_argument("--text-encoder-dir", default=None,
+                   help="extra folder of text encoders (clip_l, clip_g, t5xxl) for SD3/FLUX files that lack them")
 
 
 def build_parser(schemas: RequestSchemas | None = None) -> argparse.ArgumentParser:
@@ -60,6 +62,9 @@ def build_parser(schemas: RequestSchemas | None = None) -> argparse.ArgumentPars
     g.add_argument("--checkpoint", "-m", default=None, help="title, name or hash; default: last used")
     g.add_argument("--vae", default=None,
                    help="VAE file name, 'Automatic' or 'None' (the checkpoint's own); default: the sd_vae setting")
+    g.add_argument("--modules", action="append", default=None, metavar="FILE",
+                   help="a VAE / text-encoder file for SD3/FLUX checkpoints that lack them (repeat for each; "
+                        "Forge's forge_additional_modules; default: the setting, or the only file of each kind)")
     g.add_argument("--out", "-o", default=None, help="output folder (default: the outdir_*_samples setting)")
     g.add_argument("--hr-denoising-strength", type=float, default=None,
                    help="the hires pass's denoising strength in txt2img (the API's denoising_strength there)")
@@ -100,7 +105,8 @@ def build_parser(schemas: RequestSchemas | None = None) -> argparse.ArgumentPars
     m = sub.add_parser("models", help="list checkpoints, VAEs, LoRAs, hypernetworks, embeddings and ControlNets")
     _common(m)
     m.add_argument("--kind", default="all",
-                   choices=["all", "checkpoints", "vae", "lora", "hypernetworks", "embeddings", "controlnet"])
+                   choices=["all", "checkpoints", "modules", "vae", "lora", "hypernetworks", "embeddings",
+                            "controlnet"])
 
     i = sub.add_parser("pnginfo", help="print the generation parameters stored in an image")
     i.add_argument("image")
@@ -188,7 +194,8 @@ def _add_training_parsers(sub, schemas=None) -> None:
 def _flags(ns: argparse.Namespace) -> Flags:
     return Flags(data_dir=ns.data_dir, models_dir=ns.models_dir, ckpt_dir=ns.ckpt_dir, device=ns.device,
                  no_half=ns.no_half, no_demo=ns.no_demo, vae_dir=ns.vae_dir, lora_dir=ns.lora_dir,
-                 hypernetwork_dir=ns.hypernetwork_dir, controlnet_dir=ns.controlnet_dir)
+                 hypernetwork_dir=ns.hypernetwork_dir, controlnet_dir=ns.controlnet_dir,
+                 text_encoder_dir=ns.text_encoder_dir)
 
 
 # The unit fields a --controlnet SPEC may set (sd-webui-controlnet's names), and the old names the API
@@ -319,6 +326,9 @@ def cmd_generate(ns: argparse.Namespace) -> int:
             values["controlnet_units"] = units
         if ns.hr_denoising_strength is not None:
             values["hr_denoising_strength"] = ns.hr_denoising_strength
+        if ns.modules:
+            values["override_settings"] = {**(values.get("override_settings") or {}),
+                                           "forge_additional_modules": list(ns.modules)}
         job = studio.engine.submit(build_request(model, values))
         bar = tqdm(total=0, unit="step", desc="txt2img", file=sys.stderr)
         while not job.done.wait(0.1):
@@ -368,6 +378,9 @@ def cmd_models(ns: argparse.Namespace) -> int:
     if show("checkpoints"):
         sections.append(("checkpoints", [f"{c.title}\t{c.path}" + ("\t(demo)" if c.is_demo else "")
                                          for c in studio.checkpoints()]))
+    if show("modules"):  # text encoders and VAEs for SD3/FLUX checkpoints that lack them
+        sections.append(("modules", [f"{m.name}\t{m.kind}\t{m.storage}\t{m.path}"
+                                     for m in studio.engine.models.modules()]))
     if show("vae"):
         sections.append(("vae", [f"{v.name}\t{v.path}" for v in studio.vaes.items()]))
     if show("lora"):

@@ -14,6 +14,7 @@ from pydantic import BaseModel
 
 from studio.errors import RequestError
 from studio.generation.request import (
+    PRESET_FIELDS,
     field_bounds,
     field_type,
     interactive_defaults,
@@ -95,4 +96,9 @@ def request_values(ns: argparse.Namespace, model: type[BaseModel]) -> dict[str, 
     for name in IMAGE_FIELDS & given.keys():
         value = given[name]
         given[name] = [_read_image(p) for p in value] if isinstance(value, list) else _read_image(value)
-    return {**interactive_defaults(model), **given}
+    values = {**interactive_defaults(model), **given}
+    if "preset_fields" in model.model_fields:
+        # what the user did not type may take the model family's presets (FLUX.1 at CFG 1, schnell in 4 steps)
+        typed = set(given) | ({"sampler_name"} if "sampler_index" in given else set())
+        values["preset_fields"] = tuple(f for f in PRESET_FIELDS if f not in typed)
+    return values

@@ -139,3 +139,28 @@ def test_four_channel_previews_keep_a1111s_factors():
     from studio.generation.preview import latent_preview
 
     assert np.array_equal(np.asarray(LatentPreviewer(model)(latent)), np.asarray(latent_preview(latent)))
+
+
+def test_cli_generates_with_a_split_flux_model(tmp_path, capsys):
+    from studio.cli import main
+    from studio.generation.outputs import read_infotext
+    from studio.testing.flux import make_clip_l, make_flux_transformer, make_flux_vae, make_t5xxl
+
+    parts = tiny_flux_components("schnell", seed=4)
+    models = tmp_path / "models"
+    make_flux_transformer(models / "unet" / "flux1-schnell.safetensors", "schnell", components=parts)
+    make_clip_l(tmp_path / "encoders" / "clip_l.safetensors", components=parts)
+    make_t5xxl(tmp_path / "encoders" / "t5xxl_fp8.safetensors", components=parts)
+    make_t5xxl(tmp_path / "encoders" / "t5xxl_fp16.safetensors", components=parts)
+    make_flux_vae(models / "VAE" / "ae.safetensors", components=parts)
+    common = ["--data-dir", str(tmp_path), "--text-encoder-dir", str(tmp_path / "encoders")]
+    assert main(["models", "--kind", "modules", *common]) == 0
+    listing = capsys.readouterr().out
+    assert "t5xxl_fp8.safetensors\tt5xxl" in listing and "ae.safetensors\tvae16" in listing
+    out = tmp_path / "out"
+    # two T5 files: the user names one; steps/CFG left unset take schnell's presets
+    code = main(["generate", *common, "-p", "a boat", "--width", "64", "--height", "64", "--seed", "5",
+                 "--modules", "t5xxl_fp16.safetensors", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    params = parse_infotext(read_infotext(Image.open(next(out.glob("*.png")))))
+    assert (params["Steps"], params["CFG scale"], params["Sampler"]) == ("4", "1", "Euler")

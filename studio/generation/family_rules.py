@@ -9,11 +9,8 @@ from typing import Any
 
 from studio.errors import RequestError
 from studio.generation.flow_samplers import FLOW_SAMPLER_NAMES, flow_sampler_supported
-from studio.generation.request import Txt2ImgRequest
+from studio.generation.request import PRESET_FIELDS, Txt2ImgRequest
 from studio.prompts.parser import extract_extra_networks
-
-# Request fields a family's presets may fill when the caller left them to their defaults.
-PRESET_FIELDS = ("steps", "cfg_scale", "sampler_name", "scheduler")
 
 
 def unset_preset_fields(req: Txt2ImgRequest) -> tuple[str, ...]:

@@ -51,6 +51,11 @@ MAX_PADDING = 256
 ImageInput = Annotated[Any, WithJsonSchema({"type": "string", "description": "base64 image (raw or data URI)"})]
 
 
+# Request fields a model family's presets may fill when the caller left them to their defaults
+# (FLUX.1: CFG 1 and Euler; schnell: 4 steps); see generation/family_rules.py.
+PRESET_FIELDS = ("steps", "cfg_scale", "sampler_name", "scheduler")
+
+
 def door(*, group: str = "", cli: tuple[str, ...] = (), ui: bool = True, label: str = "") -> dict[str, Any]:
     """Per-field hints for the doors that are derived from the schema: the CLI group and extra
     flag names (the studio's older short flags), whether the UI draws a control for the field
