@@ -9,6 +9,7 @@ from typing import Any
 
 from studio.errors import RequestError
 from studio.generation.flow_samplers import FLOW_SAMPLER_NAMES, flow_sampler_supported
+from studio.generation.samplers import zero_snr_samplers
 from studio.generation.request import PRESET_FIELDS, Txt2ImgRequest
 from studio.prompts.parser import extract_extra_networks
 
@@ -30,6 +31,9 @@ def adapt_to_family(req: Txt2ImgRequest, model: Any) -> Txt2ImgRequest:
     spec = model.spec
     notes = list(req.notes)
     if not spec.is_flow:
+        if model.probe.zero_terminal_snr and req.sampler_name not in zero_snr_samplers():
+            raise RequestError(f"sampler {req.sampler_name!r} cannot sample {model.label}: its scheduler has no "
+                               f"zero-terminal-SNR schedule; use one of: {', '.join(zero_snr_samplers())}")
         if req.distilled_cfg_scale is not None:
             notes.append(f"Distilled CFG Scale is an input of guidance-distilled models (FLUX.1 dev); "
                          f"{model.label} does not use it.")

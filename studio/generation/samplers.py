@@ -155,6 +155,9 @@ def make_scheduler(sampler: SamplerSpec, schedule: ScheduleSpec, base_config: di
             f"Sampler {sampler.name!r} does not support schedule type {sched.label!r}; "
             f"use one of: {', '.join(ok)}"
         )
+    if base_config.get("rescale_betas_zero_snr") and "rescale_betas_zero_snr" not in accepted:
+        raise UnknownSamplerError(f"Sampler {sampler.name!r} cannot sample a zero-terminal-SNR model; "
+                                  f"use one of: {', '.join(zero_snr_samplers())}")
     config = {k: v for k, v in base_config.items() if k in accepted}
     config["timestep_spacing"] = sampler.spacing
     config.update(sampler.kwargs)
@@ -163,6 +166,16 @@ def make_scheduler(sampler: SamplerSpec, schedule: ScheduleSpec, base_config: di
     if "steps_offset" in accepted:
         config["steps_offset"] = 1
     return cls(**{k: v for k, v in config.items() if k in accepted})
+
+
+def zero_snr_samplers() -> list[str]:
+    """The samplers whose diffusers scheduler can rescale its noise schedule to zero terminal SNR."""
+    found = []
+    for sampler in SAMPLERS:
+        cls = getattr(importlib.import_module("diffusers"), sampler.scheduler_class)
+        if "rescale_betas_zero_snr" in _accepted_kwargs(cls):
+            found.append(sampler.name)
+    return found
 
 
 def samplers_api() -> list[dict[str, Any]]:

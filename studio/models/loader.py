@@ -127,7 +127,10 @@ class LoadedModel:
 
     @property
     def scheduler_config(self) -> dict[str, Any]:
-        return scheduler_base_config(self.prediction_type)
+        config = scheduler_base_config(self.prediction_type)
+        if self.probe.zero_terminal_snr:
+            config["rescale_betas_zero_snr"] = True
+        return config
 
     @property
     def label(self) -> str:
@@ -390,6 +393,7 @@ def load_diffusers_folder(info: CheckpointInfo, policy: DevicePolicy) -> LoadedM
     probe = CheckpointProbe(
         family=family, variant={9: "inpaint", 8: "ip2p"}.get(in_ch, "base"), in_channels=in_ch,
         prediction_type=sched.get("prediction_type", "epsilon"), has_vae=True, has_text_encoder=True,
+        zero_terminal_snr=bool(sched.get("rescale_betas_zero_snr", False)),
     )
     tokenizers = [make_clip_tokenizer(pad_token="!" if family == "sd2" else "<|endoftext|>")]
     if sdxl:

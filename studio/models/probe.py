@@ -21,8 +21,9 @@ SDXL_TE2 = "conditioner.embedders.1.model."
 REFINER_TE = "conditioner.embedders.0.model."
 VAE = "first_stage_model."
 
-# Marker written by v-prediction checkpoints that know about it (ComfyUI convention).
+# Markers written by v-prediction and zero-terminal-SNR checkpoints that know about them (ComfyUI convention).
 V_PRED_KEYS = ("v_pred",)
+ZTSNR_KEYS = ("ztsnr",)
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,8 @@ class CheckpointProbe:
     prediction_type: str | None  # "epsilon" | "v_prediction" | None = decide by running the UNet
     has_vae: bool
     has_text_encoder: bool
+    # trained with zero terminal SNR (NoobAI-XL v-pred and the like): the ``ztsnr`` marker key
+    zero_terminal_snr: bool = False
 
     @property
     def label(self) -> str:
@@ -41,6 +44,8 @@ class CheckpointProbe:
             text += f" {self.variant}"
         if self.prediction_type == "v_prediction":
             text += " (v-prediction)"
+        if self.zero_terminal_snr:
+            text += " (ZTSNR)"
         return text
 
 
@@ -84,4 +89,5 @@ def probe_checkpoint(shapes: Shapes, name: str = "checkpoint") -> CheckpointProb
         prediction_type=prediction,
         has_vae=_has_prefix(shapes, VAE),
         has_text_encoder=_has_prefix(shapes, te_prefix),
+        zero_terminal_snr=any(k in shapes for k in ZTSNR_KEYS),
     )
