@@ -40,9 +40,8 @@ log = logging.getLogger(__name__)
 
 
 def cache_limits(settings: Settings) -> CacheLimits:
-    options = settings.options
-    budget_mb = options.sd_checkpoint_cache_mb
-    return CacheLimits(models=options.sd_checkpoints_limit,
+    options, budget_mb = settings.options, settings.options.sd_checkpoint_cache_mb
+    return CacheLimits(models=options.sd_checkpoints_limit, gpu_weights_bytes=options.forge_gpu_weights_mb << 20,
                        budget_bytes=budget_mb << 20 if budget_mb > 0 else default_budget_bytes())
 
 

@@ -75,6 +75,8 @@ class StudioOptions(BaseModel):
     sd_checkpoints_limit: int = opt(1, SD, "Maximum number of checkpoints loaded at the same time", ge=1, le=10)
     sd_checkpoint_cache_mb: int = opt(0, SD, "RAM for cached checkpoints, MB (0 = half the RAM; studio)", ge=0)
     sd_vae: str = opt("Automatic", SD, "SD VAE")
+    forge_gpu_weights_mb: int = opt(0, SD, "GPU Weights (MB): VRAM the model weights may take; the rest is "
+                                    "offloaded (0 = decide from the free VRAM; studio)", ge=0, le=1 << 20)
     forge_additional_modules: list[str] = opt([], SD, "VAE / Text Encoder files for SD3 and FLUX checkpoints that "
                                               "lack them (Forge's option; empty = automatic when one of a kind)")
     CLIP_stop_at_last_layers: int = opt(1, SD, "Clip skip", ge=1, le=12)

@@ -69,6 +69,7 @@ class LoadedModel:
     # the separate text-encoder / VAE files a DiT checkpoint was completed with: kind -> file name
     modules_used: dict[str, str] = field(default_factory=dict)
     previewer: Any = None   # latents -> live-preview image (generation/preview.py), made with the model
+    memory_plan: str = ""   # how the manager placed it on the device (models/memory_plan.py), for the user
     vae_swapper: Any = None
 
     def __post_init__(self) -> None:

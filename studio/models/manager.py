@@ -28,6 +28,7 @@ import torch
 from studio.devices import DevicePolicy
 from studio.models.catalog import Catalog, CheckpointInfo
 from studio.models.state_dict import ModelFileError
+from studio.models.memory_plan import plan_placement
 from studio.offload import Offloader, OffloadMode, offload_mode
 
 if TYPE_CHECKING:
@@ -52,6 +53,7 @@ class OffloadFlags:
 class CacheLimits:
     models: int = 1           # A1111's sd_checkpoints_limit
     budget_bytes: int = 0     # 0 = no byte limit
+    gpu_weights_bytes: int = 0  # Forge's "GPU Weights": VRAM the weights may take (0 = from the free VRAM)
 
 
 def default_budget_bytes() -> int:
@@ -67,6 +69,21 @@ def _sysconf(name: str) -> int:
     import os
 
     return int(os.sysconf(name))
+
+
+def _component_bytes(model: LoadedModel) -> dict[str, int]:
+    parts = {"denoiser": model.unet, "vae": model.vae, **{f"text_encoder_{i}": te
+                                                           for i, te in enumerate(model.text_encoders)}}
+    return {name: sum(t.numel() * t.element_size() for t in (*m.parameters(), *m.buffers()))
+            for name, m in parts.items()}
+
+
+def _free_vram(policy: DevicePolicy) -> int | None:
+    """Free memory on the policy's CUDA device now (after the previous model went back to RAM)."""
+    if policy.device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    free, _total = torch.cuda.mem_get_info(policy.device)
+    return int(free)
 
 
 class ModelManager:
@@ -251,14 +268,18 @@ class ModelManager:
             self._offloader = None
         if previous is not None and previous is not model and self.policy.device.type != "cpu":
             previous.move_to(torch.device("cpu"))
-        mode = offload_mode(self.offload.medvram, self.offload.lowvram, self.offload.medvram_sdxl,
-                            model.is_sdxl)
+        flag_mode = offload_mode(self.offload.medvram, self.offload.lowvram, self.offload.medvram_sdxl,
+                                 model.is_sdxl)
+        plan = plan_placement(flag_mode, self.policy.device.type, _component_bytes(model), _free_vram(self.policy),
+                              self.limits().gpu_weights_bytes)
+        model.memory_plan = plan.describe()
+        mode = plan.mode
         if mode is OffloadMode.NONE or self.policy.device.type == "cpu":
             model.move_to(self.policy.device)
         else:
             self._offloader = Offloader(self.policy.device)
             self._offloader.attach(mode, model.unet, model.vae, list(model.text_encoders))
-            log.info("%s: %s (%d units)", model.info.title, mode.value, len(self._offloader.units()))
+            log.info("%s: %s (%d units)", model.info.title, plan.describe(), len(self._offloader.units()))
         self.current = model
         self._cache.move_to_end(model.info.path.resolve())
 
