@@ -1,6 +1,8 @@
 """Placement without flags: the whole model on the GPU when it fits, model offload when its largest part
 fits, block by block otherwise; flags and the GPU-weights setting win; the CPU never offloads."""
 
+import math
+
 from studio.models.memory_plan import INFERENCE_RESERVE_BYTES, plan_placement
 from studio.offload import OffloadMode
 
@@ -18,7 +20,7 @@ def test_flux_on_a_32_gb_card_offloads_by_component():
     # 33.7 GB of bf16 weights; the 23.8 GB transformer fits in 30 GB less the reserve, the whole does not
     plan = plan_placement(OffloadMode.NONE, "cuda", FLUX_BF16, free_bytes=30 * GB)
     assert plan.mode is OffloadMode.MEDVRAM and "the largest part (23.8 GB) does" in plan.describe()
-    exact = plan_placement(OffloadMode.NONE, "cuda", FLUX_BF16, free_bytes=int(23.8 * GB) + INFERENCE_RESERVE_BYTES)
+    exact = plan_placement(OffloadMode.NONE, "cuda", FLUX_BF16, free_bytes=math.ceil(FLUX_BF16["denoiser"]) + INFERENCE_RESERVE_BYTES)
     assert exact.mode is OffloadMode.MEDVRAM
 
 
