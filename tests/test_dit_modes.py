@@ -164,3 +164,28 @@ def test_cli_generates_with_a_split_flux_model(tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     params = parse_infotext(read_infotext(Image.open(next(out.glob("*.png")))))
     assert (params["Steps"], params["CFG scale"], params["Sampler"]) == ("4", "1", "Euler")
+
+
+@pytest.mark.slow
+def test_switching_between_flux_and_sdxl_leaks_no_model(studio):
+    import gc
+
+    from diffusers import FluxTransformer2DModel, UNet2DConditionModel
+
+    from studio.testing import make_checkpoint
+
+    sdxl = studio.paths.ckpt_dirs[0] / "tiny-sdxl.safetensors"
+    make_checkpoint(sdxl, "sdxl", seed=5)
+    studio.engine.models.refresh()
+    try:
+        for _ in range(5):
+            for name in (DEV, sdxl.name):
+                studio.engine.load(name)
+                assert len(studio.engine.models.cached()) == 1   # sd_checkpoints_limit 1: one model in RAM
+        gc.collect()
+        alive = [o for o in gc.get_objects() if isinstance(o, (FluxTransformer2DModel, UNet2DConditionModel))]
+        assert len(alive) <= 1
+    finally:
+        studio.engine.models.unload()
+        sdxl.unlink()
+        studio.engine.models.refresh()
