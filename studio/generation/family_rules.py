@@ -76,9 +76,9 @@ def _refuse_unsupported(req: Txt2ImgRequest, model: Any) -> None:
             refused.append("extra networks in the prompt (" + ", ".join(f"<{t.kind}:{t.name}>" for t in tags)
                            + "): LoRAs for this family are not supported yet")
             break
-    if getattr(req, "mask", None) is not None and model.probe.variant == "fill":
-        refused.append("inpainting with FLUX.1 Fill (its 384-channel input)")
-    if model.probe.variant in ("fill", "control"):
-        refused.append(f"the FLUX.1 {model.probe.variant} variant (it needs its conditioning image input)")
+    if model.probe.variant == "fill" and getattr(req, "mask", None) is None:
+        refused.append("FLUX.1 Fill without a mask (it repaints a masked image: use img2img's inpaint)")
+    if model.probe.variant == "control":
+        refused.append("the FLUX.1 Depth/Canny variant (its control image input)")
     if refused:
         raise RequestError(f"{label} models do not support " + "; ".join(dict.fromkeys(refused)) + " yet")

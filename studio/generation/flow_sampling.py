@@ -19,7 +19,7 @@ import inspect
 import torch
 
 from studio.families.spec import SCHNELL_SHIFT
-from studio.generation.dit_denoisers import make_denoiser
+from studio.generation.dit_denoisers import make_denoiser, pack_latents
 from studio.generation.flow_samplers import FlowShift, flow_add_noise, flow_img2img_start, make_flow_scheduler
 from studio.generation.noise import make_noise, step_noise_generators
 from studio.generation.preview import JobProgress
@@ -72,6 +72,9 @@ def sample_flow(model, spec: BatchSpec, state: JobState) -> torch.Tensor:
     if "generator" in inspect.signature(scheduler.step).parameters:
         extra_step["generator"] = gens[0]
 
+    cond_image = spec.image_conditioning      # FLUX Fill: masked-image latents + folded mask, [B, 80, h, w]
+    if cond_image is not None:
+        cond_image = cond_image.to(device)
     denoiser = make_denoiser(model)
     plan = spec.plan
     use_uncond = spec.cfg_scale != 1.0 or len(plan.weights) > 1
@@ -101,7 +104,8 @@ def sample_flow(model, spec: BatchSpec, state: JobState) -> torch.Tensor:
             x = latents.repeat(run_groups, 1, 1, 1)
             call = ModelCall(i, step, steps_run, t, sigmas[i], x, run_context, None, run_groups, batch, has_uncond)
             callbacks.unet_kwargs(call)
-            pred = denoiser(x, t, run_context, run_vectors, spec.guidance)
+            extra = None if cond_image is None else pack_latents(cond_image.repeat(run_groups, 1, 1, 1))
+            pred = denoiser(x, t, run_context, run_vectors, spec.guidance, extra)
             preds = pred.chunk(run_groups)
             if has_uncond or not use_uncond:
                 pred = guide(preds, plan.weights, spec.cfg_scale, use_uncond)

@@ -127,6 +127,7 @@ def run_img2img(model: Any, req: Img2ImgRequest, state: JobState, controls: Any 
     notes = [n for p in prepared for n in p.notes]
     latent_ch = model.vae.config.latent_channels
     nine_channel = model.unet.config.in_channels == latent_ch + 5
+    flux_fill = model.spec.is_flow and model.probe.variant == "fill"
     init_cache: dict[int, torch.Tensor] = {}
 
     def item(index: int) -> PreparedImage:
@@ -150,6 +151,11 @@ def run_img2img(model: Any, req: Img2ImgRequest, state: JobState, controls: Any 
         extras: dict[str, Any] = {"init_latents": torch.cat([init_latents(i) for i in indices]),
                                   "strength": req.denoising_strength}
         masks = [item(i).work_mask for i in indices]
+        if flux_fill:
+            # FLUX Fill repaints from the masked image and the mask it is given as input, with no blending
+            extras["image_conditioning"] = torch.cat(
+                [fill_conditioning(model, item(i).work, m) for i, m in zip(indices, masks)])
+            return extras
         if masks[0] is not None:
             device = model.policy.device
             lat_masks = torch.cat([latent_mask(m, req.width, req.height, req.mask_round) for m in masks]).to(device)
@@ -191,6 +197,22 @@ def run_img2img(model: Any, req: Img2ImgRequest, state: JobState, controls: Any 
                       denoising_strength=req.denoising_strength)
     req = req.with_changes(notes=tuple([*req.notes, *notes]))
     return run_generation(model, req, state, hooks=hooks, controls=controls, **options)
+
+
+def fill_conditioning(model: Any, image: Image.Image, mask: Image.Image | None) -> torch.Tensor:
+    """FLUX.1 Fill's extra input (``FluxFillPipeline.prepare_mask_latents``): the latents of the image with
+    the masked area blanked (16 channels), then the binarized pixel mask folded into 64 channels, one per
+    pixel of a latent cell's 8x8 block; [1, 80, h, w], packed with the latents by the denoiser."""
+    pixels = to_tensor(image)
+    if mask is None:
+        m = torch.ones(1, 1, *pixels.shape[2:])
+    else:
+        m = torch.from_numpy((np.asarray(mask.convert("L"), dtype=np.float32) / 255.0 >= 0.5).astype(np.float32))
+        m = m[None, None]
+    lat = encode_images(model, pixels * (1 - m))
+    h, w = lat.shape[2:]
+    folded = m[:, 0].view(1, h, 8, w, 8).permute(0, 2, 4, 1, 3).reshape(1, 64, h, w)
+    return torch.cat([lat, folded.to(lat.device, lat.dtype)], dim=1)
 
 
 def inpaint_conditioning(model: Any, image: Image.Image, mask: Image.Image | None) -> torch.Tensor:
