@@ -107,7 +107,8 @@ FAMILIES: tuple[FamilySpec, ...] = (
         "flux1", "FLUX.1", "flow", FLUX_LATENT, ("clip_l", "t5xxl"),
         presets=Presets(cfg_scale=1.0, sampler_name="Euler", scheduler="simple", distilled_cfg_scale=3.5),
         # Fill was distilled at a much higher guidance (diffusers' FluxFillPipeline defaults to 30)
-        variant_presets=(("schnell", Presets(steps=4)), ("fill", Presets(distilled_cfg_scale=30.0))),
+        variant_presets=(("schnell", Presets(steps=4)), ("fill", Presets(distilled_cfg_scale=30.0)),
+                         ("kontext", Presets(distilled_cfg_scale=2.5))),
         flow_shift=FlowShiftSpec(shift=1.0, dynamic=True), t5_max_tokens=512),
     FamilySpec("flux2", "FLUX.2", "flow", FLUX_LATENT, ("qwen3",), supported=False,
                unsupported_reason=_NOT_YET.format(pipeline="Flux2Pipeline", label="FLUX.2")),

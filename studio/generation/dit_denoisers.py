@@ -41,12 +41,22 @@ class FluxDenoiser:
         self.has_guidance = bool(transformer.config.guidance_embeds)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor,
-                 guidance: float | None, extra: torch.Tensor | None = None) -> torch.Tensor:
+                 guidance: float | None, extra: torch.Tensor | None = None,
+                 reference: torch.Tensor | None = None) -> torch.Tensor:
         n, _, h, w = x.shape
         tokens = pack_latents(x)
         if extra is not None:   # FLUX Fill / Control: more channels after the packed latents
             tokens = torch.cat([tokens, extra.to(tokens.dtype)], dim=-1)
         device = x.device
+        ids = image_ids(h, w, device, self.dtype)
+        count = tokens.shape[1]
+        if reference is not None:
+            # FLUX Kontext: the image to edit follows as more tokens, told apart by the first id axis
+            ref_h, ref_w = reference.shape[2:]
+            tokens = torch.cat([tokens, pack_latents(reference).to(tokens.dtype)], dim=1)
+            ref_ids = image_ids(ref_h, ref_w, device, self.dtype)
+            ref_ids[:, 0] = 1
+            ids = torch.cat([ids, ref_ids])
         timestep = (t.expand(n).to(device) / 1000).to(self.dtype)
         guidance_in = None
         if self.has_guidance:
@@ -56,8 +66,8 @@ class FluxDenoiser:
             hidden_states=tokens.to(self.dtype), timestep=timestep, guidance=guidance_in,
             pooled_projections=pooled.to(self.dtype), encoder_hidden_states=context.to(self.dtype),
             txt_ids=torch.zeros(context.shape[1], 3, device=device, dtype=self.dtype),
-            img_ids=image_ids(h, w, device, self.dtype), return_dict=False)[0]
-        return unpack_latents(out.float(), h, w)
+            img_ids=ids, return_dict=False)[0]
+        return unpack_latents(out[:, :count].float(), h, w)
 
 
 class SD3Denoiser:
@@ -66,7 +76,8 @@ class SD3Denoiser:
         self.has_guidance = False
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor,
-                 guidance: float | None, extra: torch.Tensor | None = None) -> torch.Tensor:
+                 guidance: float | None, extra: torch.Tensor | None = None,
+                 reference: torch.Tensor | None = None) -> torch.Tensor:
         n = x.shape[0]
         return self.transformer(
             hidden_states=x.to(self.dtype), timestep=t.expand(n).to(x.device),

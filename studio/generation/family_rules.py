@@ -46,6 +46,8 @@ def adapt_to_family(req: Txt2ImgRequest, model: Any) -> Txt2ImgRequest:
             changes["distilled_cfg_scale"] = presets.get("distilled_cfg_scale", 3.5)
     elif req.distilled_cfg_scale is not None:
         notes.append(f"Distilled CFG Scale is not used by {model.label} (no guidance input).")
+    if model.probe.variant == "kontext" and getattr(req, "init_images", None) and req.denoising_strength < 1:
+        notes.append("FLUX.1 Kontext edits the init image from noise: denoising strength is not used.")
     sampler = changes.get("sampler_name", req.sampler_name)
     if not flow_sampler_supported(sampler):
         raise RequestError(f"sampler {sampler!r} is not available for {spec.label} models (flow matching); "

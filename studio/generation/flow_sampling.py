@@ -75,6 +75,9 @@ def sample_flow(model, spec: BatchSpec, state: JobState) -> torch.Tensor:
     cond_image = spec.image_conditioning      # FLUX Fill: masked-image latents + folded mask, [B, 80, h, w]
     if cond_image is not None:
         cond_image = cond_image.to(device)
+    reference = spec.reference_latents        # FLUX Kontext: the image being edited
+    if reference is not None:
+        reference = reference.to(device)
     denoiser = make_denoiser(model)
     plan = spec.plan
     use_uncond = spec.cfg_scale != 1.0 or len(plan.weights) > 1
@@ -105,7 +108,8 @@ def sample_flow(model, spec: BatchSpec, state: JobState) -> torch.Tensor:
             call = ModelCall(i, step, steps_run, t, sigmas[i], x, run_context, None, run_groups, batch, has_uncond)
             callbacks.unet_kwargs(call)
             extra = None if cond_image is None else pack_latents(cond_image.repeat(run_groups, 1, 1, 1))
-            pred = denoiser(x, t, run_context, run_vectors, spec.guidance, extra)
+            ref = None if reference is None else reference.repeat(run_groups, 1, 1, 1)
+            pred = denoiser(x, t, run_context, run_vectors, spec.guidance, extra, ref)
             preds = pred.chunk(run_groups)
             if has_uncond or not use_uncond:
                 pred = guide(preds, plan.weights, spec.cfg_scale, use_uncond)

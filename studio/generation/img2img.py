@@ -128,6 +128,7 @@ def run_img2img(model: Any, req: Img2ImgRequest, state: JobState, controls: Any 
     latent_ch = model.vae.config.latent_channels
     nine_channel = model.unet.config.in_channels == latent_ch + 5
     flux_fill = model.spec.is_flow and model.probe.variant == "fill"
+    kontext = model.spec.is_flow and model.probe.variant == "kontext"
     init_cache: dict[int, torch.Tensor] = {}
 
     def item(index: int) -> PreparedImage:
@@ -151,6 +152,11 @@ def run_img2img(model: Any, req: Img2ImgRequest, state: JobState, controls: Any 
         extras: dict[str, Any] = {"init_latents": torch.cat([init_latents(i) for i in indices]),
                                   "strength": req.denoising_strength}
         masks = [item(i).work_mask for i in indices]
+        if kontext:
+            # FLUX Kontext edits the init image: it is a reference input, the sample starts from noise
+            extras["reference_latents"] = extras.pop("init_latents")
+            extras.pop("strength")
+            return extras
         if flux_fill:
             # FLUX Fill repaints from the masked image and the mask it is given as input, with no blending
             extras["image_conditioning"] = torch.cat(

@@ -58,6 +58,7 @@ class BatchSpec:
     eta_noise_seed_delta: int = 0               # A1111's ENSD: seeds of the per-step noise are seed + this
     s_min_uncond: float = 0.0                   # A1111's NGMS: below this sigma, skip the negative prompt
     guidance: float | None = None               # FLUX's distilled guidance (Forge's "Distilled CFG Scale")
+    reference_latents: torch.Tensor | None = None  # FLUX Kontext: the image to edit, [B, 16, h, w] scaled latents
 
 
 def guide(preds: tuple[torch.Tensor, ...], weights: list[float], cfg_scale: float, has_uncond: bool) -> torch.Tensor:

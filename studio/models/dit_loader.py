@@ -215,6 +215,16 @@ def pick_for(spec: FamilySpec, prefixes: dict[str, str], available: Sequence[Mod
     return picked
 
 
+def dit_variant(family: str, shapes: Shapes, prefix: str, name: str) -> str:
+    """The variant, from shapes where they tell it (FLUX's schnell / Fill / Control), else from the file
+    name: FLUX.1 Kontext has exactly dev's tensors, SD3.5 Large Turbo exactly Large's."""
+    lowered = name.lower()
+    if family == "flux1":
+        variant = flux_variant(shapes, prefix)
+        return "kontext" if variant == "dev" and "kontext" in lowered else variant
+    return "turbo" if "turbo" in lowered else "base"
+
+
 def planned_modules(path: Path, available: Sequence[ModuleFile], chosen: Sequence[str]) -> dict[str, str]:
     """kind -> file name of the separate modules a checkpoint would be loaded with now."""
     shapes = read_shapes(path)
@@ -243,7 +253,7 @@ def load_dit(info: CheckpointInfo, policy: DevicePolicy, config_cache: Path,
     checkpoint = load_state_dict(info.path)
     timer.record("load weights from disk")
     prefix = prefixes["transformer"]
-    variant = flux_variant(shapes, prefix) if family == "flux1" else ("turbo" if "turbo" in info.name.lower() else "base")
+    variant = dit_variant(family, shapes, prefix, info.name)
     try:
         transformer = build_transformer(family, checkpoint, shapes, prefix, policy, config_cache, info.name)
         timer.record("create transformer")
