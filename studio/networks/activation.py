@@ -1,8 +1,9 @@
 """Turning a prompt's extra-network tags into changes to a loaded model, for one generation.
 
 - ``<lora:name:te[:unet]>`` (and A1111's ``<lyco:…>`` spelling): merged into the weights by the
-  model's :class:`NetworkPatcher`; it stays merged after the generation, so the next request
-  with the same set does no work, and a different set restores and re-merges.
+  model's :class:`NetworkPatcher` (:class:`DiTLoraPatcher` for FLUX.1 / SD3); it stays merged
+  after the generation, so the next request with the same set does no work, and a different set
+  restores and re-merges.
 - ``<hypernet:name:strength>``: forward hooks on the UNet's attention k/v, installed for this
   generation only (``close()`` removes them).
 
@@ -41,11 +42,17 @@ class NetworkActivation:
 
 
 def lora_patcher(model: Any) -> Any:
-    """The model's patcher, made on first use (each loaded model owns its backups)."""
-    from studio.networks.lora import NetworkPatcher
-
+    """The model's patcher, made on first use (each loaded model owns its backups): the SD one,
+    or for the DiT families (FLUX.1, SD3) the one that knows their layers and weight storage."""
     if model.lora_patcher is None:
-        model.lora_patcher = NetworkPatcher(model.unet, model.text_encoders, model.family, model.is_sdxl)
+        if model.spec.is_flow:
+            from studio.networks.dit_lora import DiTLoraPatcher
+
+            model.lora_patcher = DiTLoraPatcher(model.unet, model.text_encoders, model.spec.id, model.policy.dtype)
+        else:
+            from studio.networks.lora import NetworkPatcher
+
+            model.lora_patcher = NetworkPatcher(model.unet, model.text_encoders, model.family, model.is_sdxl)
     return model.lora_patcher
 
 

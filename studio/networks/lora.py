@@ -84,7 +84,7 @@ class LoraInfo:
     path: Path
     metadata: dict[str, str] = field(default_factory=dict)   # safetensors metadata ({} for pickles)
     alias: str = ""             # metadata ss_output_name, else the name
-    family: str | None = None   # "sd1" | "sd2" | "sdxl" | None when unknown
+    family: str | None = None   # "sd1" | "sd2" | "sdxl" | "flux1" | "sd3" | None when unknown
     sha256: str | None = None   # addnet hash, once computed
     error: str | None = None    # why the file cannot be read, for files listed anyway
 

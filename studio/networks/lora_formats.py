@@ -19,6 +19,8 @@ of the loaded model is :mod:`studio.networks.lora_keys`' job):
 - older diffusers: ``….processor.to_q_lora.down.weight`` (module ``….to_q``; ``to_out_lora`` is
   ``to_out.0``), ``….lora_linear_layer.down.weight`` and ``….lora.down.weight``; scale 1 unless
   an alpha key is present.
+- XLabs FLUX.1: ``double_blocks.N.processor.qkv_lora1.down.weight`` (module
+  ``double_blocks.N.processor.qkv_lora1``, which :mod:`studio.networks.dit_lora` maps); scale 1.
 
 A ``<m>.scale`` tensor overrides the computed scale, as in A1111. DoRA files (``dora_scale`` /
 ``lora_magnitude_vector``) are refused: their update depends on the weight's norm, which a plain
@@ -46,6 +48,7 @@ class LoraFileError(ValueError):
 # (pattern, how the captured name becomes the module name, which part the tensor is)
 _OLD_ATTENTION = re.compile(r"(?P<m>.+)\.processor\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<p>down|up)\.weight")
 _OLD_LINEAR = re.compile(r"(?P<m>.+)\.(?:lora_linear_layer|lora)\.(?P<p>down|up)\.weight")
+_XLABS = re.compile(r"(?P<m>.+\.processor\.(?:qkv|proj)_lora\d?)\.(?P<p>down|up)\.weight")
 _PEFT = re.compile(r"(?P<m>.+)\.lora_(?P<p>A|B)\.weight")
 _KOHYA = re.compile(r"(?P<m>.+)\.lora_(?P<p>up|down|mid)\.weight")
 _PLAIN_PARTS = (
@@ -61,7 +64,7 @@ _OTHER_TYPES = re.compile(
 )
 _ADAPTER_METADATA_KEY = "lora_adapter_metadata"
 
-FAMILY_NAMES = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}
+FAMILY_NAMES = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL", "flux1": "FLUX.1", "sd3": "SD3"}
 
 
 def _split_key(key: str) -> tuple[str, str, str] | None:
@@ -70,6 +73,8 @@ def _split_key(key: str) -> tuple[str, str, str] | None:
         proj = "to_out.0" if m["proj"] == "to_out" else m["proj"]
         return f"{m['m']}.{proj}", m["p"], "old"
     if m := _OLD_LINEAR.fullmatch(key):
+        return m["m"], m["p"], "old"
+    if m := _XLABS.fullmatch(key):
         return m["m"], m["p"], "old"
     if m := _PEFT.fullmatch(key):
         return m["m"], "down" if m["p"] == "A" else "up", "peft"
@@ -470,13 +475,17 @@ def parse_network(
 
 def family_from_metadata(metadata: Mapping[str, str]) -> str | None:
     base = str(metadata.get("ss_base_model_version") or "")
+    arch = str(metadata.get("modelspec.architecture") or "")
+    if base.startswith("flux1") or arch.startswith("flux-1"):
+        return "flux1"
+    if base.startswith("sd3") or arch.startswith("stable-diffusion-v3"):
+        return "sd3"
     if base.startswith("sdxl_"):
         return "sdxl"
     if base.startswith("sd_v2") or str(metadata.get("ss_v2")) == "True":
         return "sd2"
     if base.startswith("sd_v1"):
         return "sd1"
-    arch = str(metadata.get("modelspec.architecture") or "")
     for prefix, family in (("stable-diffusion-xl-v1", "sdxl"), ("stable-diffusion-v2", "sd2"),
                            ("stable-diffusion-v1", "sd1")):
         if arch.startswith(prefix):
@@ -492,13 +501,28 @@ _CROSS_ATTENTION_K = re.compile(
     r".*attn2[._]to_k(?:\.lora_down\.weight|\.lora_A\.weight|\.lora\.down\.weight)"
     r"|.*attn2\.processor\.to_k_lora\.down\.weight"
 )
+# The DiT families' block names, in any of their spellings (kohya ``lora_unet_double_blocks_0_…``,
+# BFL / XLabs ``double_blocks.0.…``, diffusers ``single_transformer_blocks.0.…``); SD UNets have none.
+_DIT_BLOCKS = (
+    (re.compile(r"(?:^|[._])(?:double_blocks|single_blocks|single_transformer_blocks)[._]\d"), "flux1"),
+    (re.compile(r"(?:^|[._])joint_blocks[._]\d"), "sd3"),
+)
+# diffusers' and OneTrainer's names for a DiT's transformer: FLUX.1 or SD3 (the SD UNet is "unet").
+_DIT_PREFIXES = ("transformer.", "lora_transformer_")
 _TE_WIDTH_FAMILY = {768: "sd1", 1024: "sd2"}
 _CONTEXT_WIDTH_FAMILY = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 
 
 def family_from_keys(shapes: Mapping[str, tuple[int, ...]]) -> str | None:
-    """SDXL from its second text encoder's names, else SD1/SD2 from the text width
-    (CLIP-L 768, OpenCLIP-H 1024), else from the UNet's cross-attention input width."""
+    """FLUX.1 / SD3 from their block names (their files use ``lora_te1_`` / ``text_encoder_2.``
+    too; a diffusers DiT file without FLUX.1's single blocks may be either: None), else SDXL from
+    its second text encoder's names, else SD1/SD2 from the text width (CLIP-L 768, OpenCLIP-H
+    1024), else from the UNet's cross-attention input width."""
+    for pattern, family in _DIT_BLOCKS:
+        if any(pattern.search(k) for k in shapes):
+            return family
+    if any(k.startswith(_DIT_PREFIXES) for k in shapes):
+        return None
     if any(k.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) for k in shapes):
         return "sdxl"
     for pattern, widths in ((_TE_INPUT, _TE_WIDTH_FAMILY), (_CROSS_ATTENTION_K, _CONTEXT_WIDTH_FAMILY)):
