@@ -28,6 +28,7 @@ from studio.models.storage import storage_label
 from studio.testing.flux import (
     make_clip_l,
     make_flux_checkpoint,
+    make_flux_lora,
     make_flux_transformer,
     make_flux_vae,
     make_t5xxl,
@@ -172,7 +173,7 @@ def test_real_cfg_uses_the_negative_prompt(studio):
 
 
 @pytest.mark.parametrize(("fields", "words"), [
-    ({"prompt": "a cube <lora:style:0.8>"}, "extra networks"),
+    ({"prompt": "a cube <hypernet:style:0.8>"}, "hypernetworks"),
     ({"tiling": True}, "tiling"),
     ({"sampler_name": "DDIM"}, "not available for FLUX.1"),
     ({"token_merging_ratio": 0.3}, "token merging"),
@@ -237,6 +238,19 @@ def test_api_txt2img_with_a_flux_model(studio):
     assert image.size == (64, 64)
     assert "Distilled CFG Scale: 2" in reply.json()["info"]
     refused = client.post("/sdapi/v1/txt2img", json={
-        "prompt": "a <lora:x:1>", "steps": 1, "width": 64, "height": 64,
+        "prompt": "a cube", "steps": 1, "width": 64, "height": 64, "tiling": True,
         "override_settings": {"sd_model_checkpoint": FLUX_DEV}})
-    assert refused.status_code == 400 and "extra networks" in refused.text
+    assert refused.status_code == 400 and "tiling" in refused.text
+
+
+def test_a_kohya_flux_lora_in_the_prompt(studio):
+    lora_dir = studio.paths.models / "Lora"
+    make_flux_lora(lora_dir / "tiny-flux-style.safetensors", components=tiny_flux_components("dev", seed=0),
+                   dtype=torch.float32)
+    studio.engine.networks.refresh()
+    plain = generate(studio, FLUX_DEV, steps=2)
+    styled = generate(studio, FLUX_DEV, steps=2, prompt="a red cube <lora:tiny-flux-style:1>")
+    assert not np.array_equal(pixels(plain.images[0]), pixels(styled.images[0]))
+    assert "tiny-flux-style" in parse_infotext(styled.infotexts[0])["Lora hashes"]
+    again = generate(studio, FLUX_DEV, steps=2)   # the LoRA is removed exactly
+    assert np.array_equal(pixels(plain.images[0]), pixels(again.images[0]))

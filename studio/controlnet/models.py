@@ -21,7 +21,7 @@ import torch
 
 from studio.models.arch import derive_unet_config
 from studio.models.catalog import HashCache, ModelFileNames
-from studio.models.loader import write_config_dir
+from studio.models.config_dir import write_config_dir
 from studio.models.probe import UNET, CheckpointProbe
 from studio.models.state_dict import ModelFileError, Shapes, load_state_dict
 

@@ -66,6 +66,7 @@ class FamilySpec:
     variant_presets: tuple[tuple[str, Presets], ...] = ()  # variant -> presets over the family's
     flow_shift: FlowShiftSpec | None = None
     t5_max_tokens: int = 0                 # T5 sequence length the family was trained with
+    vae_kind: str = "vae16"                # the module kind of its VAE (studio/models/modules.py)
     supported: bool = True
     unsupported_reason: str = ""
 

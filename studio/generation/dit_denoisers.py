@@ -83,10 +83,3 @@ class SD3Denoiser:
             hidden_states=x.to(self.dtype), timestep=t.expand(n).to(x.device),
             encoder_hidden_states=context.to(self.dtype), pooled_projections=pooled.to(self.dtype),
             return_dict=False)[0].float()
-
-
-DENOISERS = {"flux1": FluxDenoiser, "sd3": SD3Denoiser}
-
-
-def make_denoiser(model: Any) -> Any:
-    return DENOISERS[model.spec.id](model.unet, model.policy.dtype)

@@ -74,9 +74,10 @@ def _refuse_unsupported(req: Txt2ImgRequest, model: Any) -> None:
         refused.append("token merging (a UNet optimisation)")
     for field in ("prompt", "hr_prompt"):
         _, tags = extract_extra_networks(getattr(req, field) or "")
-        if tags:
-            refused.append("extra networks in the prompt (" + ", ".join(f"<{t.kind}:{t.name}>" for t in tags)
-                           + "): LoRAs for this family are not supported yet")
+        hypernets = [t for t in tags if t.kind == "hypernet"]
+        if hypernets:   # hypernetworks hook SD's UNet attention; LoRAs have their DiT patcher
+            refused.append("hypernetworks (" + ", ".join(f"<hypernet:{t.name}>" for t in hypernets)
+                           + "): they are trained for SD's UNet")
             break
     if model.probe.variant == "fill" and getattr(req, "mask", None) is None:
         refused.append("FLUX.1 Fill without a mask (it repaints a masked image: use img2img's inpaint)")

@@ -18,8 +18,9 @@ import inspect
 
 import torch
 
+from studio.families.dit_engine import dit_engine
 from studio.families.spec import SCHNELL_SHIFT
-from studio.generation.dit_denoisers import make_denoiser, pack_latents
+from studio.generation.dit_denoisers import pack_latents
 from studio.generation.flow_samplers import FlowShift, flow_add_noise, flow_img2img_start, make_flow_scheduler
 from studio.generation.noise import make_noise, step_noise_generators
 from studio.generation.preview import JobProgress
@@ -78,7 +79,7 @@ def sample_flow(model, spec: BatchSpec, state: JobState) -> torch.Tensor:
     reference = spec.reference_latents        # FLUX Kontext: the image being edited
     if reference is not None:
         reference = reference.to(device)
-    denoiser = make_denoiser(model)
+    denoiser = dit_engine(family.id).denoiser(model)
     plan = spec.plan
     use_uncond = spec.cfg_scale != 1.0 or len(plan.weights) > 1
     batch = len(spec.seeds)

@@ -12,7 +12,6 @@ CLIP vocabulary shipped in open_clip), so nothing is ever fetched from a hub.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import time
@@ -27,6 +26,7 @@ from studio.families.spec import FamilySpec, family_spec
 from studio.models.arch import derive_configs
 from studio.models.bundled import match_bundled
 from studio.models.catalog import CheckpointInfo
+from studio.models.config_dir import write_config_dir
 from studio.models.probe import SD2_TE, CheckpointProbe, probe_checkpoint
 from studio.models.state_dict import ModelFileError, load_state_dict
 from studio.models.tokenizer import make_clip_tokenizer
@@ -74,9 +74,9 @@ class LoadedModel:
 
     def __post_init__(self) -> None:
         if self.spec.is_flow:
-            from studio.prompts.dit_encode import make_dit_conditioner
+            from studio.families.dit_engine import dit_engine
 
-            self.conditioner = make_dit_conditioner(self)
+            self.conditioner = dit_engine(self.spec.id).conditioner(self)
         else:
             from studio.prompts.encode import TextConditioner
 
@@ -157,19 +157,6 @@ class Timer:
         total = time.perf_counter() - self.start
         parts = ", ".join(f"{k}: {v:.2f}s" for k, v in self.phases.items())
         return f"{total:.2f}s ({parts})"
-
-
-def write_config_dir(configs: dict[str, dict[str, Any]], cache_root: Path) -> Path:
-    """A folder laid out like a diffusers repo (``<component>/config.json``), reused when
-    the same architecture is loaded again."""
-    blob = json.dumps(configs, sort_keys=True).encode()
-    target = cache_root / hashlib.sha1(blob).hexdigest()[:16]
-    if not (target / "done").exists():
-        for name, cfg in configs.items():
-            (target / name).mkdir(parents=True, exist_ok=True)
-            (target / name / "config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
-        (target / "done").write_text("ok", encoding="utf-8")
-    return target
 
 
 def detect_v_prediction(unet: Any) -> bool:

@@ -19,7 +19,7 @@ CARD_SIZE = (256, 320)
 KINDS = ("checkpoints", "lora", "textual_inversion", "hypernetworks")
 KIND_LABELS = {"checkpoints": "Checkpoints", "lora": "Lora", "textual_inversion": "Textual Inversion",
                "hypernetworks": "Hypernetworks"}
-FAMILY_LABELS = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL", None: ""}
+FAMILY_LABELS = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL", "flux1": "FLUX.1", "sd3": "SD3", None: ""}
 
 
 @dataclass(frozen=True)

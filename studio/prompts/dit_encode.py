@@ -185,10 +185,3 @@ class FluxConditioner(DiTConditioner):
         if t5 is None:
             raise ValueError("FLUX.1 needs its T5 text encoder")
         return Conditioning(t5, pooled)
-
-
-CONDITIONERS = {"sd3": SD3Conditioner, "flux1": FluxConditioner}
-
-
-def make_dit_conditioner(model: Any) -> DiTConditioner:
-    return CONDITIONERS[model.spec.id](model)
