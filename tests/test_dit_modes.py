@@ -128,13 +128,15 @@ class _LinearVae:
 def test_preview_fit_recovers_a_linear_decoder():
     generator = torch.Generator().manual_seed(1)
     matrix, bias = torch.randn(16, 3, generator=generator) * 0.2, torch.tensor([0.1, -0.2, 0.05])
-    coefs, fitted_bias = fit_latent_rgb(_LinearVae(matrix, bias), shift=0.1)
+    vae = _LinearVae(matrix, bias)
+    coefs, fitted_bias = fit_latent_rgb(vae, lambda z: z / vae.config.scaling_factor + vae.config.shift_factor)
     torch.testing.assert_close(coefs, matrix, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(fitted_bias, bias, atol=1e-4, rtol=1e-4)
 
 
 def test_four_channel_previews_keep_a1111s_factors():
-    model = SimpleNamespace(vae=SimpleNamespace(config=SimpleNamespace(latent_channels=4)), is_sdxl=False)
+    model = SimpleNamespace(vae=SimpleNamespace(config=SimpleNamespace(latent_channels=4)), is_sdxl=False,
+                            spec=SimpleNamespace(latent=SimpleNamespace(channels=4)))
     latent = torch.randn(4, 8, 8)
     from studio.generation.preview import latent_preview
 

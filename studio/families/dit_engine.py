@@ -56,6 +56,10 @@ class DiTEngine:
 
     clip_projection = False      # SD3 reads CLIP-L's projected pooled vector, FLUX the unprojected one
 
+    def latent_codec(self, model: Any) -> Any:
+        """The sampler's latents <-> the VAE's; None = scale and shift (generation/txt2img.ScaleShiftCodec)."""
+        return None
+
     def conditioner(self, model: Any) -> Any:
         raise NotImplementedError
 

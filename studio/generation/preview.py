@@ -40,17 +40,18 @@ def latent_preview(latent: torch.Tensor, sdxl: bool = False, coefs: torch.Tensor
     return img.resize((img.width * 8, img.height * 8), Image.Resampling.NEAREST)
 
 
-def fit_latent_rgb(vae, shift: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_latent_rgb(vae, to_vae, channels: int | None = None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """A least-squares fit of latent channels -> RGB for a VAE without published factors (the 16-channel
     SD3/FLUX VAEs): random latents are decoded once, the images averaged over each latent cell's 8x8
     pixels, and the linear map (plus bias) that best predicts those colours is solved for. One decode of
-    four 64x64 images, made when the first preview is shown."""
-    channels = vae.config.latent_channels
+    four 64x64 images, made when the first preview is shown. ``to_vae`` maps the sampler's latents to the
+    VAE's input (the model's latent codec)."""
+    channels = channels or vae.config.latent_channels   # the sampler's channels, when its latents are not the VAE's
     generator = torch.Generator().manual_seed(seed)
     latents = torch.randn(4, channels, 8, 8, generator=generator)
     param = next(vae.parameters())
     with torch.inference_mode():
-        x = (latents / vae.config.scaling_factor + shift).to(param.device, param.dtype)
+        x = to_vae(latents).to(param.device, param.dtype)
         pixels = vae.decode(x).sample.float().cpu()
     colours = torch.nn.functional.avg_pool2d(pixels, 8)                    # [4, 3, 8, 8]
     inputs = torch.cat([latents, torch.ones(4, 1, 8, 8)], dim=1)           # a constant for the bias
@@ -70,10 +71,10 @@ class LatentPreviewer:
 
     def __call__(self, latent: torch.Tensor) -> Image.Image:
         vae = self.model.vae
-        if vae.config.latent_channels == 4:
+        if self.model.spec.latent.channels == 4:
             return latent_preview(latent, self.model.is_sdxl)
         if self._fit is None:
-            self._fit = fit_latent_rgb(vae, float(getattr(vae.config, "shift_factor", None) or 0.0))
+            self._fit = fit_latent_rgb(vae, self.model.latent_codec.to_vae, self.model.spec.latent.channels)
         coefs, bias = self._fit
         return latent_preview(latent, coefs=coefs, bias=bias)
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from studio.models.latent_codec import shift_factor  # noqa: F401 (re-exported)
 from studio.models.loader import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -50,11 +51,12 @@ def vae_tiling(vae: Any, width: int, height: int):
 
 def decode_latents(model: LoadedModel, latents: torch.Tensor) -> list[Image.Image]:
     vae = model.vae
+    codec = model.latent_codec
     images = []
     height, width = latents.shape[-2] * 8, latents.shape[-1] * 8
     with torch.inference_mode(), vae_tiling(vae, width, height):
         for lat in latents:  # one at a time bounds VAE memory for big batches
-            x = (lat[None] / vae.config.scaling_factor + shift_factor(vae)).to(model.policy.device, vae.dtype)
+            x = codec.to_vae(lat[None]).to(model.policy.device, vae.dtype)
             px = vae.decode(x).sample
             if torch.isnan(px).any() and vae.dtype != torch.float32:
                 log.warning("VAE produced NaNs in %s; retrying this decode in float32", vae.dtype)
@@ -75,12 +77,7 @@ def encode_images(model: Any, pixels: torch.Tensor) -> torch.Tensor:
         if torch.isnan(lat).any() and vae.dtype != torch.float32:
             vae.to(torch.float32)
             lat = vae.encode(x.float()).latent_dist.mode()
-    return (lat.float() - shift_factor(vae)) * vae.config.scaling_factor
-
-
-def shift_factor(vae: Any) -> float:
-    """The 16-channel VAEs (SD3, FLUX) centre their latents: ``(z - shift) * scale``; SD's have no shift."""
-    return float(getattr(vae.config, "shift_factor", None) or 0.0)
+    return model.latent_codec.from_vae(lat.float())
 
 
 def txt2img_image_conditioning(model: Any, batch: int, height: int, width: int) -> torch.Tensor:

@@ -70,13 +70,19 @@ class LoadedModel:
     modules_used: dict[str, str] = field(default_factory=dict)
     previewer: Any = None   # latents -> live-preview image (generation/preview.py), made with the model
     memory_plan: str = ""   # how the manager placed it on the device (models/memory_plan.py), for the user
+    latent_codec: Any = None  # the sampler's latents <-> the VAE's (generation/txt2img.ScaleShiftCodec)
     vae_swapper: Any = None
 
     def __post_init__(self) -> None:
+        from studio.models.latent_codec import ScaleShiftCodec
+
+        self.latent_codec = ScaleShiftCodec(self.vae)
         if self.spec.is_flow:
             from studio.families.dit_engine import dit_engine
 
-            self.conditioner = dit_engine(self.spec.id).conditioner(self)
+            engine = dit_engine(self.spec.id)
+            self.conditioner = engine.conditioner(self)
+            self.latent_codec = engine.latent_codec(self) or self.latent_codec
         else:
             from studio.prompts.encode import TextConditioner
 
