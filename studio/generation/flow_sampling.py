@@ -97,14 +97,16 @@ def sample_flow(model, spec: BatchSpec, state: JobState) -> torch.Tensor:
             if embeds is not last_embeds:
                 last_embeds = embeds
                 if not use_uncond:
-                    embeds, pooled = embeds[1:], pooled[1:]
+                    embeds, pooled = embeds[1:], (pooled[1:] if pooled is not None else None)
                 groups = embeds.shape[0]
                 context = embeds.to(device).repeat_interleave(batch, dim=0)
-                vectors = pooled.to(device).repeat_interleave(batch, dim=0)
+                # families without a pooled vector (Chroma, Z-Image, FLUX.2) get None through to their denoiser
+                vectors = pooled.to(device).repeat_interleave(batch, dim=0) if pooled is not None else None
             has_uncond = use_uncond and not skips_uncond(i, sigmas[i], spec.s_min_uncond)
             run_groups, run_context, run_vectors = groups, context, vectors
             if use_uncond and not has_uncond:
-                run_groups, run_context, run_vectors = groups - 1, context[batch:], vectors[batch:]
+                run_groups, run_context = groups - 1, context[batch:]
+                run_vectors = vectors[batch:] if vectors is not None else None
             x = latents.repeat(run_groups, 1, 1, 1)
             call = ModelCall(i, step, steps_run, t, sigmas[i], x, run_context, None, run_groups, batch, has_uncond)
             callbacks.unet_kwargs(call)
