@@ -191,3 +191,13 @@ def test_switching_between_flux_and_sdxl_leaks_no_model(studio):
         studio.engine.models.unload()
         sdxl.unlink()
         studio.engine.models.refresh()
+
+
+def test_a_prompt_past_t5s_length_gets_a_note(studio):
+    long_prompt = " ".join(["a red cube on a green table"] * 90)   # about 630 T5 tokens
+    req = Txt2ImgRequest(prompt=long_prompt, width=64, height=64, seed=3, steps=1, save_images=False,
+                         override_settings={"sd_model_checkpoint": DEV})
+    result = studio.engine.submit(req).wait()
+    assert any("T5 tokens; FLUX.1 reads 511" in note for note in result.notes)
+    counts = studio.engine.token_counts(long_prompt)
+    assert counts["t5"][0] > 511 and counts["clip"][1] == 75

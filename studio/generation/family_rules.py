@@ -48,6 +48,7 @@ def adapt_to_family(req: Txt2ImgRequest, model: Any) -> Txt2ImgRequest:
         notes.append(f"Distilled CFG Scale is not used by {model.label} (no guidance input).")
     if model.probe.variant == "kontext" and getattr(req, "init_images", None) and req.denoising_strength < 1:
         notes.append("FLUX.1 Kontext edits the init image from noise: denoising strength is not used.")
+    notes += prompt_length_notes(req, model)
     sampler = changes.get("sampler_name", req.sampler_name)
     if not flow_sampler_supported(sampler):
         raise RequestError(f"sampler {sampler!r} is not available for {spec.label} models (flow matching); "
@@ -85,3 +86,23 @@ def _refuse_unsupported(req: Txt2ImgRequest, model: Any) -> None:
         refused.append("the FLUX.1 Depth/Canny variant (its control image input)")
     if refused:
         raise RequestError(f"{label} models do not support " + "; ".join(dict.fromkeys(refused)) + " yet")
+
+
+def prompt_length_notes(req: Txt2ImgRequest, model: Any) -> list[str]:
+    """Where a DiT family's encoders stop reading: T5 at its sequence length, CLIP (when it is more than a
+    pooled vector) at 75 tokens. Said once per prompt, as A1111 warns about truncated prompts."""
+    notes = []
+    conditioner = model.conditioner
+    for name in ("prompt", "negative_prompt"):
+        text, _ = extract_extra_networks(getattr(req, name) or "")
+        if not text:
+            continue
+        counts = conditioner.token_counts(text)
+        if "t5" in counts and counts["t5"][0] > counts["t5"][1]:
+            count, limit = counts["t5"]
+            notes.append(f"The {name.replace('_', ' ')} is {count} T5 tokens; {model.spec.label} reads {limit}: "
+                         "the rest is ignored.")
+        if model.spec.id == "sd3" and counts["clip"][0] > counts["clip"][1]:
+            notes.append(f"The {name.replace('_', ' ')} is {counts['clip'][0]} CLIP tokens; SD3's CLIP encoders "
+                         "read the first 75 (T5 reads on).")
+    return notes
