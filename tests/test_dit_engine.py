@@ -254,3 +254,19 @@ def test_a_kohya_flux_lora_in_the_prompt(studio):
     assert "tiny-flux-style" in parse_infotext(styled.infotexts[0])["Lora hashes"]
     again = generate(studio, FLUX_DEV, steps=2)   # the LoRA is removed exactly
     assert np.array_equal(pixels(plain.images[0]), pixels(again.images[0]))
+
+
+def test_nf4_files_are_refused_with_the_alternatives(studio):
+    path = studio.paths.ckpt_dirs[0] / "flux1-dev-bnb-nf4.safetensors"
+    save_file({"double_blocks.0.img_attn.norm.key_norm.scale": torch.zeros(4),
+               "double_blocks.0.img_attn.qkv.weight": torch.zeros(8, 1, dtype=torch.uint8),
+               "double_blocks.0.img_attn.qkv.weight.absmax": torch.zeros(2),
+               "double_blocks.0.img_attn.qkv.weight.quant_state.bitsandbytes__nf4": torch.zeros(4, dtype=torch.uint8)},
+              str(path))
+    studio.engine.models.refresh()
+    try:
+        with pytest.raises(ModelFileError, match="runs only on a CUDA GPU.*GGUF"):
+            generate(studio, path.name, steps=1)
+    finally:
+        path.unlink()
+        studio.engine.models.refresh()

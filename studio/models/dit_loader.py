@@ -86,6 +86,17 @@ def pick_for(spec: FamilySpec, prefixes: dict[str, str], available: Sequence[Mod
     return picked
 
 
+def refuse_nf4(shapes, name: str, policy: DevicePolicy) -> None:
+    """bitsandbytes NF4/FP4 files (Forge's flux1-dev-bnb-nf4) hold 4-bit data plus quant-state tensors that
+    only bitsandbytes' CUDA kernels read."""
+    if not any(".quant_state.bitsandbytes__" in k or k.endswith(".absmax") for k in shapes):
+        return
+    if policy.device.type != "cuda":
+        raise ModelFileError(f"{name}: a bitsandbytes NF4/FP4 file runs only on a CUDA GPU with bitsandbytes; "
+                             "on this machine use the fp8 (e4m3fn) or a GGUF (Q8_0, Q5_K, Q4_K) file of the model")
+    raise ModelFileError(f"{name}: bitsandbytes NF4/FP4 files are not supported yet; use the fp8 or a GGUF file")
+
+
 def planned_modules(path: Path, available: Sequence[ModuleFile], chosen: Sequence[str]) -> dict[str, str]:
     """kind -> file name of the separate modules a checkpoint would be loaded with now."""
     shapes = read_shapes(path)
@@ -106,6 +117,7 @@ def load_dit(info: CheckpointInfo, policy: DevicePolicy, config_cache: Path,
     spec = family_spec(family)
     if not spec.supported:
         raise ModelFileError(f"{info.name}: {spec.label} is {spec.unsupported_reason}")
+    refuse_nf4(shapes, info.name, policy)
     engine = dit_engine(family)
     prefixes = component_prefixes(shapes)
     picked = pick_for(spec, prefixes, available, chosen)
