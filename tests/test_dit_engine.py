@@ -228,6 +228,8 @@ def test_api_txt2img_with_a_flux_model(studio):
     app = FastAPI()
     app.include_router(build_router(studio))
     client = TestClient(app)
+    modules = {m["model_name"]: m["kind"] for m in client.get("/sdapi/v1/sd-modules").json()}
+    assert modules == {"clip_l.safetensors": "clip_l", "t5xxl_fp16.safetensors": "t5xxl", "ae.safetensors": "vae16"}
     titles = [m["title"] for m in client.get("/sdapi/v1/sd-models").json()]
     assert any(t.startswith(FLUX_DEV) for t in titles) and any(t.startswith(SCHNELL_GGUF) for t in titles)
     reply = client.post("/sdapi/v1/txt2img", json={

@@ -200,6 +200,12 @@ def build_router(studio: Studio) -> APIRouter:
     def sd_vae() -> list[dict[str, Any]]:
         return [v.api_dict() for v in studio.vaes.items()]
 
+    @r.get("/sd-modules")
+    def sd_modules() -> list[dict[str, Any]]:
+        """Forge's list of VAE / text-encoder files for checkpoints that lack them (forge_additional_modules)."""
+        return [{"model_name": m.name, "filename": str(m.path), "kind": m.kind, "storage": m.storage}
+                for m in studio.engine.models.modules()]
+
     @r.post("/refresh-vae")
     def refresh_vae() -> dict[str, Any]:
         studio.refresh_vaes()
