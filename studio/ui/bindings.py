@@ -83,8 +83,11 @@ class RequestForm:
 
 def control_for(info: Any, value: Any, label: str, elem_id: str) -> Any:
     """A component for a pydantic field, from its type: checkbox, dropdown (a Literal, or a list of
-    names with ``choices``), slider (a bounded number), number, or text. None for structured fields."""
-    kind = field_type(info.annotation)[0]
+    names with ``choices``), slider (a bounded number), number, or text. None for structured fields and
+    lists (a text box would hand a list field a string; forge_additional_modules has its own picker)."""
+    kind, is_list = field_type(info.annotation)
+    if is_list:
+        return None
     common = {"label": label, "elem_id": elem_id, "info": info.description if info.description != label else None}
     if kind is bool:
         return gr.Checkbox(value=bool(value), **common)

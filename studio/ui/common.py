@@ -15,7 +15,7 @@ import gradio as gr
 
 from studio.core import Studio
 from studio.generation.request import MAX_BATCH_COUNT, MAX_BATCH_SIZE, RequestError
-from studio.generation.samplers import SAMPLER_NAMES, SCHEDULE_LABELS
+from studio.generation.samplers import SAMPLER_NAMES, SCHEDULE_LABELS, find_schedule
 from studio.models.manager import ModelNotFoundError
 from studio.models.state_dict import ModelFileError
 from studio.prompts.styles import Style, StyleError
@@ -45,16 +45,48 @@ class PromptArea:
     def wire_token_counters(self, studio: Studio, steps: gr.Slider) -> None:
         """A1111's n/75 counters; the steps matter because prompt editing changes the text."""
         def count(text, st):
-            try:
-                tokens, limit = studio.token_count(text or "", int(st or 20))
-            except RequestError as e:
-                return f"<span class='token-counter over' title='{html.escape(str(e), quote=True)}'>too long</span>"
-            warn = " over" if tokens > limit else ""
-            return f"<span class='token-counter{warn}'>{tokens}/{limit}</span>"
+            return token_counter_html(studio, text, st)
 
         self.prompt.change(count, [self.prompt, steps], self.prompt_tokens, queue=False, show_progress="hidden")
         self.negative.change(count, [self.negative, steps], self.negative_tokens, queue=False,
                              show_progress="hidden")
+
+
+# What each text encoder is called in the counter (SD3/FLUX read the prompt with CLIP and T5).
+ENCODER_LABELS = {"clip": "CLIP", "t5": "T5"}
+
+
+def token_counter_html(studio: Studio, text: str | None, steps: Any) -> str:
+    """The counter under a prompt: "12/75" for SD models; for SD3/FLUX each encoder's own count
+    ("CLIP 12/75 · T5 14/255"), because CLIP is cut at 75 tokens while T5 reads on."""
+    try:
+        counts = studio.engine.token_counts(text or "", int(steps or 20))
+    except RequestError as e:
+        return f"<span class='token-counter over' title='{html.escape(str(e), quote=True)}'>too long</span>"
+    if set(counts) == {"clip"}:
+        tokens, limit = counts["clip"]
+        return f"<span class='token-counter{' over' if tokens > limit else ''}'>{tokens}/{limit}</span>"
+    parts = [f"<span class='{'over' if n > limit else ''}'>{ENCODER_LABELS.get(key, key)} {n}/{limit}</span>"
+             for key, (n, limit) in counts.items()]
+    return "<span class='token-counter'>" + " · ".join(parts) + "</span>"
+
+
+def takes_guidance(model: Any) -> bool:
+    """Whether the loaded model has FLUX.1's guidance input (dev; not schnell, not SD3 or SD), the
+    value of Forge's "Distilled CFG Scale"."""
+    return model is not None and bool(getattr(model.unet.config, "guidance_embeds", False))
+
+
+def ui_presets(model: Any) -> dict[str, Any]:
+    """The model family's sampling presets for its variant (FLUX.1 dev: CFG 1, Euler, Simple,
+    distilled 3.5; schnell also 4 steps), named as the controls' request fields and holding the
+    dropdowns' own choices (the schedule by its label). SD families have none."""
+    if model is None:
+        return {}
+    presets = dict(model.spec.presets_for(model.probe.variant))
+    if "scheduler" in presets:
+        presets["scheduler"] = find_schedule(presets["scheduler"]).label
+    return presets
 
 
 @dataclass
@@ -76,10 +108,13 @@ class SamplingControls:
     resize_w: gr.Slider
     resize_h: gr.Slider
     tiling: gr.Checkbox
+    distilled: gr.Slider
+    # read when Generate is pressed: the slider's value is sent only to a model with a guidance input
+    guidance: Callable[[], bool] = lambda: False
 
     def bind(self, form: RequestForm) -> None:
         """Each control sets the request field of the same meaning."""
-        as_int = lambda v: int(v if v is not None else -1)  # noqa: E731 - a seed box may be emptied
+        as_int = lambda v: int(v if v is not None else -1)
         form.bind("steps", self.steps, int)
         form.bind("sampler_name", self.sampler)
         form.bind("scheduler", self.schedule)
@@ -95,6 +130,54 @@ class SamplingControls:
         form.bind("seed_resize_from_w", self.resize_w, lambda v: int(v or 0))
         form.bind("seed_resize_from_h", self.resize_h, lambda v: int(v or 0))
         form.bind("tiling", self.tiling, bool)
+        # None lets the engine take the preset and keeps SD/schnell infotexts free of a value they ignore
+        form.bind("distilled_cfg_scale", self.distilled, lambda v: float(v) if self.guidance() else None)
+
+    # the controls a model change updates, in the order of :func:`model_updates`
+    def model_controls(self) -> list[Any]:
+        return [self.steps, self.cfg, self.sampler, self.schedule, self.distilled]
+
+
+PRESET_CONTROLS = ("steps", "cfg_scale", "sampler_name", "scheduler")
+
+
+def model_updates(model: Any, apply_presets: bool) -> list[Any]:
+    """Updates for :meth:`SamplingControls.model_controls` when ``model`` is loaded. Presets (Forge's
+    behaviour on a checkpoint change) set the controls the family declares; SD families declare none,
+    so they keep the user's values. The Distilled CFG Scale slider is shown only for a model that
+    takes it. No model (still loading): nothing changes."""
+    if model is None:
+        return [gr.update() for _ in range(len(PRESET_CONTROLS) + 1)]
+    values = ui_presets(model) if apply_presets else {}
+    updates = [gr.update(value=values[name]) if name in values else gr.update() for name in PRESET_CONTROLS]
+    distilled: dict[str, Any] = {"visible": takes_guidance(model)}
+    if "distilled_cfg_scale" in values:
+        distilled["value"] = values["distilled_cfg_scale"]
+    return [*updates, gr.update(**distilled)]
+
+
+@dataclass
+class GenerationTab:
+    """A generation tab's controls that follow the loaded model: the sampling controls (presets,
+    the Distilled CFG Scale slider) and the token counters (one count per text encoder)."""
+    area: PromptArea
+    sampling: SamplingControls
+
+    def inputs(self) -> list[Any]:
+        return [self.area.prompt, self.area.negative, self.sampling.steps]
+
+    def outputs(self) -> list[Any]:
+        return [*self.sampling.model_controls(), self.area.prompt_tokens, self.area.negative_tokens]
+
+    def updates(self, studio: Studio, data: dict[Any, Any], apply_presets: bool) -> list[Any]:
+        """Updates for :meth:`outputs` from an event's ``{component: value}`` of :meth:`inputs`."""
+        model = studio.models.current
+        updates = model_updates(model, apply_presets)
+        # the counters are taken with the steps the presets set, as the next Generate will use them
+        steps = ui_presets(model).get("steps") if apply_presets else None
+        steps = steps or data.get(self.sampling.steps)
+        counters = [token_counter_html(studio, data.get(box), steps) for box in (self.area.prompt, self.area.negative)]
+        return [*updates, *counters]
 
 
 @dataclass
@@ -184,8 +267,11 @@ def build_prompt_area(studio: Studio, tab_id: str) -> PromptArea:
     return PromptArea(prompt, negative, styles, generate, interrupt, skip, extra, prompt_tokens, negative_tokens)
 
 
-def build_sampling_controls(tab_id: str, clip_skip: Callable[[], int] | int = 1) -> SamplingControls:
-    """``clip_skip``: the slider's starting value, a callable to read the setting on each page load."""
+def build_sampling_controls(tab_id: str, clip_skip: Callable[[], int] | int = 1,
+                            guidance: Callable[[], bool] | None = None) -> SamplingControls:
+    """``clip_skip``: the slider's starting value, a callable to read the setting on each page load.
+    ``guidance``: whether the model that will run takes the Distilled CFG Scale (see
+    :func:`model_guidance`); without it the slider's value is never sent (the model's preset is used)."""
     with gr.Row():
         sampler = gr.Dropdown(list(SAMPLER_NAMES), value="DPM++ 2M", label="Sampling method",
                               elem_id=f"{tab_id}_sampling")
@@ -199,7 +285,11 @@ def build_sampling_controls(tab_id: str, clip_skip: Callable[[], int] | int = 1)
         n_iter = gr.Slider(1, MAX_BATCH_COUNT, value=1, step=1, label="Batch count", elem_id=f"{tab_id}_batch_count")
         batch_size = gr.Slider(1, MAX_BATCH_SIZE, value=1, step=1, label="Batch size",
                                elem_id=f"{tab_id}_batch_size")
-    cfg = gr.Slider(1, 30, value=7, step=0.5, label="CFG Scale", elem_id=f"{tab_id}_cfg_scale")
+    with gr.Row():
+        cfg = gr.Slider(1, 30, value=7, step=0.5, label="CFG Scale", elem_id=f"{tab_id}_cfg_scale")
+        # Forge's slider for FLUX.1 dev's guidance input; shown while such a model is loaded
+        distilled = gr.Slider(0, 30, value=3.5, step=0.1, label="Distilled CFG Scale", visible=False,
+                              elem_id=f"{tab_id}_distilled_cfg_scale")
     with gr.Row():
         seed = gr.Number(value=-1, label="Seed", precision=0, elem_id=f"{tab_id}_seed", scale=4)
         random_seed = gr.Button("Random", elem_id=f"{tab_id}_random_seed", scale=0, min_width=84, size="sm")
@@ -221,7 +311,8 @@ def build_sampling_controls(tab_id: str, clip_skip: Callable[[], int] | int = 1)
                              info="seamless textures")
     random_seed.click(lambda: -1, None, seed, queue=False)
     return SamplingControls(sampler, schedule, steps, width, height, n_iter, batch_size, cfg, seed, clip_skip,
-                            random_seed, reuse_seed, subseed, subseed_strength, resize_w, resize_h, tiling)
+                            random_seed, reuse_seed, subseed, subseed_strength, resize_w, resize_h, tiling, distilled,
+                            guidance or (lambda: False))
 
 
 def build_output_area(tab_id: str) -> OutputArea:
@@ -243,6 +334,11 @@ def build_output_area(tab_id: str) -> OutputArea:
 
     gallery.select(show_selected, out.infotexts, info, queue=False)
     return out
+
+
+def model_guidance(studio: Studio) -> Callable[[], bool]:
+    """Whether the loaded model takes the Distilled CFG Scale, asked when Generate is pressed."""
+    return lambda: takes_guidance(studio.models.current)
 
 
 def clip_skip_setting(studio: Studio) -> Callable[[], int]:

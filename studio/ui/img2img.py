@@ -14,10 +14,12 @@ from studio.generation.request import INPAINT_FILL, RESIZE_MODES, build_request
 from studio.ui.bindings import RequestForm
 from studio.ui.common import (
     USER_ERRORS,
+    GenerationTab,
     build_output_area,
     build_prompt_area,
     build_sampling_controls,
     clip_skip_setting,
+    model_guidance,
     stream_job,
 )
 from studio.ui.controlnet import build_controlnet_panel
@@ -93,7 +95,7 @@ def _error(message: str):
     yield gr.update(), gr.update(visible=False), "", gr.update(), f"**Error:** {message}", gr.update(), gr.update()
 
 
-def build_img2img_tab(studio: Studio) -> None:
+def build_img2img_tab(studio: Studio) -> GenerationTab:
     with gr.Tab("img2img", id="img2img", elem_id="tab_img2img"):
         area = build_prompt_area(studio, "img2img")
         with gr.Row(equal_height=False):
@@ -111,7 +113,7 @@ def build_img2img_tab(studio: Studio) -> None:
                         batch_out = gr.Textbox(label="Output directory (empty: outputs/img2img-images)",
                                                elem_id="img2img_batch_output_dir")
                 mode = _mode_controls("img2img", inpaint=False)
-                controls = build_sampling_controls("img2img", clip_skip_setting(studio))
+                controls = build_sampling_controls("img2img", clip_skip_setting(studio), model_guidance(studio))
                 panel = build_controlnet_panel(studio, "img2img", img2img=True)
                 extra_column = gr.Column()
             with gr.Column(scale=1):
@@ -136,6 +138,7 @@ def build_img2img_tab(studio: Studio) -> None:
     inputs = form.inputs() | {source, upload, sketch, batch_in, batch_out}
     area.generate.click(run, inputs, out.outputs(), concurrency_limit=None)
     controls.reuse_seed.click(lambda s: s, out.last_seed, controls.seed, queue=False)
+    return GenerationTab(area, controls)
 
 
 def _tab_id(evt: gr.SelectData) -> str:
@@ -161,7 +164,7 @@ def _run_batch(studio: Studio, fields: dict[str, Any], folder_in: str, folder_ou
     yield images, gr.update(visible=False), "", "", f"_Saved {len(paths)} images._", gr.update(), gr.update()
 
 
-def build_inpaint_tab(studio: Studio) -> None:
+def build_inpaint_tab(studio: Studio) -> GenerationTab:
     with gr.Tab("Inpaint", id="inpaint", elem_id="tab_inpaint"):
         area = build_prompt_area(studio, "inpaint")
         with gr.Row(equal_height=False):
@@ -173,7 +176,7 @@ def build_inpaint_tab(studio: Studio) -> None:
                     mask_upload = gr.Image(label="Mask (white = repaint)", type="pil", image_mode="L",
                                            elem_id="inpaint_mask_upload", height=240)
                 mode = _mode_controls("inpaint", inpaint=True)
-                controls = build_sampling_controls("inpaint", clip_skip_setting(studio))
+                controls = build_sampling_controls("inpaint", clip_skip_setting(studio), model_guidance(studio))
                 panel = build_controlnet_panel(studio, "inpaint", img2img=True)
                 extra_column = gr.Column()
             with gr.Column(scale=1):
@@ -196,3 +199,4 @@ def build_inpaint_tab(studio: Studio) -> None:
 
     area.generate.click(run, form.inputs() | {editor, mask_upload}, out.outputs(), concurrency_limit=None)
     controls.reuse_seed.click(lambda s: s, out.last_seed, controls.seed, queue=False)
+    return GenerationTab(area, controls)

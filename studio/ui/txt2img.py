@@ -10,15 +10,17 @@ import gradio as gr
 from studio.core import Studio
 from studio.generation.request import build_request
 from studio.generation.samplers import SAMPLER_NAMES, SCHEDULE_LABELS
+from studio.ui.bindings import RequestForm
 from studio.ui.common import (
     USER_ERRORS,
+    GenerationTab,
     build_output_area,
     build_prompt_area,
     build_sampling_controls,
     clip_skip_setting,
+    model_guidance,
     stream_job,
 )
-from studio.ui.bindings import RequestForm
 from studio.ui.controlnet import ControlNetPanel, build_controlnet_panel
 from studio.ui.extra_networks import ExtraNetworksBrowser
 
@@ -41,6 +43,8 @@ class Txt2ImgControls:
     tab: gr.Tab
     extra: ExtraNetworksBrowser
     controlnet: ControlNetPanel
+    distilled: gr.Slider
+    follows_model: GenerationTab
 
 
 def build_txt2img_tab(studio: Studio) -> Txt2ImgControls:
@@ -48,7 +52,7 @@ def build_txt2img_tab(studio: Studio) -> Txt2ImgControls:
         area = build_prompt_area(studio, "txt2img")
         with gr.Row(equal_height=False):
             with gr.Column(scale=1):
-                controls = build_sampling_controls("txt2img", clip_skip_setting(studio))
+                controls = build_sampling_controls("txt2img", clip_skip_setting(studio), model_guidance(studio))
                 hires = build_hires_controls(studio)
                 panel = build_controlnet_panel(studio, "txt2img", hires=True)
                 extra_column = gr.Column()
@@ -70,7 +74,7 @@ def build_txt2img_tab(studio: Studio) -> Txt2ImgControls:
     controls.reuse_seed.click(lambda s: s, out.last_seed, controls.seed, queue=False)
     return Txt2ImgControls(area.prompt, area.negative, controls.steps, controls.sampler, controls.schedule,
                            controls.cfg, controls.seed, controls.width, controls.height, controls.clip_skip, tab,
-                           area.extra, panel)
+                           area.extra, panel, controls.distilled, GenerationTab(area, controls))
 
 
 def build_hires_controls(studio: Studio) -> dict[str, Any]:
@@ -126,9 +130,10 @@ def fields_to_send(fields: dict[str, Any], options: Any) -> dict[str, Any]:
 
 
 def fields_to_updates(controls: Txt2ImgControls, fields: dict[str, Any]) -> list[Any]:
-    """Updates for (prompt, negative, steps, sampler, schedule, cfg, seed, width, height, clip_skip)."""
+    """Updates for (prompt, negative, steps, sampler, schedule, cfg, seed, width, height, clip_skip,
+    distilled_cfg_scale)."""
     names = ["prompt", "negative_prompt", "steps", "sampler_name", "scheduler", "cfg_scale", "seed",
-             "width", "height", "clip_skip"]
+             "width", "height", "clip_skip", "distilled_cfg_scale"]
     updates = []
     for name in names:
         value = fields.get(name)
