@@ -201,3 +201,33 @@ def test_a_prompt_past_t5s_length_gets_a_note(studio):
     assert any("T5 tokens; FLUX.1 reads 511" in note for note in result.notes)
     counts = studio.engine.token_counts(long_prompt)
     assert counts["t5"][0] > 511 and counts["clip"][1] == 75
+
+
+def test_a_diffusers_flux_folder_loads_and_matches_the_single_file(studio):
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    from studio.models.bundled_tokenizers import t5_tokenizer
+    from studio.models.tokenizer import make_clip_tokenizer
+
+    folder = studio.paths.ckpt_dirs[0] / "FLUX.1-schnell-tiny"
+    parts = tiny_flux_components("schnell", seed=1)   # the weights of SCHNELL's single file
+    FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), tokenizer=make_clip_tokenizer(),
+                 tokenizer_2=t5_tokenizer(), **parts).save_pretrained(folder)
+    studio.engine.models.refresh()
+    try:
+        def run(name):
+            req = Txt2ImgRequest(prompt="a red cube", width=64, height=64, seed=3, steps=2, save_images=False,
+                                 override_settings={"sd_model_checkpoint": name})
+            return studio.engine.submit(req).wait()
+
+        from_folder = run(folder.name)
+        model = studio.engine.models.current
+        assert model.info.is_diffusers and model.probe.variant == "schnell"
+        from_file = run(SCHNELL)
+        assert np.abs(np.asarray(from_folder.images[0], dtype=np.int16)
+                      - np.asarray(from_file.images[0], dtype=np.int16)).max() <= 1
+    finally:
+        import shutil
+
+        shutil.rmtree(folder)
+        studio.engine.models.refresh()

@@ -124,7 +124,8 @@ class HashCache:
 
 
 def _is_diffusers_folder(path: Path) -> bool:
-    return (path / "model_index.json").is_file() and (path / "unet").is_dir()
+    """A diffusers pipeline folder: SD's (``unet/``) or a DiT family's (``transformer/``)."""
+    return (path / "model_index.json").is_file() and ((path / "unet").is_dir() or (path / "transformer").is_dir())
 
 
 def scan_checkpoints(folders: tuple[Path, ...] | list[Path]) -> list[CheckpointInfo]:

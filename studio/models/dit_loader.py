@@ -154,3 +154,68 @@ def load_dit(info: CheckpointInfo, policy: DevicePolicy, config_cache: Path,
     log.info("Model %s (%s, %s) loaded in %s%s", info.title, model.label, storage_label(transformer),
              timer.summary(), "".join(f"; {k}: {v}" for k, v in model.modules_used.items()))
     return model
+
+
+# diffusers pipeline classes -> family, for pipeline folders (model_index.json + transformer/ ...)
+_PIPELINE_FAMILIES = {"FluxPipeline": "flux1", "FluxFillPipeline": "flux1", "FluxKontextPipeline": "flux1",
+                      "StableDiffusion3Pipeline": "sd3"}
+
+
+def load_dit_folder(info: CheckpointInfo, policy: DevicePolicy) -> LoadedModel:
+    """A diffusers pipeline folder of a DiT family (what ``save_pretrained`` writes and the hub holds): each
+    component through its own ``from_pretrained``, local files only; the tokenizers are the studio's own."""
+    import json
+
+    import transformers
+
+    timer = Timer()
+    root = info.path
+    try:
+        index = json.loads((root / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ModelFileError(f"{info.name}: unreadable model_index.json: {e}") from e
+    family = _PIPELINE_FAMILIES.get(index.get("_class_name", ""))
+    if family is None:
+        raise ModelFileError(f"{info.name}: diffusers folders of {index.get('_class_name')!r} are not supported; "
+                             f"supported: {', '.join(sorted(_PIPELINE_FAMILIES))}")
+    spec = family_spec(family)
+    import diffusers
+
+    kw = {"local_files_only": True}
+    try:
+        def component(name: str, dtype):
+            library, cls_name = index[name]
+            module = getattr(diffusers if library == "diffusers" else transformers, cls_name)
+            loaded = module.from_pretrained(root / name, **({"torch_dtype": dtype} if library == "diffusers"
+                                                             else {"dtype": dtype}), **kw)
+            return loaded.eval().requires_grad_(False)
+
+        transformer = component("transformer", policy.dtype)
+        vae = component("vae", policy.vae_dtype)
+        names = [n for n in ("text_encoder", "text_encoder_2", "text_encoder_3") if index.get(n, [None])[0]]
+        encoders = [component(n, policy.dtype) for n in names]
+    except (OSError, ValueError, KeyError, AttributeError) as e:
+        raise ModelFileError(f"{info.name}: incomplete or corrupt diffusers folder: {e}") from e
+    timer.record("load weights from disk")
+    tokenizers = [_folder_tokenizer(kind) for kind in spec.text_encoders[:len(encoders)]]
+    name = root.name.lower()
+    variant = "fill" if int(transformer.config.in_channels) == 384 else (
+        "kontext" if "Kontext" in index["_class_name"] or "kontext" in name else
+        "schnell" if family == "flux1" and not transformer.config.guidance_embeds else "dev" if family == "flux1"
+        else ("turbo" if "turbo" in name else "base"))
+    probe = CheckpointProbe(family=family, variant=variant, in_channels=int(transformer.config.in_channels),
+                            prediction_type="flow", has_vae=True, has_text_encoder=True)
+    model = LoadedModel(info, probe, transformer, vae, encoders, tokenizers, "flow", policy, timer.phases,
+                        arch_key=("dit", str(info.path)))
+    log.info("Model %s (%s, diffusers folder) loaded in %s", info.title, model.label, timer.summary())
+    return model
+
+
+def _folder_tokenizer(kind: str):
+    from studio.models.bundled_tokenizers import t5_tokenizer
+    from studio.models.tokenizer import make_clip_tokenizer
+
+    if kind == "t5xxl":
+        return t5_tokenizer()
+    return make_clip_tokenizer(pad_token="!" if kind == "clip_g" else "<|endoftext|>")
+

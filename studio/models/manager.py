@@ -173,7 +173,9 @@ class ModelManager:
             loader,  # diffusers: imported on first load
         )
 
-        if info.is_diffusers:
+        if info.is_diffusers and (info.path / "transformer").is_dir():
+            model = dit_loader.load_dit_folder(info, self.policy)
+        elif info.is_diffusers:
             model = loader.load_diffusers_folder(info, self.policy)
         elif dit_loader.is_dit_file(info.path):
             if not self._fits(info.path.stat().st_size):
