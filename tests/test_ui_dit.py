@@ -168,8 +168,21 @@ def test_a_flux_checkpoint_brings_its_presets_and_the_distilled_slider(studio, b
     assert updates["img2img_distilled_cfg_scale"]["visible"] is False
 
 
+def test_leaving_flux_for_sd_brings_the_sd_defaults_back(studio, blocks):
+    choose = handler(blocks, "choose")
+    load(studio, FLUX_DEV)
+    assert choose.fn(SD1)[2] == "from_flow"
+    updates = call_follow(blocks, "after_choice", switched="from_flow")
+    for tab in TABS:
+        assert updates[f"{tab}_cfg_scale"]["value"] == 7.0
+        assert updates[f"{tab}_sampling"]["value"] == "DPM++ 2M"
+        assert updates[f"{tab}_scheduler"]["value"] == "Automatic"
+        assert updates[f"{tab}_steps"]["value"] == 20
+
+
 def test_an_sd_checkpoint_keeps_the_users_values(studio, blocks):
     choose = handler(blocks, "choose")
+    load(studio, SD1)
     assert choose.fn(SD1)[2] is True
     updates = call_follow(blocks, "after_choice", switched=True)
     for tab in TABS:

@@ -112,9 +112,10 @@ def build_module_picker(studio: Studio) -> gr.Dropdown:
     return picker
 
 
-def follow_model(studio: Studio, tabs: Sequence[GenerationTab], data: dict[Any, Any], apply_presets: bool) -> list[Any]:
+def follow_model(studio: Studio, tabs: Sequence[GenerationTab], data: dict[Any, Any], apply_presets: bool,
+                 from_flow: bool = False) -> list[Any]:
     """Updates for every tab's :meth:`GenerationTab.outputs` after a model was (or was not) loaded."""
-    return [u for tab in tabs for u in tab.updates(studio, data, apply_presets)]
+    return [u for tab in tabs for u in tab.updates(studio, data, apply_presets, from_flow)]
 
 
 def build_ui(studio: Studio) -> gr.Blocks:
@@ -161,9 +162,12 @@ def build_ui(studio: Studio) -> gr.Blocks:
                     elem_id="studio_footer")
 
         def choose(title):
+            before = studio.models.current
             try:
                 studio.select_checkpoint(title)
-                status, loaded = _model_status(studio), True
+                # "from_flow": leaving a FLUX/SD3 model for an SD one brings the SD defaults back
+                from_flow = before is not None and before.spec.is_flow and not studio.models.current.spec.is_flow
+                status, loaded = _model_status(studio), "from_flow" if from_flow else True
             except USER_ERRORS as e:
                 gr.Warning(str(e))
                 status, loaded = f"⚠️ {e}", False
@@ -176,7 +180,8 @@ def build_ui(studio: Studio) -> gr.Blocks:
 
         def after_choice(data):
             # Forge: a newly chosen checkpoint brings its family's presets; a failed choice changes nothing
-            return follow_model(studio, followers, data, apply_presets=bool(data[switched]))
+            return follow_model(studio, followers, data, apply_presets=bool(data[switched]),
+                                from_flow=data[switched] == "from_flow")
 
         def after_page_load(data):
             # a fresh page starts from the SD defaults: bring the loaded model's presets back

@@ -14,7 +14,13 @@ from typing import Any
 import gradio as gr
 
 from studio.core import Studio
-from studio.generation.request import MAX_BATCH_COUNT, MAX_BATCH_SIZE, RequestError
+from studio.generation.request import (
+    MAX_BATCH_COUNT,
+    MAX_BATCH_SIZE,
+    RequestError,
+    Txt2ImgRequest,
+    interactive_defaults,
+)
 from studio.generation.samplers import SAMPLER_NAMES, SCHEDULE_LABELS, find_schedule
 from studio.models.manager import ModelNotFoundError
 from studio.models.state_dict import ModelFileError
@@ -77,13 +83,22 @@ def takes_guidance(model: Any) -> bool:
     return model is not None and bool(getattr(model.unet.config, "guidance_embeds", False))
 
 
-def ui_presets(model: Any) -> dict[str, Any]:
+def ui_presets(model: Any, from_flow: bool = False) -> dict[str, Any]:
     """The model family's sampling presets for its variant (FLUX.1 dev: CFG 1, Euler, Simple,
     distilled 3.5; schnell also 4 steps), named as the controls' request fields and holding the
-    dropdowns' own choices (the schedule by its label). SD families have none."""
+    dropdowns' own choices (the schedule by its label). SD families have none, except right after a
+    flow model (``from_flow``): then the UI's SD defaults come back, as Forge's "sd" preset does, so
+    an SD model does not inherit FLUX's CFG 1."""
     if model is None:
         return {}
-    presets = dict(model.spec.presets_for(model.probe.variant))
+    if not model.spec.is_flow:
+        if not from_flow:
+            return {}
+        defaults = interactive_defaults(Txt2ImgRequest)
+        presets = {k: defaults[k] for k in PRESET_CONTROLS if k in defaults}
+        presets.setdefault("cfg_scale", Txt2ImgRequest.model_fields["cfg_scale"].default)
+    else:
+        presets = dict(model.spec.presets_for(model.probe.variant))
     if "scheduler" in presets:
         presets["scheduler"] = find_schedule(presets["scheduler"]).label
     return presets
@@ -141,14 +156,14 @@ class SamplingControls:
 PRESET_CONTROLS = ("steps", "cfg_scale", "sampler_name", "scheduler")
 
 
-def model_updates(model: Any, apply_presets: bool) -> list[Any]:
+def model_updates(model: Any, apply_presets: bool, from_flow: bool = False) -> list[Any]:
     """Updates for :meth:`SamplingControls.model_controls` when ``model`` is loaded. Presets (Forge's
     behaviour on a checkpoint change) set the controls the family declares; SD families declare none,
     so they keep the user's values. The Distilled CFG Scale slider is shown only for a model that
     takes it. No model (still loading): nothing changes."""
     if model is None:
         return [gr.update() for _ in range(len(PRESET_CONTROLS) + 1)]
-    values = ui_presets(model) if apply_presets else {}
+    values = ui_presets(model, from_flow) if apply_presets else {}
     updates = [gr.update(value=values[name]) if name in values else gr.update() for name in PRESET_CONTROLS]
     distilled: dict[str, Any] = {"visible": takes_guidance(model)}
     if "distilled_cfg_scale" in values:
@@ -169,12 +184,14 @@ class GenerationTab:
     def outputs(self) -> list[Any]:
         return [*self.sampling.model_controls(), self.area.prompt_tokens, self.area.negative_tokens]
 
-    def updates(self, studio: Studio, data: dict[Any, Any], apply_presets: bool) -> list[Any]:
-        """Updates for :meth:`outputs` from an event's ``{component: value}`` of :meth:`inputs`."""
+    def updates(self, studio: Studio, data: dict[Any, Any], apply_presets: bool,
+                from_flow: bool = False) -> list[Any]:
+        """Updates for :meth:`outputs` from an event's ``{component: value}`` of :meth:`inputs`;
+        ``from_flow``: the previous model was a flow model (SD defaults come back)."""
         model = studio.models.current
-        updates = model_updates(model, apply_presets)
+        updates = model_updates(model, apply_presets, from_flow)
         # the counters are taken with the steps the presets set, as the next Generate will use them
-        steps = ui_presets(model).get("steps") if apply_presets else None
+        steps = ui_presets(model, from_flow).get("steps") if apply_presets else None
         steps = steps or data.get(self.sampling.steps)
         counters = [token_counter_html(studio, data.get(box), steps) for box in (self.area.prompt, self.area.negative)]
         return [*updates, *counters]

@@ -21,7 +21,9 @@ if TYPE_CHECKING:
     from studio.core import Studio
 
 # Set elsewhere on the page (the checkpoint and VAE pickers, the Extensions tab), not here.
-ELSEWHERE = frozenset({"sd_model_checkpoint", "sd_checkpoint_hash", "sd_vae", "disabled_extensions"})
+# set by their own controls at the top of the page (the checkpoint, VAE and "VAE / Text Encoder" pickers)
+ELSEWHERE = frozenset({"sd_model_checkpoint", "sd_checkpoint_hash", "sd_vae", "forge_additional_modules",
+                       "disabled_extensions"})
 NOTES = {OPTIMIZATIONS: "Fast modes that trade something for speed: token merging changes the image; "
                         "torch.compile spends minutes compiling on first use (cached on disk). The device "
                         "policy (dtype, attention, memory layout) is chosen at start-up and shown in the footer."}
