@@ -20,8 +20,7 @@ from studio.ui.bindings import control_for
 if TYPE_CHECKING:
     from studio.core import Studio
 
-# Set elsewhere on the page (the checkpoint and VAE pickers, the Extensions tab), not here.
-# set by their own controls at the top of the page (the checkpoint, VAE and "VAE / Text Encoder" pickers)
+# Set elsewhere on the page (the checkpoint, VAE and "VAE / Text Encoder" pickers, the Extensions tab), not here.
 ELSEWHERE = frozenset({"sd_model_checkpoint", "sd_checkpoint_hash", "sd_vae", "forge_additional_modules",
                        "disabled_extensions"})
 NOTES = {OPTIMIZATIONS: "Fast modes that trade something for speed: token merging changes the image; "
