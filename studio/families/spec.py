@@ -113,8 +113,12 @@ FAMILIES: tuple[FamilySpec, ...] = (
         flow_shift=FlowShiftSpec(shift=1.0, dynamic=True), t5_max_tokens=512),
     FamilySpec("flux2", "FLUX.2", "flow", FLUX_LATENT, ("qwen3",), supported=False,
                unsupported_reason=_NOT_YET.format(pipeline="Flux2Pipeline", label="FLUX.2")),
-    FamilySpec("chroma", "Chroma", "flow", FLUX_LATENT, ("t5xxl",), supported=False,
-               unsupported_reason=_NOT_YET.format(pipeline="ChromaPipeline", label="Chroma")),
+    FamilySpec(
+        # ChromaPipeline's defaults: real CFG 5 with the negative prompt, 35 steps; FluxPipeline's schedule
+        # (linspace(1, 1/steps) shifted by the image's token count), T5 read to 512 tokens
+        "chroma", "Chroma", "flow", FLUX_LATENT, ("t5xxl",),
+        presets=Presets(steps=35, cfg_scale=5.0, sampler_name="Euler", scheduler="simple"),
+        flow_shift=FlowShiftSpec(shift=1.0, dynamic=True), t5_max_tokens=512),
     FamilySpec("zimage", "Z-Image", "flow", FLUX_LATENT, ("qwen3",), supported=False,
                unsupported_reason=_NOT_YET.format(pipeline="ZImagePipeline", label="Z-Image")),
 )

@@ -1,4 +1,4 @@
-"""diffusers / transformers configs of SD3, SD3.5 and FLUX.1 single files, from tensor
+"""diffusers / transformers configs of SD3, SD3.5, FLUX.1 and Chroma single files, from tensor
 names and shapes only.
 
 diffusers' single-file loader identifies these models by full-size widths (9216 for
@@ -174,6 +174,37 @@ def flux_transformer_config(shapes: Shapes, prefix: str) -> dict[str, Any]:
         "pooled_projection_dim": _shape(shapes, prefix + "vector_in.in_layer.weight")[1],
         "guidance_embeds": prefix + "guidance_in.in_layer.weight" in shapes,
         "axes_dims_rope": flux_rope_axes(head_dim),
+    }
+
+
+# --------------------------------------------------------------------------- Chroma
+
+
+def chroma_transformer_config(shapes: Shapes, prefix: str) -> dict[str, Any]:
+    """diffusers ``ChromaTransformer2DModel`` config of the Chroma transformer at ``prefix``
+    (FLUX.1's BFL block names without their modulation, plus the ``distilled_guidance_layer``
+    that computes every block's modulation from the timestep)."""
+    width, in_channels = _shape(shapes, prefix + "img_in.weight")
+    head_dim = _shape(shapes, prefix + "double_blocks.0.img_attn.norm.query_norm.scale")[0]
+    if width % head_dim:
+        raise ModelFileError(f"Chroma width {width} is not a whole number of {head_dim}-wide heads")
+    hidden, channels = _shape(shapes, prefix + "distilled_guidance_layer.in_proj.weight")
+    out_channels = _shape(shapes, prefix + "final_layer.linear.weight")[0]
+    return {
+        "patch_size": 1,
+        "in_channels": in_channels,
+        # None = as many as in (what the published config says)
+        "out_channels": None if out_channels == in_channels else out_channels,
+        "num_layers": _count(shapes, prefix, "double_blocks"),
+        "num_single_layers": _count(shapes, prefix, "single_blocks"),
+        "attention_head_dim": head_dim,
+        "num_attention_heads": width // head_dim,
+        "joint_attention_dim": _shape(shapes, prefix + "txt_in.weight")[1],
+        # Chroma kept FLUX.1's RoPE split
+        "axes_dims_rope": flux_rope_axes(head_dim),
+        "approximator_num_channels": channels,
+        "approximator_hidden_dim": hidden,
+        "approximator_layers": _count(shapes, prefix, "distilled_guidance_layer.layers"),
     }
 
 
