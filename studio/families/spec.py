@@ -119,8 +119,12 @@ FAMILIES: tuple[FamilySpec, ...] = (
         "chroma", "Chroma", "flow", FLUX_LATENT, ("t5xxl",),
         presets=Presets(steps=35, cfg_scale=5.0, sampler_name="Euler", scheduler="simple"),
         flow_shift=FlowShiftSpec(shift=1.0, dynamic=True), t5_max_tokens=512),
-    FamilySpec("zimage", "Z-Image", "flow", FLUX_LATENT, ("qwen3",), supported=False,
-               unsupported_reason=_NOT_YET.format(pipeline="ZImagePipeline", label="Z-Image")),
+    FamilySpec(
+        "zimage", "Z-Image", "flow", FLUX_LATENT, ("qwen3",),
+        # base: ZImagePipeline's guidance 4 (its g is A1111's CFG - 1); Turbo is distilled for 9 steps at CFG 1
+        presets=Presets(cfg_scale=5.0, sampler_name="Euler", scheduler="simple"),
+        variant_presets=(("turbo", Presets(steps=9, cfg_scale=1.0)),),
+        flow_shift=FlowShiftSpec(shift=3.0, flux_sigmas=True)),
 )
 
 # FLUX.1 schnell was distilled for 4 steps at a fixed schedule (no shift, no guidance input).

@@ -325,3 +325,53 @@ def vae16_config(shapes: Shapes, prefix: str, family: str) -> dict[str, Any]:
         "use_post_quant_conv": prefix + "post_quant_conv.weight" in shapes,
         "mid_block_add_attention": prefix + "encoder.mid.attn_1.q.weight" in shapes,
     }
+
+
+# --------------------------------------------------------------------------- Z-Image
+
+# Not in any shape: Z-Image's one patch size (2 x 2 latent cells, 1 frame: the "2-1" of
+# diffusers' module names), its RoPE base and table lengths, its norm epsilon and timestep
+# scale, as Tongyi-MAI/Z-Image-Turbo's transformer/config.json (and ComfyUI) give them.
+ZIMAGE_PATCH = 2
+ZIMAGE_ROPE_THETA = 256.0
+ZIMAGE_AXES_LENS = [1536, 512, 512]
+
+
+def zimage_rope_axes(head_dim: int) -> list[int]:
+    """RoPE's split of a head over (caption/frame index, row, column): Z-Image's 128 are
+    (32, 48, 48), a quarter for the index and the rest halved; smaller heads keep the proportions."""
+    index = head_dim // 4
+    row = (head_dim - index) // 2
+    return [index, row, head_dim - index - row]
+
+
+def zimage_transformer_config(shapes: Shapes, prefix: str) -> dict[str, Any]:
+    """diffusers ``ZImageTransformer2DModel`` config of the ComfyUI-named (NextDiT) transformer at
+    ``prefix``: widths from the embedders, heads from the q/k norm's width, key/value heads from
+    the fused qkv's rows."""
+    width, patch_in = _shape(shapes, prefix + "x_embedder.weight")
+    head_dim = _shape(shapes, prefix + "layers.0.attention.q_norm.weight")[0]
+    if width % head_dim:
+        raise ModelFileError(f"Z-Image width {width} is not a whole number of {head_dim}-wide heads")
+    heads = width // head_dim
+    qkv_rows = _shape(shapes, prefix + "layers.0.attention.qkv.weight")[0]
+    kv_heads, odd = divmod(qkv_rows // head_dim - heads, 2)
+    if odd or kv_heads <= 0:
+        raise ModelFileError(f"Z-Image fused qkv of {qkv_rows} rows does not fit {heads} heads of {head_dim}")
+    return {
+        "all_patch_size": [ZIMAGE_PATCH],
+        "all_f_patch_size": [1],
+        "in_channels": patch_in // (ZIMAGE_PATCH * ZIMAGE_PATCH),
+        "dim": width,
+        "n_layers": _count(shapes, prefix, "layers"),
+        "n_refiner_layers": _count(shapes, prefix, "noise_refiner"),
+        "n_heads": heads,
+        "n_kv_heads": kv_heads,
+        "norm_eps": 1e-5,
+        "qk_norm": True,
+        "cap_feat_dim": _shape(shapes, prefix + "cap_embedder.1.weight")[1],
+        "rope_theta": ZIMAGE_ROPE_THETA,
+        "t_scale": 1000.0,
+        "axes_dims": zimage_rope_axes(head_dim),
+        "axes_lens": list(ZIMAGE_AXES_LENS),
+    }

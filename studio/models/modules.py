@@ -26,7 +26,7 @@ from studio.models.state_dict import SAFETENSORS_SUFFIXES, ModelFileError, read_
 
 log = logging.getLogger(__name__)
 
-ModuleKind = Literal["clip_l", "clip_g", "t5xxl", "vae16", "vae4", "transformer", "unknown"]
+ModuleKind = Literal["clip_l", "clip_g", "t5xxl", "qwen3", "vae16", "vae4", "transformer", "unknown"]
 MODULE_KINDS: tuple[str, ...] = get_args(ModuleKind)
 TRANSFORMER_FAMILIES = ("sd3", "flux1", "flux2", "chroma", "zimage")
 GGUF_SUFFIX = ".gguf"
@@ -175,6 +175,24 @@ def _t5s(shapes: Shapes) -> list[_Part]:
     return parts
 
 
+# Qwen3 (Z-Image's and FLUX.2 Klein's text encoder): transformers' decoder names, with
+# ComfyUI's "model." or bare; its per-head q/k norms tell it from Qwen2/2.5. llama.cpp's
+# names (GGUF files) are recognised so that loading one says why it cannot be used.
+_QWEN3_NAMES = (
+    ("layers.0.self_attn.q_norm.weight", "embed_tokens.weight"),
+    ("blk.0.attn_q_norm.weight", "token_embd.weight"),
+)
+
+
+def _qwen3s(shapes: Shapes) -> list[_Part]:
+    parts = []
+    for norm, embedding in _QWEN3_NAMES:
+        for prefix in _prefixes(shapes, norm):
+            if prefix + embedding in shapes:
+                parts.append(_Part("qwen3", None, prefix))
+    return parts
+
+
 def _vaes(shapes: Shapes) -> list[_Part]:
     """SD's VAE in LDM or diffusers names (the same for these keys), with or without a
     "first_stage_model." / "vae." prefix; the latent channels decide 4 or 16 (FLUX.2's
@@ -195,7 +213,7 @@ def _identify(shapes: Shapes, architecture: str | None = None) -> _Part:
     if transformers:
         # An all-in-one checkpoint is chosen as a diffusion model, whatever else it holds.
         return transformers[0]
-    parts = _unets(shapes) + _t5s(shapes) + _clips(shapes) + _vaes(shapes)
+    parts = _unets(shapes) + _t5s(shapes) + _clips(shapes) + _qwen3s(shapes) + _vaes(shapes)
     if len(parts) == 1:
         return parts[0]
     if not parts and architecture in _GGUF_ARCHITECTURES:
@@ -355,13 +373,15 @@ _DESCRIPTIONS = {
     "clip_l": ("a", "CLIP-L text encoder", "clip_l.safetensors"),
     "clip_g": ("an", "OpenCLIP bigG text encoder", "clip_g.safetensors"),
     "t5xxl": ("a", "T5-XXL text encoder", "t5xxl_fp16.safetensors, t5xxl_fp8_e4m3fn.safetensors or a GGUF"),
-    "vae16": ("a", "16-channel VAE", "ae.safetensors for FLUX.1, the SD3 VAE for SD3"),
+    "qwen3": ("a", "Qwen3 text encoder",
+              "qwen_3_4b.safetensors for Z-Image and FLUX.2 Klein 4B, qwen_3_8b.safetensors for Klein 9B"),
+    "vae16": ("a", "16-channel VAE", "ae.safetensors for FLUX.1 and Z-Image, the SD3 VAE for SD3"),
     "vae4": ("an", "SD VAE", "a 4-channel VAE such as vae-ft-mse-840000-ema-pruned.safetensors"),
     "transformer": ("a", "diffusion model", "flux1-dev.safetensors, a GGUF or an fp8 file"),
 }
 # The module_folders() key of each kind, and the folder named when no folders are given.
 _FOLDER_KEYS = {
-    "clip_l": "text_encoders", "clip_g": "text_encoders", "t5xxl": "text_encoders",
+    "clip_l": "text_encoders", "clip_g": "text_encoders", "t5xxl": "text_encoders", "qwen3": "text_encoders",
     "vae16": "vae", "vae4": "vae", "transformer": "diffusion_models",
 }
 _DEFAULT_FOLDERS = {
