@@ -38,6 +38,7 @@ class FlowShiftSpec:
     base_seq_len: int = 256
     max_seq_len: int = 4096
     flux_sigmas: bool | None = None  # start from linspace(1, 1/steps) as FluxPipeline (None: when dynamic)
+    empirical_mu: bool = False     # FLUX.2: BFL's fit of the dynamic shift over image size and step count
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,9 @@ SD_LATENT = LatentFormat(4, 0.18215)
 SDXL_LATENT = LatentFormat(4, 0.13025)
 SD3_LATENT = LatentFormat(16, 1.5305, 0.0609, patch=2)
 FLUX_LATENT = LatentFormat(16, 0.3611, 0.1159, patch=2)
+# FLUX.2 samples its VAE's 32-channel latents patchified 2 x 2 (128 channels, 1/16 of the image, one token
+# per cell) and normalised by the VAE's own BatchNorm statistics (families/flux2.py's latent codec)
+FLUX2_LATENT = LatentFormat(128, 1.0, downscale=16, patch=1)
 
 _NOT_YET = ("recognised, but this version of the studio cannot run it yet "
             "(diffusers {pipeline} exists; the studio's {label} engine is not written)")
@@ -111,8 +115,13 @@ FAMILIES: tuple[FamilySpec, ...] = (
         variant_presets=(("schnell", Presets(steps=4)), ("fill", Presets(distilled_cfg_scale=30.0)),
                          ("kontext", Presets(distilled_cfg_scale=2.5))),
         flow_shift=FlowShiftSpec(shift=1.0, dynamic=True), t5_max_tokens=512),
-    FamilySpec("flux2", "FLUX.2", "flow", FLUX_LATENT, ("qwen3",), supported=False,
-               unsupported_reason=_NOT_YET.format(pipeline="Flux2Pipeline", label="FLUX.2")),
+    FamilySpec(
+        # Klein: the distilled models run 4 steps at CFG 1, the base models Flux2KleinPipeline's 50 at CFG 4;
+        # linspace(1, 1/steps) shifted by BFL's empirical exponent (image size and step count)
+        "flux2", "FLUX.2", "flow", FLUX2_LATENT, ("qwen3",), vae_kind="vae32",
+        presets=Presets(steps=4, cfg_scale=1.0, sampler_name="Euler", scheduler="simple"),
+        variant_presets=(("base", Presets(steps=50, cfg_scale=4.0)),),
+        flow_shift=FlowShiftSpec(dynamic=True, empirical_mu=True, flux_sigmas=True)),
     FamilySpec(
         # ChromaPipeline's defaults: real CFG 5 with the negative prompt, 35 steps; FluxPipeline's schedule
         # (linspace(1, 1/steps) shifted by the image's token count), T5 read to 512 tokens

@@ -43,19 +43,42 @@ class FlowShift:
     # its training range, as StableDiffusion3Pipeline's set_timesteps(steps) does. None: as `dynamic`
     # (FLUX dev True, SD3 False), so FLUX schnell (static shift 1.0) must say True.
     flux_sigmas: bool | None = None
+    # FLUX.2: the dynamic shift's exponent from BFL's empirical fit over image size and step count
+    # (Flux2KleinPipeline's compute_empirical_mu) instead of the line between the two seq-len points
+    empirical_mu: bool = False
 
     @property
     def uses_flux_sigmas(self) -> bool:
         return self.dynamic if self.flux_sigmas is None else self.flux_sigmas
 
-    def mu(self, image_seq_len: int) -> float | None:
+    def mu(self, image_seq_len: int, steps: int | None = None) -> float | None:
         """The dynamic shift's exponent for an image of ``image_seq_len`` latent tokens: linear in the
         token count between (base_seq_len, base_shift) and (max_seq_len, max_shift), as FluxPipeline's
-        calculate_shift. None when the shift is static."""
+        calculate_shift; with ``empirical_mu``, FLUX.2's fit, which also depends on ``steps``. None when
+        the shift is static."""
         if not self.dynamic:
             return None
+        if self.empirical_mu:
+            return flux2_empirical_mu(image_seq_len, steps or 1)
         slope = (self.max_shift - self.base_shift) / (self.max_seq_len - self.base_seq_len)
         return self.base_shift + slope * (image_seq_len - self.base_seq_len)
+
+
+# BFL's fit of FLUX.2's shift exponent: two lines in the token count, one measured at 10 steps and one at
+# 200, interpolated linearly in the step count; past 4300 tokens the 200-step line alone.
+_FLUX2_MU_10_STEPS = (8.73809524e-05, 1.89833333)     # (per token, at 0 tokens)
+_FLUX2_MU_200_STEPS = (0.00016927, 0.45666666)
+_FLUX2_MU_LARGE = 4300
+
+
+def flux2_empirical_mu(image_seq_len: int, steps: int) -> float:
+    """FLUX.2's shift exponent for ``image_seq_len`` latent tokens sampled in ``steps`` steps."""
+    at_200 = _FLUX2_MU_200_STEPS[0] * image_seq_len + _FLUX2_MU_200_STEPS[1]
+    if image_seq_len > _FLUX2_MU_LARGE:
+        return float(at_200)
+    at_10 = _FLUX2_MU_10_STEPS[0] * image_seq_len + _FLUX2_MU_10_STEPS[1]
+    per_step = (at_200 - at_10) / 190.0
+    return float(per_step * steps + (at_200 - 200.0 * per_step))
 
 
 @dataclass(frozen=True)
@@ -211,7 +234,7 @@ def make_flow_scheduler(sampler_name: str, scheduler: str, shift: FlowShift, ste
     UnknownSamplerError for a sampler flow models cannot use, or an unknown schedule type.
     """
     spec, schedule = resolve_flow_sampler(sampler_name, scheduler)
-    mu = shift.mu(image_seq_len)
+    mu = shift.mu(image_seq_len, steps)
     flow_config = _flow_match_config(spec.kwargs if spec.native else {}, schedule, shift)
     if spec.native:
         sched = _build(spec.scheduler_class, flow_config)

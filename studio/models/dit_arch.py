@@ -375,3 +375,76 @@ def zimage_transformer_config(shapes: Shapes, prefix: str) -> dict[str, Any]:
         "axes_dims": zimage_rope_axes(head_dim),
         "axes_lens": list(ZIMAGE_AXES_LENS),
     }
+
+
+# --------------------------------------------------------------------------- FLUX.2
+
+# Not in any shape: FLUX.2's RoPE base and norm epsilon (black-forest-labs/FLUX.2-klein-4B's
+# transformer/config.json), and its VAE's BatchNorm settings and tile size (AutoencoderKLFlux2's).
+FLUX2_ROPE_THETA = 2000
+FLUX2_EPS = 1e-6
+FLUX2_VAE_BN_EPS = 1e-4
+FLUX2_VAE_BN_MOMENTUM = 0.1
+FLUX2_VAE_PATCH = [2, 2]
+FLUX2_VAE_SAMPLE_SIZE = 1024
+
+
+def flux2_rope_axes(head_dim: int) -> list[int]:
+    """RoPE's split of a head over (time, row, column, sequence): four equal quarters
+    (FLUX.2's 128 are (32, 32, 32, 32))."""
+    if head_dim % 4:
+        raise ModelFileError(f"FLUX.2 head width {head_dim} does not split over 4 RoPE axes")
+    return [head_dim // 4] * 4
+
+
+def flux2_transformer_config(shapes: Shapes, prefix: str) -> dict[str, Any]:
+    """diffusers ``Flux2Transformer2DModel`` config of the BFL-named FLUX.2 transformer at
+    ``prefix`` (Klein 4B / 9B, and dev with its guidance input)."""
+    width, in_channels = _shape(shapes, prefix + "img_in.weight")
+    head_dim = _shape(shapes, prefix + "double_blocks.0.img_attn.norm.query_norm.scale")[0]
+    if width % head_dim:
+        raise ModelFileError(f"FLUX.2 width {width} is not a whole number of {head_dim}-wide heads")
+    # SwiGLU: the MLP's input linear holds the gate and the value, each mlp_ratio x width
+    mlp_in = _shape(shapes, prefix + "double_blocks.0.img_mlp.0.weight")[0]
+    out_channels = _shape(shapes, prefix + "final_layer.linear.weight")[0]
+    return {
+        "patch_size": 1,
+        "in_channels": in_channels,
+        "out_channels": None if out_channels == in_channels else out_channels,
+        "num_layers": _count(shapes, prefix, "double_blocks"),
+        "num_single_layers": _count(shapes, prefix, "single_blocks"),
+        "attention_head_dim": head_dim,
+        "num_attention_heads": width // head_dim,
+        "joint_attention_dim": _shape(shapes, prefix + "txt_in.weight")[1],
+        "timestep_guidance_channels": _shape(shapes, prefix + "time_in.in_layer.weight")[1],
+        "mlp_ratio": mlp_in / 2 / width,
+        "axes_dims_rope": flux2_rope_axes(head_dim),
+        "rope_theta": FLUX2_ROPE_THETA,
+        "eps": FLUX2_EPS,
+        "guidance_embeds": prefix + "guidance_in.in_layer.weight" in shapes,
+    }
+
+
+def flux2_vae_config(shapes: Shapes, prefix: str) -> dict[str, Any]:
+    """diffusers ``AutoencoderKLFlux2`` config of FLUX.2's VAE in LDM names under ``prefix``, with
+    its quant convs at the top level (``quant_conv.*``; BFL's file nests them in the encoder and
+    decoder: lift them first) and its latent BatchNorm (``bn.running_mean``: 2 x 2 x latent wide)."""
+    config = derive_vae_config(shapes, prefix, 1.0)
+    for key in ("_class_name", "scaling_factor", "sample_size"):
+        config.pop(key)
+    statistics = _shape(shapes, prefix + "bn.running_mean")[0]
+    patch = FLUX2_VAE_PATCH[0] * FLUX2_VAE_PATCH[1]
+    if statistics != config["latent_channels"] * patch:
+        raise ModelFileError(f"FLUX.2 VAE: {statistics} latent statistics for {config['latent_channels']} channels")
+    levels = range(len(config["block_out_channels"]))
+    decoder = [_shape(shapes, prefix + f"decoder.up.{i}.block.0.conv2.weight")[0] for i in levels]
+    return config | {
+        "decoder_block_out_channels": None if decoder == config["block_out_channels"] else decoder,
+        "sample_size": FLUX2_VAE_SAMPLE_SIZE,
+        "use_quant_conv": prefix + "quant_conv.weight" in shapes,
+        "use_post_quant_conv": prefix + "post_quant_conv.weight" in shapes,
+        "mid_block_add_attention": prefix + "encoder.mid.attn_1.q.weight" in shapes,
+        "batch_norm_eps": FLUX2_VAE_BN_EPS,
+        "batch_norm_momentum": FLUX2_VAE_BN_MOMENTUM,
+        "patch_size": list(FLUX2_VAE_PATCH),
+    }

@@ -26,7 +26,7 @@ from studio.models.state_dict import SAFETENSORS_SUFFIXES, ModelFileError, read_
 
 log = logging.getLogger(__name__)
 
-ModuleKind = Literal["clip_l", "clip_g", "t5xxl", "qwen3", "vae16", "vae4", "transformer", "unknown"]
+ModuleKind = Literal["clip_l", "clip_g", "t5xxl", "qwen3", "vae16", "vae32", "vae4", "transformer", "unknown"]
 MODULE_KINDS: tuple[str, ...] = get_args(ModuleKind)
 TRANSFORMER_FAMILIES = ("sd3", "flux1", "flux2", "chroma", "zimage")
 GGUF_SUFFIX = ".gguf"
@@ -195,15 +195,15 @@ def _qwen3s(shapes: Shapes) -> list[_Part]:
 
 def _vaes(shapes: Shapes) -> list[_Part]:
     """SD's VAE in LDM or diffusers names (the same for these keys), with or without a
-    "first_stage_model." / "vae." prefix; the latent channels decide 4 or 16 (FLUX.2's
-    32-channel VAE is none of the kinds)."""
+    "first_stage_model." / "vae." prefix; the latent channels decide 4, 16 or 32 (FLUX.2's,
+    whose latent BatchNorm statistics are checked when it is loaded)."""
     parts = []
     for prefix in _prefixes(shapes, "encoder.conv_in.weight"):
         decoder_in = shapes.get(prefix + "decoder.conv_in.weight")
         if decoder_in is None:
             continue
         latent = decoder_in[1]
-        kind = {16: "vae16", 4: "vae4"}.get(latent, "unknown")
+        kind = {16: "vae16", 4: "vae4", 32: "vae32"}.get(latent, "unknown")
         parts.append(_Part(kind, None, prefix))
     return parts
 
@@ -376,13 +376,14 @@ _DESCRIPTIONS = {
     "qwen3": ("a", "Qwen3 text encoder",
               "qwen_3_4b.safetensors for Z-Image and FLUX.2 Klein 4B, qwen_3_8b.safetensors for Klein 9B"),
     "vae16": ("a", "16-channel VAE", "ae.safetensors for FLUX.1 and Z-Image, the SD3 VAE for SD3"),
+    "vae32": ("a", "FLUX.2 VAE", "flux2-vae.safetensors"),
     "vae4": ("an", "SD VAE", "a 4-channel VAE such as vae-ft-mse-840000-ema-pruned.safetensors"),
     "transformer": ("a", "diffusion model", "flux1-dev.safetensors, a GGUF or an fp8 file"),
 }
 # The module_folders() key of each kind, and the folder named when no folders are given.
 _FOLDER_KEYS = {
     "clip_l": "text_encoders", "clip_g": "text_encoders", "t5xxl": "text_encoders", "qwen3": "text_encoders",
-    "vae16": "vae", "vae4": "vae", "transformer": "diffusion_models",
+    "vae16": "vae", "vae32": "vae", "vae4": "vae", "transformer": "diffusion_models",
 }
 _DEFAULT_FOLDERS = {
     "text_encoders": "models/text_encoder",
