@@ -217,3 +217,12 @@ def test_gguf_q8_file_dequantizes_on_compute_close_to_the_fp32_model(studio, fp3
     assert transformer.single_transformer_blocks[0].attn.to_q.weight.quant_type.name == "Q8_0"
     assert transformer.distilled_guidance_layer.layers[0].linear_1.weight.quant_type.name == "Q8_0"
     assert np.abs(pixels(result.images[0]) - fp32_image).mean() < 2
+
+
+def test_loras_are_refused_until_their_key_map_exists(studio):
+    from studio.errors import RequestError
+
+    with pytest.raises(RequestError, match="LoRAs"):
+        studio.engine.submit(Txt2ImgRequest(prompt="a cube <lora:anything:1>", steps=1, width=64, height=64,
+                                            save_images=False,
+                                            override_settings={"sd_model_checkpoint": CHROMA})).wait()

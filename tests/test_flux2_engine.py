@@ -149,8 +149,6 @@ def test_gguf_transformer_dequantizes_on_compute(studio):
     assert np.isfinite(pixels(result.images[0])).all() and pixels(result.images[0]).std() > 0
 
 
-@pytest.mark.xfail(strict=True, reason="generation/img2img.py resizes the init latents to height // 8 x width // 8; "
-                                       "FLUX.2's latent cells are 16 pixels (spec.latent.downscale)")
 def test_img2img_encodes_through_the_latent_codec(studio):
     init = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
     request = {"prompt": "a red cube", "width": 64, "height": 64, "seed": 3, "steps": 4, "save_images": False,
@@ -175,11 +173,11 @@ def test_flux2_dev_is_refused_by_name(studio):
         studio.engine.models.refresh()
 
 
-@pytest.mark.xfail(strict=True, reason="generation/preview.py's fit_latent_rgb pools 8 pixels per latent cell "
-                                       "and latent_preview scales by 8; FLUX.2's latent cells are 16 pixels")
 def test_live_previews_of_klein(studio):
     result = generate(studio, steps=2, override_settings={"sd_model_checkpoint": KLEIN})
     assert result.images[0].size == (64, 64)
+    preview = studio.engine.models.current.previewer(torch.randn(128, 4, 4))   # 16 pixels per latent cell
+    assert preview.size == (64, 64)
 
 
 # --------------------------------------------------------------------------- schedule and latents

@@ -232,7 +232,8 @@ def _vae(latent: int, prefix: str = "") -> dict[str, tuple[int, ...]]:
 def test_vae_latent_channels(prefix):
     assert kind_from_shapes(_vae(16, prefix)) == ("vae16", None)
     assert kind_from_shapes(_vae(4, prefix)) == ("vae4", None)
-    assert kind_from_shapes(_vae(32, prefix))[0] == "unknown"     # FLUX.2's VAE
+    assert kind_from_shapes(_vae(32, prefix)) == ("vae32", None)  # FLUX.2's VAE
+    assert kind_from_shapes(_vae(8, prefix))[0] == "unknown"
 
 
 @pytest.mark.parametrize("prefix", ["", "model.diffusion_model."])

@@ -68,6 +68,7 @@ class FamilySpec:
     flow_shift: FlowShiftSpec | None = None
     t5_max_tokens: int = 0                 # T5 sequence length the family was trained with
     vae_kind: str = "vae16"                # the module kind of its VAE (studio/models/modules.py)
+    loras: bool = True                     # whether <lora:...> tags can be applied (networks/dit_lora.py maps it)
     supported: bool = True
     unsupported_reason: str = ""
 
@@ -118,18 +119,18 @@ FAMILIES: tuple[FamilySpec, ...] = (
     FamilySpec(
         # Klein: the distilled models run 4 steps at CFG 1, the base models Flux2KleinPipeline's 50 at CFG 4;
         # linspace(1, 1/steps) shifted by BFL's empirical exponent (image size and step count)
-        "flux2", "FLUX.2", "flow", FLUX2_LATENT, ("qwen3",), vae_kind="vae32",
+        "flux2", "FLUX.2", "flow", FLUX2_LATENT, ("qwen3",), vae_kind="vae32", loras=False,
         presets=Presets(steps=4, cfg_scale=1.0, sampler_name="Euler", scheduler="simple"),
         variant_presets=(("base", Presets(steps=50, cfg_scale=4.0)),),
         flow_shift=FlowShiftSpec(dynamic=True, empirical_mu=True, flux_sigmas=True)),
     FamilySpec(
         # ChromaPipeline's defaults: real CFG 5 with the negative prompt, 35 steps; FluxPipeline's schedule
         # (linspace(1, 1/steps) shifted by the image's token count), T5 read to 512 tokens
-        "chroma", "Chroma", "flow", FLUX_LATENT, ("t5xxl",),
+        "chroma", "Chroma", "flow", FLUX_LATENT, ("t5xxl",), loras=False,
         presets=Presets(steps=35, cfg_scale=5.0, sampler_name="Euler", scheduler="simple"),
         flow_shift=FlowShiftSpec(shift=1.0, dynamic=True), t5_max_tokens=512),
     FamilySpec(
-        "zimage", "Z-Image", "flow", FLUX_LATENT, ("qwen3",),
+        "zimage", "Z-Image", "flow", FLUX_LATENT, ("qwen3",), loras=False,
         # base: ZImagePipeline's guidance 4 (its g is A1111's CFG - 1); Turbo is distilled for 9 steps at CFG 1
         presets=Presets(cfg_scale=5.0, sampler_name="Euler", scheduler="simple"),
         variant_presets=(("turbo", Presets(steps=9, cfg_scale=1.0)),),

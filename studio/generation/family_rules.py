@@ -75,6 +75,8 @@ def _refuse_unsupported(req: Txt2ImgRequest, model: Any) -> None:
         refused.append("token merging (a UNet optimisation)")
     for field in ("prompt", "hr_prompt"):
         _, tags = extract_extra_networks(getattr(req, field) or "")
+        if not model.spec.loras and any(t.kind in ("lora", "lyco") for t in tags):
+            refused.append(f"LoRAs (<lora:...>): their key maps for {label} are not written yet")
         hypernets = [t for t in tags if t.kind == "hypernet"]
         if hypernets:   # hypernetworks hook SD's UNet attention; LoRAs have their DiT patcher
             refused.append("hypernetworks (" + ", ".join(f"<hypernet:{t.name}>" for t in hypernets)

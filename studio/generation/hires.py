@@ -92,7 +92,8 @@ def second_pass(model: Any, plan: HiresPlan, spec: BatchSpec, latents: torch.Ten
     prompt and the hires pass's step callbacks already in; the sampler, size and start change here."""
     from studio.upscale import is_latent_mode, latent_upscale
 
-    h, w = plan.height // 8, plan.width // 8
+    scale = model.spec.latent.downscale
+    h, w = plan.height // scale, plan.width // scale
     if is_latent_mode(plan.upscaler):
         init = latent_upscale(latents, plan.upscaler, h, w)
     else:

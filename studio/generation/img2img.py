@@ -105,11 +105,11 @@ def prepare(req: Img2ImgRequest, image: Image.Image, upscale: Upscale | None = N
                          color_reference=pixels.color_reference(work) if color_correction else None)
 
 
-def latent_mask(mask: Image.Image, width: int, height: int, round_mask: bool = True) -> torch.Tensor:
-    """The mask at latent size, rounded to 0/1 as A1111's ``latmask`` when ``round_mask`` (its
-    ``mask_round``; off keeps the soft edge), resized with Pillow's default filter, bicubic, as A1111's
-    ``.resize()`` without one."""
-    small = mask.convert("L").resize((width // 8, height // 8), Image.Resampling.BICUBIC)
+def latent_mask(mask: Image.Image, width: int, height: int, round_mask: bool = True, scale: int = 8) -> torch.Tensor:
+    """The mask at latent size (``scale`` pixels per latent cell: 8, 16 for FLUX.2), rounded to 0/1 as
+    A1111's ``latmask`` when ``round_mask`` (its ``mask_round``; off keeps the soft edge), resized with
+    Pillow's default filter, bicubic, as A1111's ``.resize()`` without one."""
+    small = mask.convert("L").resize((width // scale, height // scale), Image.Resampling.BICUBIC)
     arr = np.asarray(small, dtype=np.float32) / 255.0
     arr = np.round(arr) if round_mask else arr
     return torch.from_numpy(arr)[None, None]
@@ -126,6 +126,7 @@ def run_img2img(model: Any, req: Img2ImgRequest, state: JobState, controls: Any 
         controls = controls.cropped(prepared[0].box, prepared[0].original.size)
     notes = [n for p in prepared for n in p.notes]
     latent_ch = model.vae.config.latent_channels
+    scale = model.spec.latent.downscale   # pixels per latent cell of the sampler's latents
     nine_channel = model.unet.config.in_channels == latent_ch + 5
     flux_fill = model.spec.is_flow and model.probe.variant == "fill"
     kontext = model.spec.is_flow and model.probe.variant == "kontext"
@@ -138,7 +139,7 @@ def run_img2img(model: Any, req: Img2ImgRequest, state: JobState, controls: Any 
         key = index % len(prepared)
         if key not in init_cache:
             lat = encode_images(model, to_tensor(prepared[key].work))
-            target = (req.height // 8, req.width // 8)
+            target = (req.height // scale, req.width // scale)
             if tuple(lat.shape[2:]) != target:  # "Just resize (latent upscale)"
                 lat = torch.nn.functional.interpolate(lat, size=target, mode="bilinear")
             init_cache[key] = lat
@@ -164,7 +165,8 @@ def run_img2img(model: Any, req: Img2ImgRequest, state: JobState, controls: Any 
             return extras
         if masks[0] is not None:
             device = model.policy.device
-            lat_masks = torch.cat([latent_mask(m, req.width, req.height, req.mask_round) for m in masks]).to(device)
+            lat_masks = torch.cat([latent_mask(m, req.width, req.height, req.mask_round, scale) for m in masks])
+            lat_masks = lat_masks.to(device)
             extras["mask"] = lat_masks
             fill = INPAINT_FILL[req.inpainting_fill]
             extras["latent_fill"] = fill if fill in ("latent noise", "latent nothing") else None

@@ -27,7 +27,7 @@ SDXL_LATENT_RGB = torch.tensor([
 
 
 def latent_preview(latent: torch.Tensor, sdxl: bool = False, coefs: torch.Tensor | None = None,
-                   bias: torch.Tensor | None = None) -> Image.Image:
+                   bias: torch.Tensor | None = None, scale: int = 8) -> Image.Image:
     """``latent``: [C, h, w] (one image). Returns an RGB image 8x the latent size. ``coefs`` [C, 3] (and
     ``bias`` [3]) map the channels to RGB; by default A1111's published fits for SD / SDXL."""
     if coefs is None:
@@ -37,7 +37,7 @@ def latent_preview(latent: torch.Tensor, sdxl: bool = False, coefs: torch.Tensor
         rgb = rgb + bias
     arr = ((rgb + 1.0) * 127.5).clamp(0, 255).to(torch.uint8).numpy()
     img = Image.fromarray(np.ascontiguousarray(arr), "RGB")
-    return img.resize((img.width * 8, img.height * 8), Image.Resampling.NEAREST)
+    return img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
 
 
 def fit_latent_rgb(vae, to_vae, channels: int | None = None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,7 +53,8 @@ def fit_latent_rgb(vae, to_vae, channels: int | None = None, seed: int = 0) -> t
     with torch.inference_mode():
         x = to_vae(latents).to(param.device, param.dtype)
         pixels = vae.decode(x).sample.float().cpu()
-    colours = torch.nn.functional.avg_pool2d(pixels, 8)                    # [4, 3, 8, 8]
+    cell = pixels.shape[-1] // latents.shape[-1]                            # pixels per latent cell: 8, 16
+    colours = torch.nn.functional.avg_pool2d(pixels, cell)                  # [4, 3, 8, 8]
     inputs = torch.cat([latents, torch.ones(4, 1, 8, 8)], dim=1)           # a constant for the bias
     a = inputs.permute(0, 2, 3, 1).reshape(-1, channels + 1)
     b = colours.permute(0, 2, 3, 1).reshape(-1, 3)
@@ -76,7 +77,7 @@ class LatentPreviewer:
         if self._fit is None:
             self._fit = fit_latent_rgb(vae, self.model.latent_codec.to_vae, self.model.spec.latent.channels)
         coefs, bias = self._fit
-        return latent_preview(latent, coefs=coefs, bias=bias)
+        return latent_preview(latent, coefs=coefs, bias=bias, scale=self.model.spec.latent.downscale)
 
 
 class JobProgress(StepCallback):

@@ -53,7 +53,8 @@ def decode_latents(model: LoadedModel, latents: torch.Tensor) -> list[Image.Imag
     vae = model.vae
     codec = model.latent_codec
     images = []
-    height, width = latents.shape[-2] * 8, latents.shape[-1] * 8
+    scale = model.spec.latent.downscale
+    height, width = latents.shape[-2] * scale, latents.shape[-1] * scale
     with torch.inference_mode(), vae_tiling(vae, width, height):
         for lat in latents:  # one at a time bounds VAE memory for big batches
             x = codec.to_vae(lat[None]).to(model.policy.device, vae.dtype)

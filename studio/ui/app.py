@@ -62,7 +62,8 @@ def demo_banner_text(studio: Studio) -> str:
 
 
 # How the module picker names each kind of separate file (Forge's "VAE / Text Encoder" list).
-MODULE_KIND_LABELS = {"clip_l": "CLIP-L", "clip_g": "CLIP-G", "t5xxl": "T5-XXL", "vae16": "VAE", "vae4": "VAE"}
+MODULE_KIND_LABELS = {"clip_l": "CLIP-L", "clip_g": "CLIP-G", "t5xxl": "T5-XXL", "qwen3": "Qwen3", "vae16": "VAE",
+                      "vae32": "FLUX.2 VAE", "vae4": "VAE"}
 
 
 def module_choices(modules: Sequence[ModuleFile], chosen: Sequence[str]) -> tuple[list[tuple[str, str]], list[str]]:
