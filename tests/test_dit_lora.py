@@ -21,8 +21,9 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from studio.devices import resolve_policy
+from studio.families.dit_engine import dit_engine
 from studio.models.catalog import CheckpointInfo, HashCache
-from studio.models.dit_loader import build_transformer, load_dit
+from studio.models.dit_loader import load_dit
 from studio.models.state_dict import load_state_dict, read_shapes
 from studio.networks.activation import ExtraNetworks, lora_patcher
 from studio.networks.dit_lora import DiTLoraPatcher
@@ -453,8 +454,8 @@ def gguf_pair(root, flux_parts):
     """A Q8_0 GGUF transformer and a plain float32 one holding its dequantized weights."""
     source = make_flux_transformer(root / "flux1-dev.safetensors", components=flux_parts)
     path = make_gguf_variant(source, root / "flux1-dev-Q8_0.gguf", "Q8_0")
-    quantized = build_transformer("flux1", load_state_dict(path), read_shapes(path), "", _policy(),
-                                  root / "configs", path.name)
+    quantized = dit_engine("flux1").build_transformer(load_state_dict(path), read_shapes(path), "", _policy(),
+                                                      root / "configs", path.name)
     plain = FluxTransformer2DModel(**flux_transformer_config("dev")).eval().requires_grad_(False)
     plain.load_state_dict({k: dequantize_gguf_tensor(v).float() for k, v in quantized.state_dict().items()})
     return quantized, plain
