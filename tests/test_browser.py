@@ -373,3 +373,45 @@ def test_settings_tab_turns_on_token_merging(page, server, artifacts_dir):
             timeout=120_000)
     finally:
         requests.post(f"{server.url}/sdapi/v1/options", json={"token_merging_ratio": 0.0})
+
+
+def test_flux_checkpoint_brings_its_presets_and_generates(page, server, artifacts_dir):
+    from studio.testing.flux import make_flux_checkpoint
+
+    folder = server.data_dir / "models" / "Stable-diffusion"
+    make_flux_checkpoint(folder / "flux1-dev-tiny.safetensors", seed=3)
+    page.get_by_role("tab", name="txt2img").click()
+    page.locator("#refresh_sd_model_checkpoint").click()
+    page.wait_for_timeout(500)
+    dropdown = page.locator("#setting_sd_model_checkpoint input")
+    dropdown.click()
+    page.get_by_role("option", name="flux1-dev-tiny.safetensors").click()
+    page.wait_for_function(
+        "() => document.querySelector('#model_status').innerText.includes('FLUX.1')", timeout=60_000)
+    # Forge's presets: CFG 1, Euler, Simple, and the Distilled CFG Scale slider beside CFG
+    page.locator("#txt2img_distilled_cfg_scale").wait_for(state="visible", timeout=30_000)
+    page.wait_for_function(
+        "() => document.querySelector('#txt2img_cfg_scale input[type=number]').value === '1'", timeout=30_000)
+    counter = page.locator("#txt2img_token_counter")
+    page.locator("#txt2img_prompt textarea").fill("a red (cube:1.2) on a table")
+    page.wait_for_function(
+        "() => document.querySelector('#txt2img_token_counter').innerText.includes('T5')", timeout=30_000)
+    assert "CLIP" in counter.inner_text()
+    for elem, value in (("#txt2img_width", "64"), ("#txt2img_height", "64"), ("#txt2img_steps", "2")):
+        box = page.locator(f"{elem} input[type=number]")
+        box.fill(value)
+        box.press("Enter")
+    page.locator("#txt2img_generate").click()
+    page.wait_for_function(
+        "() => document.querySelector('#txt2img_info textarea').value.includes('Distilled CFG Scale: 3.5')",
+        timeout=120_000)
+    text = page.locator("#txt2img_info textarea").input_value()
+    assert "CFG scale: 1," in text and "Sampler: Euler," in text and "Model: flux1-dev-tiny" in text
+    page.screenshot(path=str(Path(artifacts_dir) / "flux-txt2img.png"), full_page=True)
+    # back to an SD model: the slider goes, the SD defaults come back
+    dropdown.click()
+    page.get_by_role("option", name="tiny-sd1.safetensors").first.click()
+    page.locator("#txt2img_distilled_cfg_scale").wait_for(state="hidden", timeout=60_000)
+    page.wait_for_function(
+        "() => document.querySelector('#txt2img_cfg_scale input[type=number]').value === '7'", timeout=30_000)
+    (folder / "flux1-dev-tiny.safetensors").unlink()

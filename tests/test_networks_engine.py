@@ -148,7 +148,10 @@ def test_vae_nan_decode_is_retried_in_float32(caplog):
         return out
 
     vae.decode = overflowing
-    model = SimpleNamespace(vae=vae, policy=SimpleNamespace(device=torch.device("cpu")))
+    from studio.models.latent_codec import ScaleShiftCodec
+
+    model = SimpleNamespace(vae=vae, policy=SimpleNamespace(device=torch.device("cpu")), latent_codec=ScaleShiftCodec(vae),
+                            spec=SimpleNamespace(latent=SimpleNamespace(downscale=8)))
     latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     with caplog.at_level(logging.WARNING):
         [image] = decode_latents(model, latents)

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,7 +63,7 @@ from studio.networks.lora import (
     ActiveNetwork,
     LoraFileError,
     LoraLibrary,
-    NetworkPatcher,
+    MergingPatcher,
     PatchReport,
     _Contribution,
     _merge,
@@ -424,11 +423,12 @@ class _Saved:
     handle: RemovableHandle | None = None
 
 
-class DiTLoraPatcher:
+class DiTLoraPatcher(MergingPatcher):
     """Merges LoRA-family networks into a loaded FLUX.1 / SD3 model, reversibly."""
 
     def __init__(self, transformer: nn.Module, text_encoders: Sequence[Any], family: str,
                  compute_dtype: torch.dtype):
+        super().__init__()
         self.family = family
         self.compute_dtype = compute_dtype
         self._transformer = transformer
@@ -437,49 +437,11 @@ class DiTLoraPatcher:
         self._routes: dict[str, Route] | None = None
         self._modules: dict[str, dict[str, nn.Module]] = {}
         self._saved: dict[Target, _Saved] = {}
-        self._applied: dict[Target, tuple] = {}
-        self._current: tuple = ()
-        self._last = PatchReport()
-        self._lock = threading.RLock()
-
-    @property
-    def current(self) -> tuple:
-        """The signature of the applied set: ``(path, mtime_ns, te, unet)`` per network (the
-        conditioner keys its prompt cache on it)."""
-        return self._current
 
     @property
     def backed_up(self) -> int:
         """How many tensors are patched (each with its way back)."""
         return len(self._saved)
-
-    # ---------------------------------------------------------------- public
-
-    def apply(self, active: list[ActiveNetwork], library: LoraLibrary) -> PatchReport:
-        with self._lock:
-            wanted = NetworkPatcher._canonical(active)
-            signature = tuple(sig for sig, _ in wanted)
-            if signature == self._current:
-                return PatchReport(list(self._last.applied), list(self._last.warnings), False, False)
-            report = PatchReport(changed=True)
-            contributions: dict[Target, list[_Contribution]] = {}
-            for sig, network in wanted:
-                planned = self._plan(network, sig, library, report.warnings)
-                if planned is None:
-                    continue
-                report.applied.append(network.info.name)
-                for target, contribution in planned:
-                    contributions.setdefault(target, []).append(contribution)
-            try:
-                report.te_changed = self._write(contributions)
-            except BaseException:
-                self.restore()
-                raise
-            self._current = signature
-            self._last = report
-            for warning in report.warnings:
-                log.warning("%s", warning)
-            return PatchReport(list(report.applied), list(report.warnings), True, report.te_changed)
 
     @torch.no_grad()
     def restore(self) -> None:

@@ -368,17 +368,13 @@ def _family_name(family: str) -> str:
     return FAMILY_NAMES.get(family, family)
 
 
-class NetworkPatcher:
-    """Merges LoRA-family networks into one loaded model's weights, reversibly."""
+class MergingPatcher:
+    """What every model's LoRA patcher shares: the applied set's signature, and ``apply``: plan each
+    network's contributions (``_plan``), write them all from the originals (``_write``), and on any
+    failure put everything back (``restore``). The SD UNet patcher and the DiT one
+    (networks/dit_lora.py) differ in how they find and change their weights."""
 
-    def __init__(self, unet: nn.Module, text_encoders: list, family: str, is_sdxl: bool):
-        self.family = family
-        self.is_sdxl = is_sdxl
-        self._components = components_by_name(unet, text_encoders, family)
-        self._text_encoders = list(text_encoders)
-        self._aliases: dict[str, Target] | None = None
-        self._modules: dict[str, dict[str, nn.Module]] = {}
-        self._backups: dict[Target, Tensor] = {}
+    def __init__(self) -> None:
         self._applied: dict[Target, tuple] = {}
         self._current: tuple = ()
         self._last = PatchReport()
@@ -386,15 +382,19 @@ class NetworkPatcher:
 
     @property
     def current(self) -> tuple:
-        """The signature of the applied set: ``(path, mtime_ns, te, unet)`` per network."""
+        """The signature of the applied set: ``(path, mtime_ns, te, unet)`` per network (the
+        conditioner keys its prompt cache on it)."""
         return self._current
 
-    @property
-    def backed_up(self) -> int:
-        """How many tensors have a backup (the memory cost of the applied networks)."""
-        return len(self._backups)
+    def _plan(self, network: ActiveNetwork, sig: tuple, library: LoraLibrary,
+              warnings: list[str]) -> list[tuple[Target, _Contribution]] | None:
+        raise NotImplementedError
 
-    # ---------------------------------------------------------------- public
+    def _write(self, contributions: dict[Target, list[_Contribution]]) -> bool:
+        raise NotImplementedError
+
+    def restore(self) -> None:
+        raise NotImplementedError
 
     def apply(self, active: list[ActiveNetwork], library: LoraLibrary) -> PatchReport:
         with self._lock:
@@ -422,19 +422,6 @@ class NetworkPatcher:
                 log.warning("%s", warning)
             return PatchReport(list(report.applied), list(report.warnings), True, report.te_changed)
 
-    @torch.no_grad()
-    def restore(self) -> None:
-        """Every touched tensor back to its original bits; backups are dropped."""
-        with self._lock:
-            for target, backup in self._backups.items():
-                self._tensor(target).copy_(backup)
-            self._backups.clear()
-            self._applied.clear()
-            self._current = ()
-            self._last = PatchReport()
-
-    # ---------------------------------------------------------------- planning
-
     @staticmethod
     def _canonical(active: Iterable[ActiveNetwork]) -> list[tuple[tuple, ActiveNetwork]]:
         wanted = []
@@ -449,6 +436,38 @@ class NetworkPatcher:
             wanted.append(((str(network.info.path), mtime, te, unet), network))
         wanted.sort(key=lambda item: item[0])
         return wanted
+
+
+class NetworkPatcher(MergingPatcher):
+    """Merges LoRA-family networks into one loaded SD model's weights, reversibly."""
+
+    def __init__(self, unet: nn.Module, text_encoders: list, family: str, is_sdxl: bool):
+        super().__init__()
+        self.family = family
+        self.is_sdxl = is_sdxl
+        self._components = components_by_name(unet, text_encoders, family)
+        self._text_encoders = list(text_encoders)
+        self._aliases: dict[str, Target] | None = None
+        self._modules: dict[str, dict[str, nn.Module]] = {}
+        self._backups: dict[Target, Tensor] = {}
+
+    @property
+    def backed_up(self) -> int:
+        """How many tensors have a backup (the memory cost of the applied networks)."""
+        return len(self._backups)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Every touched tensor back to its original bits; backups are dropped."""
+        with self._lock:
+            for target, backup in self._backups.items():
+                self._tensor(target).copy_(backup)
+            self._backups.clear()
+            self._applied.clear()
+            self._current = ()
+            self._last = PatchReport()
+
+    # ---------------------------------------------------------------- planning
 
     def _alias_table(self) -> dict[str, Target]:
         if self._aliases is None:
