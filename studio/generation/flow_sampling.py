@@ -22,9 +22,8 @@ from studio.families.dit_engine import dit_engine
 from studio.families.spec import SCHNELL_SHIFT
 from studio.generation.dit_denoisers import pack_latents
 from studio.generation.flow_samplers import FlowShift, flow_add_noise, flow_img2img_start, make_flow_scheduler
-from studio.generation.noise import make_noise, step_noise_generators
 from studio.generation.preview import JobProgress
-from studio.generation.sampling import BatchSpec, ends_step, guide, skips_uncond
+from studio.generation.sampling import BatchSpec, ends_step, guide, skips_uncond, start_noise
 from studio.generation.step_callbacks import ModelCall, PassInfo, StepCallbacks, StepEnd
 from studio.jobs import JobState
 
@@ -53,19 +52,8 @@ def sample_flow(model, spec: BatchSpec, state: JobState) -> torch.Tensor:
     timesteps = timesteps[start:]
     calls = len(timesteps)
     sigmas = [float(s) for s in scheduler.sigmas[start:start + calls]]
-    resize = None
-    if spec.resize_from and spec.resize_from[0] > 0 and spec.resize_from[1] > 0:
-        resize = (spec.resize_from[0] // scale, spec.resize_from[1] // scale)
-    noise, gens = make_noise(spec.seeds, (family.latent.channels, h, w), spec.subseeds, spec.subseed_strength,
-                             resize)
-    gens = step_noise_generators(spec.seeds, gens, spec.eta_noise_seed_delta)
-    noise = noise.to(device)
-    init = spec.init_latents.to(device) if spec.init_latents is not None else None
+    noise, gens, init = start_noise(spec, (family.latent.channels, h, w), scale, device)
     if init is not None:
-        if spec.mask is not None and spec.latent_fill == "latent noise":
-            init = init * (1 - spec.mask) + noise * spec.mask
-        elif spec.mask is not None and spec.latent_fill == "latent nothing":
-            init = init * (1 - spec.mask)
         latents = flow_add_noise(scheduler, init, noise, start) if calls else init
     else:
         latents = noise

@@ -116,6 +116,26 @@ def call_sigmas(scheduler: Any, timesteps: torch.Tensor, start: int) -> list[flo
     return np.exp(np.interp(t, np.arange(len(alphas)), log_sigmas)).tolist()
 
 
+def start_noise(spec: BatchSpec, shape: tuple[int, int, int], scale: int,
+                device: torch.device) -> tuple[torch.Tensor, list[torch.Generator], torch.Tensor | None]:
+    """A batch's noise (per seed, on the CPU; variation seeds and "resize seed from" mixed in; ``scale``
+    pixels per latent cell), the generators of the sampler's per-step noise (ENSD), and the init latents
+    of img2img with the masked area filled as "latent noise" / "latent nothing" asks; both loops start here."""
+    resize = None
+    if spec.resize_from and spec.resize_from[0] > 0 and spec.resize_from[1] > 0:
+        resize = (spec.resize_from[0] // scale, spec.resize_from[1] // scale)
+    noise, gens = make_noise(spec.seeds, shape, spec.subseeds, spec.subseed_strength, resize)
+    gens = step_noise_generators(spec.seeds, gens, spec.eta_noise_seed_delta)
+    noise = noise.to(device)
+    init = spec.init_latents.to(device) if spec.init_latents is not None else None
+    if init is not None and spec.mask is not None:
+        if spec.latent_fill == "latent noise":
+            init = init * (1 - spec.mask) + noise * spec.mask
+        elif spec.latent_fill == "latent nothing":
+            init = init * (1 - spec.mask)
+    return noise, gens, init
+
+
 def sample(model: Any, spec: BatchSpec, state: JobState) -> torch.Tensor:
     """Denoise one batch; returns float32 latents (scaled, as the VAE decoder takes them)."""
     policy = model.policy
@@ -146,18 +166,8 @@ def sample(model: Any, spec: BatchSpec, state: JobState) -> torch.Tensor:
     calls = len(timesteps)
     sigmas = call_sigmas(scheduler, timesteps, start)
     step_params = inspect.signature(scheduler.step).parameters
-    resize = None
-    if spec.resize_from and spec.resize_from[0] > 0 and spec.resize_from[1] > 0:
-        resize = (spec.resize_from[0] // 8, spec.resize_from[1] // 8)
-    noise, gens = make_noise(spec.seeds, (latent_ch, h, w), spec.subseeds, spec.subseed_strength, resize)
-    gens = step_noise_generators(spec.seeds, gens, spec.eta_noise_seed_delta)
-    noise = noise.to(device)
-    init = spec.init_latents.to(device) if spec.init_latents is not None else None
+    noise, gens, init = start_noise(spec, (latent_ch, h, w), 8, device)
     if init is not None:
-        if spec.mask is not None and spec.latent_fill == "latent noise":
-            init = init * (1 - spec.mask) + noise * spec.mask
-        elif spec.mask is not None and spec.latent_fill == "latent nothing":
-            init = init * (1 - spec.mask)
         latents = scheduler.add_noise(init, noise, timesteps[:1]) if calls else init
     else:
         latents = noise * scheduler.init_noise_sigma
