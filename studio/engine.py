@@ -385,7 +385,7 @@ class Engine:
         if model is not None and model.spec.is_flow:
             # T5 reads the whole prompt up to its sequence length: that is the limit that matters
             counts = [model.conditioner.token_counts(t) for t in texts]
-            key = "t5" if "t5" in counts[0] else "clip"
+            key = "t5" if "t5" in counts[0] else next(iter(counts[0]))   # the encoder that reads on
             return max(c[key][0] for c in counts), counts[0][key][1]
         if model is not None:
             tokenizer, index = model.tokenizers[0], model.conditioner.index

@@ -23,9 +23,8 @@ import torch
 from studio.devices import DevicePolicy
 from studio.families.dit_engine import DiTEngine
 from studio.models.state_dict import ModelFileError, Shapes
-from studio.prompts.dit_encode import DiTConditioner
+from studio.prompts.dit_encode import Qwen3Conditioner
 from studio.prompts.encode import Conditioning, apply_emphasis
-from studio.prompts.parser import DEFAULT_EMPHASIS
 
 # Flux2KleinPipeline's defaults: the prompt is padded (and cut) to 512 tokens, and the text input is
 # these Qwen3 hidden states (0 = the embeddings), concatenated per token.
@@ -105,7 +104,7 @@ def _lifted(key: str) -> str:
 # --------------------------------------------------------------------------- prompts and the transformer
 
 
-class KleinConditioner(DiTConditioner):
+class KleinConditioner(Qwen3Conditioner):
     """Prompts -> [1, 512, 3 x Qwen3 width]: the chat-templated prompt padded to 512 tokens (the
     pipeline feeds the padding's hidden states too), layers 9, 18 and 27 side by side per token."""
 
@@ -121,15 +120,6 @@ class KleinConditioner(DiTConditioner):
                 f"the Qwen3 text encoder is {width} wide with {layers} layers; this FLUX.2 transformer reads "
                 f"{expected // len(TEXT_LAYERS)}-wide text from layers {TEXT_LAYERS} (Klein 4B uses "
                 "qwen_3_4b.safetensors, Klein 9B qwen_3_8b.safetensors)")
-
-    def token_count(self, text: str, emphasis: str = DEFAULT_EMPHASIS) -> int:
-        return self.token_counts(text, emphasis)["clip"][0]
-
-    def token_counts(self, text: str, emphasis: str = DEFAULT_EMPHASIS) -> dict[str, tuple[int, int]]:
-        """Qwen3's (tokens, limit), under the counter's single-encoder key."""
-        from studio.models.qwen3_text import qwen3_token_count
-
-        return {"clip": qwen3_token_count(self.model.tokenizers[0], text, MAX_TOKENS, self.thinking, emphasis)}
 
     def _encode(self, text: str, clip_skip: int, emphasis: str) -> Conditioning:
         from studio.models.qwen3_text import qwen3_prompt

@@ -19,9 +19,8 @@ import torch
 from studio.devices import DevicePolicy
 from studio.families.dit_engine import DiTEngine
 from studio.models.state_dict import ModelFileError, Shapes
-from studio.prompts.dit_encode import DiTConditioner
+from studio.prompts.dit_encode import Qwen3Conditioner
 from studio.prompts.encode import Conditioning, apply_emphasis
-from studio.prompts.parser import DEFAULT_EMPHASIS
 
 # ZImagePipeline's max_sequence_length: the chat-templated prompt is cut there.
 MAX_TOKENS = 512
@@ -29,7 +28,7 @@ MAX_TOKENS = 512
 HIDDEN_LAYER = -2
 
 
-class ZImageConditioner(DiTConditioner):
+class ZImageConditioner(Qwen3Conditioner):
     """Prompts -> Qwen3 hidden states of the valid tokens only (the transformer pads captions itself).
 
     The plan stacks every text's conditioning into one tensor, so each is zero-padded to
@@ -46,15 +45,6 @@ class ZImageConditioner(DiTConditioner):
         if width != expected:
             raise ModelFileError(f"the Qwen3 text encoder is {width} wide; this {model.spec.label} transformer "
                                  f"reads {expected}-wide text (Z-Image uses Qwen3-4B: qwen_3_4b.safetensors)")
-
-    def token_count(self, text: str, emphasis: str = DEFAULT_EMPHASIS) -> int:
-        return self.token_counts(text, emphasis)["clip"][0]
-
-    def token_counts(self, text: str, emphasis: str = DEFAULT_EMPHASIS) -> dict[str, tuple[int, int]]:
-        """Qwen3's (tokens, limit), under the counter's single-encoder key."""
-        from studio.models.qwen3_text import qwen3_token_count
-
-        return {"clip": qwen3_token_count(self.model.tokenizers[0], text, MAX_TOKENS, self.thinking, emphasis)}
 
     def _encode(self, text: str, clip_skip: int, emphasis: str) -> Conditioning:
         from studio.models.qwen3_text import qwen3_prompt

@@ -185,3 +185,21 @@ class FluxConditioner(DiTConditioner):
         if t5 is None:
             raise ValueError("FLUX.1 needs its T5 text encoder")
         return Conditioning(t5, pooled)
+
+
+class Qwen3Conditioner(DiTConditioner):
+    """The families prompted through Qwen3's chat template (Z-Image, FLUX.2 Klein): one encoder, counted
+    against the template-wrapped prompt's length. Subclasses say whether the template thinks and how the
+    hidden states become the transformer's text."""
+
+    max_tokens = 512
+    thinking = True
+
+    def token_count(self, text: str, emphasis: str = DEFAULT_EMPHASIS) -> int:
+        return self.token_counts(text, emphasis)["qwen3"][0]
+
+    def token_counts(self, text: str, emphasis: str = DEFAULT_EMPHASIS) -> dict[str, tuple[int, int]]:
+        from studio.models.qwen3_text import qwen3_token_count
+
+        return {"qwen3": qwen3_token_count(self.model.tokenizers[0], text, self.max_tokens, self.thinking, emphasis)}
+

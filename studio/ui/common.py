@@ -59,7 +59,7 @@ class PromptArea:
 
 
 # What each text encoder is called in the counter (SD3/FLUX read the prompt with CLIP and T5).
-ENCODER_LABELS = {"clip": "CLIP", "t5": "T5"}
+ENCODER_LABELS = {"clip": "CLIP", "t5": "T5", "qwen3": "Qwen3"}
 
 
 def token_counter_html(studio: Studio, text: str | None, steps: Any) -> str:
