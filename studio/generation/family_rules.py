@@ -100,10 +100,11 @@ def prompt_length_notes(req: Txt2ImgRequest, model: Any) -> list[str]:
         if not text:
             continue
         counts = conditioner.token_counts(text)
-        if "t5" in counts and counts["t5"][0] > counts["t5"][1]:
-            count, limit = counts["t5"]
-            notes.append(f"The {name.replace('_', ' ')} is {count} T5 tokens; {model.spec.label} reads {limit}: "
-                         "the rest is ignored.")
+        for key, label in (("t5", "T5"), ("qwen3", "Qwen3")):
+            if key in counts and counts[key][0] > counts[key][1]:
+                count, limit = counts[key]
+                notes.append(f"The {name.replace('_', ' ')} is {count} {label} tokens; {model.spec.label} reads "
+                             f"{limit}: the rest is ignored.")
         if model.spec.id == "sd3" and counts["clip"][0] > counts["clip"][1]:
             notes.append(f"The {name.replace('_', ' ')} is {counts['clip'][0]} CLIP tokens; SD3's CLIP encoders "
                          "read the first 75 (T5 reads on).")
