@@ -286,6 +286,7 @@ def _generate(pipe, **kwargs):
                 generator=torch.Generator().manual_seed(0), **kwargs).images[0]
 
 
+@pytest.mark.slow  # the engines' equivalence tests run these pipelines in the quick suite
 def test_chroma_pipeline_runs_on_the_tiny_components(chroma):
     tokenizer = t5_tokenizer()
     pipe = ChromaPipeline(scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True),
@@ -299,6 +300,7 @@ def test_chroma_pipeline_runs_on_the_tiny_components(chroma):
     _assert_is_an_image(_generate(pipe, guidance_scale=3.0))
 
 
+@pytest.mark.slow  # the engines' equivalence tests run these pipelines in the quick suite
 def test_zimage_pipeline_runs_on_the_tiny_components(zimage):
     tokenizer = qwen3_tokenizer()
     pipe = ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), tokenizer=tokenizer, **zimage)
@@ -311,6 +313,7 @@ def test_zimage_pipeline_runs_on_the_tiny_components(zimage):
     _assert_is_an_image(_generate(pipe, guidance_scale=0.0))  # Turbo runs without CFG
 
 
+@pytest.mark.slow  # the engines' equivalence tests run these pipelines in the quick suite
 def test_flux2_klein_pipeline_runs_on_the_tiny_components(klein):
     pipe = Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True),
                               tokenizer=qwen3_tokenizer(), is_distilled=True, **klein)
