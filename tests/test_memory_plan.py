@@ -52,3 +52,29 @@ def test_a_loaded_model_records_its_placement(tmp_path):
         assert "CPU" in studio.engine.load(None).memory_plan
     finally:
         studio.queue.shutdown()
+
+
+def test_a_16_bit_flux_that_only_fits_in_fp8_is_kept_in_fp8():
+    from studio.models.memory_plan import plan_fp8_storage
+
+    # 33.7 GB in bf16; 21.8 GB with the transformer in fp8: a 24 GB card takes it, a 48 GB card needs nothing
+    assert plan_fp8_storage("cuda", FLUX_BF16, "denoiser", 16, free_bytes=24 * GB)
+    assert not plan_fp8_storage("cuda", FLUX_BF16, "denoiser", 16, free_bytes=48 * GB)
+    assert not plan_fp8_storage("cuda", FLUX_BF16, "denoiser", 16, free_bytes=12 * GB)   # offload instead
+    assert not plan_fp8_storage("cuda", FLUX_BF16, "denoiser", 8, free_bytes=24 * GB)    # already fp8
+    assert not plan_fp8_storage("cpu", FLUX_BF16, "denoiser", 16, free_bytes=None)
+
+
+def test_fp8_storage_computes_from_the_stored_weights():
+    import torch
+
+    from studio.models.storage import storage_label, to_fp8_storage
+    from studio.testing.flux import tiny_flux_components
+
+    transformer = tiny_flux_components("dev", seed=1)["transformer"].to(torch.bfloat16)
+    converted = to_fp8_storage(transformer, torch.float32)
+    assert converted > 0 and storage_label(transformer) == "fp8_e4m3fn"
+    linear = transformer.single_transformer_blocks[0].proj_mlp
+    x = torch.randn(3, linear.in_features)
+    assert torch.equal(linear(x), torch.nn.functional.linear(x, linear.weight.float(), linear.bias.float()))
+    assert transformer.transformer_blocks[0].norm1.linear.bias.dtype == torch.float32  # the rest is compute dtype

@@ -27,8 +27,9 @@ import torch
 
 from studio.devices import DevicePolicy
 from studio.models.catalog import Catalog, CheckpointInfo
+from studio.models.memory_plan import plan_fp8_storage, plan_placement
 from studio.models.state_dict import ModelFileError
-from studio.models.memory_plan import plan_placement
+from studio.models.storage import to_fp8_storage
 from studio.offload import Offloader, OffloadMode, offload_mode
 
 if TYPE_CHECKING:
@@ -76,6 +77,12 @@ def _component_bytes(model: LoadedModel) -> dict[str, int]:
                                                            for i, te in enumerate(model.text_encoders)}}
     return {name: sum(t.numel() * t.element_size() for t in (*m.parameters(), *m.buffers()))
             for name, m in parts.items()}
+
+
+def _storage_bits(module: torch.nn.Module) -> int:
+    """Bits per element of the module's largest weight matrix (16 for bf16/fp16 files)."""
+    weights = [p for p in module.parameters() if p.ndim >= 2 and not hasattr(p, "quant_type")]
+    return max(weights, key=lambda p: p.numel()).element_size() * 8 if weights else 0
 
 
 def _free_vram(policy: DevicePolicy) -> int | None:
@@ -272,8 +279,14 @@ class ModelManager:
             previous.move_to(torch.device("cpu"))
         flag_mode = offload_mode(self.offload.medvram, self.offload.lowvram, self.offload.medvram_sdxl,
                                  model.is_sdxl)
-        plan = plan_placement(flag_mode, self.policy.device.type, _component_bytes(model), _free_vram(self.policy),
-                              self.limits().gpu_weights_bytes)
+        parts, free = _component_bytes(model), _free_vram(self.policy)
+        gpu_weights = self.limits().gpu_weights_bytes
+        if flag_mode is OffloadMode.NONE and model.spec.is_flow and plan_fp8_storage(
+                self.policy.device.type, parts, "denoiser", _storage_bits(model.unet), free, gpu_weights):
+            count = to_fp8_storage(model.unet, self.policy.dtype)
+            log.info("%s: transformer kept in fp8 (%d matrices) to fit the GPU", model.info.title, count)
+            parts = _component_bytes(model)
+        plan = plan_placement(flag_mode, self.policy.device.type, parts, free, gpu_weights)
         model.memory_plan = plan.describe()
         mode = plan.mode
         if mode is OffloadMode.NONE or self.policy.device.type == "cpu":

@@ -56,3 +56,18 @@ def plan_placement(flag_mode: OffloadMode, device_type: str, component_bytes: Ma
                                                f"({largest / GIB:.1f} GB) does: {source}")
     return MemoryPlan(OffloadMode.LOWVRAM, f"even the largest part ({largest / GIB:.1f} GB) does not fit: "
                                            f"{source}")
+
+
+def plan_fp8_storage(device_type: str, component_bytes: Mapping[str, int], denoiser: str, stored_bits: int,
+                     free_bytes: int | None, gpu_weights_bytes: int = 0,
+                     reserve_bytes: int = INFERENCE_RESERVE_BYTES) -> bool:
+    """Whether to keep a 16-bit DiT transformer in fp8 on this GPU: when the model does not fit as it is
+    but does with the transformer's weights halved (fp8 files users download make the same trade)."""
+    if device_type != "cuda" or stored_bits != 16:
+        return False
+    budget = gpu_weights_bytes if gpu_weights_bytes > 0 else (None if free_bytes is None else free_bytes - reserve_bytes)
+    if budget is None:
+        return False
+    total = sum(component_bytes.values())
+    return total > budget and total - component_bytes[denoiser] // 2 <= budget
+

@@ -67,3 +67,21 @@ def storage_label(module: nn.Module) -> str:
                 param.dtype, str(param.dtype).removeprefix("torch.").replace("float8_", "fp8_"))
         counts[name] = counts.get(name, 0) + param.numel()
     return max(counts, key=counts.get) if counts else "empty"
+
+
+def to_fp8_storage(module: nn.Module, compute_dtype: torch.dtype, fp8: torch.dtype | None = None) -> int:
+    """Store every floating ``Linear`` weight of ``module`` as fp8 (e4m3fn) and compute from it layer by
+    layer, as an fp8 file would be: half of bf16's memory, for a model that does not fit the GPU otherwise.
+    Returns how many matrices were converted."""
+    fp8 = fp8 or torch.float8_e4m3fn
+    converted = 0
+    with torch.no_grad():
+        for child in module.modules():
+            weight = getattr(child, "weight", None)
+            if isinstance(child, nn.Linear) and weight is not None and not is_quantized(weight) \
+                    and weight.is_floating_point() and weight.dtype not in FP8_DTYPES:
+                weight.data = weight.data.to(fp8)
+                converted += 1
+    keep_storage_dtype(module, compute_dtype)
+    return converted
+
