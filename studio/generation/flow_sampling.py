@@ -14,6 +14,7 @@ the SD loop (generation/sampling.py), with what flow models do differently:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 
 import torch
@@ -68,6 +69,15 @@ def sample_flow(model, spec: BatchSpec, state: JobState) -> torch.Tensor:
     if reference is not None:
         reference = reference.to(device)
     denoiser = dit_engine(family.id).denoiser(model)
+
+    @functools.cache
+    def image_inputs(groups: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The Fill conditioning (packed) and the Kontext reference for ``groups`` prompt groups: built once
+        per group count, not per step."""
+        extra = None if cond_image is None else pack_latents(cond_image.repeat(groups, 1, 1, 1))
+        ref = None if reference is None else reference.repeat(groups, 1, 1, 1)
+        return extra, ref
+
     plan = spec.plan
     use_uncond = spec.cfg_scale != 1.0 or len(plan.weights) > 1
     batch = len(spec.seeds)
@@ -98,8 +108,7 @@ def sample_flow(model, spec: BatchSpec, state: JobState) -> torch.Tensor:
             x = latents.repeat(run_groups, 1, 1, 1)
             call = ModelCall(i, step, steps_run, t, sigmas[i], x, run_context, None, run_groups, batch, has_uncond)
             callbacks.unet_kwargs(call)
-            extra = None if cond_image is None else pack_latents(cond_image.repeat(run_groups, 1, 1, 1))
-            ref = None if reference is None else reference.repeat(run_groups, 1, 1, 1)
+            extra, ref = image_inputs(run_groups)
             pred = denoiser(x, t, run_context, run_vectors, spec.guidance, extra, ref)
             preds = pred.chunk(run_groups)
             if has_uncond or not use_uncond:
