@@ -473,6 +473,7 @@ def _flux_inputs(transformer) -> dict[str, Tensor]:
     }
 
 
+@pytest.mark.slow  # heavy; the quick suite keeps this family's other engine tests
 def test_gguf_layers_add_the_lora_on_compute(gguf_pair, tmp_path):
     quantized, plain = gguf_pair
     layout = flux_transformer_to_bfl({k: v.float() for k, v in plain.state_dict().items()})

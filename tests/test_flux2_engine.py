@@ -121,6 +121,7 @@ def test_distilled_klein_from_bfl_files_matches_the_klein_pipeline(studio):
     assert pixels(result.images[0]).std() > 0
 
 
+@pytest.mark.slow  # heavy; the quick suite keeps this family's other engine tests
 def test_base_klein_with_cfg_a_negative_prompt_and_a_batch_matches_the_pipeline(studio):
     result = generate(studio, KLEIN_BASE, steps=3, cfg_scale=3.0, batch_size=2)
     model = studio.engine.models.current
@@ -134,6 +135,7 @@ def test_base_klein_with_cfg_a_negative_prompt_and_a_batch_matches_the_pipeline(
         assert np.abs(pixels(got) - as_pixels(expected)).max() <= 1
 
 
+@pytest.mark.slow  # heavy; the quick suite keeps this family's other engine tests
 def test_presets_of_distilled_and_base(studio):
     distilled = parse_infotext(generate(studio).infotexts[0])        # API defaults: 50 steps, CFG 7
     assert (distilled["Steps"], distilled["CFG scale"], distilled["Sampler"]) == ("4", "1", "Euler")

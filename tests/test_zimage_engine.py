@@ -165,6 +165,7 @@ def test_prompt_length_is_counted_in_qwen3_tokens(studio):
     assert next(iter(long.values()))[0] == 600
 
 
+@pytest.mark.slow  # heavy; the quick suite keeps this family's other engine tests
 def test_a_qwen3_of_another_width_is_refused_by_name(studio, tmp_path):
     folder = studio.paths.models / "text_encoders"
     other = Qwen3Model(Qwen3Config(vocab_size=151936, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
