@@ -200,6 +200,7 @@ def fp32_image(studio):
     return pixels(generate(studio, CHROMA, steps=2).images[0])
 
 
+@pytest.mark.slow  # heavy; CI's slow step runs it, the quick suite keeps the family's core tests
 def test_fp8_file_keeps_fp8_weights_close_to_the_fp32_model(studio, fp32_image):
     result = generate(studio, CHROMA_FP8, steps=2)
     transformer = studio.engine.models.current.unet
@@ -211,6 +212,7 @@ def test_fp8_file_keeps_fp8_weights_close_to_the_fp32_model(studio, fp32_image):
     assert np.abs(pixels(result.images[0]) - fp32_image).mean() < 4
 
 
+@pytest.mark.slow  # heavy; CI's slow step runs it, the quick suite keeps the family's core tests
 def test_gguf_q8_file_dequantizes_on_compute_close_to_the_fp32_model(studio, fp32_image):
     result = generate(studio, CHROMA_GGUF, steps=2)
     transformer = studio.engine.models.current.unet

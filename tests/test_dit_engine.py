@@ -163,6 +163,7 @@ def test_family_presets_fill_only_what_the_caller_left_unset(studio):
     assert (params["Steps"], params["CFG scale"], params["Sampler"]) == ("3", "2.5", "DPM++ 2M")
 
 
+@pytest.mark.slow  # heavy; CI's slow step runs it, the quick suite keeps the family's core tests
 def test_real_cfg_uses_the_negative_prompt(studio):
     a = generate(studio, FLUX_DEV, steps=2, cfg_scale=3.0, negative_prompt="blurry")
     b = generate(studio, FLUX_DEV, steps=2, cfg_scale=3.0, negative_prompt="sharp")

@@ -203,6 +203,7 @@ def test_a_prompt_past_t5s_length_gets_a_note(studio):
     assert counts["t5"][0] > 511 and counts["clip"][1] == 75
 
 
+@pytest.mark.slow  # heavy; CI's slow step runs it, the quick suite keeps the family's core tests
 def test_a_diffusers_flux_folder_loads_and_matches_the_single_file(studio):
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 

@@ -143,6 +143,7 @@ def test_presets_of_distilled_and_base(studio):
     assert (base["Steps"], base["CFG scale"]) == ("50", "4")
 
 
+@pytest.mark.slow  # heavy; CI's slow step runs it, the quick suite keeps the family's core tests
 def test_gguf_transformer_dequantizes_on_compute(studio):
     result = generate(studio, KLEIN_GGUF, steps=2)
     model = studio.engine.models.current
@@ -151,6 +152,7 @@ def test_gguf_transformer_dequantizes_on_compute(studio):
     assert np.isfinite(pixels(result.images[0])).all() and pixels(result.images[0]).std() > 0
 
 
+@pytest.mark.slow  # heavy; CI's slow step runs it, the quick suite keeps the family's core tests
 def test_img2img_encodes_through_the_latent_codec(studio):
     init = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
     request = {"prompt": "a red cube", "width": 64, "height": 64, "seed": 3, "steps": 4, "save_images": False,

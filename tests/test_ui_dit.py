@@ -108,6 +108,7 @@ def test_picker_lists_the_module_files_and_saves_the_option(studio, blocks):
         studio.settings.update({"forge_additional_modules": []})
 
 
+@pytest.mark.slow  # heavy; CI's slow step runs it, the quick suite keeps the family's core tests
 def test_refresh_rescans_and_the_next_load_uses_the_choice(studio, blocks):
     folder = studio.paths.models / "text_encoders"
     other = folder / "t5xxl_other.safetensors"
@@ -211,6 +212,7 @@ def test_the_distilled_value_is_sent_only_to_a_model_that_takes_it(studio):
     assert form.values(data)["distilled_cfg_scale"] is None
 
 
+@pytest.mark.slow  # heavy; CI's slow step runs it, the quick suite keeps the family's core tests
 def test_token_counters_show_each_encoders_count(studio, blocks):
     text = "a red cube on a blue table"
     model = load(studio, FLUX_DEV)

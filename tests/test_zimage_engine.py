@@ -138,6 +138,7 @@ def test_emphasis_changes_the_caption_and_plain_prompts_tokenize_as_the_pipeline
 # --------------------------------------------------------------------------- files, presets, refusals
 
 
+@pytest.mark.slow  # heavy; CI's slow step runs it, the quick suite keeps the family's core tests
 def test_presets_of_turbo_and_base(studio):
     turbo = parse_infotext(generate(studio).infotexts[0])       # API defaults: 50 steps, CFG 7
     assert (turbo["Steps"], turbo["CFG scale"], turbo["Sampler"]) == ("9", "1", "Euler")
@@ -146,6 +147,7 @@ def test_presets_of_turbo_and_base(studio):
     assert parse_infotext(base.infotexts[0])["CFG scale"] == "5"
 
 
+@pytest.mark.slow  # heavy; CI's slow step runs it, the quick suite keeps the family's core tests
 def test_gguf_transformer_dequantizes_on_compute(studio):
     result = generate(studio, TURBO_GGUF, steps=2)
     model = studio.engine.models.current
@@ -154,6 +156,7 @@ def test_gguf_transformer_dequantizes_on_compute(studio):
     assert np.isfinite(pixels(result.images[0])).all() and pixels(result.images[0]).std() > 0
 
 
+@pytest.mark.slow  # heavy; CI's slow step runs it, the quick suite keeps the family's core tests
 def test_prompt_length_is_counted_in_qwen3_tokens(studio):
     generate(studio, steps=1)
     short = studio.engine.token_counts("a red cube")
