@@ -177,6 +177,27 @@ def flux_transformer_config(shapes: Shapes, prefix: str) -> dict[str, Any]:
     }
 
 
+def _bfl_blocks(shapes: Shapes, prefix: str, label: str) -> dict[str, Any]:
+    """The geometry every BFL-named transformer after FLUX.1 shares (Chroma, FLUX.2): channels in and out
+    (out None = as many as in, what the published configs say), double/single block counts, heads from
+    the q-norm width, the text width."""
+    width, in_channels = _shape(shapes, prefix + "img_in.weight")
+    head_dim = _shape(shapes, prefix + "double_blocks.0.img_attn.norm.query_norm.scale")[0]
+    if width % head_dim:
+        raise ModelFileError(f"{label} width {width} is not a whole number of {head_dim}-wide heads")
+    out_channels = _shape(shapes, prefix + "final_layer.linear.weight")[0]
+    return {
+        "patch_size": 1,
+        "in_channels": in_channels,
+        "out_channels": None if out_channels == in_channels else out_channels,
+        "num_layers": _count(shapes, prefix, "double_blocks"),
+        "num_single_layers": _count(shapes, prefix, "single_blocks"),
+        "attention_head_dim": head_dim,
+        "num_attention_heads": width // head_dim,
+        "joint_attention_dim": _shape(shapes, prefix + "txt_in.weight")[1],
+    }
+
+
 # --------------------------------------------------------------------------- Chroma
 
 
@@ -184,22 +205,11 @@ def chroma_transformer_config(shapes: Shapes, prefix: str) -> dict[str, Any]:
     """diffusers ``ChromaTransformer2DModel`` config of the Chroma transformer at ``prefix``
     (FLUX.1's BFL block names without their modulation, plus the ``distilled_guidance_layer``
     that computes every block's modulation from the timestep)."""
-    width, in_channels = _shape(shapes, prefix + "img_in.weight")
-    head_dim = _shape(shapes, prefix + "double_blocks.0.img_attn.norm.query_norm.scale")[0]
-    if width % head_dim:
-        raise ModelFileError(f"Chroma width {width} is not a whole number of {head_dim}-wide heads")
+    blocks = _bfl_blocks(shapes, prefix, "Chroma")
+    head_dim = blocks["attention_head_dim"]
     hidden, channels = _shape(shapes, prefix + "distilled_guidance_layer.in_proj.weight")
-    out_channels = _shape(shapes, prefix + "final_layer.linear.weight")[0]
     return {
-        "patch_size": 1,
-        "in_channels": in_channels,
-        # None = as many as in (what the published config says)
-        "out_channels": None if out_channels == in_channels else out_channels,
-        "num_layers": _count(shapes, prefix, "double_blocks"),
-        "num_single_layers": _count(shapes, prefix, "single_blocks"),
-        "attention_head_dim": head_dim,
-        "num_attention_heads": width // head_dim,
-        "joint_attention_dim": _shape(shapes, prefix + "txt_in.weight")[1],
+        **blocks,
         # Chroma kept FLUX.1's RoPE split
         "axes_dims_rope": flux_rope_axes(head_dim),
         "approximator_num_channels": channels,
@@ -400,22 +410,13 @@ def flux2_rope_axes(head_dim: int) -> list[int]:
 def flux2_transformer_config(shapes: Shapes, prefix: str) -> dict[str, Any]:
     """diffusers ``Flux2Transformer2DModel`` config of the BFL-named FLUX.2 transformer at
     ``prefix`` (Klein 4B / 9B, and dev with its guidance input)."""
-    width, in_channels = _shape(shapes, prefix + "img_in.weight")
-    head_dim = _shape(shapes, prefix + "double_blocks.0.img_attn.norm.query_norm.scale")[0]
-    if width % head_dim:
-        raise ModelFileError(f"FLUX.2 width {width} is not a whole number of {head_dim}-wide heads")
+    blocks = _bfl_blocks(shapes, prefix, "FLUX.2")
+    width = _shape(shapes, prefix + "img_in.weight")[0]
+    head_dim = blocks["attention_head_dim"]
     # SwiGLU: the MLP's input linear holds the gate and the value, each mlp_ratio x width
     mlp_in = _shape(shapes, prefix + "double_blocks.0.img_mlp.0.weight")[0]
-    out_channels = _shape(shapes, prefix + "final_layer.linear.weight")[0]
     return {
-        "patch_size": 1,
-        "in_channels": in_channels,
-        "out_channels": None if out_channels == in_channels else out_channels,
-        "num_layers": _count(shapes, prefix, "double_blocks"),
-        "num_single_layers": _count(shapes, prefix, "single_blocks"),
-        "attention_head_dim": head_dim,
-        "num_attention_heads": width // head_dim,
-        "joint_attention_dim": _shape(shapes, prefix + "txt_in.weight")[1],
+        **blocks,
         "timestep_guidance_channels": _shape(shapes, prefix + "time_in.in_layer.weight")[1],
         "mlp_ratio": mlp_in / 2 / width,
         "axes_dims_rope": flux2_rope_axes(head_dim),
