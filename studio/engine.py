@@ -43,6 +43,9 @@ from studio.networks.embeddings import EmbeddingLibrary
 from studio.optimizations import CompileOptions, compile_cache_dir, set_compiled, token_merging_ratios
 from studio.options import StudioOptions, validate_changes
 from studio.prompts.styles import StyleDatabase, StyleError
+from studio.scripts.base import Script
+from studio.scripts.registry import ScriptRegistry, builtin_scripts
+from studio.scripts.runtime import EngineRun, LibraryEnv
 from studio.upscale import UpscalerError, UpscalerLibrary
 
 if TYPE_CHECKING:  # diffusers/transformers load on first use, not at start-up
@@ -61,6 +64,8 @@ class Prepared:
 
     request: Txt2ImgRequest
     options: StudioOptions
+    script: Script | None = None      # the request's script_name, found
+    script_params: Any = None         # its script_args, parsed
 
 
 @dataclass
@@ -78,6 +83,7 @@ class Engine:
     controlnets: ControlNetModels
     # extensions' step callbacks, read per job (an extension enabled later takes part from then on)
     step_callbacks: Callable[[], list[Any]] = field(default=list)
+    scripts: ScriptRegistry = field(default_factory=lambda: ScriptRegistry(builtin_scripts()))
 
     # -- model state --------------------------------------------------------------------
     def initial_checkpoint(self) -> str | None:
@@ -98,12 +104,13 @@ class Engine:
         if {k: id(v) for k, v in loaded.items()} != {k: id(v) for k, v in current.items()}:
             model.conditioner.set_embeddings(loaded)
 
-    def load(self, query: str | None, modules: Sequence[str] | None = None) -> LoadedModel:
+    def load(self, query: str | None, modules: Sequence[str] | None = None, pin: bool = False) -> LoadedModel:
         """On the worker: load a checkpoint and give it the embeddings that fit it. ``modules``: the
-        text-encoder / VAE files for checkpoints that lack them (None = the forge_additional_modules setting)."""
+        text-encoder / VAE files for checkpoints that lack them (None = the forge_additional_modules setting);
+        ``pin``: keep it loaded while the job's ``models.pinned`` block lasts (a mid-job switch)."""
         if modules is None:
             modules = self.settings.options.forge_additional_modules
-        model = self.models.load(query, modules)
+        model = self.models.load(query, modules, pin=pin)
         self.sync_embeddings()
         return model
 
@@ -124,14 +131,21 @@ class Engine:
         return info
 
     # -- generation ---------------------------------------------------------------------
-    def prepare(self, req: Txt2ImgRequest) -> Prepared:
-        """Everything that can be checked or decided before queueing. Raises RequestError."""
+    def script_env(self, options: StudioOptions | None = None) -> LibraryEnv:
+        """What scripts parse their arguments against (and the UI draws their choices from)."""
+        return LibraryEnv(self.models, self.vaes, self.upscalers, options or self.settings.options)
+
+    def prepare(self, req: Txt2ImgRequest, styles_applied: bool = False) -> Prepared:
+        """Everything that can be checked or decided before queueing. Raises RequestError.
+        ``styles_applied``: the prompts already hold the styles' text (a script's generations)."""
         options = self.settings.options
+        tab = "img2img" if isinstance(req, Img2ImgRequest) else "txt2img"
+        script = self.scripts.find(tab, req.script_name)
         if req.preset_fields is None:  # what the caller left unset, before anything below sets it
             req = req.model_copy(update={"preset_fields": unset_preset_fields(req)})
         if req.override_settings:
             options = options.model_copy(update=validate_changes(req.override_settings, options))
-        if req.styles:
+        if req.styles and not styles_applied:
             try:
                 prompt, negative = self.styles.apply(req.styles, req.prompt, req.negative_prompt)
             except StyleError as e:
@@ -156,7 +170,12 @@ class Engine:
             # from the image's infotext, and the queued job shows the seed it will use
             "seed": resolve_seed(req.seed),
         })
-        return Prepared(req, options)
+        for name in ("hr_checkpoint_name", "refiner_checkpoint"):
+            wanted = getattr(req, name)
+            if wanted and self.models.catalog.find(wanted) is None:
+                raise RequestError(f"{name}: checkpoint {wanted!r} not found (GET /sdapi/v1/sd-models lists them)")
+        params = script.parse(req.script_args, req, self.script_env(options)) if script is not None else None
+        return Prepared(req, options, script, params)
 
     def submit(self, req: Txt2ImgRequest) -> Job:
         prepared = self.prepare(req)
@@ -169,6 +188,8 @@ class Engine:
         from studio.generation.runner import run_generation
 
         req, options = prepared.request, prepared.options
+        if prepared.script is not None:
+            return prepared.script.run(self._script_run(prepared, state), req, prepared.script_params)
         model = self.load(req.checkpoint or self.initial_checkpoint(), options.forge_additional_modules)
         req = adapt_to_family(req, model)
         vae = self.apply_vae(model, req.vae)
@@ -181,11 +202,27 @@ class Engine:
                                          vae_filename=vae.filename if vae else "")
         common = dict(preview_every=every, networks=self.networks, vae=vae, controls=controls, saver=saver,
                       eta_noise_seed_delta=options.eta_noise_seed_delta, s_min_uncond=options.s_min_uncond,
-                      emphasis=options.emphasis, callbacks=self.step_callbacks())
-        if isinstance(req, Img2ImgRequest):
-            return run_img2img(model, req, state, color_correction=options.img2img_color_correction,
-                               upscale=self._img2img_upscaler(options.upscaler_for_img2img), **common)
-        return run_generation(model, req, state, upscalers=self.upscalers, **common)
+                      emphasis=options.emphasis, callbacks=self.step_callbacks(),
+                      load_model=lambda name: self.load(name, options.forge_additional_modules, pin=True))
+        with self.models.pinned(model):
+            if isinstance(req, Img2ImgRequest):
+                return run_img2img(model, req, state, color_correction=options.img2img_color_correction,
+                                   upscale=self._img2img_upscaler(options.upscaler_for_img2img), **common)
+            return run_generation(model, req, state, upscalers=self.upscalers, **common)
+
+    def _script_run(self, prepared: Prepared, state: JobState) -> EngineRun:
+        """A running script's view of the engine: its generations are prepared and run as requests are."""
+
+        def generate(req: Txt2ImgRequest) -> GenerationResult:
+            return self.run(self.prepare(req, styles_applied=True), state)
+
+        def upscale(image: Any, upscaler: str, size: tuple[int, int]) -> Any:
+            try:
+                return self.upscalers.upscale(image, upscaler, size=size)
+            except UpscalerError as e:
+                raise RequestError(str(e)) from e
+
+        return EngineRun(state, self.script_env(prepared.options), self.paths.data, generate, upscale)
 
     def _img2img_upscaler(self, name: str | None) -> Any:
         """A1111's ``upscaler_for_img2img``: the upscaler that enlarges an init image (None = Lanczos)."""

@@ -52,6 +52,7 @@ from studio.generation.outputs import (
     read_infotext,
 )
 from studio.generation.request import (
+    ALWAYSON_SCRIPTS,
     ExtrasBatchRequest,
     ExtrasSingleRequest,
     Img2ImgRequest,
@@ -307,8 +308,10 @@ def build_router(studio: Studio) -> APIRouter:
 
     @r.get("/scripts")
     def scripts() -> dict[str, Any]:
-        # clients (webuiapi's check_extensions) look for always-on script titles here
-        return {"txt2img": [SCRIPT_TITLE], "img2img": [SCRIPT_TITLE]}
+        # A1111 lists every script of a tab, selectable and always-on, by lower-cased title; clients
+        # (webuiapi's check_extensions) look for always-on script titles here
+        names = studio.engine.scripts.api_names()
+        return {tab: [*names[tab], *ALWAYSON_SCRIPTS] for tab in ("txt2img", "img2img")}
 
     @r.get("/script-info", response_model=list[ScriptInfo])
     def script_info() -> list[dict[str, Any]]:
@@ -317,8 +320,9 @@ def build_router(studio: Studio) -> APIRouter:
         unit = ControlNetUnitRequest(enabled=False).as_dict()
         args = [{"label": f"ControlNet Unit {i}", "value": unit, "minimum": None, "maximum": None,
                  "step": None, "choices": None} for i in range(unit_count(studio.settings))]
-        return [{"name": SCRIPT_TITLE, "is_alwayson": True, "is_img2img": is_img2img, "args": args}
-                for is_img2img in (False, True)]
+        controlnet = [{"name": SCRIPT_TITLE, "is_alwayson": True, "is_img2img": is_img2img, "args": args}
+                      for is_img2img in (False, True)]
+        return [*studio.engine.scripts.api_info(studio.engine.script_env()), *controlnet]
 
     @r.get("/cmd-flags")
     def cmd_flags() -> dict[str, Any]:

@@ -50,7 +50,8 @@ def target_size(req: Txt2ImgRequest, multiple: int = 8) -> tuple[int, int]:
     return max(64, tw - tw % multiple), max(64, th - th % multiple)
 
 
-def infotext_params(req: Txt2ImgRequest, plan: HiresPlan) -> dict[str, Any]:
+def infotext_params(req: Txt2ImgRequest, plan: HiresPlan, checkpoint: str | None = None) -> dict[str, Any]:
+    """A1111's hires keys; ``checkpoint``: the hires checkpoint's short title when it is another one."""
     params: dict[str, Any] = {"Denoising strength": f"{plan.strength:g}"}
     if req.hr_resize_x > 0 or req.hr_resize_y > 0:
         params["Hires resize"] = f"{plan.width}x{plan.height}"
@@ -59,8 +60,12 @@ def infotext_params(req: Txt2ImgRequest, plan: HiresPlan) -> dict[str, Any]:
     if req.hr_second_pass_steps:
         params["Hires steps"] = req.hr_second_pass_steps
     params["Hires upscaler"] = plan.upscaler
+    if checkpoint:
+        params["Hires checkpoint"] = checkpoint
     if req.hr_sampler_name and req.hr_sampler_name != req.sampler_name:
         params["Hires sampler"] = req.hr_sampler_name
+    if req.hr_scheduler and req.hr_scheduler != req.scheduler:
+        params["Hires schedule type"] = req.hr_scheduler
     if req.hr_prompt and req.hr_prompt != req.prompt:
         params["Hires prompt"] = req.hr_prompt
     if req.hr_negative_prompt and req.hr_negative_prompt != req.negative_prompt:

@@ -55,6 +55,7 @@ PARSE_DEFAULTS = {
     "Schedule type": "Automatic",
     "RNG": "GPU",
     "Hires sampler": "Use same sampler",
+    "Hires checkpoint": "Use same checkpoint",
     "Hires prompt": "",
     "Hires negative prompt": "",
 }
@@ -120,6 +121,18 @@ INFOTEXT_FIELDS = {
     "Tiling": ("tiling", lambda v: str(v).strip().lower() == "true"),
     "Token merging ratio": ("token_merging_ratio", float),
     "Token merging ratio hr": ("token_merging_ratio_hr", float),
+    "Hires upscale": ("hr_scale", float),
+    "Hires resize-1": ("hr_resize_x", int),
+    "Hires resize-2": ("hr_resize_y", int),
+    "Hires steps": ("hr_second_pass_steps", int),
+    "Hires upscaler": ("hr_upscaler", str),
+    "Hires checkpoint": ("hr_checkpoint_name", str),
+    "Hires sampler": ("hr_sampler_name", str),
+    "Hires schedule type": ("hr_scheduler", str),
+    "Hires prompt": ("hr_prompt", str),
+    "Hires negative prompt": ("hr_negative_prompt", str),
+    "Refiner": ("refiner_checkpoint", str),
+    "Refiner switch at": ("refiner_switch_at", float),
 }
 
 
@@ -152,6 +165,10 @@ def infotext_to_fields(parsed: dict[str, str]) -> dict[str, Any]:
             fields[name] = convert(float(parsed[key])) if convert is int else convert(parsed[key])
         except (TypeError, ValueError):
             continue
+    # A1111's paste rule for the hires checkbox: a denoising strength with any hires key
+    if "Denoising strength" in parsed and any(k in parsed for k in ("Hires upscale", "Hires upscaler",
+                                                                     "Hires resize-1")):
+        fields["enable_hr"] = True
     if "Model" in parsed or "Model hash" in parsed:
         fields["checkpoint_hint"] = (parsed.get("Model"), parsed.get("Model hash"))
     return fields

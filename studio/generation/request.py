@@ -112,8 +112,9 @@ class Txt2ImgRequest(BaseModel):
                        json_schema_extra=door(cli=("-W",), ui=False))
     height: int = Field(512, ge=MIN_SIZE, le=MAX_SIZE, description="image height (rounded down to a multiple of 8)",
                         json_schema_extra=door(cli=("-H",), ui=False))
-    restore_faces: bool | None = Field(None, description="not available: refused when true",
-                                       json_schema_extra=door(ui=False))
+    restore_faces: bool | None = Field(None, description="restore faces after generation (GFPGAN / CodeFormer / "
+                                       "RestoreFormer from models/GFPGAN, models/Codeformer; the "
+                                       "face_restoration_model option picks one)", json_schema_extra=door(ui=False))
     tiling: bool | None = Field(None, description="seamless textures", json_schema_extra=door(ui=False))
     do_not_save_samples: bool = Field(False, description="do not save the images even when save_images is on",
                                       json_schema_extra=door(ui=False))
@@ -144,7 +145,8 @@ class Txt2ImgRequest(BaseModel):
                              json_schema_extra=door(group="hires fix (txt2img)", ui=False))
     hr_resize_y: int = Field(0, ge=0, le=MAX_SIZE, description="hires: resize height to (0 = use hr_scale)",
                              json_schema_extra=door(group="hires fix (txt2img)", ui=False))
-    hr_checkpoint_name: str | None = Field(None, description="not available: refused when set",
+    hr_checkpoint_name: str | None = Field(None, description="hires pass checkpoint; null or 'Use same checkpoint' "
+                                           "= the same",
                                            json_schema_extra=door(group="hires fix (txt2img)", ui=False))
     hr_sampler_name: str | None = Field(None, description="hires sampler; null = the same",
                                         json_schema_extra=door(group="hires fix (txt2img)", ui=False))
@@ -154,6 +156,12 @@ class Txt2ImgRequest(BaseModel):
                            json_schema_extra=door(group="hires fix (txt2img)", ui=False))
     hr_negative_prompt: str = Field("", description="hires negative prompt; empty = the same",
                                     json_schema_extra=door(group="hires fix (txt2img)", ui=False))
+    refiner_checkpoint: str | None = Field(None, description="switch to this checkpoint part-way through sampling "
+                                           "(SDXL refiner or any checkpoint of the same latent space)",
+                                           json_schema_extra=door(group="refiner", cli=("--refiner",), ui=False))
+    refiner_switch_at: float | None = Field(None, ge=0, le=1, description="fraction of the denoising done on the "
+                                            "first model before the refiner takes over (A1111: by timestep)",
+                                            json_schema_extra=door(group="refiner", ui=False))
     token_merging_ratio: float | None = Field(
         None, ge=0, le=MAX_TOKEN_MERGING, description="token merging (lossy, faster); null = the setting",
         json_schema_extra=door(group="opt-in fast modes", cli=("--token-merging",), ui=False))
@@ -168,8 +176,8 @@ class Txt2ImgRequest(BaseModel):
                                              json_schema_extra=door(ui=False))
     infotext: str | None = Field(None, description="fill unset fields from these generation parameters",
                                  json_schema_extra=door(ui=False))
-    script_name: str | None = Field(None, description="not available: refused when set",
-                                    json_schema_extra=door(ui=False))
+    script_name: str | None = Field(None, description="an A1111 script by title (GET /sdapi/v1/scripts), e.g. "
+                                    "'x/y/z plot'; its arguments in script_args", json_schema_extra=door(ui=False))
     script_args: list[Any] = Field(default_factory=list, json_schema_extra=door(ui=False))
 
     # What the engine works with, set by the engine's prepare step or by in-process callers; never
@@ -390,17 +398,13 @@ def decode_image_input(value: Any, what: str = "image") -> Any:
 
 # A1111's UI sends these words for "the same as the first pass"
 SAME_CHECKPOINT, SAME_SAMPLER = "Use same checkpoint", "Use same sampler"
-ALWAYSON_SCRIPTS = ("controlnet",)   # the always-on scripts the studio has (lower case, as A1111 matches)
+DEFAULT_REFINER_SWITCH_AT = 0.8   # A1111's UI default, used when a client names a refiner but no switch point
+ALWAYSON_SCRIPTS = ("controlnet", "adetailer")   # the always-on scripts the studio has (lower case, as A1111 matches)
 
 
 def _unsupported(req: Txt2ImgRequest) -> None:
-    """Fields A1111 accepts that the studio can't honour yet: refused, never silently ignored."""
-    if req.restore_faces:
-        raise RequestError("restore_faces: face restoration is not available in this studio")
-    if req.hr_checkpoint_name not in (None, "", SAME_CHECKPOINT) and req.enable_hr:
-        raise RequestError("hr_checkpoint_name: a separate hires checkpoint is not supported yet")
-    if req.script_name and req.script_name.strip().lower() != "none":
-        raise UnknownScriptError(f"Script '{req.script_name}' not found")
+    """Always-on scripts the studio does not have: A1111's 422, never silently ignored. (A
+    ``script_name`` is looked up by the engine, which holds the script registry.)"""
     for name in req.alwayson_scripts or {}:
         if str(name).strip().lower() not in ALWAYSON_SCRIPTS:
             raise UnknownScriptError(f"always on script {name} not found")
@@ -428,6 +432,12 @@ def validate_txt2img(req: Txt2ImgRequest) -> Txt2ImgRequest:
     for index, unit in enumerate(units):
         if unit.enabled:
             check_unit(unit, index)
+    if (req.hr_checkpoint_name or "").strip() in ("", SAME_CHECKPOINT):
+        changes["hr_checkpoint_name"] = None
+    if (req.refiner_checkpoint or "").strip().lower() in ("", "none"):
+        changes.update(refiner_checkpoint=None, refiner_switch_at=None)
+    elif req.refiner_switch_at is None:
+        changes["refiner_switch_at"] = DEFAULT_REFINER_SWITCH_AT
     if req.hr_sampler_name == SAME_SAMPLER:
         changes["hr_sampler_name"] = None
     elif req.enable_hr and req.hr_sampler_name:

@@ -13,7 +13,7 @@ samplers' per-step noise unless ENSD (``eta_noise_seed_delta``) gives them their
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -29,7 +29,7 @@ from studio.generation.hires import infotext_params as hires_params
 from studio.generation.hires import make_plan, second_pass
 from studio.generation.infotext import build_infotext
 from studio.generation.noise import batch_seeds
-from studio.generation.request import Txt2ImgRequest, resolve_seed
+from studio.generation.request import RequestError, Txt2ImgRequest, resolve_seed
 from studio.generation.samplers import SamplerSpec, effective_schedule, split_sampler_name
 from studio.generation.sampling import BatchSpec, draws_step_noise
 from studio.generation.step_callbacks import StepCallback
@@ -41,6 +41,7 @@ from studio.networks.activation import ExtraNetworks, NetworkActivation
 from studio.optimizations import TokenMerging
 from studio.prompts.parser import DEFAULT_EMPHASIS, extract_extra_networks
 from studio.prompts.schedule import ConditioningPlan
+from studio.upscale import is_latent_mode
 
 
 @dataclass
@@ -59,15 +60,19 @@ class GenerationResult:
     extra_params: dict[str, Any] = field(default_factory=dict)   # infotext keys of the mode (img2img)
     detected_maps: list[Image.Image] = field(default_factory=list)  # ControlNet maps to show with the images
     grid_path: Path | None = None   # the saved grid of a multi-image run, when the saver makes one
+    # per image, when images were made from different prompts (scripts); empty = the request's for all
+    prompts: list[str] = field(default_factory=list)
+    negative_prompts: list[str] = field(default_factory=list)
+    face_restoration_model: str | None = None   # the restorer used on the images, None = none
 
     def info(self) -> dict[str, Any]:
         """A1111's ``Processed.js()`` keys (served as a JSON string in ``info``)."""
         req, m = self.request, self.model
         return {
             "prompt": req.prompt,
-            "all_prompts": [req.prompt] * len(self.images),
+            "all_prompts": self.prompts or [req.prompt] * len(self.images),
             "negative_prompt": req.negative_prompt,
-            "all_negative_prompts": [req.negative_prompt] * len(self.images),
+            "all_negative_prompts": self.negative_prompts or [req.negative_prompt] * len(self.images),
             "seed": self.seeds[0] if self.seeds else req.seed,
             "all_seeds": self.seeds,
             "subseed": self.subseeds[0] if self.subseeds else req.subseed,
@@ -80,8 +85,8 @@ class GenerationResult:
             "cfg_scale": req.cfg_scale,
             "steps": req.steps,
             "batch_size": req.batch_size,
-            "restore_faces": False,
-            "face_restoration_model": None,
+            "restore_faces": self.face_restoration_model is not None,
+            "face_restoration_model": self.face_restoration_model,
             "sd_model_name": m.info.name_for_extra,
             "sd_model_hash": m.info.shorthash,
             "sd_vae_name": self.vae.filename if self.vae else None,
@@ -108,8 +113,16 @@ MODE_PARAMS = ("Denoising strength", "Mask blur", "Mask mode", "Masked content",
 
 
 def _is_extra_generation_param(key: str) -> bool:
-    """The infotext keys A1111 keeps in ``extra_generation_params`` (the mode's, hires, ControlNet, NGMS)."""
-    return key in MODE_PARAMS or key == "NGMS" or key.startswith(("Hires", "ControlNet "))
+    """The infotext keys A1111 keeps in ``extra_generation_params`` (the mode's, hires, refiner,
+    ControlNet, NGMS, ADetailer)."""
+    return key in MODE_PARAMS or key == "NGMS" or key.startswith(("Hires", "ControlNet ", "Refiner", "ADetailer"))
+
+
+def _check_same_latents(first: LoadedModel, other: LoadedModel, field_name: str) -> None:
+    """A second checkpoint continues the first one's latents: it must read the same latent space."""
+    if first.spec.latent != other.spec.latent or first.spec.is_flow != other.spec.is_flow:
+        raise RequestError(f"{field_name}: {other.info.name} ({other.spec.label}) cannot continue the latents of "
+                           f"{first.info.name} ({first.spec.label}); pick a checkpoint of the same family")
 
 
 @dataclass
@@ -139,6 +152,7 @@ def make_infotext(req: Txt2ImgRequest, model: LoadedModel, seed: int, schedule_l
         "CFG scale": _fmt(req.cfg_scale),
         "Distilled CFG Scale": extra.get("Distilled CFG Scale"),   # Forge's key and place (FLUX.1)
         "Seed": seed,
+        "Face restoration": extra.get("Face restoration"),
         "Size": f"{req.width}x{req.height}",
         "Model hash": model.info.shorthash,
         "Model": model.info.name_for_extra,
@@ -157,6 +171,8 @@ def make_infotext(req: Txt2ImgRequest, model: LoadedModel, seed: int, schedule_l
         "Eta": _fmt(req.eta) if req.eta is not None else None,
         "Tiling": True if req.tiling else None,
         **{k: v for k, v in extra.items() if k.startswith("Hires")},
+        "Refiner": extra.get("Refiner"),
+        "Refiner switch at": extra.get("Refiner switch at"),
         # the mode's extra_generation_params (mask settings), where A1111 appends them
         **{k: v for k, v in extra.items() if k in MODE_PARAMS and k != "Denoising strength"},
         **{k: v for k, v in extra.items() if k.startswith("ControlNet ")},
@@ -165,6 +181,8 @@ def make_infotext(req: Txt2ImgRequest, model: LoadedModel, seed: int, schedule_l
         "NGMS": extra.get("NGMS"),
         "TI hashes": ", ".join(f"{k}: {v}" for k, v in ti_hashes.items()) if ti_hashes else None,
         "Emphasis": extra.get("Emphasis"),
+        # ADetailer writes its keys after processing, so they come last (before the version)
+        **{k: v for k, v in extra.items() if k.startswith("ADetailer")},
         "Version": f"studio-{__version__}",
     }
     return build_infotext(req.prompt, req.negative_prompt, params)
@@ -196,6 +214,9 @@ def run_generation(
     eta_noise_seed_delta: int = 0,
     s_min_uncond: float = 0.0,
     emphasis: str = DEFAULT_EMPHASIS,
+    load_model: Callable[[str], LoadedModel] | None = None,
+    aesthetic_scores: tuple[float, float] = (6.0, 2.5),
+    postprocess: Callable[[Image.Image, int, Txt2ImgRequest], tuple[Image.Image, dict[str, Any]]] | None = None,
 ) -> GenerationResult:
     """Run ``req`` on ``model``. ``saver`` (``save(image, infotext, seed, request) -> Path``, optionally
     ``save_grid(images, infotext, request) -> Path | None``) saves when ``req.save_images``; None saves
@@ -204,7 +225,11 @@ def run_generation(
     into img2img / inpainting (see generation/img2img.py); ``controls`` is the prepared ControlNet
     units (studio.controlnet.runtime.ControlPlan); ``callbacks`` run in every sampling pass (see
     generation/step_callbacks.py). ``eta_noise_seed_delta`` and ``s_min_uncond`` are A1111's ENSD and
-    NGMS options (0 = off); ``emphasis`` is A1111's emphasis mode for the prompts' (weights)."""
+    NGMS options (0 = off); ``emphasis`` is A1111's emphasis mode for the prompts' (weights).
+    ``load_model(name)`` switches to another checkpoint mid-job (hires checkpoint, refiner; the engine
+    keeps both loaded); ``aesthetic_scores`` are the SDXL refiner's (positive, negative) scores;
+    ``postprocess(image, seed, request)`` runs on every image before its infotext and saving (face
+    restoration, the detailer) and returns the image and the infotext keys it adds."""
     prompt, tags = extract_extra_networks(req.prompt)
     negative, neg_tags = extract_extra_networks(req.negative_prompt)
     notes = list(req.notes)
@@ -220,7 +245,8 @@ def run_generation(
             activation.notes.append("Extra networks were not applied: " + ", ".join(t.name for t in tags))
     notes += activation.notes
     options = _RunOptions(saver, preview_every, vae, hooks or ModeHooks(), upscalers, controls,
-                          tuple(callbacks), eta_noise_seed_delta, s_min_uncond, emphasis)
+                          tuple(callbacks), eta_noise_seed_delta, s_min_uncond, emphasis, load_model,
+                          aesthetic_scores, postprocess)
     try:
         return _run(model, req, state, prompt, negative, notes, activation, options)
     finally:
@@ -239,6 +265,9 @@ class _RunOptions:
     eta_noise_seed_delta: int
     s_min_uncond: float
     emphasis: str
+    load_model: Callable[[str], LoadedModel] | None = None
+    aesthetic_scores: tuple[float, float] = (6.0, 2.5)
+    postprocess: Any = None
 
 
 def _pass_callbacks(units: list | None, merge_ratio: float,
@@ -274,6 +303,7 @@ def _run(model: LoadedModel, req: Txt2ImgRequest, state: JobState, prompt: str, 
     if req.distilled_cfg_scale is not None and uses_guidance(model):
         extra["Distilled CFG Scale"] = _fmt(req.distilled_cfg_scale)
     hires = hires_cond = None
+    hr_prompt, hr_negative = prompt, negative
     denoising = hooks.denoising_strength
     if req.enable_hr and hooks.spec_extras is None:  # hires fix is a txt2img feature
         hires = make_plan(req, o.upscalers, model.spec)
@@ -302,6 +332,10 @@ def _run(model: LoadedModel, req: Txt2ImgRequest, state: JobState, prompt: str, 
     first_callbacks = _pass_callbacks(first_units, merge, o.callbacks)
     hires_callbacks = _pass_callbacks(hires_units, merge_hr, o.callbacks)
     saving = o.saver is not None and req.save_images
+    if req.hr_checkpoint_name and hires is not None and o.load_model is None:
+        raise RequestError("hr_checkpoint_name: this caller cannot switch checkpoints mid-job")
+    first_title = model.info.title
+    switches = False   # whether a batch switched checkpoints (the next one starts on the first again)
     state.batches = req.n_iter
     for batch_index in range(req.n_iter):
         if state.interrupted:
@@ -312,7 +346,10 @@ def _run(model: LoadedModel, req: Txt2ImgRequest, state: JobState, prompt: str, 
         state.textinfo = f"Batch {batch_index + 1} of {req.n_iter}"
 
         latents = hooks.decode(batch_index, seeds) if hooks.decode is not None else None
+        final = model          # the model whose latents come out of the batch (decodes them)
         if latents is None:
+            if switches:       # a previous batch ended on another checkpoint: back to the first one
+                model = o.load_model(first_title)
             spec = BatchSpec(plan=plan, sampler=sampler, schedule=schedule, steps=req.steps,
                              cfg_scale=req.cfg_scale, eta=req.eta, width=req.width, height=req.height, seeds=seeds,
                              preview_every=o.preview_every, subseeds=subseeds, subseed_strength=req.subseed_strength,
@@ -322,18 +359,37 @@ def _run(model: LoadedModel, req: Txt2ImgRequest, state: JobState, prompt: str, 
                              **(hooks.spec_extras(batch_index, seeds) if hooks.spec_extras else {}))
             with seamless(model.unet, model.vae, enabled=req.tiling):
                 latents = denoise(model, spec, state)
-                if hires is not None and not (state.interrupted or state.skipped):
-                    hires_spec = replace(spec, plan=hires_cond, callbacks=hires_callbacks)
-                    latents = second_pass(model, hires, hires_spec, latents,
-                                          lambda first=latents: decode_latents(model, first), state, o.upscalers)
+            final = model
+            if hires is not None and not (state.interrupted or state.skipped):
+                first_latents, first_model = latents, final
+                # pixel upscalers need the first pass decoded, before another checkpoint takes the device
+                first_images = None if is_latent_mode(hires.upscaler) else decode_latents(first_model, first_latents)
+                hr_model, hr_plan = final, hires_cond
+                if req.hr_checkpoint_name:
+                    hr_model = o.load_model(req.hr_checkpoint_name)
+                    _check_same_latents(first_model, hr_model, "hr_checkpoint_name")
+                    extra["Hires checkpoint"] = hr_model.info.short_title
+                    hr_plan = ConditioningPlan(hr_model.conditioner, hr_prompt, hr_negative, hires.steps,
+                                               req.clip_skip, o.emphasis)
+                    switches = True
+                hires_spec = replace(spec, plan=hr_plan, callbacks=hires_callbacks)
+                with seamless(hr_model.unet, hr_model.vae, enabled=req.tiling):
+                    latents = second_pass(hr_model, hires, hires_spec, latents,
+                                          lambda: first_images, state, o.upscalers)
+                final = hr_model
 
-        with seamless(model.vae, enabled=req.tiling):
-            images = decode_latents(model, latents)
+        with seamless(final.vae, enabled=req.tiling):
+            images = decode_latents(final, latents)
         if hooks.postprocess is not None:
             first = batch_index * req.batch_size
             images = [hooks.postprocess(first + j, image) for j, image in enumerate(images)]
         for seed, subseed, image in zip(seeds, subseeds, images):
-            infotext = make_infotext(req, model, seed, schedule.label, ti_hashes, extra, subseed)
+            own = extra
+            if o.postprocess is not None:
+                image, added = o.postprocess(image, seed, req)
+                own = {**extra, **added}
+                result.extra_params.update({k: v for k, v in added.items() if _is_extra_generation_param(k)})
+            infotext = make_infotext(req, model, seed, schedule.label, ti_hashes, own, subseed)
             result.images.append(image)
             result.seeds.append(seed)
             result.subseeds.append(subseed)

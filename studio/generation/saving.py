@@ -228,6 +228,20 @@ class OutputSaver:
         folder = self._subfolder(self.grids_dir, ctx, self.naming.grid_save_to_dirs)
         return self._store(grid, infotext, folder, "grid", decoration, self.grid_format)
 
+    def save_finished_grid(self, grid: Image.Image, infotext: str | None, request: Any,
+                           basename: str = "grid") -> Path | None:
+        """Save a grid a script drew itself (X/Y/Z plot, prompt matrix) as ``<basename>-NNNN`` in the
+        grids folder; None when ``grid_save`` is off. A1111's scripts save their grids whatever the
+        API's ``save_images`` says, so the request is only used for the file name."""
+        if not self.grid_save:
+            return None
+        seed = int(getattr(request, "seed", 0) or 0)
+        ctx = self._context(grid, seed, request, 0, basename=basename)
+        decoration = apply_pattern(self.naming.decoration_pattern(), ctx) \
+            if self.naming.grid_extended_filename else ""
+        folder = self._subfolder(self.grids_dir, ctx, self.naming.grid_save_to_dirs)
+        return self._store(grid, infotext, folder, basename, decoration, self.grid_format)
+
     # -- naming --------------------------------------------------------------------------------
 
     def _job_seeds(self, request: Any, seed: int | None, index: int) -> tuple[int, int]:

@@ -63,6 +63,11 @@ class CheckpointInfo(ModelFileNames):
         """What A1111 writes as ``Model:`` in the infotext: the file stem."""
         return self.stem
 
+    @property
+    def short_title(self) -> str:
+        """A1111's ``short_title`` (the infotext's "Hires checkpoint" and "Refiner"): stem [short hash]."""
+        return self.stem if self.shorthash is None else f"{self.stem} [{self.shorthash}]"
+
     def api_dict(self) -> dict:
         return {
             "title": self.title,

@@ -18,7 +18,8 @@ import gc
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -111,6 +112,9 @@ class ModelManager:
         self._offloader: Offloader | None = None
         # the separate text-encoder / VAE files, for checkpoints that lack them (scanned when asked)
         self.modules = modules or (lambda: ())
+        # models a running job switches between (hires checkpoint, refiner): never evicted or reused
+        self._pinned: frozenset[Path] = frozenset()
+        self.disk_loads = 0   # checkpoints read from disk (not switched to from the cache), for tests and logs
 
     # -- catalog --------------------------------------------------------------------------
     def refresh(self) -> list[CheckpointInfo]:
@@ -154,10 +158,28 @@ class ModelManager:
     def cached_bytes(self) -> int:
         return sum(m.nbytes for m in self._cache.values())
 
-    def load(self, query: str | None, chosen_modules: Sequence[str] = ()) -> LoadedModel:
+    @contextmanager
+    def pinned(self, *models: LoadedModel) -> Iterator[None]:
+        """Within the block, ``models`` and every model loaded with ``pin=True`` stay loaded and are
+        never rebuilt in place for another file: a job that switches models mid-way (hires checkpoint,
+        refiner) holds references to both. The cache limits apply again at the next load after."""
+        before = self._pinned
+        self._pinned = before | {m.info.path.resolve() for m in models}
+        try:
+            yield
+        finally:
+            self._pinned = before
+
+    def _is_pinned(self, model: LoadedModel) -> bool:
+        return model.info.path.resolve() in self._pinned
+
+    def load(self, query: str | None, chosen_modules: Sequence[str] = (), pin: bool = False) -> LoadedModel:
         """Load (or switch to) a checkpoint. ``chosen_modules`` are the text-encoder / VAE file names the
-        user picked (Forge's ``forge_additional_modules``) for checkpoints that lack them."""
+        user picked (Forge's ``forge_additional_modules``) for checkpoints that lack them. ``pin``: keep
+        it loaded until the enclosing :meth:`pinned` block ends."""
         info = self.resolve(query)
+        if pin:
+            self._pinned = self._pinned | {info.path.resolve()}
         started = time.perf_counter()
         key = info.path.resolve()
         self._drop_if_modules_changed(key, chosen_modules)
@@ -208,6 +230,7 @@ class ModelManager:
                 if not self._fits(ckpt.nbytes):
                     self._make_room(incoming=1)
                 model = loader.build_model(ckpt, self.policy)
+        self.disk_loads += 1
         self._cache[key] = model
         self._activate(model)
         self._evict_over_limits()
@@ -238,7 +261,7 @@ class ModelManager:
         if not self._cache or len(self._cache) < max(1, limits.models):
             return None
         victim = next(iter(self._cache.values()))
-        return victim if victim.arch_key == arch_key else None
+        return victim if victim.arch_key == arch_key and not self._is_pinned(victim) else None
 
     def _fits(self, incoming_bytes: int) -> bool:
         budget = self.limits().budget_bytes
@@ -246,8 +269,11 @@ class ModelManager:
 
     def _make_room(self, incoming: int) -> None:
         limits = self.limits()
-        while self._cache and len(self._cache) + incoming > max(1, limits.models):
-            self._evict(next(iter(self._cache.values())))
+        while True:
+            unpinned = [m for m in self._cache.values() if not self._is_pinned(m)]
+            if not unpinned or len(self._cache) + incoming <= max(1, limits.models):
+                break
+            self._evict(unpinned[0])
         self._free()
 
     def trim(self) -> None:
@@ -264,7 +290,10 @@ class ModelManager:
             over_bytes = limits.budget_bytes > 0 and self.cached_bytes() > limits.budget_bytes
             if not (over_count or over_bytes):
                 break
-            victim = next(m for m in self._cache.values() if m is not self.current)
+            victim = next((m for m in self._cache.values() if m is not self.current and not self._is_pinned(m)),
+                          None)
+            if victim is None:
+                break
             self._evict(victim)
             evicted = True
         if evicted:
