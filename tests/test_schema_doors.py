@@ -245,10 +245,13 @@ def test_scripts_the_studio_does_not_have_are_a1111s_422(studio):
     app = FastAPI()
     app.include_router(build_router(studio))
     client = TestClient(app)
-    r = client.post("/sdapi/v1/txt2img", json={"script_name": "x/y/z plot", "steps": 1})
-    assert r.status_code == 422 and r.json()["detail"] == "Script 'x/y/z plot' not found"
-    r = client.post("/sdapi/v1/txt2img", json={"alwayson_scripts": {"ADetailer": {"args": []}}, "steps": 1})
-    assert r.status_code == 422 and r.json()["detail"] == "always on script ADetailer not found"
+    r = client.post("/sdapi/v1/txt2img", json={"script_name": "no such script", "steps": 1})
+    assert r.status_code == 422 and r.json()["detail"] == "Script 'no such script' not found"
+    # a script of the other tab is not found either (A1111 looks in the request's tab only)
+    r = client.post("/sdapi/v1/txt2img", json={"script_name": "sd upscale", "steps": 1})
+    assert r.status_code == 422 and r.json()["detail"] == "Script 'sd upscale' not found"
+    r = client.post("/sdapi/v1/txt2img", json={"alwayson_scripts": {"Dynamic Prompts": {"args": []}}, "steps": 1})
+    assert r.status_code == 422 and r.json()["detail"] == "always on script Dynamic Prompts not found"
     # A1111's UI words for "the same as the first pass" are not a request for something else
     same = studio.engine.prepare(Txt2ImgRequest(enable_hr=True, hr_checkpoint_name="Use same checkpoint",
                                                 hr_sampler_name="Use same sampler")).request

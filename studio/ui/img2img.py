@@ -23,6 +23,8 @@ from studio.ui.common import (
     stream_job,
 )
 from studio.ui.controlnet import build_controlnet_panel
+from studio.ui.refiner import build_refiner_controls
+from studio.ui.scripts import build_script_panel
 
 INPAINT_AREAS = ("Whole picture", "Only masked")
 MASK_MODES = ("Inpaint masked", "Inpaint not masked")
@@ -114,14 +116,16 @@ def build_img2img_tab(studio: Studio) -> GenerationTab:
                                                elem_id="img2img_batch_output_dir")
                 mode = _mode_controls("img2img", inpaint=False)
                 controls = build_sampling_controls("img2img", clip_skip_setting(studio), model_guidance(studio))
+                refiner = build_refiner_controls(studio, "img2img")
                 panel = build_controlnet_panel(studio, "img2img", img2img=True)
                 extra_column = gr.Column()
+                scripts = build_script_panel(studio, "img2img")
             with gr.Column(scale=1):
                 out = build_output_area("img2img")
         source = gr.State("upload")
     area.wire_token_counters(studio, controls.steps)
     sources.select(_tab_id, None, source, queue=False)
-    form = _request_form(studio, "img2img", (area, controls, panel), mode, extra_column)
+    form = _request_form(studio, "img2img", (area, controls, refiner, panel, scripts), mode, extra_column)
 
     def run(data: dict[Any, Any]):
         fields = form.values(data)
@@ -177,12 +181,14 @@ def build_inpaint_tab(studio: Studio) -> GenerationTab:
                                            elem_id="inpaint_mask_upload", height=240)
                 mode = _mode_controls("inpaint", inpaint=True)
                 controls = build_sampling_controls("inpaint", clip_skip_setting(studio), model_guidance(studio))
+                refiner = build_refiner_controls(studio, "inpaint")
                 panel = build_controlnet_panel(studio, "inpaint", img2img=True)
                 extra_column = gr.Column()
+                scripts = build_script_panel(studio, "img2img", elem_prefix="inpaint")
             with gr.Column(scale=1):
                 out = build_output_area("inpaint")
     area.wire_token_counters(studio, controls.steps)
-    form = _request_form(studio, "inpaint", (area, controls, panel), mode, extra_column)
+    form = _request_form(studio, "inpaint", (area, controls, refiner, panel, scripts), mode, extra_column)
 
     def run(data: dict[Any, Any]):
         image, mask = editor_parts(data[editor])

@@ -23,6 +23,8 @@ from studio.ui.common import (
 )
 from studio.ui.controlnet import ControlNetPanel, build_controlnet_panel
 from studio.ui.extra_networks import ExtraNetworksBrowser
+from studio.ui.refiner import build_refiner_controls
+from studio.ui.scripts import ScriptPanel, build_script_panel
 
 __all__ = ["USER_ERRORS", "Txt2ImgControls", "build_txt2img_tab", "fields_to_send", "fields_to_updates"]
 
@@ -45,6 +47,7 @@ class Txt2ImgControls:
     controlnet: ControlNetPanel
     distilled: gr.Slider
     follows_model: GenerationTab
+    scripts: ScriptPanel
 
 
 def build_txt2img_tab(studio: Studio) -> Txt2ImgControls:
@@ -54,8 +57,10 @@ def build_txt2img_tab(studio: Studio) -> Txt2ImgControls:
             with gr.Column(scale=1):
                 controls = build_sampling_controls("txt2img", clip_skip_setting(studio), model_guidance(studio))
                 hires = build_hires_controls(studio)
+                refiner = build_refiner_controls(studio, "txt2img")
                 panel = build_controlnet_panel(studio, "txt2img", hires=True)
                 extra_column = gr.Column()
+                scripts = build_script_panel(studio, "txt2img")
             with gr.Column(scale=1):
                 out = build_output_area("txt2img")
     area.wire_token_counters(studio, controls.steps)
@@ -63,7 +68,9 @@ def build_txt2img_tab(studio: Studio) -> Txt2ImgControls:
     area.bind(form)
     controls.bind(form)
     bind_hires(form, hires)
+    refiner.bind(form)
     panel.bind(form)
+    scripts.bind(form)
     with extra_column:
         form.add_schema_controls()
 
@@ -74,7 +81,7 @@ def build_txt2img_tab(studio: Studio) -> Txt2ImgControls:
     controls.reuse_seed.click(lambda s: s, out.last_seed, controls.seed, queue=False)
     return Txt2ImgControls(area.prompt, area.negative, controls.steps, controls.sampler, controls.schedule,
                            controls.cfg, controls.seed, controls.width, controls.height, controls.clip_skip, tab,
-                           area.extra, panel, controls.distilled, GenerationTab(area, controls))
+                           area.extra, panel, controls.distilled, GenerationTab(area, controls), scripts)
 
 
 def build_hires_controls(studio: Studio) -> dict[str, Any]:
@@ -97,8 +104,14 @@ def build_hires_controls(studio: Studio) -> dict[str, Any]:
                                       elem_id="txt2img_hr_resize_x")
             c["resize_y"] = gr.Slider(0, 2048, value=0, step=8, label="Resize height to",
                                       elem_id="txt2img_hr_resize_y")
-        c["sampler"] = gr.Dropdown(["Use same sampler", *SAMPLER_NAMES], value="Use same sampler",
-                                   label="Hires sampling method", elem_id="txt2img_hr_sampler")
+        with gr.Row():
+            c["checkpoint"] = gr.Dropdown(["Use same checkpoint", *(ck.title for ck in studio.checkpoints())],
+                                          value="Use same checkpoint", label="Hires checkpoint",
+                                          elem_id="txt2img_hr_checkpoint")
+            c["sampler"] = gr.Dropdown(["Use same sampler", *SAMPLER_NAMES], value="Use same sampler",
+                                       label="Hires sampling method", elem_id="txt2img_hr_sampler")
+            c["scheduler"] = gr.Dropdown(["Use same scheduler", *SCHEDULE_LABELS], value="Use same scheduler",
+                                         label="Hires schedule type", elem_id="txt2img_hr_scheduler")
         c["prompt"] = gr.Textbox(label="Hires prompt (empty = same)", lines=2, elem_id="txt2img_hr_prompt")
         c["negative"] = gr.Textbox(label="Hires negative prompt (empty = same)", lines=2,
                                    elem_id="txt2img_hr_neg_prompt")
@@ -114,6 +127,8 @@ def bind_hires(form: RequestForm, c: dict[str, Any]) -> None:
     form.bind("hr_resize_x", c["resize_x"], lambda v: int(v or 0))
     form.bind("hr_resize_y", c["resize_y"], lambda v: int(v or 0))
     form.bind("hr_sampler_name", c["sampler"], lambda v: None if v in (None, "Use same sampler") else v)
+    form.bind("hr_checkpoint_name", c["checkpoint"], lambda v: None if v in (None, "Use same checkpoint") else v)
+    form.bind("hr_scheduler", c["scheduler"], lambda v: None if v in (None, "Use same scheduler") else v)
     form.bind("hr_prompt", c["prompt"], lambda v: v or "")
     form.bind("hr_negative_prompt", c["negative"], lambda v: v or "")
 
