@@ -13,6 +13,7 @@ from studio.config import REPO_ROOT, Flags, Paths, Settings, force_offline
 from studio.controlnet.models import ControlNetLibrary
 from studio.controlnet.preprocessors import PreprocessorRegistry
 from studio.controlnet.runtime import ControlNetModels
+from studio.detailer import DetectorRegistry
 from studio.devices import DevicePolicy, resolve_policy
 from studio.engine import Engine
 from studio.errors import RequestError
@@ -29,6 +30,7 @@ from studio.networks.hypernetworks import HypernetworkLibrary
 from studio.networks.lora import LoraLibrary
 from studio.options import validate_changes
 from studio.prompts.styles import StyleDatabase
+from studio.restore.library import FaceRestorers
 from studio.training import runner as training
 from studio.upscale import UpscalerLibrary, default_folders
 
@@ -80,8 +82,10 @@ class Studio:
         preprocessors = PreprocessorRegistry.with_builtins(paths.models / "annotators")
         # the extensions shipped next to the code, then the data dir's own (A1111: extensions/)
         folders = list(dict.fromkeys([REPO_ROOT / "extensions", paths.data / "extensions"]))
+        detectors = DetectorRegistry(paths.models / "adetailer", device=str(policy.device))
         extensions = ExtensionManager(folders, preprocessors, lambda: settings.options.disabled_extensions,
-                                      save_disabled=lambda names: settings.update({"disabled_extensions": names}))
+                                      save_disabled=lambda names: settings.update({"disabled_extensions": names}),
+                                      detectors=detectors)
         extensions.load_all()
         controlnets = ControlNetModels(ControlNetLibrary(paths.controlnet_dirs, hashes), paths.cache_dir / "configs",
                                        lambda: settings.options.control_net_model_cache_size)
@@ -89,7 +93,8 @@ class Studio:
         engine = Engine(paths, settings, models, JobQueue(), EmbeddingLibrary(list(paths.embedding_dirs)),
                         StyleDatabase(paths.styles_file), vaes, networks,
                         UpscalerLibrary(default_folders(paths.models), policy.device, policy.dtype),
-                        preprocessors, controlnets, step_callbacks=extensions.step_callbacks)
+                        preprocessors, controlnets, face_restorers=FaceRestorers(paths.models),
+                        detectors=detectors, step_callbacks=extensions.step_callbacks)
         log.info("Device policy: %s", policy.label)
         return cls(flags, paths, settings, policy, engine, extensions, schemas or RequestSchemas())
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from studio.config import Paths, Settings
 from studio.controlnet.preprocessors import PreprocessorError, PreprocessorRegistry
 from studio.controlnet.runtime import ControlNetModels, check_units, prepare_controls
+from studio.detailer import DetailerConfig, DetectorRegistry, detailer_from_alwayson, run_detailer
 from studio.errors import RequestError
 from studio.generation.family_rules import adapt_to_family, unset_preset_fields
 from studio.generation.imageops import ImageInputError, normalize_image
@@ -28,7 +29,6 @@ from studio.generation.request import (
     Img2ImgRequest,
     Txt2ImgRequest,
     build_request,
-    check_extras,
     resolve_seed,
     validate_img2img,
     validate_txt2img,
@@ -43,6 +43,7 @@ from studio.networks.embeddings import EmbeddingLibrary
 from studio.optimizations import CompileOptions, compile_cache_dir, set_compiled, token_merging_ratios
 from studio.options import StudioOptions, validate_changes
 from studio.prompts.styles import StyleDatabase, StyleError
+from studio.restore.library import FaceRestorers
 from studio.scripts.base import Script
 from studio.scripts.registry import ScriptRegistry, builtin_scripts
 from studio.scripts.runtime import EngineRun, LibraryEnv
@@ -55,6 +56,11 @@ if TYPE_CHECKING:  # diffusers/transformers load on first use, not at start-up
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# what a detailer's inpaint does not take over from the request it details (engine fields, the image's own
+# generation: hires, scripts, ControlNet, the init images and mask of an img2img job)
+_NOT_INHERITED = ("kind", "notes", "controlnet_units", "preset_fields", "hr_denoising_strength", "infotext",
+                  "script_name", "script_args", "init_images", "mask", "refiner_checkpoint", "refiner_switch_at",
+                  "restore_faces", "checkpoint")
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,7 @@ class Prepared:
     options: StudioOptions
     script: Script | None = None      # the request's script_name, found
     script_params: Any = None         # its script_args, parsed
+    detailer: DetailerConfig | None = None   # alwayson_scripts.ADetailer, parsed
 
 
 @dataclass
@@ -81,6 +88,8 @@ class Engine:
     upscalers: UpscalerLibrary
     preprocessors: PreprocessorRegistry
     controlnets: ControlNetModels
+    face_restorers: FaceRestorers
+    detectors: DetectorRegistry
     # extensions' step callbacks, read per job (an extension enabled later takes part from then on)
     step_callbacks: Callable[[], list[Any]] = field(default=list)
     scripts: ScriptRegistry = field(default_factory=lambda: ScriptRegistry(builtin_scripts()))
@@ -175,7 +184,13 @@ class Engine:
             if wanted and self.models.catalog.find(wanted) is None:
                 raise RequestError(f"{name}: checkpoint {wanted!r} not found (GET /sdapi/v1/sd-models lists them)")
         params = script.parse(req.script_args, req, self.script_env(options)) if script is not None else None
-        return Prepared(req, options, script, params)
+        detailer = detailer_from_alwayson(req.alwayson_scripts)
+        if detailer is not None:
+            for name in detailer.model_names():
+                self.detectors.check(name)
+        if req.restore_faces and options.face_restoration_model:
+            self.face_restorers.check_name(options.face_restoration_model)
+        return Prepared(req, options, script, params, detailer)
 
     def submit(self, req: Txt2ImgRequest) -> Job:
         prepared = self.prepare(req)
@@ -185,7 +200,7 @@ class Engine:
     def run(self, prepared: Prepared, state: JobState) -> GenerationResult:
         """The job: load, patch, prepare the units, sample, save."""
         from studio.generation.img2img import run_img2img
-        from studio.generation.runner import run_generation
+        from studio.generation.runner import postprocess_only, run_generation
 
         req, options = prepared.request, prepared.options
         if prepared.script is not None:
@@ -203,12 +218,58 @@ class Engine:
         common = dict(preview_every=every, networks=self.networks, vae=vae, controls=controls, saver=saver,
                       eta_noise_seed_delta=options.eta_noise_seed_delta, s_min_uncond=options.s_min_uncond,
                       emphasis=options.emphasis, callbacks=self.step_callbacks(),
-                      load_model=lambda name: self.load(name, options.forge_additional_modules, pin=True))
+                      load_model=lambda name: self.load(name, options.forge_additional_modules, pin=True),
+                      postprocess=self._postprocess(prepared, model, state))
         with self.models.pinned(model):
+            if isinstance(req, Img2ImgRequest) and prepared.detailer is not None and prepared.detailer.skip_img2img:
+                # ADetailer's "Skip img2img": the init images are detailed as they are
+                return postprocess_only(model, req, req.init_images, common["postprocess"], saver)
             if isinstance(req, Img2ImgRequest):
                 return run_img2img(model, req, state, color_correction=options.img2img_color_correction,
                                    upscale=self._img2img_upscaler(options.upscaler_for_img2img), **common)
             return run_generation(model, req, state, upscalers=self.upscalers, **common)
+
+    def _postprocess(self, prepared: Prepared, model: LoadedModel, state: JobState) -> Any:
+        """What runs on each finished image before its infotext and saving: face restoration, then the
+        detailer (A1111's order: restore faces in processing, ADetailer in the script's postprocess)."""
+        req, options, detailer = prepared.request, prepared.options, prepared.detailer
+        if not req.restore_faces and detailer is None:
+            return None
+        policy = self.models.policy
+
+        def inpaint(image: Any, mask: Any, overrides: dict[str, Any]) -> Any:
+            settings = {**req.override_settings, **overrides.pop("override_settings", {})}
+            fields = {k: v for k, v in req.as_dict().items() if k in Img2ImgRequest.model_fields
+                      and k not in _NOT_INHERITED}
+            sub = Img2ImgRequest.model_validate({
+                **fields, "init_images": [image], "mask": mask, "batch_size": 1, "n_iter": 1,
+                "enable_hr": False, "save_images": False, "alwayson_scripts": {}, "override_settings": settings,
+                "checkpoint": settings.get("sd_model_checkpoint", model.info.title), **overrides})
+            try:
+                return self.run(self.prepare(sub, styles_applied=True), state).images[0]
+            finally:
+                if self.models.current is not model:   # a unit used its own checkpoint: back to the job's
+                    self.load(model.info.title, options.forge_additional_modules, pin=True)
+
+        def post(image: Any, seed: int, _req: Any) -> tuple[Any, dict[str, Any]]:
+            params: dict[str, Any] = {}
+            if req.restore_faces:
+                state.textinfo = "Restoring faces"
+                image, count = self.face_restorers.restore(
+                    image, options.face_restoration_model, options.code_former_weight,
+                    device=policy.device, dtype=policy.dtype)
+                if count:
+                    params["Face restoration"] = self.face_restorers.resolve(options.face_restoration_model)
+                if options.face_restoration_unload:
+                    self.face_restorers.offload()
+            if detailer is not None:
+                state.textinfo = "ADetailer"
+                image, added = run_detailer(image, detailer, self.detectors, inpaint, req.prompt, req.negative_prompt,
+                                            seed=seed, should_stop=lambda: state.interrupted)
+                params |= added
+            return image, params
+
+        return post
 
     def _script_run(self, prepared: Prepared, state: JobState) -> EngineRun:
         """A running script's view of the engine: its generations are prepared and run as requests are."""
@@ -300,7 +361,6 @@ class Engine:
         the middle. Returns (image, info text, saved path)."""
         from PIL import Image
 
-        check_extras(req)
         for name in (req.upscaler_1, req.upscaler_2):
             if name and name != "None" and self.upscalers.find(name) is None:
                 self.upscalers.refresh()
@@ -316,8 +376,13 @@ class Engine:
         size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
         second = req.upscaler_2 if req.upscaler_2 != "None" and req.extras_upscaler_2_visibility > 0 else None
 
-        def job(state: JobState) -> Any:
-            state.textinfo = f"Upscaling with {req.upscaler_1}"
+        restorers = [(kind, visibility) for kind, visibility in
+                     (("GFPGAN", req.gfpgan_visibility), ("CodeFormer", req.codeformer_visibility)) if visibility > 0]
+        for kind, _ in restorers:   # a restorer that is not installed is refused before queueing
+            self.face_restorers.resolve(kind)
+        policy = self.models.policy
+
+        def upscale(image: Any) -> Any:
             try:
                 out = self.upscalers.upscale(image, req.upscaler_1 or "None", size=size)
                 if second:
@@ -330,6 +395,19 @@ class Engine:
                 out = out.crop((left, top, left + target[0], top + target[1]))
             return out
 
+        def restore(image: Any, state: JobState) -> Any:
+            for kind, visibility in restorers:   # A1111's order: GFPGAN, then CodeFormer
+                state.textinfo = f"Restoring faces with {kind}"
+                image, _count = self.face_restorers.restore(image, kind, req.codeformer_weight, visibility=visibility,
+                                                            device=policy.device, dtype=policy.dtype)
+            return image
+
+        def job(state: JobState) -> Any:
+            state.textinfo = f"Upscaling with {req.upscaler_1}"
+            if req.upscale_first:
+                return restore(upscale(image), state)
+            return upscale(restore(image, state))
+
         out = self.queue.run(job, "upscale")
         parts = [f"Postprocess upscale to: {target[0]}x{target[1]}" if target
                  else f"Postprocess upscale by: {scale:g}"]
@@ -339,6 +417,10 @@ class Engine:
         if second:
             parts += [f"Postprocess upscaler 2: {second}",
                       f"Postprocess upscaler 2 visibility: {req.extras_upscaler_2_visibility:g}"]
+        for kind, visibility in restorers:
+            parts.append(f"{kind} visibility: {visibility:g}")
+            if kind == "CodeFormer":
+                parts.append(f"CodeFormer weight: {req.codeformer_weight:g}")
         info = ", ".join(parts)
         path = None
         if save:

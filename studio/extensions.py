@@ -1,8 +1,8 @@
 """Extensions: plugin folders in ``extensions/<name>/`` loaded at start-up.
 
 An extension is a folder with an ``extension.py`` (or ``__init__.py``) defining
-``register(api)``. ``api`` is an :class:`ExtensionAPI`; today it can add ControlNet
-preprocessors, with sliders the UI draws::
+``register(api)``. ``api`` is an :class:`ExtensionAPI`: it can add ControlNet preprocessors (with
+sliders the UI draws), step callbacks and Detailer detectors (``api.add_detector``)::
 
     # extensions/posterize/extension.py
     from PIL import ImageOps
@@ -75,18 +75,20 @@ class ExtensionInfo:
     error: str | None = None
     preprocessors: list[str] = field(default_factory=list)
     step_callbacks: list[Any] = field(default_factory=list)   # studio.generation.step_callbacks.StepCallback
+    detectors: list[str] = field(default_factory=list)        # Detailer detectors it added
 
     def api_dict(self) -> dict[str, Any]:
         return {"name": self.name, "path": str(self.path), "enabled": self.enabled, "status": self.status,
-                "error": self.error, "preprocessors": list(self.preprocessors)}
+                "error": self.error, "preprocessors": list(self.preprocessors), "detectors": list(self.detectors)}
 
 
 class ExtensionAPI:
     """What ``register(api)`` receives: the documented, stable surface for extensions."""
 
-    def __init__(self, info: ExtensionInfo, registry: PreprocessorRegistry):
+    def __init__(self, info: ExtensionInfo, registry: PreprocessorRegistry, detectors: Any = None):
         self._info = info
         self._registry = registry
+        self._detectors = detectors   # studio.detailer.DetectorRegistry (the Detailer's detectors)
         # The load runs in a thread of its own; once it is abandoned (deadline passed) nothing it
         # registers afterwards may reach the registry. The lock makes "check, then register" atomic.
         self._lock = threading.Lock()
@@ -117,6 +119,18 @@ class ExtensionAPI:
                                                  **kwargs))
             self._info.preprocessors.append(name)
 
+    def add_detector(self, name: str, detect: Callable[..., Any]) -> None:
+        """A Detailer (ADetailer) detector: ``detect(image, confidence) -> [Box | (Box, mask) | Detection]``
+        (``studio.detailer``); requests name it in ``ad_model``."""
+        if self._detectors is None:
+            raise ExtensionError("this studio was started without the Detailer")
+        with self._lock:
+            if self._closed:
+                raise ExtensionError(f"extension {self._info.name!r} missed its loading deadline; "
+                                     f"detector {name!r} was not added")
+            self._detectors.add(name, detect, source=self._info.name)
+            self._info.detectors.append(name)
+
     def add_step_callback(self, callback: Any) -> None:
         """Hook every sampling pass of every generation: ``callback`` is a
         ``studio.generation.step_callbacks.StepCallback`` (or ``OnStepEnd(fn, tensor_inputs)`` for a
@@ -134,8 +148,10 @@ class ExtensionAPI:
 
 class ExtensionManager:
     def __init__(self, folders: list[Path], registry: PreprocessorRegistry, disabled: Callable[[], list[str]],
-                 save_disabled: Callable[[list[str]], None] | None = None, load_timeout_s: float = LOAD_TIMEOUT_S):
+                 save_disabled: Callable[[list[str]], None] | None = None, load_timeout_s: float = LOAD_TIMEOUT_S,
+                 detectors: Any = None):
         self.folders = folders
+        self.detectors = detectors
         self.load_timeout_s = load_timeout_s
         self.registry = registry
         self._disabled = disabled
@@ -220,6 +236,9 @@ class ExtensionManager:
                 self.registry.unregister(name)
         info.preprocessors.clear()
         info.step_callbacks.clear()
+        if self.detectors is not None:
+            self.detectors.remove_source(info.name)
+        info.detectors.clear()
         # forget the module (and its submodules) so enabling again runs the current code
         module_name = _module_name(info.name)
         for key in [k for k in sys.modules if k == module_name or k.startswith(module_name + ".")]:
@@ -322,7 +341,7 @@ class ExtensionManager:
             return
         module_name = _module_name(info.name)
         before = set(self.registry.names())
-        api = ExtensionAPI(info, self.registry)
+        api = ExtensionAPI(info, self.registry, self.detectors)
         finished, error = _call_with_deadline(lambda: _import_and_register(module_name, entry, info.path, api),
                                               self.load_timeout_s, f"extension-{info.name}")
         if finished and error is None:

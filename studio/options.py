@@ -29,8 +29,9 @@ def opt(default: Any, section: str, label: str, **constraints: Any) -> Any:
                  **constraints)
 
 
-SAVING, SD, UI, PREVIEWS, CONTROLNET, OPTIMIZATIONS = (
-    "Saving images", "Stable Diffusion", "User interface", "Live previews", "ControlNet", "Optimizations")
+SAVING, SD, UI, PREVIEWS, CONTROLNET, OPTIMIZATIONS, FACES = (
+    "Saving images", "Stable Diffusion", "User interface", "Live previews", "ControlNet", "Optimizations",
+    "Face restoration")
 
 
 class StudioOptions(BaseModel):
@@ -88,6 +89,18 @@ class StudioOptions(BaseModel):
     img2img_color_correction: bool = opt(False, SD, "Apply color correction to img2img results to match "
                                          "original colors")
     upscaler_for_img2img: str | None = opt(None, SD, "Upscaler for img2img (null = Lanczos)")
+    sdxl_refiner_low_aesthetic_score: float = opt(2.5, SD, "SDXL refiner: low aesthetic score (the negative "
+                                                  "prompt's)", ge=0, le=10)
+    sdxl_refiner_high_aesthetic_score: float = opt(6.0, SD, "SDXL refiner: high aesthetic score (the prompt's)",
+                                                   ge=0, le=10)
+
+    # -- face restoration (A1111 "Face restoration")
+    face_restoration_model: str | None = opt(None, FACES, "Face restoration model (CodeFormer, GFPGAN, "
+                                             "RestoreFormer; null = CodeFormer if present, else the first found)")
+    code_former_weight: float = opt(0.5, FACES, "CodeFormer weight (0 = maximum effect, 1 = minimum effect)",
+                                    ge=0, le=1)
+    face_restoration_unload: bool = opt(False, FACES, "Move the face restoration model from VRAM into RAM after "
+                                        "processing")
 
     # -- user interface
     send_seed: bool = opt(True, UI, "Send seed when sending prompt or image to other interface")

@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from studio.api.adetailer import build_adetailer_router
 from studio.api.auth import install_access
 from studio.api.controlnet import build_controlnet_router
 from studio.api.models import (
@@ -58,7 +59,6 @@ from studio.generation.request import (
     Img2ImgRequest,
     RequestError,
     Txt2ImgRequest,
-    check_extras,
     decode_image_input,
     fill_from_infotext,
 )
@@ -213,7 +213,6 @@ def build_router(studio: Studio) -> APIRouter:
         return {}
 
     def extras(body: Any, data: Any) -> tuple[str, str]:
-        check_extras(body)   # refused before any image is decoded
         out, info, _ = studio.engine.extras(body, decode_image_input(data))
         return encode_image(out, info, **image_format()), info
 
@@ -246,7 +245,9 @@ def build_router(studio: Studio) -> APIRouter:
 
     @r.get("/face-restorers", response_model=list[FaceRestorerItem])
     def face_restorers() -> list[dict[str, Any]]:
-        return []  # the studio has no face restorer (GFPGAN / CodeFormer)
+        # what is really installed (models/GFPGAN, models/Codeformer): nothing can be downloaded here
+        studio.engine.face_restorers.refresh()
+        return studio.engine.face_restorers.api_list()
 
     @r.post("/interrogate")
     def interrogate(body: InterrogateRequest) -> dict[str, Any]:
@@ -493,6 +494,7 @@ def install_api(app: FastAPI, studio: Studio) -> None:
     allow other origins."""
     deps = install_access(app, studio.flags)
     app.include_router(build_router(studio), dependencies=deps)
+    app.include_router(build_adetailer_router(studio, StudioRoute), dependencies=deps)
     app.include_router(build_controlnet_router(studio, StudioRoute, decode_base64_image,
                                                lambda image: encode_png(image, None)), dependencies=deps)
     app.include_router(build_training_router(studio, StudioRoute), dependencies=deps)

@@ -259,11 +259,13 @@ class ExtrasRequest(BaseModel):
     resize_mode: int = Field(0, ge=0, le=1, description="0 = upscale by upscaling_resize, 1 = upscale to "
                              "upscaling_resize_w x _h", json_schema_extra=door(ui=False))
     show_extras_results: bool = Field(True, description="return the images", json_schema_extra=door(ui=False))
-    gfpgan_visibility: float = Field(0, ge=0, le=1, description="not available: refused when above 0",
+    gfpgan_visibility: float = Field(0, ge=0, le=1, description="GFPGAN face restoration mixed in (models/GFPGAN)",
                                      json_schema_extra=door(ui=False))
-    codeformer_visibility: float = Field(0, ge=0, le=1, description="not available: refused when above 0",
+    codeformer_visibility: float = Field(0, ge=0, le=1, description="CodeFormer face restoration mixed in "
+                                         "(models/Codeformer)",
                                          json_schema_extra=door(ui=False))
-    codeformer_weight: float = Field(0, ge=0, le=1, json_schema_extra=door(ui=False))
+    codeformer_weight: float = Field(0, ge=0, le=1, description="CodeFormer weight: 0 = maximum effect, "
+                                     "1 = minimum", json_schema_extra=door(ui=False))
     upscaling_resize: float = Field(2, ge=0.05, le=8, description="upscale by this factor (resize_mode 0)",
                                     json_schema_extra=door(cli=("--scale",), ui=False))
     upscaling_resize_w: int = Field(512, ge=8, le=8192, description="target width (resize_mode 1)",
@@ -292,13 +294,6 @@ class ExtrasBatchImage(BaseModel):
 
 class ExtrasBatchRequest(ExtrasRequest):
     imageList: list[ExtrasBatchImage] = Field(default_factory=list)
-
-
-def check_extras(req: ExtrasRequest) -> None:
-    """What the studio can't do yet is refused, never ignored."""
-    for name in ("gfpgan_visibility", "codeformer_visibility"):
-        if getattr(req, name) > 0:
-            raise RequestError(f"{name}: face restoration is not available in this studio")
 
 
 @dataclass(frozen=True)

@@ -400,3 +400,25 @@ def _run(model: LoadedModel, req: Txt2ImgRequest, state: JobState, prompt: str, 
         result.grid_path = o.saver.save_grid(result.images, result.infotexts[0], req)
     result.interrupted = state.interrupted
     return result
+
+
+def postprocess_only(model: LoadedModel, req: Txt2ImgRequest, images: Sequence[Image.Image],
+                     postprocess: Callable[[Image.Image, int, Txt2ImgRequest], tuple[Image.Image, dict[str, Any]]],
+                     saver: Any = None) -> GenerationResult:
+    """The post-processing of a generation on given images, without sampling: ADetailer's "Skip
+    img2img" details the init images themselves. Image ``i`` gets seed ``seed + i``."""
+    sampler, schedule = split_sampler_name(req.sampler_name, req.scheduler)
+    base_seed = resolve_seed(req.seed)
+    result = GenerationResult([], [], [], [], req, model, notes=list(req.notes))
+    for index, image in enumerate(images):
+        seed = base_seed + index
+        out, params = postprocess(image.convert("RGB"), seed, req)
+        infotext = make_infotext(req, model, seed, schedule.label, None, params, req.subseed)
+        result.images.append(out)
+        result.seeds.append(seed)
+        result.subseeds.append(req.subseed)
+        result.infotexts.append(infotext)
+        result.extra_params.update({k: v for k, v in params.items() if _is_extra_generation_param(k)})
+        if saver is not None and req.save_images:
+            result.paths.append(saver.save(out, infotext, seed, req))
+    return result
