@@ -90,6 +90,12 @@ def build_parser(schemas: RequestSchemas | None = None) -> argparse.ArgumentPars
     add_request_arguments(u, schemas.extras)   # every Extras field, from the schema
     u.add_argument("--out", "-o", default=None, help="output folder (default: the outdir_extras_samples setting)")
 
+    from studio.merge import MergeRequest
+
+    mg = sub.add_parser("merge", help="merge checkpoints (A1111's Checkpoint Merger) into a new .safetensors")
+    _common(mg)
+    add_request_arguments(mg, MergeRequest)   # every merger field, from its schema
+
     d = sub.add_parser("detect", help="run a ControlNet preprocessor on images and save the maps")
     _common(d)
     d.add_argument("images", nargs="+")
@@ -430,6 +436,25 @@ def cmd_upscale(ns: argparse.Namespace) -> int:
     return status
 
 
+def cmd_merge(ns: argparse.Namespace) -> int:
+    from studio.core import Studio
+    from studio.generation.request import RequestError, build_request
+    from studio.merge import MergeRequest
+
+    studio = Studio.create(_flags(ns))
+    try:
+        result = studio.merge_checkpoints(build_request(MergeRequest, request_values(ns, MergeRequest)))
+    except RequestError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        studio.queue.shutdown()
+    print(result.message)
+    for note in result.notes:
+        print(f"note: {note}")
+    return 0
+
+
 def cmd_detect(ns: argparse.Namespace) -> int:
     from studio.controlnet.preprocessors import PreprocessorError
     from studio.core import Studio
@@ -712,7 +737,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"generate": cmd_generate, "models": cmd_models, "pnginfo": cmd_pnginfo, "upscale": cmd_upscale,
                 "detect": cmd_detect, "preprocessors": cmd_preprocessors, "train": cmd_train,
                 "create-embedding": cmd_create_embedding, "create-hypernetwork": cmd_create_hypernetwork,
-                "dataset": cmd_dataset}
+                "dataset": cmd_dataset, "merge": cmd_merge}
     return commands[ns.command](ns)
 
 

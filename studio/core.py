@@ -20,6 +20,8 @@ from studio.errors import RequestError
 from studio.extensions import ExtensionManager
 from studio.generation.request import Img2ImgRequest, RequestSchemas, Txt2ImgRequest
 from studio.jobs import Job, JobQueue, JobState
+from studio.merge import MergeRequest, MergeResult
+from studio.merge.job import output_folder, submit_merge
 from studio.models.catalog import Catalog, CheckpointInfo, HashCache
 from studio.models.manager import CacheLimits, ModelManager, OffloadFlags, default_budget_bytes
 from studio.models.module_source import checkpoint_folders, module_scanner
@@ -235,6 +237,10 @@ class Studio:
 
     def detect(self, module: str, images: list[Any], *args: Any, **kwargs: Any) -> list[Any]:
         return self.engine.detect(module, images, *args, **kwargs)
+
+    def merge_checkpoints(self, req: MergeRequest, timeout: float | None = None) -> MergeResult:
+        """A1111's Checkpoint Merger, as a queued job; the new file is listed when it returns."""
+        return submit_merge(self.engine, req, output_folder(self.engine, self.flags.ckpt_dir)).wait(timeout)
 
     # -- training (studio.training.runner) ----------------------------------------------
     def submit_training(self, req: Any) -> Job:

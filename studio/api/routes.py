@@ -64,6 +64,7 @@ from studio.generation.request import (
 )
 from studio.generation.samplers import UnknownSamplerError, samplers_api, schedules_api
 from studio.jobs import Job
+from studio.merge import MergeRequest
 from studio.models.manager import ModelNotFoundError
 from studio.models.state_dict import ModelFileError
 from studio.models.vae import VaeNotFoundError
@@ -394,6 +395,12 @@ def build_queue_router(studio: Studio) -> APIRouter:
     """The studio's queue: the jobs waiting behind the current one, with their typed requests' main
     fields, and cancelling one (A1111 has no such route; the queue view uses it)."""
     r = APIRouter(prefix="/studio/v1", tags=["queue"], route_class=StudioRoute)
+
+    @r.post("/merge")
+    def merge(body: MergeRequest) -> dict[str, Any]:
+        """A1111's Checkpoint Merger (A1111 has no API route for it): a queued job; the new file is in
+        GET /sdapi/v1/sd-models when this returns."""
+        return studio.merge_checkpoints(body).api_dict()
 
     @r.get("/queue")
     def queue() -> dict[str, Any]:

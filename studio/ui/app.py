@@ -19,6 +19,7 @@ from studio.ui.extensions_tab import build_extensions_tab
 from studio.ui.extra_networks import checkpoint_card_title
 from studio.ui.extras import build_extras_tab
 from studio.ui.img2img import build_img2img_tab, build_inpaint_tab
+from studio.ui.merger import build_merger_tab
 from studio.ui.settings_tab import build_settings_tab
 from studio.ui.train import build_train_tab
 from studio.ui.txt2img import USER_ERRORS, build_txt2img_tab, fields_to_send, fields_to_updates
@@ -142,6 +143,7 @@ def build_ui(studio: Studio) -> gr.Blocks:
             with gr.Tab("ControlNet", id="controlnet", elem_id="tab_controlnet"):
                 build_controlnet_tab(studio)
             build_extras_tab(studio)
+            merger = build_merger_tab(studio)
             with gr.Tab("PNG Info", id="pnginfo", elem_id="tab_pnginfo"), gr.Row(equal_height=False):
                 with gr.Column():
                     upload = gr.File(label="Image (PNG, JPEG or WebP)", file_types=["image"],
@@ -235,6 +237,9 @@ def build_ui(studio: Studio) -> gr.Blocks:
         watcher.tick(sync, None, [checkpoint, model_status, watcher], queue=False, show_progress="hidden").then(
             after_page_load, follow_inputs, follow_outputs, queue=False, show_progress="hidden")
         refresh.click(do_refresh, None, [checkpoint, banner, vae, modules])
+        # a merged checkpoint is in the dropdown at once (A1111 lists it after a merge)
+        merger.merged.then(lambda: gr.update(choices=[c.title for c in studio.checkpoints()]), None, checkpoint,
+                           queue=False, show_progress="hidden")
 
         def read_png(path):
             if not path:
