@@ -11,18 +11,25 @@ mask + masked-image latents as extra input channels.
 
 Steps are counted as diffusers counts them (``len(timesteps) // scheduler.order``): Heun at 20
 steps calls the UNet 39 times and reports 20 steps.
+
+A1111's refiner (``refiner_checkpoint`` + ``refiner_switch_at``, :class:`RefinerSwitch`): once the
+denoising is far enough along, the loop goes on with another model's UNet, text conditioning and
+added conditioning, under the same scheduler and latents, as A1111 swaps the model under the same
+k-diffusion sampler (``sd_samplers_common.apply_refiner``).
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from studio.errors import RequestError
 from studio.generation.noise import make_noise, step_noise_generators
 from studio.generation.preview import JobProgress
 from studio.generation.samplers import SamplerSpec, ScheduleSpec, make_scheduler
@@ -30,6 +37,21 @@ from studio.generation.step_callbacks import ModelCall, PassInfo, StepCallback, 
 from studio.generation.txt2img import encode_images, txt2img_image_conditioning  # noqa: F401 (re-exported)
 from studio.jobs import JobState
 from studio.prompts.schedule import ConditioningPlan
+
+REFINER_FAMILY = "sdxl-refiner"
+
+
+@dataclass(frozen=True)
+class RefinerSwitch:
+    """Go on with another model part-way through the pass (A1111's refiner).
+
+    ``load`` is called once, when the switch point is reached, outside inference mode (the model it
+    loads outlives the pass); it returns the model and its conditioning plan, the same prompts and
+    steps encoded by that model's text encoders. The scheduler and the latents carry on unchanged.
+    """
+
+    switch_at: float    # A1111's ``refiner_switch_at``: the fraction of the denoising done first (0..1)
+    load: Callable[[], tuple[Any, ConditioningPlan]]
 
 
 @dataclass
@@ -59,6 +81,10 @@ class BatchSpec:
     s_min_uncond: float = 0.0                   # A1111's NGMS: below this sigma, skip the negative prompt
     guidance: float | None = None               # FLUX's distilled guidance (Forge's "Distilled CFG Scale")
     reference_latents: torch.Tensor | None = None  # FLUX Kontext: the image to edit, [B, 16, h, w] scaled latents
+    # the SDXL refiner's aesthetic score for the positive and the negative prompt (A1111's options
+    # sdxl_refiner_high_aesthetic_score and sdxl_refiner_low_aesthetic_score)
+    aesthetic_scores: tuple[float, float] = (6.0, 2.5)
+    refiner: RefinerSwitch | None = None        # switch to a refiner part-way (SD families only)
 
 
 def guide(preds: tuple[torch.Tensor, ...], weights: list[float], cfg_scale: float, has_uncond: bool) -> torch.Tensor:
@@ -116,6 +142,101 @@ def call_sigmas(scheduler: Any, timesteps: torch.Tensor, start: int) -> list[flo
     return np.exp(np.interp(t, np.arange(len(alphas)), log_sigmas)).tolist()
 
 
+def added_time_ids(model: Any, spec: BatchSpec) -> torch.Tensor | None:
+    """SDXL's size conditioning as two rows, the negative prompt's and the positive prompts', or None
+    for models without it. SDXL: [h, w, crop top, crop left, target h, target w] in both rows. The
+    refiner (diffusers' ``requires_aesthetics_score``; sgm's ``aesthetic_score`` embedder): [h, w,
+    crop top, crop left, aesthetic score], the high score for the positive prompts and the low one for
+    the negative, as A1111's ``get_learned_conditioning`` gives them. Crops are 0 (A1111's default
+    ``sdxl_crop_top`` / ``sdxl_crop_left``)."""
+    if not model.is_sdxl:
+        return None
+    h, w = spec.height, spec.width
+    if model.family == REFINER_FAMILY:
+        high, low = spec.aesthetic_scores
+        rows = [[h, w, 0, 0, low], [h, w, 0, 0, high]]
+    else:
+        rows = [[h, w, 0, 0, h, w]] * 2
+    return torch.tensor(rows, dtype=model.policy.dtype, device=model.policy.device)
+
+
+def group_time_ids(time_ids: torch.Tensor, groups: int, batch: int, has_negative: bool) -> torch.Tensor:
+    """The time-id rows of ``groups`` prompt blocks of ``batch`` images, the negative block first when
+    there is one."""
+    positive = time_ids[1:].expand(groups, -1)
+    rows = torch.cat([time_ids[:1], positive[1:]]) if has_negative else positive
+    return rows.repeat_interleave(batch, dim=0)
+
+
+def timestep_sigmas(scheduler: Any) -> np.ndarray:
+    """The k-diffusion sigma of every discrete training timestep (A1111's ``inner_model.sigmas``)."""
+    alphas = scheduler.alphas_cumprod.float().cpu().numpy().astype(np.float64)
+    return ((1 - alphas) / alphas) ** 0.5
+
+
+def refiner_due(sigma: float, switch_at: float, sigmas: np.ndarray) -> bool:
+    """A1111 1.10's ``apply_refiner`` rule (by timestep, the default): the completed ratio is
+    ``(999 - t) / 1000`` for the discrete timestep ``t`` whose sigma is closest to the call's, and the
+    switch comes once it reaches ``switch_at``; so 1.0 never switches (the ratio tops at 0.999). A1111
+    computes the ratio in float32, and so does this. An infinite sigma (zero terminal SNR's first call)
+    is the start of the denoising, where there is nothing to switch yet."""
+    if not math.isfinite(sigma):
+        return False
+    t = int(np.argmin(np.abs(sigmas - sigma)))
+    last = len(sigmas) - 1
+    return bool(np.float32(last - t) / np.float32(last + 1) >= np.float32(switch_at))
+
+
+def convert_prediction(pred: torch.Tensor, x: torch.Tensor, sigma: float, source: str,
+                       target: str) -> torch.Tensor:
+    """A ``source`` prediction (``"epsilon"`` or ``"v_prediction"``) as a ``target`` one, for UNet input
+    ``x`` at k-diffusion noise level ``sigma``: a refiner may be trained for the other parameterisation
+    than the scheduler runs (A1111's k-diffusion wrapper of the new model turns either into a denoised
+    image). ``x`` is the variance-preserving x_t that every diffusers scheduler hands the UNet:
+    x = a x0 + b eps with a = 1/sqrt(1 + sigma^2), b = sigma a; v = a eps - b x0."""
+    if source == target:
+        return pred
+    a = 1 / math.sqrt(1 + sigma * sigma)
+    b = sigma * a
+    if (source, target) == ("v_prediction", "epsilon"):
+        return a * pred + b * x
+    if (source, target) == ("epsilon", "v_prediction"):
+        return (pred - b * x) / a
+    raise RequestError(f"cannot run a {source} model under a {target} sampler")
+
+
+@dataclass
+class _Stage:
+    """The model the loop denoises with: the pass's model, then the refiner after the switch."""
+
+    model: Any
+    plan: ConditioningPlan
+    time_ids: torch.Tensor | None   # added_time_ids()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.policy.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.policy.device
+
+
+def _refiner_stage(switch: RefinerSwitch, spec: BatchSpec, latent_ch: int) -> _Stage:
+    # the refiner stays cached after this pass: weights made in inference mode could not be
+    # patched (LoRA) or trained later
+    with torch.inference_mode(False):
+        refiner, plan = switch.load()
+    name = getattr(getattr(refiner, "info", None), "title", "the refiner")
+    if refiner.spec.is_flow or refiner.vae.config.latent_channels != latent_ch:
+        raise RequestError(f"refiner {name} ({refiner.label}) does not share the model's latent space; "
+                           "choose an SD1, SD2 or SDXL checkpoint or the SDXL refiner")
+    if refiner.unet.config.in_channels != latent_ch:
+        raise RequestError(f"refiner {name} is an inpainting or instruct model ({refiner.unet.config.in_channels} "
+                           "input channels); choose a regular checkpoint as the refiner")
+    return _Stage(refiner, plan, added_time_ids(refiner, spec))
+
+
 def start_noise(spec: BatchSpec, shape: tuple[int, int, int], scale: int,
                 device: torch.device) -> tuple[torch.Tensor, list[torch.Generator], torch.Tensor | None]:
     """A batch's noise (per seed, on the CPU; variation seeds and "resize seed from" mixed in; ``scale``
@@ -137,19 +258,22 @@ def start_noise(spec: BatchSpec, shape: tuple[int, int, int], scale: int,
 
 
 def sample(model: Any, spec: BatchSpec, state: JobState) -> torch.Tensor:
-    """Denoise one batch; returns float32 latents (scaled, as the VAE decoder takes them)."""
-    policy = model.policy
-    device, dtype = policy.device, policy.dtype
-    unet = model.unet
+    """Denoise one batch; returns float32 latents (scaled, as the VAE decoder takes them).
+
+    With ``spec.refiner`` the latents are finished by the refiner (its ``load`` knows which model that
+    is). Step callbacks see the pass's first model (``PassInfo.model``); their extra UNet arguments
+    (ControlNet's residuals) go to that model only, as A1111's ControlNet hooks the UNet it started on.
+    """
+    device = model.policy.device
     latent_ch = model.vae.config.latent_channels
     h, w = spec.height // 8, spec.width // 8
-    plan = spec.plan
-    use_uncond = spec.cfg_scale != 1.0 or len(plan.weights) > 1
+    stage = _Stage(model, spec.plan, added_time_ids(model, spec))
+    use_uncond = spec.cfg_scale != 1.0 or len(spec.plan.weights) > 1
     batch = len(spec.seeds)
-    added_time_ids = None
-    if model.is_sdxl:
-        added_time_ids = torch.tensor([[spec.height, spec.width, 0, 0, spec.height, spec.width]], dtype=dtype,
-                                      device=device)
+    refiner = spec.refiner
+    if refiner is not None and model.unet.config.in_channels != latent_ch:
+        raise RequestError(f"{model.label} models ({model.unet.config.in_channels} input channels: inpainting, "
+                           "instruct) cannot hand over to a refiner; leave the refiner unset")
 
     scheduler = make_scheduler(spec.sampler, spec.schedule, model.scheduler_config)
     if hasattr(scheduler, "noise_sampler_seed"):
@@ -165,6 +289,7 @@ def sample(model: Any, spec: BatchSpec, state: JobState) -> torch.Tensor:
     timesteps = scheduler.timesteps[start:]
     calls = len(timesteps)
     sigmas = call_sigmas(scheduler, timesteps, start)
+    model_sigmas = timestep_sigmas(scheduler) if refiner is not None else None
     step_params = inspect.signature(scheduler.step).parameters
     noise, gens, init = start_noise(spec, (latent_ch, h, w), 8, device)
     if init is not None:
@@ -178,7 +303,7 @@ def sample(model: Any, spec: BatchSpec, state: JobState) -> torch.Tensor:
         extra_step["eta"] = spec.eta if spec.eta is not None else 0.0
 
     cond_image = spec.image_conditioning
-    if cond_image is None and unet.config.in_channels == latent_ch + 5:
+    if cond_image is None and model.unet.config.in_channels == latent_ch + 5:
         cond_image = txt2img_image_conditioning(model, batch, spec.height, spec.width)
     if cond_image is not None:
         cond_image = cond_image.to(device)
@@ -187,25 +312,30 @@ def sample(model: Any, spec: BatchSpec, state: JobState) -> torch.Tensor:
     steps_run = spec.steps - start // scheduler.order
     callbacks = StepCallbacks([JobProgress(state, spec.preview_every, model.previewer), *spec.callbacks])
     last_embeds = None
+    switched = False             # the refiner has taken over
     done = 0                     # sampler steps finished
     step_start = 0               # the model call the current step started at
     with torch.inference_mode(), callbacks.running(PassInfo(model, steps_run, list(spec.seeds))):
         for i, t in enumerate(timesteps):
             if state.interrupted or state.skipped:
                 break
+            if refiner is not None and not switched and refiner_due(sigmas[i], refiner.switch_at, model_sigmas):
+                stage, switched = _refiner_stage(refiner, spec, latent_ch), True
+                last_embeds = None
+            dtype = stage.dtype
             # second-order samplers call the model twice per step; prompt schedules count steps
             step = i * steps_run // calls
-            embeds, pooled = plan.at(step)
+            embeds, pooled = stage.plan.at(step)
             if embeds is not last_embeds:  # the plan returns the same tensors until the text changes
                 last_embeds = embeds
                 if not use_uncond:
                     embeds, pooled = embeds[1:], (pooled[1:] if pooled is not None else None)
                 groups = embeds.shape[0]
-                context = embeds.to(device, dtype).repeat_interleave(batch, dim=0)
+                context = embeds.to(stage.device, dtype).repeat_interleave(batch, dim=0)
                 added = None
-                if added_time_ids is not None:
-                    added = {"text_embeds": pooled.to(device, dtype).repeat_interleave(batch, dim=0),
-                             "time_ids": added_time_ids.repeat(groups * batch, 1)}
+                if stage.time_ids is not None:
+                    added = {"text_embeds": pooled.to(stage.device, dtype).repeat_interleave(batch, dim=0),
+                             "time_ids": group_time_ids(stage.time_ids, groups, batch, use_uncond)}
             has_uncond = use_uncond and not skips_uncond(i, sigmas[i], spec.s_min_uncond)
             run_groups, run_context, run_added = groups, context, added
             if use_uncond and not has_uncond:  # the first block of the batch is the negative prompt's
@@ -214,17 +344,23 @@ def sample(model: Any, spec: BatchSpec, state: JobState) -> torch.Tensor:
             x = scheduler.scale_model_input(latents.repeat(run_groups, 1, 1, 1), t)
             if cond_image is not None:
                 x = torch.cat([x, cond_image.repeat(run_groups, 1, 1, 1)], dim=1)
-            call = ModelCall(i, step, steps_run, t, sigmas[i], x, run_context, run_added, run_groups, batch,
-                             has_uncond)
-            extra = callbacks.unet_kwargs(call)
-            pred = unet(x.to(dtype), t, encoder_hidden_states=run_context, added_cond_kwargs=run_added,
-                        **extra).sample.float()
+            extra: dict[str, Any] = {}
+            if not switched:
+                call = ModelCall(i, step, steps_run, t, sigmas[i], x, run_context, run_added, run_groups, batch,
+                                 has_uncond)
+                extra = callbacks.unet_kwargs(call)
+            pred = stage.model.unet(x.to(stage.device, dtype), t, encoder_hidden_states=run_context,
+                                    added_cond_kwargs=run_added, **extra).sample.to(device, torch.float32)
             preds = pred.chunk(run_groups)
+            weights = stage.plan.weights
             if has_uncond or not use_uncond:
-                pred = guide(preds, plan.weights, spec.cfg_scale, use_uncond)
+                pred = guide(preds, weights, spec.cfg_scale, use_uncond)
             else:
                 # A1111 puts the first prompt's prediction where the negative one would be, at scale 1
-                pred = guide((preds[0], *preds), plan.weights, 1.0, True)
+                pred = guide((preds[0], *preds), weights, 1.0, True)
+            if switched:
+                pred = convert_prediction(pred, x[:batch, :latent_ch].float(), sigmas[i],
+                                          stage.model.prediction_type, scheduler.config.prediction_type)
             latents = scheduler.step(pred, t, latents, **extra_step).prev_sample
             if spec.mask is not None and init is not None:
                 # keep the unmasked area on the init image, noised to where the sampler now is

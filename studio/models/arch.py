@@ -107,10 +107,17 @@ def derive_unet_config(shapes: Shapes, probe: CheckpointProbe) -> dict[str, Any]
         pooled = _sdxl_pooled_dim(shapes)
         config.update({
             "addition_embed_type": "text_time",
-            "addition_time_embed_dim": (adm_in - pooled) // 6,
+            "addition_time_embed_dim": (adm_in - pooled) // sdxl_time_ids(probe.family),
             "projection_class_embeddings_input_dim": adm_in,
         })
     return config
+
+
+def sdxl_time_ids(family: str) -> int:
+    """How many numbers SDXL's added conditioning embeds besides the pooled text: original size,
+    crop corner and target size (6) for the base model; the refiner has an aesthetic score in place
+    of the target size (5: its 2560-wide ``label_emb`` input is 5 * 256 + 1280)."""
+    return 5 if family == "sdxl-refiner" else 6
 
 
 def _sdxl_pooled_dim(shapes: Shapes) -> int:
@@ -205,6 +212,10 @@ def derive_text_configs(shapes: Shapes, probe: CheckpointProbe) -> dict[str, dic
             "text_encoder": _clip_hf_config(shapes, SDXL_TE1, "quick_gelu", projection=False),
             "text_encoder_2": _open_clip_config(shapes, SDXL_TE2, drop_last_layer=False, projection=True),
         }
+    if probe.family == "sdxl-refiner":
+        # OpenCLIP bigG alone, all its layers (the conditioning reads the penultimate hidden state,
+        # the pooled vector the last); diffusers names it ``text_encoder_2`` in the refiner pipeline.
+        return {"text_encoder_2": _open_clip_config(shapes, REFINER_TE, drop_last_layer=False, projection=True)}
     raise ModelFileError(f"{probe.label} checkpoints are not supported yet")
 
 

@@ -27,7 +27,7 @@ from studio.models.arch import derive_configs
 from studio.models.bundled import match_bundled
 from studio.models.catalog import CheckpointInfo
 from studio.models.config_dir import write_config_dir
-from studio.models.probe import SD2_TE, CheckpointProbe, probe_checkpoint
+from studio.models.probe import REFINER_TE, SD2_TE, CheckpointProbe, probe_checkpoint
 from studio.models.state_dict import ModelFileError, load_state_dict
 from studio.models.tokenizer import make_clip_tokenizer
 
@@ -122,6 +122,8 @@ class LoadedModel:
         if self.spec.is_flow:
             return {}  # textual-inversion files are for the CLIP-only families
         widths = [te.config.hidden_size for te in self.text_encoders]
+        if self.is_refiner:
+            return {"clip_g": widths[0]}
         return {"clip_l": widths[0], "clip_g": widths[1]} if self.is_sdxl else {"default": widths[0]}
 
     @property
@@ -131,6 +133,11 @@ class LoadedModel:
     @property
     def is_sdxl(self) -> bool:
         return self.probe.family.startswith("sdxl")
+
+    @property
+    def is_refiner(self) -> bool:
+        """The SDXL refiner: OpenCLIP bigG alone, aesthetic-score conditioning (5 time ids)."""
+        return self.probe.family == "sdxl-refiner"
 
     @property
     def scheduler_config(self) -> dict[str, Any]:
@@ -230,7 +237,8 @@ def read_checkpoint(info: CheckpointInfo, config_cache: Path) -> CheckpointFile:
     probe = probe_checkpoint(shapes, info.name)
     if not probe.has_vae or not probe.has_text_encoder:
         missing = "VAE" if not probe.has_vae else "text encoder"
-        raise ModelFileError(f"{info.name}: the checkpoint has no {missing} weights (UNet-only files are not supported)")
+        raise ModelFileError(f"{info.name}: the checkpoint has no {missing} weights "
+                             "(UNet-only files are not supported)")
     configs = derive_configs(shapes, probe)
     # Standard-size files use the shipped configs; any other size gets a derived config dir.
     config_dir = match_bundled(configs) or write_config_dir(configs, config_cache)
@@ -258,8 +266,10 @@ def build_model(ckpt: CheckpointFile, policy: DevicePolicy) -> LoadedModel:
         timer.record("create model")
         _copy_weights(ckpt, _convert_unet_and_vae(sd, unet, vae))
         timer.record("load weights into model")
-        text_encoders = [create_diffusers_clip_model_from_ldm(
-            CLIPTextModel, sd, subfolder="text_encoder", torch_dtype=dtype, **common)]
+        text_encoders = []
+        if "text_encoder" in ckpt.configs:
+            text_encoders.append(create_diffusers_clip_model_from_ldm(
+                CLIPTextModel, sd, subfolder="text_encoder", torch_dtype=dtype, **common))
         if "text_encoder_2" in ckpt.configs:
             text_encoders.append(create_diffusers_clip_model_from_ldm(
                 CLIPTextModelWithProjection, sd, subfolder="text_encoder_2", torch_dtype=dtype, **common))
@@ -322,11 +332,12 @@ def reuse_model(old: LoadedModel, ckpt: CheckpointFile, policy: DevicePolicy) ->
     from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_open_clip_checkpoint
 
     sd, probe, timer = ckpt.state_dict, ckpt.probe, ckpt.timer
-    te_prefix = {"sd2": "cond_stage_model.model.", "sdxl": "conditioner.embedders.1.model."}
+    te_prefix = {"sd2": "cond_stage_model.model.", "sdxl": "conditioner.embedders.1.model.",
+                 "sdxl-refiner": REFINER_TE}
     converted = _convert_unet_and_vae(sd, old.unet, old.vae)
-    if probe.family == "sd2":
+    if probe.family in ("sd2", "sdxl-refiner"):
         converted.append((old.text_encoders[0], convert_open_clip_checkpoint(old.text_encoders[0], sd,
-                                                                             te_prefix["sd2"])))
+                                                                             te_prefix[probe.family])))
     else:
         converted.append((old.text_encoders[0], convert_ldm_clip_checkpoint(sd)))
     if len(old.text_encoders) == 2:
@@ -350,16 +361,24 @@ def _finish(ckpt: CheckpointFile, policy: DevicePolicy, unet: Any, vae: Any, tex
         prediction = "v_prediction" if detect_v_prediction(unet) else "epsilon"
         timer.record("detect v-prediction")
 
-    tokenizers = [make_clip_tokenizer(pad_token="!" if probe.family == "sd2" else "<|endoftext|>")]
-    if len(text_encoders) == 2:
-        tokenizers.append(make_clip_tokenizer(pad_token="!"))
-
+    tokenizers = _tokenizers(probe.family, len(text_encoders))
     _place(policy, unet, vae, *text_encoders)
     timer.record("prepare modules")
     model = LoadedModel(info, probe, unet, vae, text_encoders, tokenizers, prediction, policy, timer.phases,
                         arch_key=ckpt.arch_key(policy))
     log.info("Model %s (%s) loaded in %s", info.title, model.label, timer.summary())
     return model
+
+
+def _tokenizers(family: str, count: int) -> list[Any]:
+    """One tokenizer per text encoder. OpenCLIP encoders (SD2, SDXL's bigG, the refiner's only
+    encoder) pad with "!" (id 0), as A1111 pads them; OpenAI's CLIP-L pads with EOS."""
+    if family == "sdxl-refiner":
+        return [make_clip_tokenizer(pad_token="!")]
+    tokenizers = [make_clip_tokenizer(pad_token="!" if family == "sd2" else "<|endoftext|>")]
+    if count == 2:
+        tokenizers.append(make_clip_tokenizer(pad_token="!"))
+    return tokenizers
 
 
 def load_diffusers_folder(info: CheckpointInfo, policy: DevicePolicy) -> LoadedModel:
@@ -373,7 +392,10 @@ def load_diffusers_folder(info: CheckpointInfo, policy: DevicePolicy) -> LoadedM
         kw = {"local_files_only": True}
         unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", torch_dtype=policy.dtype, **kw)
         vae = AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=policy.vae_dtype, **kw)
-        text_encoders = [CLIPTextModel.from_pretrained(root / "text_encoder", dtype=policy.dtype, **kw)]
+        text_encoders = []
+        # the refiner's folder has no text_encoder (model_index.json: [null, null])
+        if (root / "text_encoder").is_dir() or not (root / "text_encoder_2").is_dir():
+            text_encoders.append(CLIPTextModel.from_pretrained(root / "text_encoder", dtype=policy.dtype, **kw))
         if (root / "text_encoder_2").is_dir():
             text_encoders.append(CLIPTextModelWithProjection.from_pretrained(
                 root / "text_encoder_2", dtype=policy.dtype, **kw))
@@ -383,15 +405,15 @@ def load_diffusers_folder(info: CheckpointInfo, policy: DevicePolicy) -> LoadedM
     timer.record("load weights from disk")
     sdxl = "XL" in index.get("_class_name", "") or len(text_encoders) == 2
     family = "sdxl" if sdxl else ("sd2" if text_encoders[0].config.hidden_act == "gelu" else "sd1")
+    if index.get("requires_aesthetics_score") or (sdxl and len(text_encoders) == 1):
+        family = "sdxl-refiner"
     in_ch = unet.config.in_channels
     probe = CheckpointProbe(
         family=family, variant={9: "inpaint", 8: "ip2p"}.get(in_ch, "base"), in_channels=in_ch,
         prediction_type=sched.get("prediction_type", "epsilon"), has_vae=True, has_text_encoder=True,
         zero_terminal_snr=bool(sched.get("rescale_betas_zero_snr", False)),
     )
-    tokenizers = [make_clip_tokenizer(pad_token="!" if family == "sd2" else "<|endoftext|>")]
-    if sdxl:
-        tokenizers.append(make_clip_tokenizer(pad_token="!"))
+    tokenizers = _tokenizers(family, len(text_encoders))
     _place(policy, unet, vae, *text_encoders)
     timer.record("prepare modules")
     model = LoadedModel(info, probe, unet, vae, text_encoders, tokenizers, probe.prediction_type, policy,

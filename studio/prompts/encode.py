@@ -8,10 +8,12 @@ A1111's ``sd_hijack_clip`` rules, reproduced:
 - textual-inversion embeddings are found by their name's token ids and take ``n_vectors``
   placeholder slots; their vectors replace the token embeddings at those slots;
 - every chunk is encoded separately (clip skip: an earlier hidden layer, then the final layer
-  norm for SD1/SD2; SDXL uses the penultimate layer of both encoders), multiplied by the token
+  norm for SD1/SD2; SDXL uses the penultimate layer of both encoders, the SDXL refiner that of its
+  only one, OpenCLIP bigG), multiplied by the token
   weights and rescaled to keep its original mean ("Original" emphasis; A1111's ``emphasis``
   option picks "None", "Ignore" or "No norm" instead, see :func:`apply_emphasis`), and the chunks
-  are concatenated; SDXL's pooled vector is the second encoder's, from the first chunk;
+  are concatenated; SDXL's pooled vector is bigG's (the second encoder, the refiner's only one),
+  from the first chunk;
 - after the first EOS, OpenCLIP encoders see their own pad id (0), CLIP-L sees EOS.
 """
 
@@ -238,8 +240,9 @@ class TextConditioner:
         with torch.enable_grad() if grad else torch.inference_mode():
             for index, (encoder, tokenizer) in enumerate(zip(m.text_encoders, m.tokenizers)):
                 ids = torch.tensor([_pad_after_eos(c.tokens, tokenizer) for c in chunks], device=device)
-                key = ("clip_l", "clip_g")[index] if m.is_sdxl else "default"
-                rows = [[(o, e.vectors[key].to(device)) for o, e in c.fixes if key in e.vectors] for c in chunks]
+                keys = _embedding_keys(m, index)
+                rows = [[(o, vec.to(device)) for o, e in c.fixes if (vec := _vectors(e, keys)) is not None]
+                        for c in chunks]
                 with _spliced(encoder, rows):
                     out = encoder(ids, output_hidden_states=True)
                 # a skip past the encoder's depth (12 is allowed; pruned and tiny encoders have fewer
@@ -256,6 +259,22 @@ class TextConditioner:
                 if getattr(out, "text_embeds", None) is not None:
                     pooled = out.text_embeds[:1].float()
         return Conditioning(torch.cat(parts, dim=-1), pooled)
+
+
+def _embedding_keys(model, index: int) -> tuple[str, ...]:
+    """Which vectors of an embedding file encoder ``index`` takes, in order of preference. The
+    refiner's only encoder is SDXL's bigG: an SDXL file's ``clip_g`` part, or a single-encoder file
+    of its width (A1111 takes a plain tensor for any encoder)."""
+    if getattr(model, "is_refiner", False):
+        return ("clip_g", "default")
+    return (("clip_l", "clip_g")[index],) if model.is_sdxl else ("default",)
+
+
+def _vectors(embedding, keys: tuple[str, ...]) -> torch.Tensor | None:
+    for key in keys:
+        if key in embedding.vectors:
+            return embedding.vectors[key]
+    return None
 
 
 def _pad_after_eos(tokens: list[int], tokenizer) -> list[int]:

@@ -1,7 +1,7 @@
 """Tiny random Stable Diffusion models in every file format the studio reads.
 
 The models have the real architecture of each family (SD1, SD2, SDXL and their
-inpaint / v-prediction variants), the real CLIP tokenizer and the real VAE
+inpaint / v-prediction variants, and the SDXL refiner), the real CLIP tokenizer and the real VAE
 downscale of 8, but only a few MB of random weights, so they build in a couple
 of seconds on a CPU. They serve the test suite and the studio's demo model.
 
@@ -24,6 +24,7 @@ from diffusers import (
     EulerDiscreteScheduler,
     StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLInpaintPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
@@ -32,7 +33,16 @@ from safetensors.torch import save_file
 from torch import Tensor
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from studio.models.ldm_keys import base_family, to_ldm_state_dict, vae_to_ldm
+from studio.models.ldm_keys import (
+    UNET_PREFIX,
+    VAE_PREFIX,
+    base_family,
+    open_clip_to_ldm,
+    to_ldm_state_dict,
+    unet_to_ldm,
+    vae_to_ldm,
+)
+from studio.models.probe import REFINER_TE
 from studio.models.tokenizer import (
     BOS_TOKEN_ID,
     EOS_TOKEN,
@@ -42,6 +52,9 @@ from studio.models.tokenizer import (
 )
 
 FAMILIES = ("sd1", "sd1-inpaint", "sd2", "sd2-v", "sd2-inpaint", "sdxl", "sdxl-inpaint")
+# The SDXL refiner is kept out of FAMILIES: it is no text-to-image model of its own (no CLIP-L,
+# no ``tokenizer``), so the per-family round trips over FAMILIES do not apply to it as they stand.
+REFINER = "sdxl-refiner"
 
 UNET_CHANNELS = (32, 64)
 UNET_LAYERS_PER_BLOCK = 2
@@ -58,6 +71,8 @@ TE_LAYERS = 2
 CLIP_VOCAB_SIZE = 49408
 CLIP_MAX_POSITIONS = 77
 SDXL_TIME_EMBED_DIM = 8
+# The refiner's size/crop/aesthetic numbers: original h, w, crop top, left, aesthetic score.
+REFINER_TIME_IDS = 5
 # Sample size in latents: pipelines default to sample_size * 8 px.
 UNET_SAMPLE_SIZE = 8
 
@@ -76,9 +91,13 @@ def prediction_type(family: str) -> str:
     return "v_prediction" if _check(family) == "sd2-v" else "epsilon"
 
 
+def is_refiner(family: str) -> bool:
+    return _check(family) == REFINER
+
+
 def _check(family: str) -> str:
-    if family not in FAMILIES:
-        raise ValueError(f"unknown model family {family!r}; expected one of {FAMILIES}")
+    if family not in (*FAMILIES, REFINER):
+        raise ValueError(f"unknown model family {family!r}; expected one of {(*FAMILIES, REFINER)}")
     return family
 
 
@@ -125,7 +144,20 @@ def unet_config(family: str) -> dict[str, Any]:
         # As in stabilityai/stable-diffusion-2-1 (768 px v-model).
         "upcast_attention": family == "sd2-v",
     }
-    if base == "sdxl":
+    if family == REFINER:
+        # As the real refiner: no attention at the first level, deeper transformers below it (real:
+        # 4 blocks), conditioned on OpenCLIP bigG alone, and 5 size numbers (aesthetic score
+        # instead of the target size) + the pooled text in the added embedding.
+        config |= {
+            "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+            "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+            "transformer_layers_per_block": (1, 2),
+            "cross_attention_dim": SDXL_TE2_HIDDEN,
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": SDXL_TIME_EMBED_DIM,
+            "projection_class_embeddings_input_dim": REFINER_TIME_IDS * SDXL_TIME_EMBED_DIM + SDXL_TE2_HIDDEN,
+        }
+    elif base == "sdxl":
         config |= {
             "cross_attention_dim": TE_HIDDEN + SDXL_TE2_HIDDEN,
             "addition_embed_type": "text_time",
@@ -163,6 +195,8 @@ def text_encoder_config(family: str, which: int = 1) -> CLIPTextConfig:
     base = base_family(_check(family))
     if which == 2 and base != "sdxl":
         raise ValueError(f"{family} has a single text encoder")
+    if which == 1 and family == REFINER:
+        raise ValueError("the SDXL refiner has only OpenCLIP bigG (text encoder 2)")
     hidden = SDXL_TE2_HIDDEN if which == 2 else TE_HIDDEN
     # OpenAI CLIP (SD1, SDXL encoder 1) uses quick_gelu; OpenCLIP uses gelu.
     openclip = base == "sd2" or which == 2
@@ -242,21 +276,21 @@ def tiny_components(family: str, seed: int = 0) -> dict[str, Any]:
     """Freshly built diffusers components of a tiny ``family`` model.
 
     Keys: ``unet``, ``vae``, ``text_encoder``, ``tokenizer``, and for SDXL
-    ``text_encoder_2``, ``tokenizer_2``; plus ``prediction_type``. The weights
+    ``text_encoder_2``, ``tokenizer_2``; plus ``prediction_type``. The refiner has no
+    ``text_encoder`` / ``tokenizer`` (diffusers names its one encoder ``text_encoder_2``). The weights
     depend only on ``family`` and ``seed``; the global RNG is left untouched.
     """
-    _check(family)
+    refiner = is_refiner(family)
     base = base_family(family)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        components: dict[str, Any] = {
-            "unet": _build_unet(family),
-            "vae": _build_vae(family),
-            "text_encoder": _build_text_encoder(family, 1),
-        }
+        components: dict[str, Any] = {"unet": _build_unet(family), "vae": _build_vae(family)}
+        if not refiner:
+            components["text_encoder"] = _build_text_encoder(family, 1)
         if base == "sdxl":
             components["text_encoder_2"] = _build_text_encoder(family, 2)
-    components["tokenizer"] = make_clip_tokenizer(pad_token(family, 1))
+    if not refiner:
+        components["tokenizer"] = make_clip_tokenizer(pad_token(family, 1))
     if base == "sdxl":
         components["tokenizer_2"] = make_clip_tokenizer(pad_token(family, 2))
     components["prediction_type"] = prediction_type(family)
@@ -299,7 +333,19 @@ def make_checkpoint(
     otherwise they are built from ``family`` and ``seed``.
     """
     components = components if components is not None else tiny_components(family, seed)
-    return _save(Path(path), _cast(to_ldm_state_dict(components, family), dtype))
+    state_dict = refiner_to_ldm(components) if is_refiner(family) else to_ldm_state_dict(components, family)
+    return _save(Path(path), _cast(state_dict, dtype))
+
+
+def refiner_to_ldm(components: Mapping[str, Any]) -> dict[str, Tensor]:
+    """The SDXL refiner's single file as Stability AI ships it: the UNet and VAE under the usual
+    prefixes, and OpenCLIP bigG as the conditioner's *first* embedder (``conditioner.embedders.0.model.``,
+    where the base model keeps CLIP-L), with its ``text_projection`` for the pooled vector."""
+    unet, vae = components["unet"], components["vae"]
+    out = {UNET_PREFIX + k: v for k, v in unet_to_ldm(unet.state_dict(), unet.config.layers_per_block).items()}
+    out |= {VAE_PREFIX + k: v for k, v in vae_to_ldm(vae.state_dict(), len(vae.config.block_out_channels)).items()}
+    out |= {REFINER_TE + k: v for k, v in open_clip_to_ldm(components["text_encoder_2"], sd2=False).items()}
+    return out
 
 
 def make_vae(
@@ -325,6 +371,8 @@ def make_vae(
 def pipeline_class(family: str) -> type:
     """The diffusers pipeline class a ``family`` folder is saved as."""
     sdxl = base_family(_check(family)) == "sdxl"
+    if family == REFINER:
+        return StableDiffusionXLImg2ImgPipeline
     if is_inpaint(family):
         return StableDiffusionXLInpaintPipeline if sdxl else StableDiffusionInpaintPipeline
     return StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
@@ -343,12 +391,15 @@ def make_diffusers_folder(
     path = Path(path)
     sdxl = base_family(family) == "sdxl"
     modules: dict[str, Any] = {
-        name: components[name] for name in ("unet", "vae", "text_encoder", "tokenizer")
+        name: components.get(name) for name in ("unet", "vae", "text_encoder", "tokenizer")
     }
     modules["scheduler"] = _scheduler(family)
     if sdxl:
         modules |= {name: components[name] for name in ("text_encoder_2", "tokenizer_2")}
-    else:
+    if family == REFINER:
+        # as in stabilityai/stable-diffusion-xl-refiner-1.0's model_index.json
+        modules |= {"requires_aesthetics_score": True, "force_zeros_for_empty_prompt": False}
+    elif not sdxl:
         modules |= {"safety_checker": None, "requires_safety_checker": False}
     pipeline = pipeline_class(family)(**modules, feature_extractor=None, image_encoder=None)
     pipeline.save_pretrained(path, safe_serialization=True)
@@ -356,7 +407,7 @@ def make_diffusers_folder(
     # transformers 5 saves tokenizers as tokenizer.json only; write the classic
     # vocab/merges files of the hub's SD repos instead.
     for name, which in (("tokenizer", 1), ("tokenizer_2", 2)):
-        if name in modules:
+        if modules.get(name) is not None:
             shutil.rmtree(path / name)
             write_tokenizer_files(path / name, pad_token=pad_token(family, which))
     return path
