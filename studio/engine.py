@@ -177,7 +177,8 @@ class Engine:
             "vae": req.vae if req.vae is not None else overrides.get("sd_vae"),
             # resolved now, so everything seeded from it (ControlNet's preprocessors too) is reproducible
             # from the image's infotext, and the queued job shows the seed it will use
-            "seed": resolve_seed(req.seed),
+            # a script fixes seeds itself, as A1111's do (prompts from file: a new random seed per line)
+            "seed": resolve_seed(req.seed) if script is None else req.seed,
         })
         for name in ("hr_checkpoint_name", "refiner_checkpoint"):
             wanted = getattr(req, name)
@@ -219,6 +220,9 @@ class Engine:
                       eta_noise_seed_delta=options.eta_noise_seed_delta, s_min_uncond=options.s_min_uncond,
                       emphasis=options.emphasis, callbacks=self.step_callbacks(),
                       load_model=lambda name: self.load(name, options.forge_additional_modules, pin=True),
+                      aesthetic_scores=(options.sdxl_refiner_high_aesthetic_score,
+                                        options.sdxl_refiner_low_aesthetic_score),
+                      refiner_pass=options.hires_fix_refiner_pass,
                       postprocess=self._postprocess(prepared, model, state))
         with self.models.pinned(model):
             if isinstance(req, Img2ImgRequest) and prepared.detailer is not None and prepared.detailer.skip_img2img:

@@ -93,6 +93,8 @@ class StudioOptions(BaseModel):
                                                   "prompt's)", ge=0, le=10)
     sdxl_refiner_high_aesthetic_score: float = opt(6.0, SD, "SDXL refiner: high aesthetic score (the prompt's)",
                                                    ge=0, le=10)
+    hires_fix_refiner_pass: Literal["first pass", "second pass", "both passes"] = opt(
+        "second pass", SD, "Hires fix: which pass the refiner runs in")
 
     # -- face restoration (A1111 "Face restoration")
     face_restoration_model: str | None = opt(None, FACES, "Face restoration model (CodeFormer, GFPGAN, "

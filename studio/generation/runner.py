@@ -31,7 +31,7 @@ from studio.generation.infotext import build_infotext
 from studio.generation.noise import batch_seeds
 from studio.generation.request import RequestError, Txt2ImgRequest, resolve_seed
 from studio.generation.samplers import SamplerSpec, effective_schedule, split_sampler_name
-from studio.generation.sampling import BatchSpec, draws_step_noise
+from studio.generation.sampling import BatchSpec, RefinerSwitch, draws_step_noise
 from studio.generation.step_callbacks import StepCallback
 from studio.generation.tiling import seamless
 from studio.generation.txt2img import decode_latents
@@ -216,6 +216,7 @@ def run_generation(
     emphasis: str = DEFAULT_EMPHASIS,
     load_model: Callable[[str], LoadedModel] | None = None,
     aesthetic_scores: tuple[float, float] = (6.0, 2.5),
+    refiner_pass: str = "second pass",
     postprocess: Callable[[Image.Image, int, Txt2ImgRequest], tuple[Image.Image, dict[str, Any]]] | None = None,
 ) -> GenerationResult:
     """Run ``req`` on ``model``. ``saver`` (``save(image, infotext, seed, request) -> Path``, optionally
@@ -227,7 +228,8 @@ def run_generation(
     generation/step_callbacks.py). ``eta_noise_seed_delta`` and ``s_min_uncond`` are A1111's ENSD and
     NGMS options (0 = off); ``emphasis`` is A1111's emphasis mode for the prompts' (weights).
     ``load_model(name)`` switches to another checkpoint mid-job (hires checkpoint, refiner; the engine
-    keeps both loaded); ``aesthetic_scores`` are the SDXL refiner's (positive, negative) scores;
+    keeps both loaded); ``aesthetic_scores`` are the SDXL refiner's (positive, negative) scores and
+    ``refiner_pass`` A1111's ``hires_fix_refiner_pass`` (which hires pass the refiner runs in);
     ``postprocess(image, seed, request)`` runs on every image before its infotext and saving (face
     restoration, the detailer) and returns the image and the infotext keys it adds."""
     prompt, tags = extract_extra_networks(req.prompt)
@@ -246,7 +248,7 @@ def run_generation(
     notes += activation.notes
     options = _RunOptions(saver, preview_every, vae, hooks or ModeHooks(), upscalers, controls,
                           tuple(callbacks), eta_noise_seed_delta, s_min_uncond, emphasis, load_model,
-                          aesthetic_scores, postprocess)
+                          aesthetic_scores, postprocess, refiner_pass)
     try:
         return _run(model, req, state, prompt, negative, notes, activation, options)
     finally:
@@ -268,6 +270,7 @@ class _RunOptions:
     load_model: Callable[[str], LoadedModel] | None = None
     aesthetic_scores: tuple[float, float] = (6.0, 2.5)
     postprocess: Any = None
+    refiner_pass: str = "second pass"
 
 
 def _pass_callbacks(units: list | None, merge_ratio: float,
@@ -332,8 +335,14 @@ def _run(model: LoadedModel, req: Txt2ImgRequest, state: JobState, prompt: str, 
     first_callbacks = _pass_callbacks(first_units, merge, o.callbacks)
     hires_callbacks = _pass_callbacks(hires_units, merge_hr, o.callbacks)
     saving = o.saver is not None and req.save_images
-    if req.hr_checkpoint_name and hires is not None and o.load_model is None:
-        raise RequestError("hr_checkpoint_name: this caller cannot switch checkpoints mid-job")
+    if (req.hr_checkpoint_name and hires is not None or req.refiner_checkpoint) and o.load_model is None:
+        raise RequestError("this caller cannot switch checkpoints mid-job (hr_checkpoint_name, refiner_checkpoint)")
+    if req.refiner_checkpoint and model.spec.is_flow:
+        raise RequestError(f"refiner_checkpoint: the refiner switch works with SD1/SD2/SDXL checkpoints, not "
+                           f"{model.spec.label}")
+    # A1111's hires_fix_refiner_pass: with hires fix the refiner runs in the second pass by default
+    refine_first = req.refiner_checkpoint is not None and (hires is None or o.refiner_pass != "second pass")
+    refine_hires = req.refiner_checkpoint is not None and hires is not None and o.refiner_pass != "first pass"
     first_title = model.info.title
     switches = False   # whether a batch switched checkpoints (the next one starts on the first again)
     state.batches = req.n_iter
@@ -347,6 +356,18 @@ def _run(model: LoadedModel, req: Txt2ImgRequest, state: JobState, prompt: str, 
 
         latents = hooks.decode(batch_index, seeds) if hooks.decode is not None else None
         final = model          # the model whose latents come out of the batch (decodes them)
+        refined: list[LoadedModel] = []   # the refiner, once a pass switched to it
+
+        def refiner_switch(pass_prompt: str, pass_negative: str, pass_steps: int) -> RefinerSwitch:
+            def load() -> tuple[LoadedModel, ConditioningPlan]:
+                refiner = o.load_model(req.refiner_checkpoint)
+                _check_same_latents(model, refiner, "refiner_checkpoint")
+                refined.append(refiner)
+                extra.update({"Refiner": refiner.info.short_title, "Refiner switch at": _fmt(req.refiner_switch_at)})
+                return refiner, ConditioningPlan(refiner.conditioner, pass_prompt, pass_negative, pass_steps,
+                                                 req.clip_skip, o.emphasis)
+            return RefinerSwitch(req.refiner_switch_at, load)
+
         if latents is None:
             if switches:       # a previous batch ended on another checkpoint: back to the first one
                 model = o.load_model(first_title)
@@ -356,15 +377,21 @@ def _run(model: LoadedModel, req: Txt2ImgRequest, state: JobState, prompt: str, 
                              resize_from=(req.seed_resize_from_w, req.seed_resize_from_h),
                              callbacks=first_callbacks, eta_noise_seed_delta=o.eta_noise_seed_delta,
                              s_min_uncond=o.s_min_uncond, guidance=req.distilled_cfg_scale,
+                             aesthetic_scores=o.aesthetic_scores,
+                             refiner=refiner_switch(prompt, negative, req.steps) if refine_first else None,
                              **(hooks.spec_extras(batch_index, seeds) if hooks.spec_extras else {}))
             with seamless(model.unet, model.vae, enabled=req.tiling):
                 latents = denoise(model, spec, state)
-            final = model
+            final = refined[-1] if refined else model
+            switches = switches or bool(refined)
             if hires is not None and not (state.interrupted or state.skipped):
                 first_latents, first_model = latents, final
                 # pixel upscalers need the first pass decoded, before another checkpoint takes the device
                 first_images = None if is_latent_mode(hires.upscaler) else decode_latents(first_model, first_latents)
                 hr_model, hr_plan = final, hires_cond
+                if final is not model:   # the refiner took over in the first pass: it runs the second too
+                    hr_plan = ConditioningPlan(final.conditioner, hr_prompt, hr_negative, hires.steps,
+                                               req.clip_skip, o.emphasis)
                 if req.hr_checkpoint_name:
                     hr_model = o.load_model(req.hr_checkpoint_name)
                     _check_same_latents(first_model, hr_model, "hr_checkpoint_name")
@@ -372,11 +399,14 @@ def _run(model: LoadedModel, req: Txt2ImgRequest, state: JobState, prompt: str, 
                     hr_plan = ConditioningPlan(hr_model.conditioner, hr_prompt, hr_negative, hires.steps,
                                                req.clip_skip, o.emphasis)
                     switches = True
-                hires_spec = replace(spec, plan=hr_plan, callbacks=hires_callbacks)
+                hires_spec = replace(spec, plan=hr_plan, callbacks=hires_callbacks, refiner=None)
+                if refine_hires and not refined and not req.hr_checkpoint_name:
+                    hires_spec = replace(hires_spec, refiner=refiner_switch(hr_prompt, hr_negative, hires.steps))
                 with seamless(hr_model.unet, hr_model.vae, enabled=req.tiling):
                     latents = second_pass(hr_model, hires, hires_spec, latents,
                                           lambda: first_images, state, o.upscalers)
-                final = hr_model
+                final = refined[-1] if refined else hr_model
+                switches = switches or bool(refined)
 
         with seamless(final.vae, enabled=req.tiling):
             images = decode_latents(final, latents)
