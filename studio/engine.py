@@ -142,7 +142,7 @@ class Engine:
     # -- generation ---------------------------------------------------------------------
     def script_env(self, options: StudioOptions | None = None) -> LibraryEnv:
         """What scripts parse their arguments against (and the UI draws their choices from)."""
-        return LibraryEnv(self.models, self.vaes, self.upscalers, options or self.settings.options)
+        return LibraryEnv(self.models, self.vaes, self.upscalers, options or self.settings.options, self.styles)
 
     def prepare(self, req: Txt2ImgRequest, styles_applied: bool = False) -> Prepared:
         """Everything that can be checked or decided before queueing. Raises RequestError.

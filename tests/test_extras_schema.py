@@ -1,6 +1,6 @@
 """The Extras request is one schema too (A1111's ExtrasBaseRequest): the API body, the CLI's
 `upscale` flags and the Extras tab's bindings; "scale to" works as A1111's (cover, then crop the
-middle); face restoration, which the studio does not have, is refused instead of ignored."""
+middle); face restoration with no restorer installed is refused (naming the folder) instead of ignored."""
 
 from __future__ import annotations
 
@@ -51,9 +51,9 @@ def test_scale_by_and_the_result_is_saved(studio):
     assert path is not None and path.parent.parent == studio.paths.data / "outputs" / "extras-images"
 
 
-def test_face_restoration_is_refused_not_ignored(studio):
+def test_face_restoration_without_weights_is_refused_not_ignored(studio):
     req = build_request(ExtrasRequest, {"gfpgan_visibility": 0.5, "upscaler_1": "Lanczos"})
-    with pytest.raises(RequestError, match="gfpgan_visibility"):
+    with pytest.raises(RequestError, match=r"No GFPGAN model found: .*models.GFPGAN"):
         studio.engine.extras(req, picture(), save=False)
     with pytest.raises(RequestError, match="upscaling_resize"):
         build_request(ExtrasRequest, {"upscaling_resize": 100})
@@ -74,7 +74,7 @@ def test_the_api_body_is_the_schema(studio):
     assert ok.status_code == 200, ok.text
     assert Image.open(io.BytesIO(base64.b64decode(ok.json()["image"]))).size == (64, 32)
     refused = client.post("/sdapi/v1/extra-single-image", json={"image": data, "codeformer_visibility": 1})
-    assert refused.status_code == 400 and "codeformer_visibility" in refused.json()["detail"]
+    assert refused.status_code == 400 and "models/Codeformer" in refused.json()["detail"]
     hidden = client.post("/sdapi/v1/extra-single-image", json={"image": data, "upscaler_1": "Lanczos",
                                                               "show_extras_results": False})
     assert hidden.status_code == 200 and hidden.json()["image"] is None

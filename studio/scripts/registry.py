@@ -8,6 +8,13 @@ from typing import Any
 
 from studio.errors import UnknownScriptError
 from studio.scripts.base import Script, ScriptEnv
+from studio.scripts.loopback import Loopback
+from studio.scripts.outpainting import PoorMansOutpainting
+from studio.scripts.outpainting_mk2 import OutpaintingMk2
+from studio.scripts.prompt_matrix import PromptMatrix
+from studio.scripts.prompts_from_file import PromptsFromFile
+from studio.scripts.sd_upscale import SDUpscale
+from studio.scripts.xyz import XyzPlot
 
 NO_SCRIPT = ("", "none")
 
@@ -50,4 +57,5 @@ class ScriptRegistry:
 
 def builtin_scripts() -> list[Script]:
     """A1111's built-in scripts, in its dropdown order."""
-    return []
+    return [PromptMatrix(), PromptsFromFile(), XyzPlot(), Loopback(), OutpaintingMk2(), PoorMansOutpainting(),
+            SDUpscale()]

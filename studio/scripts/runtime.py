@@ -4,13 +4,15 @@ libraries and the engine's callables, not the engine itself, so scripts never se
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from studio.errors import RequestError
 from studio.generation.samplers import SAMPLER_NAMES, SCHEDULE_LABELS
 from studio.generation.saving import OutputSaver
+from studio.prompts.styles import StyleError
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -21,6 +23,7 @@ if TYPE_CHECKING:
     from studio.models.manager import ModelManager
     from studio.models.vae import VaeCatalog
     from studio.options import StudioOptions
+    from studio.prompts.styles import StyleDatabase
     from studio.upscale import UpscalerLibrary
 
 
@@ -33,6 +36,19 @@ class LibraryEnv:
     vaes: VaeCatalog
     upscalers: UpscalerLibrary
     options: StudioOptions
+    styles: StyleDatabase | None = None
+
+    def style_names(self) -> list[str]:
+        return self.styles.names() if self.styles is not None else []
+
+    def apply_styles(self, names: Sequence[str], prompt: str, negative: str) -> tuple[str, str]:
+        """The prompts with the named styles applied (the script's generations don't apply styles again)."""
+        if self.styles is None:
+            return prompt, negative
+        try:
+            return self.styles.apply(list(names), prompt, negative)
+        except StyleError as e:
+            raise RequestError(str(e)) from e
 
     def sampler_names(self) -> list[str]:
         return list(SAMPLER_NAMES)

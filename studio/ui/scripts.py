@@ -47,6 +47,13 @@ def _slug(title: str) -> str:
 
 def control_for_arg(arg: ScriptArg, elem_id: str) -> Any:
     """The Gradio control for one script argument."""
+    if arg.kind == "html":
+        # an information line (A1111 passes its text as the argument): shown, and sent back unchanged
+        return gr.Textbox(value="" if arg.value is None else str(arg.value), label=arg.label or "Info",
+                          interactive=False, elem_id=elem_id, show_label=bool(arg.label))
+    if arg.kind == "checkboxgroup":
+        return gr.CheckboxGroup(list(arg.choices or ()), value=list(arg.value or ()), label=arg.label,
+                                elem_id=elem_id)
     if arg.kind == "checkbox":
         return gr.Checkbox(bool(arg.value), label=arg.label, elem_id=elem_id)
     if arg.kind == "slider":
