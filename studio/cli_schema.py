@@ -66,7 +66,7 @@ def add_request_arguments(parser: argparse.ArgumentParser, model: type[BaseModel
         elif base in (dict, list) or typing.get_origin(base) in (dict, list) or (base is Any and not is_list):
             kwargs.update(type=json.loads, metavar="JSON")
         elif is_list:
-            kwargs.update(action="append", type=str if base is Any else base, metavar=name.upper())
+            kwargs.update(action="append", type=_json_or_text if base is Any else base, metavar=name.upper())
         elif base is int and field_bounds(info) == (0, 1):
             kwargs.update(type=int, nargs="?", const=1, metavar="0|1")   # a switch that also takes 0/1
         else:
@@ -75,6 +75,15 @@ def add_request_arguments(parser: argparse.ArgumentParser, model: type[BaseModel
         for negative in negatives:
             group.add_argument(negative, dest=name, action="store_false", default=argparse.SUPPRESS,
                                help=f"the same as --no-{name.replace('_', '-')}")
+
+
+def _json_or_text(value: str) -> Any:
+    """A value of a list of anything (``--script-args``): JSON when it reads as JSON (``4``, ``true``,
+    ``[1, 2]``), else the text itself (``Steps``, ``10,20``)."""
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
 
 
 def _plain(number: float) -> str:

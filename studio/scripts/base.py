@@ -108,6 +108,11 @@ class Script:
     def run(self, ctx: ScriptRun, req: Txt2ImgRequest, params: Any) -> GenerationResult:
         raise NotImplementedError
 
+    def linked(self, env: ScriptEnv, tab: str) -> dict[int, Any]:
+        """Controls that change others in the UI: argument index -> ``fn(value) -> {index: changes}``,
+        the changes being ``gr.update`` keyword arguments (visible, choices, value). None by default."""
+        return {}
+
     @property
     def name(self) -> str:
         """A1111 matches ``script_name`` against the lower-cased title."""

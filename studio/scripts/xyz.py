@@ -30,7 +30,7 @@ from studio.generation.infotext import quote
 from studio.scripts import ranges
 from studio.scripts.base import Script, ScriptArg, ScriptEnv, ScriptRun, as_bool, as_number, combined, filled
 from studio.scripts.grid_labels import GridAnnotation, GridStyle, draw_grid_annotations
-from studio.scripts.xyz_axes import SEED_AXES, Axis, AxisContext, axis_labels, resolve_axis
+from studio.scripts.xyz_axes import SEED_AXES, Axis, AxisContext, axis_choices, axis_labels, resolve_axis
 
 if TYPE_CHECKING:
     from studio.generation.request import Txt2ImgRequest
@@ -252,6 +252,20 @@ class XyzPlot(Script):
             ScriptArg("Grid margins (px)", 0, "slider", minimum=0, maximum=500, step=2),
             ScriptArg("Use text inputs instead of dropdowns", False, "checkbox"),
         )
+
+    def linked(self, env: ScriptEnv, tab: str) -> dict[int, Any]:
+        """An axis type shows its values as a dropdown of its choices (samplers, checkpoints, ...) and
+        hides the text box, as A1111's UI does; a free-text axis shows the text box."""
+        def on_type(n: int) -> Any:
+            def changes(value: Any) -> dict[int, dict[str, Any]]:
+                try:
+                    choices = axis_choices(resolve_axis(value, tab, "axis"), env)
+                except RequestError:
+                    choices = None
+                return {3 * n + 1: {"visible": choices is None},
+                        3 * n + 2: {"visible": choices is not None, "choices": choices or [], "value": []}}
+            return changes
+        return {3 * n: on_type(n) for n in range(len(AXIS_NAMES))}
 
     def parse(self, values: Sequence[Any], req: Txt2ImgRequest, env: ScriptEnv) -> XyzParams:
         tab = "img2img" if req.kind == "img2img" else "txt2img"

@@ -23,6 +23,7 @@ from studio.ui.common import (
     stream_job,
 )
 from studio.ui.controlnet import build_controlnet_panel
+from studio.ui.detailer import build_detailer_panel
 from studio.ui.refiner import build_refiner_controls
 from studio.ui.scripts import build_script_panel
 
@@ -117,6 +118,7 @@ def build_img2img_tab(studio: Studio) -> GenerationTab:
                 mode = _mode_controls("img2img", inpaint=False)
                 controls = build_sampling_controls("img2img", clip_skip_setting(studio), model_guidance(studio))
                 refiner = build_refiner_controls(studio, "img2img")
+                detailer = build_detailer_panel(studio, "img2img", img2img=True)
                 panel = build_controlnet_panel(studio, "img2img", img2img=True)
                 extra_column = gr.Column()
                 scripts = build_script_panel(studio, "img2img")
@@ -125,7 +127,7 @@ def build_img2img_tab(studio: Studio) -> GenerationTab:
         source = gr.State("upload")
     area.wire_token_counters(studio, controls.steps)
     sources.select(_tab_id, None, source, queue=False)
-    form = _request_form(studio, "img2img", (area, controls, refiner, panel, scripts), mode, extra_column)
+    form = _request_form(studio, "img2img", (area, controls, refiner, detailer, panel, scripts), mode, extra_column)
 
     def run(data: dict[Any, Any]):
         fields = form.values(data)
@@ -182,13 +184,14 @@ def build_inpaint_tab(studio: Studio) -> GenerationTab:
                 mode = _mode_controls("inpaint", inpaint=True)
                 controls = build_sampling_controls("inpaint", clip_skip_setting(studio), model_guidance(studio))
                 refiner = build_refiner_controls(studio, "inpaint")
+                detailer = build_detailer_panel(studio, "inpaint", img2img=True)
                 panel = build_controlnet_panel(studio, "inpaint", img2img=True)
                 extra_column = gr.Column()
                 scripts = build_script_panel(studio, "img2img", elem_prefix="inpaint")
             with gr.Column(scale=1):
                 out = build_output_area("inpaint")
     area.wire_token_counters(studio, controls.steps)
-    form = _request_form(studio, "inpaint", (area, controls, refiner, panel, scripts), mode, extra_column)
+    form = _request_form(studio, "inpaint", (area, controls, refiner, detailer, panel, scripts), mode, extra_column)
 
     def run(data: dict[Any, Any]):
         image, mask = editor_parts(data[editor])

@@ -86,4 +86,24 @@ def build_script_panel(studio: Studio, tab: str, elem_prefix: str | None = None)
         groups.append(group)
     dropdown.change(lambda title: [gr.update(visible=title == s.title) for s in scripts], dropdown, groups,
                     queue=False)
+    for script, group in zip(scripts, controls):
+        _link(script.linked(env, tab), group)
     return ScriptPanel(dropdown, scripts, groups, controls)
+
+
+def _link(links: dict[int, Any], group: list[Any]) -> None:
+    """Wire a script's linked controls: a change of one updates the others it names."""
+    for index, changes_for in links.items():
+        targets = sorted({t for t in changes_for(group[index].value)} if group else [])
+        outputs = [group[t] for t in targets]
+
+        def on_change(value: Any, changes_for: Any = changes_for, targets: list[int] = targets) -> list[Any]:
+            changes = changes_for(value)
+            return [gr.update(**changes.get(t, {})) for t in targets]
+
+        group[index].change(on_change, group[index], outputs, queue=False)
+        # the first state too: the page opens with the default axis's controls shown
+        for target, update in changes_for(group[index].value).items():
+            for key in ("visible",):
+                if key in update:
+                    group[target].visible = update[key]

@@ -22,6 +22,7 @@ from studio.ui.common import (
     stream_job,
 )
 from studio.ui.controlnet import ControlNetPanel, build_controlnet_panel
+from studio.ui.detailer import build_detailer_panel
 from studio.ui.extra_networks import ExtraNetworksBrowser
 from studio.ui.refiner import build_refiner_controls
 from studio.ui.scripts import ScriptPanel, build_script_panel
@@ -58,6 +59,7 @@ def build_txt2img_tab(studio: Studio) -> Txt2ImgControls:
                 controls = build_sampling_controls("txt2img", clip_skip_setting(studio), model_guidance(studio))
                 hires = build_hires_controls(studio)
                 refiner = build_refiner_controls(studio, "txt2img")
+                detailer = build_detailer_panel(studio, "txt2img")
                 panel = build_controlnet_panel(studio, "txt2img", hires=True)
                 extra_column = gr.Column()
                 scripts = build_script_panel(studio, "txt2img")
@@ -69,6 +71,7 @@ def build_txt2img_tab(studio: Studio) -> Txt2ImgControls:
     controls.bind(form)
     bind_hires(form, hires)
     refiner.bind(form)
+    detailer.bind(form)
     panel.bind(form)
     scripts.bind(form)
     with extra_column:
