@@ -176,6 +176,7 @@ def test_webuiapi_client(server):
     assert info.info.startswith("a house")
 
 
+@pytest.mark.slow  # heavy (a server, a browser or a training run): the CI's slow step
 def test_nowebui_serves_only_the_api(tmp_path):
     from tests.helpers import make_models_dir, running_server
 

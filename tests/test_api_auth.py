@@ -142,6 +142,7 @@ def test_no_cors_without_the_flag(server):
     assert r.status_code == 200 and "Access-Control-Allow-Origin" not in r.headers
 
 
+@pytest.mark.slow  # heavy (a server, a browser or a training run): the CI's slow step
 def test_server_stop_with_the_flag(tmp_path):
     from tests.helpers import Server, make_models_dir
 

@@ -306,6 +306,7 @@ def test_controlnet_tab_detect_and_extension_preprocessor(page, artifacts_dir, t
     page.screenshot(path=str(Path(artifacts_dir) / "extensions.png"), full_page=True)
 
 
+@pytest.mark.slow  # heavy (a server, a browser or a training run): the CI's slow step
 def test_train_tab_preview_and_a_short_lora_run(page, server, artifacts_dir):
     import numpy as np
     from PIL import Image
@@ -338,6 +339,7 @@ def test_train_tab_preview_and_a_short_lora_run(page, server, artifacts_dir):
     assert (Path(server.data_dir) / "models" / "Lora" / "browser_lora.safetensors").is_file()
 
 
+@pytest.mark.slow  # heavy (a server, a browser or a training run): the CI's slow step
 def test_settings_tab_turns_on_token_merging(page, server, artifacts_dir):
     import requests
 
@@ -375,6 +377,7 @@ def test_settings_tab_turns_on_token_merging(page, server, artifacts_dir):
         requests.post(f"{server.url}/sdapi/v1/options", json={"token_merging_ratio": 0.0})
 
 
+@pytest.mark.slow  # heavy (a server, a browser or a training run): the CI's slow step
 def test_flux_checkpoint_brings_its_presets_and_generates(page, server, artifacts_dir):
     from studio.testing.flux import make_flux_checkpoint
 
@@ -415,3 +418,32 @@ def test_flux_checkpoint_brings_its_presets_and_generates(page, server, artifact
     page.wait_for_function(
         "() => document.querySelector('#txt2img_cfg_scale input[type=number]').value === '7'", timeout=30_000)
     (folder / "flux1-dev-tiny.safetensors").unlink()
+
+
+def test_xyz_plot_script_shows_the_labelled_grid(page, artifacts_dir):
+    page.get_by_role("tab", name="txt2img").first.click()
+    for elem, value in (("#txt2img_width", "64"), ("#txt2img_height", "64"), ("#txt2img_steps", "2")):
+        box = page.locator(f"{elem} input[type=number]")
+        box.fill(value)
+        box.press("Enter")
+
+    def pick(elem: str, option: str) -> None:
+        page.locator(f"#{elem} input").click()
+        page.get_by_role("option", name=option, exact=True).locator("visible=true").first.click()
+
+    pick("txt2img_script", "X/Y/Z plot")
+    pick("txt2img_script_x_y_z_plot_0", "Steps")
+    page.locator("#txt2img_script_x_y_z_plot_1 input, #txt2img_script_x_y_z_plot_1 textarea").first.fill("1,2")
+    pick("txt2img_script_x_y_z_plot_3", "Sampler")   # a choice axis: its values become a dropdown
+    pick("txt2img_script_x_y_z_plot_5", "Euler")
+    pick("txt2img_script_x_y_z_plot_5", "Euler a")
+    page.keyboard.press("Escape")
+    page.locator("#txt2img_prompt textarea").fill("a plotted cube")
+    page.locator("#txt2img_generate").click()
+    page.wait_for_function(
+        "() => document.querySelector('#txt2img_info textarea').value.includes('X Type: Steps')", timeout=120_000)
+    text = page.locator("#txt2img_info textarea").input_value()
+    assert "Y Type: Sampler" in text and 'X Values: "1,2"' in text
+    page.locator("#txt2img_gallery").scroll_into_view_if_needed()
+    page.screenshot(path=str(Path(artifacts_dir) / "txt2img-xyz.png"), full_page=True)
+    pick("txt2img_script", "None")

@@ -42,6 +42,7 @@ def run_cli(capsys):
     return run
 
 
+@pytest.mark.slow  # heavy (a server, a browser or a training run): the CI's slow step
 def test_python_m_studio_generates_in_a_subprocess(tmp_path):
     """The one real subprocess: the package's __main__, the exit status and the files, as a user sees them."""
     make_models_dir(tmp_path)

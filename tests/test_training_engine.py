@@ -163,6 +163,7 @@ def test_embedding_created_trained_and_used(studio, data):
     assert np.abs(before - np.asarray(after.images[0], dtype=np.int16)).max() > 0
 
 
+@pytest.mark.slow  # heavy (a server, a browser or a training run): the CI's slow step
 def test_hypernetwork_created_and_trained(studio, data):
     from studio.networks.hypernetworks import read_hypernetwork
 

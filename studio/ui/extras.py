@@ -39,6 +39,17 @@ def build_extras_tab(studio: Studio) -> None:
                                            elem_id="extras_upscaler_2_visibility")
                 crop = gr.Checkbox(True, label="Crop to fit", elem_id="extras_upscaling_crop",
                                    info="Scale to: upscale until the image covers the size, then crop the middle")
+                with gr.Accordion("Face restoration", open=False, elem_id="extras_face_restoration"):
+                    gr.Markdown("Restorer files go in `models/GFPGAN` and `models/Codeformer`; found now: "
+                                + (", ".join(studio.engine.face_restorers.names()) or "none"))
+                    with gr.Row():
+                        gfpgan = gr.Slider(0, 1, value=0, step=0.01, label="GFPGAN visibility",
+                                           elem_id="extras_gfpgan_visibility")
+                        codeformer = gr.Slider(0, 1, value=0, step=0.01, label="CodeFormer visibility",
+                                               elem_id="extras_codeformer_visibility")
+                        weight = gr.Slider(0, 1, value=0, step=0.01, label="CodeFormer weight (0 = maximum effect)",
+                                           elem_id="extras_codeformer_weight")
+                    first = gr.Checkbox(False, label="Upscale before restoring faces", elem_id="extras_upscale_first")
                 form = RequestForm(studio.schemas.extras, "extras")
                 run = gr.Button("Generate", variant="primary", elem_id="extras_generate")
             with gr.Column():
@@ -54,6 +65,10 @@ def build_extras_tab(studio: Studio) -> None:
     form.bind("upscaler_1", upscaler_1, lambda v: v or "None")
     form.bind("upscaler_2", upscaler_2, lambda v: v or "None")
     form.bind("extras_upscaler_2_visibility", visibility, float)
+    form.bind("gfpgan_visibility", gfpgan, float)
+    form.bind("codeformer_visibility", codeformer, float)
+    form.bind("codeformer_weight", weight, float)
+    form.bind("upscale_first", first, bool)
 
     def upscale(data: dict[Any, Any]):
         sources = []
