@@ -38,7 +38,7 @@ A1111_TXT2IMG = {"batch_size": 1, "cfg_scale": 7, "denoising_strength": 0, "enab
 
 def test_restore_faces_and_vanilla_samplers(server):
     for change in ({"restore_faces": True}, {"sampler_index": "PLMS"}, {"sampler_index": "DDIM"},
-                   {"sampler_index": "UniPC"}, {"enable_hr": True}):
+                   {"sampler_index": "UniPC"}):
         r = requests.post(api(server, "txt2img"), json={**A1111_TXT2IMG, **change}, timeout=120)
         assert r.status_code == 200, (change, r.text)
         assert len(r.json()["images"]) == 1

@@ -191,6 +191,7 @@ def test_extra_networks_cards_insert_tags_and_vae_dropdown(page, artifacts_dir):
     page.screenshot(path=str(Path(artifacts_dir) / "extra-networks-hypernet.png"), full_page=True)
 
 
+@pytest.mark.slow  # heavy (a server, a browser or a training run): the CI's slow step
 def test_inpaint_tab_paint_mask_generate(page, artifacts_dir, tmp_path):
     import numpy as np
     from PIL import Image
@@ -282,6 +283,7 @@ def test_controlnet_unit_in_txt2img(page, artifacts_dir, tmp_path):
     page.locator(f"#{unit}_enable input").uncheck()
 
 
+@pytest.mark.slow  # heavy (a server, a browser or a training run): the CI's slow step
 def test_controlnet_tab_detect_and_extension_preprocessor(page, artifacts_dir, tmp_path):
     page.get_by_role("tab", name="ControlNet").first.click()
     page.locator("#controlnet_detect_image input[type=file]").set_input_files(_control_png(tmp_path))

@@ -70,3 +70,8 @@ def test_unknown_or_incompatible_hires_checkpoint_is_refused(studio):
         studio.txt2img(hires(hr_checkpoint_name="nope"))
     with pytest.raises(RequestError, match="cannot continue the latents"):
         studio.txt2img(hires(hr_checkpoint_name="tiny-sdxl.safetensors"))
+
+
+def test_prompt_networks_are_said_to_stay_on_the_first_checkpoint(studio):
+    result = studio.txt2img(hires(prompt="a red cube <lora:absent:1>", hr_checkpoint_name="other-sd1.safetensors"))
+    assert any("first checkpoint only" in note for note in result.notes)

@@ -96,6 +96,7 @@ def test_lora_trains_saves_and_loads(studio, data):
     assert np.array_equal(plain, generate(studio, "a yellow square"))
 
 
+@pytest.mark.slow  # heavy (a server, a browser or a training run): the CI's slow step
 def test_resume_continues_with_the_optimizer_state(studio, data):
     from studio.training.loop import STATE_FILE, work_dir
     from studio.training.lora import LoraSettings
@@ -146,6 +147,7 @@ def test_interrupt_keeps_a_loadable_file(studio, data):
     assert np.abs(generate(studio, "a square") - np.asarray(tagged.images[0], dtype=np.int16)).max() > 0
 
 
+@pytest.mark.slow  # heavy (a server, a browser or a training run): the CI's slow step
 def test_embedding_created_trained_and_used(studio, data):
     path = studio.create_embedding("sqemb", init_text="square", vectors_per_token=2)
     assert path.is_file()

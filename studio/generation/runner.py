@@ -344,6 +344,10 @@ def _run(model: LoadedModel, req: Txt2ImgRequest, state: JobState, prompt: str, 
     refine_first = req.refiner_checkpoint is not None and (hires is None or o.refiner_pass != "second pass")
     refine_hires = req.refiner_checkpoint is not None and hires is not None and o.refiner_pass != "first pass"
     first_title = model.info.title
+    second_model = req.refiner_checkpoint or (req.hr_checkpoint_name and hires is not None)
+    if second_model and extract_extra_networks(req.prompt)[1]:
+        notes.append("LoRA / hypernetwork tags apply to the first checkpoint only, not to the refiner or the "
+                     "hires checkpoint")
     switches = False   # whether a batch switched checkpoints (the next one starts on the first again)
     state.batches = req.n_iter
     for batch_index in range(req.n_iter):
