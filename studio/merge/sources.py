@@ -1,7 +1,9 @@
 """The merger's inputs: which file each name is, what family it holds, and its tensors one at a time.
 
-A safetensors input is described from its header alone and read through ``safe_open``, one tensor
-per call, so a merge never has a whole model in memory. A pickled ``.ckpt`` is opened with
+A safetensors input is described from its header alone and each tensor is read with a positioned
+file read of its bytes, one tensor per call, so a merge never has a whole model in memory (not even
+mapped: ``safe_open`` maps the file, and every page a merge touches would stay in the process's
+resident memory until the file is closed). A pickled ``.ckpt`` is opened with
 ``torch.load(weights_only=True, mmap=True)`` (studio.models.state_dict): its tensors stay in the
 mapped file until read.
 """
@@ -17,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from studio.errors import RequestError
 from studio.families.spec import family_label
@@ -106,11 +107,16 @@ class TensorSource:
             raise RequestError(f"{ref.label}: file not found: {path}")
         self._tensors: dict[str, torch.Tensor] | None = None
         self._handle: Any = None
+        self._offsets: dict[str, tuple[int, int]] = {}
+        self._data_start = 0
         try:
             if suffix in SAFETENSORS_SUFFIXES:
                 header = read_safetensors_header(path)
                 self.specs = {k: TensorSpec(dtype_from_name(v["dtype"]), tuple(v["shape"]))
                               for k, v in header.items() if k != "__metadata__"}
+                self._offsets = {k: tuple(v["data_offsets"]) for k, v in header.items() if k != "__metadata__"}
+                with open(path, "rb") as f:
+                    self._data_start = 8 + int.from_bytes(f.read(8), "little")
             elif suffix in PICKLE_SUFFIXES:
                 self._tensors = load_pickle_weights(path)
                 self.specs = {k: TensorSpec(v.dtype, tuple(v.shape)) for k, v in self._tensors.items()}
@@ -142,11 +148,9 @@ class TensorSource:
             yield self
             return
         try:
-            with safe_open(str(self.ref.path), framework="pt", device="cpu") as handle:
+            with open(self.ref.path, "rb") as handle:
                 self._handle = handle
                 yield self
-        except SafetensorError as e:
-            raise ModelFileError(f"{self.ref.path.name}: corrupt safetensors file ({e})") from e
         finally:
             self._handle = None
 
@@ -155,7 +159,15 @@ class TensorSource:
             return self._tensors[key]
         if self._handle is None:
             raise RuntimeError("TensorSource.get outside reading()")
-        return self._handle.get_tensor(key)
+        spec, (begin, end) = self.specs[key], self._offsets[key]
+        if end == begin:
+            return torch.empty(spec.shape, dtype=spec.dtype)
+        data = torch.empty(end - begin, dtype=torch.uint8)   # not zero-filled: the read fills it
+        self._handle.seek(self._data_start + begin)
+        if self._handle.readinto(memoryview(data.numpy())) != end - begin:
+            raise ModelFileError(f"{self.ref.path.name}: truncated safetensors file (tensor {key!r})")
+        # safetensors stores little-endian, as torch on every platform the studio runs on
+        return data.view(spec.dtype).reshape(spec.shape)
 
     def key_for(self, key: str, other: TensorSource) -> str:
         """``key`` of ``other`` as this file names it: DiT transformers come bare (BFL's files) or
