@@ -20,8 +20,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor, nn
+
+from studio.testing.upscalers import write_weights
 
 FACE_KINDS = ("CodeFormer", "GFPGAN", "RestoreFormer")
 
@@ -40,16 +41,7 @@ def make_face_restorer(
     state dict under that key, as the released files' ``params_ema`` does. ``dtype`` float16
     halves the full-size files; spandrel copies the values into its float32 model. Returns ``path``.
     """
-    state = face_restorer_state_dict(kind, seed=seed, dtype=dtype)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix.lower() == ".safetensors":
-        if wrap is not None:
-            raise ValueError("safetensors files hold flat tensors only; wrap needs a pickle")
-        save_file(state, str(path))
-    else:
-        torch.save({wrap: state} if wrap is not None else state, path)
-    return path
+    return write_weights(path, face_restorer_state_dict(kind, seed=seed, dtype=dtype), wrap)
 
 
 def face_restorer_state_dict(kind: str, seed: int = 0, dtype: torch.dtype = torch.float16) -> dict[str, Tensor]:

@@ -47,6 +47,12 @@ def write_esrgan(
     1, 2, 4 and 8. ``noise`` sets how far the weights stray from copying the input.
     """
     state = esrgan_state_dict(scale=scale, nf=nf, nb=nb, gc=gc, seed=seed, layout=layout, noise=noise)
+    return write_weights(path, state, wrap)
+
+
+def write_weights(path: Path, state: dict[str, Tensor], wrap: str | None = None) -> Path:
+    """``state`` as the file a user has: ``.safetensors`` (flat tensors), else a ``torch.save`` pickle,
+    nested under ``wrap`` when given (BasicSR's ``params_ema``). Returns ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix.lower() == ".safetensors":

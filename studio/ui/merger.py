@@ -122,14 +122,14 @@ def build_merger_tab(studio: Studio) -> MergerTab:
         choices = checkpoint_titles(studio)   # the new file, once the studio has listed it
         return [*(gr.update(choices=choices) for _ in range(3)), text]
 
-    def do_refresh() -> list[Any]:
+    def refresh_merger_lists() -> list[Any]:
         studio.refresh_checkpoints()
         studio.refresh_vaes()
         choices = checkpoint_titles(studio)
         return [*(gr.update(choices=choices) for _ in range(3)), gr.update(choices=vae_names(studio))]
 
     merged = run.click(merge, list(inputs.values()), [primary, secondary, tertiary, result])
-    refresh.click(do_refresh, None, [primary, secondary, tertiary, vae], queue=False)
+    refresh.click(refresh_merger_lists, None, [primary, secondary, tertiary, vae], queue=False)
     read_button.click(lambda a, b, c: read_models_metadata(studio, [a, b, c]), [primary, secondary, tertiary],
                       metadata_json, queue=False)
     return MergerTab(primary, secondary, tertiary, run, result, merged)
