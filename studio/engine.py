@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from studio.config import Paths, Settings
 from studio.controlnet.preprocessors import PreprocessorError, PreprocessorRegistry
 from studio.controlnet.runtime import ControlNetModels, check_units, prepare_controls
+from studio.controlnet.units import lenient_params
 from studio.detailer import DetailerConfig, DetectorRegistry, detailer_from_alwayson, run_detailer
 from studio.errors import RequestError
 from studio.generation.family_rules import adapt_to_family, unset_preset_fields
@@ -446,6 +447,10 @@ class Engine:
             images = [normalize_image(image) for image in images]
         except ImageInputError as e:
             raise RequestError(str(e)) from e
+
+        # the extension's leniency: a value outside a slider's range is its default (and a warning)
+        resolution, threshold_a, threshold_b = lenient_params(self.preprocessors.get(module), resolution,
+                                                              threshold_a, threshold_b, "ControlNet detect")
 
         def job(state: JobState) -> list[Any]:
             state.textinfo = f"Preprocessor {module}"

@@ -9,7 +9,8 @@ from typing import Any, Callable
 from fastapi import APIRouter, Body, HTTPException
 from pydantic import BaseModel, ConfigDict, Field
 
-from studio.controlnet.units import unit_count
+from studio.controlnet.control_types import api_control_types
+from studio.controlnet.units import lenient_params, unit_count
 
 # The extension's external_code.get_api_version(); clients check it before using units.
 API_VERSION = 2
@@ -54,10 +55,7 @@ def build_controlnet_router(studio: Any, route_class: Any, decode: Callable[[str
 
     @r.get("/control_types")
     def control_types() -> dict[str, Any]:
-        models = studio.controlnets.names()
-        modules = studio.preprocessors.names()
-        return {"control_types": {"All": {"module_list": modules, "model_list": ["None", *models],
-                                          "default_option": "none", "default_model": "None"}}}
+        return api_control_types(studio.preprocessors.names(), studio.controlnets.names())
 
     @r.post("/detect")
     def detect(body: DetectRequest = Body(...)) -> dict[str, Any]:
@@ -67,8 +65,10 @@ def build_controlnet_router(studio: Any, route_class: Any, decode: Callable[[str
         if not images:
             raise HTTPException(422, "No image selected")
         decoded = [decode(data) for data in images]
-        maps = studio.detect(body.controlnet_module, decoded, body.controlnet_processor_res,
-                             body.controlnet_threshold_a, body.controlnet_threshold_b)
+        # out-of-range values fall back to the module's defaults, as in a generation's units
+        res, a, b = lenient_params(studio.preprocessors.get(body.controlnet_module), body.controlnet_processor_res,
+                                   body.controlnet_threshold_a, body.controlnet_threshold_b, "/controlnet/detect")
+        maps = studio.detect(body.controlnet_module, decoded, res, a, b)
         return {"info": "Success", "images": [encode(m) for m in maps]}
 
     return r

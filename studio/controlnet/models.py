@@ -10,6 +10,7 @@ extension; the diffusers config is derived from those shapes with the UNet's rul
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 import threading
@@ -185,6 +186,7 @@ class ControlNetProbe:
     context_dim: int
     hint_channels: int
     in_channels: int
+    kind: str = "ControlNet"  # or "T2I-Adapter": both are control models of a unit
 
     @property
     def label(self) -> str:
@@ -205,7 +207,7 @@ def _not_a_controlnet(shapes: Shapes, name: str) -> ModelFileError:
     elif any(k.startswith(UNET) for k in keys):
         what = "a Stable Diffusion checkpoint"
     elif any(k.startswith(("adapter.", "body.")) for k in keys):
-        what = "a T2I-Adapter (not supported)"
+        what = "a T2I-Adapter of a kind not supported (only full adapters are)"
     elif any(k.startswith("controlnet_cond_embedding.") for k in keys):
         what = "a diffusers-layout ControlNet weights file; put its folder (with config.json) in models/ControlNet"
     else:
@@ -303,11 +305,11 @@ def _convert(sd: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[str, t
     return {k: v for k, v in converted.items() if v is not None}
 
 
-def _load_original(info: ControlNetInfo, dtype: torch.dtype, device: torch.device | str,
-                   config_cache: Path) -> LoadedControlNet:
+def _load_original(info: ControlNetInfo, sd: dict[str, torch.Tensor], dtype: torch.dtype,
+                   device: torch.device | str, config_cache: Path) -> LoadedControlNet:
     from diffusers import ControlNetModel
 
-    sd = strip_prefix(load_state_dict(info.path))
+    sd = strip_prefix(sd)
     probe = probe_controlnet({k: tuple(v.shape) for k, v in sd.items()}, info.name)
     config = derive_controlnet_config({k: tuple(v.shape) for k, v in sd.items()}, probe)
     config_dir = write_config_dir({"controlnet": config}, Path(config_cache))
@@ -357,14 +359,21 @@ def _place(model: Any, dtype: torch.dtype, device: torch.device | str) -> Any:
 
 def load_controlnet(info: ControlNetInfo, dtype: torch.dtype = torch.float32,
                     device: torch.device | str = "cpu", config_cache: Path | None = None) -> LoadedControlNet:
-    """Load a ControlNet file or folder, offline."""
+    """Load a ControlNet or T2I-Adapter file or folder, offline."""
     if info.is_diffusers:
-        loaded = _load_folder(info, dtype, device)
+        if folder_class(info.path) == "T2IAdapter":
+            loaded = _load_adapter_folder(info, dtype, device)
+        else:
+            loaded = _load_folder(info, dtype, device)
     else:
-        if config_cache is None:
-            raise ValueError("config_cache is required for single-file ControlNets")
-        loaded = _load_original(info, dtype, device, config_cache)
-    log.info("ControlNet %s (%s) loaded", info.name, loaded.probe.label)
+        sd = load_state_dict(info.path)
+        if is_adapter_state_dict(sd):
+            loaded = _load_adapter_file(info, sd, dtype, device)
+        else:
+            if config_cache is None:
+                raise ValueError("config_cache is required for single-file ControlNets")
+            loaded = _load_original(info, sd, dtype, device, config_cache)
+    log.info("%s %s (%s) loaded", loaded.probe.kind, info.name, loaded.probe.label)
     return loaded
 
 
@@ -374,5 +383,104 @@ def check_family(loaded: LoadedControlNet, model_family: str) -> None:
     base = "sdxl" if model_family.startswith("sdxl") else model_family.split("-", 1)[0]
     if base != loaded.probe.family:
         label = FAMILY_LABELS.get(base, model_family)
-        raise ModelFileError(f"ControlNet {loaded.info.name} is for {loaded.probe.label}, "
+        raise ModelFileError(f"{loaded.probe.kind} {loaded.info.name} is for {loaded.probe.label}, "
                              f"the loaded checkpoint is {label}")
+
+
+# --------------------------------------------------------------------------- T2I-Adapters
+#
+# TencentARC's SD1.4/1.5 files use a flat layout (``conv_in.*``, ``body.N.block1.*``, level L's
+# resnet J at ``body.{L * 2 + J}``); SDXL adapters and diffusers' own files use diffusers'
+# names (``adapter.body.L.resnets.J.block1.*``). Both are full adapters: light and style
+# adapters (``body.N.body.M.*``, ``style_embedding``) are not supported.
+
+ADAPTER = "T2I-Adapter"
+_ADAPTER_FAMILIES = {"full_adapter": "sd1", "full_adapter_xl": "sdxl"}
+# The original files always have two resnets per level (the T2I-Adapter paper's nums_rb).
+_ORIGINAL_RES_BLOCKS = 2
+
+
+def folder_class(folder: Path) -> str | None:
+    """The ``_class_name`` of a diffusers folder's config (None when unreadable)."""
+    try:
+        return json.loads((Path(folder) / "config.json").read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _is_original_adapter(keys: Any) -> bool:
+    return "conv_in.weight" in keys and "body.0.block1.weight" in keys
+
+
+def is_adapter_state_dict(sd: dict[str, Any]) -> bool:
+    """Full T2I-Adapter weights, in either layout (shapes or tensors)."""
+    return "adapter.conv_in.weight" in sd or _is_original_adapter(sd)
+
+
+def original_adapter_to_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """TencentARC's flat names -> diffusers' ``T2IAdapter`` names."""
+    if any(k.startswith("body.") and (".skep." in k or ".down_opt." in k) for k in sd):
+        raise ModelFileError("T2I-Adapter with skip/downsampling convs (sk=False or use_conv=True) "
+                             "is not supported; use a full adapter (e.g. t2iadapter_*_sd14v1 / sd15v2)")
+    out = {}
+    for key, value in sd.items():
+        name = key
+        if m := re.fullmatch(r"body\.(\d+)\.in_conv\.(weight|bias)", key):
+            name = f"body.{int(m[1]) // _ORIGINAL_RES_BLOCKS}.in_conv.{m[2]}"
+        elif m := re.fullmatch(r"body\.(\d+)\.(block[12])\.(weight|bias)", key):
+            level, resnet = divmod(int(m[1]), _ORIGINAL_RES_BLOCKS)
+            name = f"body.{level}.resnets.{resnet}.{m[2]}.{m[3]}"
+        elif not key.startswith("conv_in."):
+            raise ModelFileError(f"unexpected T2I-Adapter tensor {key!r}")
+        out["adapter." + name] = value
+    return out
+
+
+def derive_adapter_config(sd: dict[str, Any]) -> dict[str, Any]:
+    """A ``T2IAdapter`` config from diffusers-named weights' shapes."""
+    levels = sorted({int(m[1]) for k in sd if (m := re.match(r"adapter\.body\.(\d+)\.resnets\.", k))})
+    if not levels or "adapter.conv_in.weight" not in sd or any(k.startswith("adapter.body.0.body.") for k in sd):
+        raise ModelFileError("not a full T2I-Adapter (light and style adapters are not supported)")
+    channels = [tuple(sd[f"adapter.body.{i}.resnets.0.block1.weight"].shape)[0] for i in levels]
+    res_blocks = len({k.split(".")[4] for k in sd if k.startswith("adapter.body.0.resnets.")})
+    conv_in = tuple(sd["adapter.conv_in.weight"].shape)[1]
+    # The input is pixel-unshuffled: 8x8 (SD) or 16x16 (SDXL) pixels of each map channel per position.
+    downscale = 16 if conv_in % 256 == 0 else 8
+    if conv_in % (downscale * downscale):
+        raise ModelFileError(f"T2I-Adapter input convolution with {conv_in} channels fits no known layout")
+    return {"in_channels": conv_in // (downscale * downscale), "channels": channels, "num_res_blocks": res_blocks,
+            "downscale_factor": downscale, "adapter_type": "full_adapter_xl" if downscale == 16 else "full_adapter"}
+
+
+def _adapter_probe(config: Any) -> ControlNetProbe:
+    family = _ADAPTER_FAMILIES.get(config["adapter_type"])
+    if family is None:
+        raise ModelFileError(f"T2I-Adapter type {config['adapter_type']!r} is not supported (only full adapters)")
+    return ControlNetProbe(family, 0, config["in_channels"], config["in_channels"], ADAPTER)
+
+
+def _load_adapter_file(info: ControlNetInfo, sd: dict[str, torch.Tensor], dtype: torch.dtype,
+                       device: torch.device | str) -> LoadedControlNet:
+    from diffusers import T2IAdapter
+
+    try:
+        weights = original_adapter_to_diffusers(sd) if _is_original_adapter(sd) else sd
+        config = derive_adapter_config(weights)
+        probe = _adapter_probe(config)
+        model = T2IAdapter(**config)
+        model.load_state_dict(weights, strict=True)
+    except ModelFileError as e:
+        raise ModelFileError(f"{info.name}: {e}") from e
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise ModelFileError(f"{info.name}: weights do not fit a T2I-Adapter: {e}") from e
+    return LoadedControlNet(info, probe, _place(model, dtype, device))
+
+
+def _load_adapter_folder(info: ControlNetInfo, dtype: torch.dtype, device: torch.device | str) -> LoadedControlNet:
+    from diffusers import T2IAdapter
+
+    try:
+        model = T2IAdapter.from_pretrained(info.path, local_files_only=True, torch_dtype=dtype)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise ModelFileError(f"{info.name}: incomplete or corrupt diffusers T2I-Adapter folder: {e}") from e
+    return LoadedControlNet(info, _adapter_probe(dict(model.config)), _place(model, dtype, device))

@@ -347,6 +347,10 @@ def builtin_preprocessors(annotators_dir: Path) -> list[Preprocessor]:
     for name, label, spec, s1, s2 in weighted:
         plain.append(Preprocessor(name, label, _weighted(name, spec, annotators_dir), slider_1=s1, slider_2=s2,
                                   needs_weights=spec.filenames))
+    # imported here: studio.controlnet.model_free builds on this module's Preprocessor and Slider
+    from studio.controlnet.model_free import model_free_preprocessors
+
+    plain.extend(model_free_preprocessors())
     return plain
 
 

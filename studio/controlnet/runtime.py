@@ -31,6 +31,7 @@ from studio.controlnet.units import (
     UnitError,
     check_unit,
     fit_control_map,
+    lenient_params,
     map_to_tensor,
     pixel_perfect_resolution,
     unit_infotext,
@@ -166,7 +167,10 @@ def prepare_controls(units: tuple[ControlNetUnitRequest, ...], registry: Preproc
         image = unit.image if unit.image is not None else init_image
         if image is None:
             raise UnitError(f"ControlNet unit {index}: no control image")
-        resolution = unit.processor_res
+        # the extension's leniency: a value outside a slider's range becomes its default (and a warning)
+        resolution, threshold_a, threshold_b = lenient_params(registry.get(unit.module), unit.processor_res,
+                                                              unit.threshold_a, unit.threshold_b,
+                                                              f"ControlNet unit {index}")
         if unit.pixel_perfect:
             resolution = pixel_perfect_resolution(image.size, width, height, unit.resize_mode)
         info = models.find(unit.model)
@@ -178,8 +182,8 @@ def prepare_controls(units: tuple[ControlNetUnitRequest, ...], registry: Preproc
         except ModelFileError as e:
             raise UnitError(f"ControlNet unit {index}: {e}") from e
         try:
-            res, a, b = registry.resolve_params(unit.module, resolution, unit.threshold_a, unit.threshold_b)
-            detected = registry.run(unit.module, image, resolution, unit.threshold_a, unit.threshold_b, seed=seed)
+            res, a, b = registry.resolve_params(unit.module, resolution, threshold_a, threshold_b)
+            detected = registry.run(unit.module, image, resolution, threshold_a, threshold_b, seed=seed)
         except PreprocessorError as e:
             raise UnitError(f"ControlNet unit {index}: {e}") from e
         text = unit_infotext(unit, info.api_name, res, a, b)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import numpy as np
 from PIL import Image
@@ -38,6 +38,13 @@ _LEGACY_FIELDS = {"guidance": "guidance_end", "lowvram": "low_vram", "input_imag
 # The fields the extension writes to infotext, in its order (ControlNetUnit.infotext_fields()).
 INFOTEXT_FIELDS = ("module", "model", "weight", "resize_mode", "processor_res", "threshold_a", "threshold_b",
                    "guidance_start", "guidance_end", "pixel_perfect", "control_mode")
+
+
+# A unit as positional values: the order of the extension's first API (version 1,
+# ``external_code.ControlNetUnit.__init__``), which A1111 clients still send as script args.
+POSITIONAL_FIELDS = ("enabled", "module", "model", "weight", "image", "invert_image", "resize_mode", "rgbbgr_mode",
+                     "low_vram", "processor_res", "threshold_a", "threshold_b", "guidance_start", "guidance_end",
+                     "guess_mode")
 
 
 def unit_count(settings: Any) -> int:
@@ -168,21 +175,62 @@ def unit_from_api(values: dict[str, Any], decode_image: Callable[[Any], Any],
     return replace(defaults, **fields)
 
 
+def _positional_unit(values: list[Any] | tuple[Any, ...], notes: list[str] | None) -> dict[str, Any]:
+    """A unit given as positional values in :data:`POSITIONAL_FIELDS` order, as a dict. The fields
+    the extension dropped later are read too: ``invert_image`` on a unit without a preprocessor is
+    the "invert" module; the colour-order and guess-mode switches have no effect any more."""
+    if len(values) > len(POSITIONAL_FIELDS):
+        raise UnitError(f"a positional ControlNet unit has at most {len(POSITIONAL_FIELDS)} values "
+                        f"({', '.join(POSITIONAL_FIELDS)}); got {len(values)}")
+    fields = dict(zip(POSITIONAL_FIELDS, values))
+    if _flag(fields.pop("invert_image", False)):
+        if str(fields.get("module") or "none") != "none":
+            raise UnitError("invert_image works only with module 'none' (it is the 'invert' module); "
+                            "invert the image before sending it")
+        fields["module"] = "invert"
+    for dropped in ("rgbbgr_mode", "guess_mode"):
+        if _flag(fields.pop(dropped, False)) and notes is not None:
+            notes.append(f"ControlNet: {dropped!r} was removed from the extension and is ignored")
+    return fields
+
+
+def _unit_values(args: list[Any], notes: list[str] | None) -> list[Any]:
+    """The units of a script's ``args`` as the extension's first API read them: objects, and
+    positional values flattened into the list, each unit starting at its ``enabled`` boolean
+    (or a list of those values per unit). ``null`` entries are skipped, as the extension does."""
+    units: list[Any] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if isinstance(arg, bool):
+            units.append(_positional_unit(args[i:i + len(POSITIONAL_FIELDS)], notes))
+            i += len(POSITIONAL_FIELDS)
+            continue
+        if isinstance(arg, (list, tuple)) and arg and isinstance(arg[0], bool):
+            units.append(_positional_unit(arg, notes))
+        elif arg is not None:
+            units.append(arg)
+        i += 1
+    return units
+
+
 def units_from_alwayson(scripts: dict[str, Any] | None, decode: Callable[[Any], Any],
                         notes: list[str] | None = None) -> tuple[ControlNetUnitRequest, ...]:
-    """The units of ``alwayson_scripts["ControlNet"]["args"]`` (the title in any case)."""
+    """The units of ``alwayson_scripts["ControlNet"]["args"]`` (the title in any case): objects,
+    or A1111's positional values (see :func:`_unit_values`)."""
     for title, entry in (scripts or {}).items():
         if str(title).strip().lower() != SCRIPT_TITLE:
             continue
         args = entry.get("args", []) if isinstance(entry, dict) else entry
         if not isinstance(args, list):
             raise UnitError("alwayson_scripts.controlnet.args must be a list of units")
-        return tuple(unit_from_api(arg, decode, notes) for arg in args)
+        return tuple(unit_from_api(arg, decode, notes) for arg in _unit_values(args, notes))
     return ()
 
 
 def check_unit(unit: ControlNetUnitRequest, index: int) -> None:
-    """The ranges the extension enforces (its pydantic model): weight 0-2, start <= end in 0-1."""
+    """The ranges the extension enforces (its pydantic model): weight 0-2, start <= end in 0-1.
+    ``processor_res`` and the thresholds are not refused: see :func:`lenient_params`."""
     def bad(msg: str) -> UnitError:
         return UnitError(f"ControlNet unit {index}: {msg}")
 
@@ -194,12 +242,45 @@ def check_unit(unit: ControlNetUnitRequest, index: int) -> None:
             raise bad(f"{name} must be between 0 and 1 (got {value:g})")
     if unit.guidance_start > unit.guidance_end:
         raise bad(f"guidance_start ({unit.guidance_start:g}) is after guidance_end ({unit.guidance_end:g})")
-    if unit.processor_res != -1 and not 64 <= unit.processor_res <= 2048:
-        raise bad(f"processor_res must be between 64 and 2048, or -1 for the default (got {unit.processor_res})")
     for name, choices in (("resize_mode", CONTROL_RESIZE_MODES), ("control_mode", CONTROL_MODES),
                           ("hr_option", HR_OPTIONS)):
         if getattr(unit, name) not in choices:
             raise bad(f"{name} must be one of {', '.join(choices)} (got {getattr(unit, name)!r})")
+
+
+class _Slider(Protocol):
+    minimum: float
+    maximum: float
+    value: float
+
+
+class _Sliders(Protocol):
+    """What :func:`lenient_params` reads of a preprocessor (``preprocessors.Preprocessor``)."""
+
+    name: str
+    resolution: _Slider | None
+    slider_1: _Slider | None
+    slider_2: _Slider | None
+
+
+def lenient_params(p: _Sliders, processor_res: float, threshold_a: float, threshold_b: float,
+                   where: str = "ControlNet") -> tuple[int, float, float]:
+    """The extension's rule for a unit's preprocessor values (``bound_check_params``): a value
+    outside its slider's range is replaced by the slider's default, with a warning unless it is
+    -1 (the API's "default" sentinel), instead of failing the request. One rule for
+    ``/controlnet/detect`` and for generation. A value for a slider the module does not have is
+    kept: nothing reads it."""
+    out: list[float] = []
+    for field, given, slider in (("processor_res", processor_res, p.resolution),
+                                 ("threshold_a", threshold_a, p.slider_1),
+                                 ("threshold_b", threshold_b, p.slider_2)):
+        if slider is not None and not slider.minimum <= given <= slider.maximum:
+            if given != -1:
+                log.warning("%s: %s.%s %g is outside %g-%g, using the default %g", where, p.name, field, given,
+                            slider.minimum, slider.maximum, slider.value)
+            given = slider.value
+        out.append(given)
+    return int(round(out[0])), float(out[1]), float(out[2])
 
 
 # --------------------------------------------------------------------------- sizes and maps
