@@ -252,6 +252,7 @@ def _pick(page, elem_id: str, option: str) -> None:
     page.get_by_role("option", name=option, exact=False).first.click()
 
 
+@pytest.mark.slow  # heavy (a server, a browser or a training run): the CI's slow step
 def test_controlnet_unit_in_txt2img(page, artifacts_dir, tmp_path):
     page.get_by_role("tab", name="txt2img").click()
     page.locator("#txt2img_prompt textarea").fill("a house on a hill")

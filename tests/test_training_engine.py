@@ -68,6 +68,7 @@ def assert_learned(result) -> None:
     assert last < first, (first, last, result.losses)
 
 
+@pytest.mark.slow  # heavy (a server, a browser or a training run): the CI's slow step
 def test_lora_trains_saves_and_loads(studio, data):
     from safetensors import safe_open
 
