@@ -423,6 +423,7 @@ def test_flux_checkpoint_brings_its_presets_and_generates(page, server, artifact
     (folder / "flux1-dev-tiny.safetensors").unlink()
 
 
+@pytest.mark.slow  # heavy (a browser generating a grid): the CI's slow step; test_ui_scripts covers the panel
 def test_xyz_plot_script_shows_the_labelled_grid(page, artifacts_dir):
     page.get_by_role("tab", name="txt2img").first.click()
     for elem, value in (("#txt2img_width", "64"), ("#txt2img_height", "64"), ("#txt2img_steps", "2")):

@@ -114,9 +114,13 @@ def test_random_seed_is_reported(studio):
     assert f"Seed: {r.seeds[0]}" in r.infotexts[0]
 
 
-@pytest.mark.parametrize("sampler,schedule", [("DPM++ 2M", "Karras"), ("DPM++ SDE", "Automatic"),
-                                              ("DDIM", "Automatic"), ("LCM", "Automatic"),
-                                              ("Heun", "Exponential"), ("UniPC", "SGM Uniform")])
+SLOW = pytest.mark.slow   # the same check on more samplers: the CI's slow step
+
+
+@pytest.mark.parametrize("sampler,schedule", [
+    ("DPM++ 2M", "Karras"), pytest.param("DPM++ SDE", "Automatic", marks=SLOW), ("DDIM", "Automatic"),
+    pytest.param("LCM", "Automatic", marks=SLOW), pytest.param("Heun", "Exponential", marks=SLOW),
+    ("UniPC", "SGM Uniform")])
 def test_samplers_run_on_every_family(studio, sampler, schedule):
     for name in ("tiny-sd1.safetensors", "tiny-sd2-v.ckpt", "tiny-sdxl.safetensors"):
         studio.select_checkpoint(name)

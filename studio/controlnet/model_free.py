@@ -6,8 +6,9 @@
 - ``color``: the T2I-Adapter colour grid (the extension's ``t2ia_color_grid``), the image reduced to
   one colour per 64x64 cell.
 
-Each is registered with the extension's name, sliders and ``model_free=False``: in the extension
-that flag means "works without a ControlNet model", and these maps are only useful with one.
+They are registered in studio.controlnet.preprocessors (``builtin_preprocessors``) with the extension's
+names, sliders and ``model_free=False``: in the extension that flag means "works without a ControlNet
+model", and these maps are only useful with one. This module imports nothing of the studio's.
 """
 
 from __future__ import annotations
@@ -15,11 +16,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from studio.controlnet.preprocessors import RESOLUTION, Preprocessor, Slider
-
 # The extension's colour grid has one cell per 64 pixels of the map.
 COLOR_CELL = 64
-GAMMA = Slider("Gamma Correction", 0.1, 2.0, 1.0, 0.001)
 
 
 def _gamma_gray(channel: np.ndarray, gamma: float) -> Image.Image:
@@ -63,16 +61,3 @@ def color_grid(image: Image.Image, resolution: int, slider_1: float | None = Non
     h, w = arr.shape[:2]
     small = cv2.resize(arr, (max(1, w // COLOR_CELL), max(1, h // COLOR_CELL)), interpolation=cv2.INTER_CUBIC)
     return Image.fromarray(cv2.resize(small, (w, h), interpolation=cv2.INTER_NEAREST))
-
-
-def model_free_preprocessors() -> list[Preprocessor]:
-    """The modules of this file, named, labelled and with sliders as in sd-webui-controlnet.
-
-    Recolor has no resolution slider there (the map keeps the input's size); the colour grid has the
-    usual one, since its cell size is relative to the resized map.
-    """
-    return [
-        Preprocessor("recolor_luminance", "Recolor Luminance", recolor_luminance, resolution=None, slider_1=GAMMA),
-        Preprocessor("recolor_intensity", "Recolor Intensity", recolor_intensity, resolution=None, slider_1=GAMMA),
-        Preprocessor("color", "T2I-Adapter Color Grid", color_grid, resolution=RESOLUTION),
-    ]

@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from studio.controlnet import model_free
+
 ANNOTATORS_REPO = "lllyasviel/Annotators"
 # sd-webui-controlnet pads the detector input up to a multiple of 64 (resize_image_with_pad) because
 # several networks down-sample by 2**6; the pad is cropped off the map afterwards.
@@ -347,10 +349,16 @@ def builtin_preprocessors(annotators_dir: Path) -> list[Preprocessor]:
     for name, label, spec, s1, s2 in weighted:
         plain.append(Preprocessor(name, label, _weighted(name, spec, annotators_dir), slider_1=s1, slider_2=s2,
                                   needs_weights=spec.filenames))
-    # imported here: studio.controlnet.model_free builds on this module's Preprocessor and Slider
-    from studio.controlnet.model_free import model_free_preprocessors
-
-    plain.extend(model_free_preprocessors())
+    # the extension's weight-free image operations (studio/controlnet/model_free.py): recolor has no
+    # resolution slider there (the map keeps the input's size); the colour grid has the usual one
+    gamma = Slider("Gamma Correction", 0.1, 2.0, 1.0, 0.001)
+    plain += [
+        Preprocessor("recolor_luminance", "Recolor Luminance", model_free.recolor_luminance, resolution=None,
+                     slider_1=gamma),
+        Preprocessor("recolor_intensity", "Recolor Intensity", model_free.recolor_intensity, resolution=None,
+                     slider_1=gamma),
+        Preprocessor("color", "T2I-Adapter Color Grid", model_free.color_grid, resolution=RESOLUTION),
+    ]
     return plain
 
 
