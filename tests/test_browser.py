@@ -203,7 +203,8 @@ def test_inpaint_tab_paint_mask_generate(page, artifacts_dir, tmp_path):
     page.locator("#inpaint_prompt textarea").fill("a small red door")
     page.locator("#inpaint_image input[type=file]").first.set_input_files(str(init))
     canvas = page.locator("#inpaint_image canvas").first
-    canvas.wait_for(timeout=30_000)
+    # the first test of a fresh page in the slow step: the editor can take a while to come up
+    canvas.wait_for(timeout=90_000)
     page.wait_for_timeout(1000)
     for elem, value in (("#inpaint_width", "64"), ("#inpaint_height", "64"), ("#inpaint_steps", "2")):
         field = page.locator(f"{elem} input[type=number]")
