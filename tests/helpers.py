@@ -92,3 +92,33 @@ def running_server(data_dir: Path, *args: str) -> Iterator[Server]:
         yield srv
     finally:
         srv.stop()
+
+
+def png_b64(image) -> str:
+    """An image as the API's raw base64 PNG."""
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def decode_b64(data: str):
+    """The image in an API answer's base64 field."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    return Image.open(io.BytesIO(base64.b64decode(data)))
+
+
+def control_square():
+    """A 64x64 black picture with a white rectangle: a control image every preprocessor can read."""
+    import numpy as np
+    from PIL import Image
+
+    arr = np.zeros((64, 64, 3), np.uint8)
+    arr[16:48, 20:44] = 255
+    return Image.fromarray(arr)

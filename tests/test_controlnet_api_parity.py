@@ -4,16 +4,12 @@ and requests rewritten from the extension's own tests/web_api suite."""
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import logging
 import shutil
 
-import numpy as np
 import pytest
 import requests
-from PIL import Image
 
 from studio.controlnet.control_types import CONTROL_TYPES, api_control_types, select_control_type
 from studio.controlnet.preprocessors import PreprocessorRegistry
@@ -24,6 +20,7 @@ from studio.controlnet.units import (
     lenient_params,
     units_from_alwayson,
 )
+from tests.helpers import control_square, decode_b64, png_b64
 
 MODULES = ["none", "blur_gaussian", "canny", "depth_midas", "depth_zoe", "invert", "lineart_anime",
            "lineart_standard", "mlsd", "normal_bae", "openpose", "scribble_xdog", "shuffle", "softedge_hed",
@@ -142,20 +139,10 @@ def test_positional_units_old_switches():
 # --------------------------------------------------------------------------- on the running app
 
 
-def b64(image: Image.Image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
+b64, decode = png_b64, decode_b64
 
 
-def decode(data: str) -> Image.Image:
-    return Image.open(io.BytesIO(base64.b64decode(data)))
-
-
-def control_image() -> Image.Image:
-    arr = np.zeros((64, 64, 3), np.uint8)
-    arr[16:48, 20:44] = 255
-    return Image.fromarray(arr)
+control_image = control_square
 
 
 BASE = {"prompt": "a house", "steps": 2, "width": 64, "height": 64, "seed": 5, "sampler_name": "Euler",

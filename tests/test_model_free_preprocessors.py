@@ -4,9 +4,6 @@ through /controlnet/detect."""
 
 from __future__ import annotations
 
-import base64
-import io
-
 import numpy as np
 import pytest
 import requests
@@ -14,6 +11,7 @@ from PIL import Image
 
 from studio.controlnet.model_free import color_grid, recolor_intensity, recolor_luminance
 from studio.controlnet.preprocessors import PreprocessorRegistry
+from tests.helpers import decode_b64, png_b64
 
 
 @pytest.fixture
@@ -36,14 +34,7 @@ def noise(size: tuple[int, int], seed: int = 0) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
 
 
-def b64(image: Image.Image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-def decode(data: str) -> Image.Image:
-    return Image.open(io.BytesIO(base64.b64decode(data)))
+b64, decode = png_b64, decode_b64
 
 
 # --------------------------------------------------------------------------- registry
