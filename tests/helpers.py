@@ -122,3 +122,18 @@ def control_square():
     arr = np.zeros((64, 64, 3), np.uint8)
     arr[16:48, 20:44] = 255
     return Image.fromarray(arr)
+
+
+def guided_latents(studio, model, units, steps: int = 4):
+    """Latents of one tiny 64x64 sampling pass (Euler, CFG 7, seed 5) with ControlNet/adapter ``units``."""
+    from studio.controlnet.guidance import ControlNetGuidance
+    from studio.generation.samplers import effective_schedule, split_sampler_name
+    from studio.generation.sampling import BatchSpec, sample
+    from studio.prompts.schedule import ConditioningPlan
+
+    sampler, schedule = split_sampler_name("Euler", "Automatic")
+    plan = ConditioningPlan(model.conditioner, "a house", "", steps, 1)
+    spec = BatchSpec(plan=plan, sampler=sampler, schedule=effective_schedule(sampler, schedule), steps=steps,
+                     cfg_scale=7.0, eta=None, width=64, height=64, seeds=[5],
+                     callbacks=[ControlNetGuidance(units)])
+    return studio.queue.run(lambda state: sample(model, spec, state))

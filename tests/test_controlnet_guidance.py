@@ -7,15 +7,12 @@ import pytest
 import torch
 
 from studio.config import Flags
-from studio.controlnet.guidance import ControlNetGuidance, ControlUnit, control_residuals
+from studio.controlnet.guidance import ControlUnit, control_residuals
 from studio.controlnet.models import ControlNetLibrary, load_controlnet
 from studio.core import Studio
-from studio.generation.samplers import effective_schedule, split_sampler_name
-from studio.generation.sampling import BatchSpec, sample
-from studio.prompts.schedule import ConditioningPlan
 from studio.testing import tiny_components
 from studio.testing.controlnets import make_controlnet
-from tests.helpers import make_models_dir
+from tests.helpers import guided_latents, make_models_dir
 
 
 @pytest.fixture(scope="module")
@@ -40,13 +37,7 @@ def hint() -> torch.Tensor:
     return (torch.rand(1, 3, 64, 64, generator=g) > 0.5).float()
 
 
-def latents(studio, model, units, steps=4):
-    sampler, schedule = split_sampler_name("Euler", "Automatic")
-    plan = ConditioningPlan(model.conditioner, "a house", "", steps, 1)
-    spec = BatchSpec(plan=plan, sampler=sampler, schedule=effective_schedule(sampler, schedule), steps=steps,
-                     cfg_scale=7.0, eta=None, width=64, height=64, seeds=[5],
-                     callbacks=[ControlNetGuidance(units)])
-    return studio.queue.run(lambda state: sample(model, spec, state))
+latents = guided_latents
 
 
 def test_weight_zero_is_no_unit_and_weight_one_acts(setup):

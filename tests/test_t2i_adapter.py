@@ -10,18 +10,16 @@ import torch
 from PIL import Image
 
 from studio.config import Flags
-from studio.controlnet.guidance import ControlNetGuidance, ControlUnit, control_residuals
+from studio.controlnet.guidance import ControlUnit, control_residuals
 from studio.controlnet.models import ControlNetLibrary, check_family, load_controlnet
 from studio.core import Studio
 from studio.generation.request import RequestError, Txt2ImgRequest
-from studio.generation.samplers import effective_schedule, split_sampler_name
-from studio.generation.sampling import BatchSpec, sample
+from studio.generation.samplers import split_sampler_name
 from studio.models.state_dict import ModelFileError
-from studio.prompts.schedule import ConditioningPlan
 from studio.testing import make_checkpoint, tiny_components
 from studio.testing.adapters import build_adapter, make_adapter, make_adapter_folder
 from studio.testing.controlnets import make_controlnet
-from tests.helpers import make_models_dir
+from tests.helpers import guided_latents, make_models_dir
 
 LAYOUTS = {  # name -> (family, loaded from)
     "ad-orig.safetensors": ("sd1", "original"),
@@ -117,13 +115,7 @@ def nets(studio, tmp_path_factory):
     return {n: load_controlnet(library.find(n), config_cache=cache).model for n in ("ad-orig", "ad-xl", "cn-a")}
 
 
-def latents(studio, model, units, steps=4):
-    sampler, schedule = split_sampler_name("Euler", "Automatic")
-    plan = ConditioningPlan(model.conditioner, "a house", "", steps, 1)
-    spec = BatchSpec(plan=plan, sampler=sampler, schedule=effective_schedule(sampler, schedule), steps=steps,
-                     cfg_scale=7.0, eta=None, width=64, height=64, seeds=[5],
-                     callbacks=[ControlNetGuidance(units)])
-    return studio.queue.run(lambda state: sample(model, spec, state))
+latents = guided_latents
 
 
 def test_adapter_runs_once_and_only_inside_its_window(studio, nets):

@@ -343,14 +343,18 @@ def _probe_config(config: dict[str, Any]) -> ControlNetProbe:
     return ControlNetProbe(family, context_dim, config.get("conditioning_channels", 3), config["in_channels"])
 
 
-def _load_folder(info: ControlNetInfo, dtype: torch.dtype, device: torch.device | str) -> LoadedControlNet:
-    from diffusers import ControlNetModel
+def _load_folder(info: ControlNetInfo, dtype: torch.dtype, device: torch.device | str,
+                 adapter: bool = False) -> LoadedControlNet:
+    """A diffusers folder: a ControlNet, or (``adapter``) a T2I-Adapter, probed from its config."""
+    from diffusers import ControlNetModel, T2IAdapter
 
+    cls, what, probe = ((T2IAdapter, "T2I-Adapter", _adapter_probe) if adapter
+                        else (ControlNetModel, "ControlNet", _probe_config))
     try:
-        model = ControlNetModel.from_pretrained(info.path, local_files_only=True, torch_dtype=dtype)
+        model = cls.from_pretrained(info.path, local_files_only=True, torch_dtype=dtype)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise ModelFileError(f"{info.name}: incomplete or corrupt diffusers ControlNet folder: {e}") from e
-    return LoadedControlNet(info, _probe_config(dict(model.config)), _place(model, dtype, device))
+        raise ModelFileError(f"{info.name}: incomplete or corrupt diffusers {what} folder: {e}") from e
+    return LoadedControlNet(info, probe(dict(model.config)), _place(model, dtype, device))
 
 
 def _place(model: Any, dtype: torch.dtype, device: torch.device | str) -> Any:
@@ -362,7 +366,7 @@ def load_controlnet(info: ControlNetInfo, dtype: torch.dtype = torch.float32,
     """Load a ControlNet or T2I-Adapter file or folder, offline."""
     if info.is_diffusers:
         if folder_class(info.path) == "T2IAdapter":
-            loaded = _load_adapter_folder(info, dtype, device)
+            loaded = _load_folder(info, dtype, device, adapter=True)
         else:
             loaded = _load_folder(info, dtype, device)
     else:
@@ -474,13 +478,3 @@ def _load_adapter_file(info: ControlNetInfo, sd: dict[str, torch.Tensor], dtype:
     except (KeyError, RuntimeError, ValueError) as e:
         raise ModelFileError(f"{info.name}: weights do not fit a T2I-Adapter: {e}") from e
     return LoadedControlNet(info, probe, _place(model, dtype, device))
-
-
-def _load_adapter_folder(info: ControlNetInfo, dtype: torch.dtype, device: torch.device | str) -> LoadedControlNet:
-    from diffusers import T2IAdapter
-
-    try:
-        model = T2IAdapter.from_pretrained(info.path, local_files_only=True, torch_dtype=dtype)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise ModelFileError(f"{info.name}: incomplete or corrupt diffusers T2I-Adapter folder: {e}") from e
-    return LoadedControlNet(info, _adapter_probe(dict(model.config)), _place(model, dtype, device))
