@@ -10,7 +10,7 @@ from fastapi import APIRouter, Body, HTTPException
 from pydantic import BaseModel, ConfigDict, Field
 
 from studio.controlnet.control_types import api_control_types
-from studio.controlnet.units import lenient_params, unit_count
+from studio.controlnet.units import unit_count
 
 # The extension's external_code.get_api_version(); clients check it before using units.
 API_VERSION = 2
@@ -65,10 +65,9 @@ def build_controlnet_router(studio: Any, route_class: Any, decode: Callable[[str
         if not images:
             raise HTTPException(422, "No image selected")
         decoded = [decode(data) for data in images]
-        # out-of-range values fall back to the module's defaults, as in a generation's units
-        res, a, b = lenient_params(studio.preprocessors.get(body.controlnet_module), body.controlnet_processor_res,
-                                   body.controlnet_threshold_a, body.controlnet_threshold_b, "/controlnet/detect")
-        maps = studio.detect(body.controlnet_module, decoded, res, a, b)
+        # out-of-range values fall back to the module's defaults in Engine.detect, as in a generation's units
+        maps = studio.detect(body.controlnet_module, decoded, body.controlnet_processor_res,
+                             body.controlnet_threshold_a, body.controlnet_threshold_b)
         return {"info": "Success", "images": [encode(m) for m in maps]}
 
     return r
