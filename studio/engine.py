@@ -23,7 +23,7 @@ from studio.controlnet.units import lenient_params
 from studio.detailer import DetailerConfig, DetectorRegistry, detailer_from_alwayson, run_detailer
 from studio.errors import RequestError
 from studio.generation.family_rules import adapt_to_family, unset_preset_fields
-from studio.generation.imageops import ImageInputError, normalize_image
+from studio.generation.imageops import ImageInputError, normalize_image, normalize_mask
 from studio.generation.outputs import ImageReadError, SaveFormat, open_image, save_image
 from studio.generation.request import (
     ExtrasRequest,
@@ -166,7 +166,8 @@ class Engine:
         req = validate_img2img(req) if img2img else validate_txt2img(req)
         if req.controlnet_units:
             check_units(req.controlnet_units, self.preprocessors, self.controlnets,
-                        has_init_image=bool(getattr(req, "init_images", ())))
+                        has_init_image=bool(getattr(req, "init_images", ())),
+                        has_init_mask=getattr(req, "mask", None) is not None)
         merge, merge_hr = token_merging_ratios(options.model_dump(), img2img=img2img)
         overrides = req.override_settings
         req = req.model_copy(update={
@@ -313,9 +314,15 @@ class Engine:
         def progress(index: int) -> None:
             state.textinfo = f"ControlNet unit {index}: preprocessing"
 
+        mask = getattr(req, "mask", None)
+        if mask is not None and init:   # A1111's image_mask: white = repaint, after "Inpaint not masked"
+            mask = normalize_mask(mask, init[0].size, round_alpha=req.mask_round)[0].convert("L")
+            if req.inpainting_mask_invert:
+                mask = mask.point(lambda v: 255 - v)
         return prepare_controls(req.controlnet_units, self.preprocessors, self.controlnets, model.family,
                                 req.width, req.height, model.policy.dtype, model.policy.device,
-                                init_image=init[0] if init else None, seed=req.seed, on_unit=progress)
+                                init_image=init[0] if init else None, seed=req.seed, on_unit=progress,
+                                init_mask=mask)
 
     def img2img_folder(self, fields: dict[str, Any], folder_in: Path, folder_out: Path | None) -> list[Path]:
         """A1111's img2img Batch: every image in ``folder_in`` (not recursive) with the same

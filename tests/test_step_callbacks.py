@@ -272,3 +272,36 @@ def test_previews_come_every_n_steps_but_not_after_the_last(setup):
     assert (step, total) == (4, 4) and lat.shape == (1, 4, 8, 8)
     assert previews == 1 and preview.size == (64, 64)
     assert set(TENSOR_INPUTS) == {"latents", "noise_pred", "prompt_embeds"}
+
+
+def test_added_cond_kwargs_of_callbacks_are_merged_and_clashes_refused():
+    from studio.generation.step_callbacks import StepCallback, StepCallbacks
+
+    class Adds(StepCallback):
+        def __init__(self, **added):
+            self.added = added
+
+        def unet_kwargs(self, call):
+            return {"added_cond_kwargs": dict(self.added)}
+
+    merged = StepCallbacks([Adds(image_embeds=1), Adds(extra=2)]).unet_kwargs(None)
+    assert merged == {"added_cond_kwargs": {"image_embeds": 1, "extra": 2}}
+    with pytest.raises(ValueError, match="image_embeds"):
+        StepCallbacks([Adds(image_embeds=1), Adds(image_embeds=2)]).unet_kwargs(None)
+
+
+def test_unet_output_replacements_chain_and_keep_their_shape():
+    from studio.generation.step_callbacks import StepCallback, StepCallbacks
+
+    class Doubles(StepCallback):
+        def unet_output(self, call, pred):
+            return pred * 2
+
+    class Breaks(StepCallback):
+        def unet_output(self, call, pred):
+            return pred[:1]
+
+    pred = torch.ones(2, 4, 2, 2)
+    assert torch.equal(StepCallbacks([Doubles(), Doubles()]).unet_output(None, pred), pred * 4)
+    with pytest.raises(ValueError, match="shape"):
+        StepCallbacks([Breaks()]).unet_output(None, pred)

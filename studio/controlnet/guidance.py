@@ -47,7 +47,8 @@ class ControlUnit:
     """One enabled unit, ready for the loop: the model and its preprocessed map."""
 
     model: Any                       # diffusers ControlNetModel or T2IAdapter on the device
-    image: torch.Tensor              # [1, 3, H, W] in [0, 1], at the generation size
+    image: torch.Tensor              # [1, 3, H, W] in [0, 1], at the generation size; a 4th channel
+                                     # is an inpaint unit's mask (1 = generate)
     weight: float = 1.0
     guidance_start: float = 0.0
     guidance_end: float = 1.0
@@ -120,7 +121,12 @@ def control_residuals(units: list[ControlUnit], x: torch.Tensor, t: Any, context
             continue
         model = unit.model
         dtype = next(model.parameters()).dtype
-        cond = unit.image.to(x.device, dtype).expand(x.shape[0], -1, -1, -1)
+        cond = unit.image.to(x.device, dtype)
+        if cond.shape[1] == 4:
+            # the inpaint ControlNets' protocol: masked pixels are -1, the rest the image (0-1)
+            colour, masked = cond[:, :3], (cond[:, 3:] > 0.5).to(dtype)
+            cond = colour * (1 - masked) - masked
+        cond = cond.expand(x.shape[0], -1, -1, -1)
         kwargs = {"added_cond_kwargs": added} if added is not None else {}
         out_down, out_mid = model(x[:, :model.config.in_channels].to(dtype), t, encoder_hidden_states=context,
                                   controlnet_cond=cond, conditioning_scale=1.0, return_dict=False, **kwargs)

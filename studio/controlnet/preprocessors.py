@@ -20,12 +20,15 @@ import numpy as np
 from PIL import Image
 
 from studio.controlnet import model_free
+from studio.controlnet.lama import LamaMissing, lama_fill
 
 ANNOTATORS_REPO = "lllyasviel/Annotators"
 # sd-webui-controlnet pads the detector input up to a multiple of 64 (resize_image_with_pad) because
 # several networks down-sample by 2**6; the pad is cropped off the map afterwards.
 PAD_MULTIPLE = 64
 BUILT_IN = "built-in"  # Preprocessor.source of the modules shipped here; otherwise an extension's name
+# the modules whose map carries a mask (white = generate): the inpaint ControlNets read it
+INPAINT_MODULES = ("inpaint", "inpaint_only", "inpaint_only+lama")
 
 
 @dataclass(frozen=True)
@@ -152,6 +155,17 @@ def _scribble_xdog(image: Image.Image, resolution: int, slider_1=32, slider_2=No
     strength = np.min(coarse - fine, axis=2).clip(0, 255)
     out = np.where(2.0 * strength > float(slider_1), 255, 0).astype(np.uint8)
     return Image.fromarray(out).convert("RGB")
+
+
+def _lama(image: Image.Image, resolution: int, slider_1=None, slider_2=None, **ctx) -> Image.Image:
+    """inpaint_only+lama's map: the image with its masked area filled by LaMa."""
+    mask = ctx.get("mask")
+    if mask is None:
+        raise PreprocessorError("inpaint_only+lama needs a mask (white = the area to generate)")
+    try:
+        return lama_fill(image, mask, Path(ctx["annotators_dir"]), ctx["models"], ctx["models_lock"])
+    except LamaMissing as e:
+        raise PreprocessorError(str(e)) from e
 
 
 def _threshold(image: Image.Image, resolution: int, slider_1=127, slider_2=None, **ctx) -> Image.Image:
@@ -358,6 +372,25 @@ def builtin_preprocessors(annotators_dir: Path) -> list[Preprocessor]:
         Preprocessor("recolor_intensity", "Recolor Intensity", model_free.recolor_intensity, resolution=None,
                      slider_1=gamma),
         Preprocessor("color", "T2I-Adapter Color Grid", model_free.color_grid, resolution=RESOLUTION),
+    ]
+    # modules whose work is done in sampling (studio/controlnet/reference.py, latent_fixes.py): the map is
+    # the image itself, at its own size; reference_* need no ControlNet model at all
+    fidelity = Slider("Style Fidelity (only for Balanced mode)", 0.0, 1.0, 0.5, 0.01)
+    variation = Slider("Variation", 3.0, 32.0, 8.0, 1.0)
+    plain += [
+        Preprocessor("reference_only", "reference_only", _identity, resolution=None, slider_1=fidelity,
+                     model_free=True),
+        Preprocessor("reference_adain", "reference_adain", _identity, resolution=None, slider_1=fidelity,
+                     model_free=True),
+        Preprocessor("reference_adain+attn", "reference_adain+attn", _identity, resolution=None,
+                     slider_1=fidelity, model_free=True),
+        Preprocessor("inpaint", "inpaint_global_harmonious", _identity, resolution=None),
+        Preprocessor("inpaint_only", "inpaint_only", _identity, resolution=None),
+        Preprocessor("inpaint_only+lama", "inpaint_only+lama", _lama, resolution=None,
+                     needs_weights=("ControlNetLama.pth",)),
+        Preprocessor("tile_colorfix", "tile_colorfix", _identity, resolution=None, slider_1=variation),
+        Preprocessor("tile_colorfix+sharp", "tile_colorfix+sharp", _identity, resolution=None, slider_1=variation,
+                     slider_2=Slider("Sharpness", 0.0, 2.0, 1.0, 0.01)),
     ]
     return plain
 

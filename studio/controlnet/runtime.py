@@ -15,27 +15,40 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 from PIL import Image
 
-from studio.controlnet.guidance import ControlUnit
+from studio.controlnet.guidance import ControlNetGuidance, ControlUnit
+from studio.controlnet.latent_fixes import (
+    COLORFIX_MODULES,
+    INPAINT_ONLY_MODULES,
+    LatentFixes,
+    LatentFixUnit,
+    paste_outside_mask,
+)
 from studio.controlnet.models import (
+    FAMILY_LABELS,
     ControlNetInfo,
     ControlNetLibrary,
     LoadedControlNet,
     check_family,
     load_controlnet,
 )
-from studio.controlnet.preprocessors import PreprocessorError, PreprocessorRegistry
+from studio.controlnet.preprocessors import INPAINT_MODULES, PreprocessorError, PreprocessorRegistry
+from studio.controlnet.reference import ReferenceGuidance, ReferenceUnit, is_reference
 from studio.controlnet.units import (
     ControlNetUnitRequest,
     UnitError,
     check_unit,
     fit_control_map,
+    fit_control_mask,
     lenient_params,
     map_to_tensor,
     pixel_perfect_resolution,
     unit_infotext,
 )
+from studio.generation.step_callbacks import StepCallback
 from studio.models.state_dict import ModelFileError
 
 log = logging.getLogger(__name__)
@@ -87,18 +100,33 @@ class ControlNetModels:
 
 @dataclass
 class PreparedControl:
-    """One enabled unit after preprocessing: its model and the map at processor resolution."""
+    """One enabled unit after preprocessing: its model (None for the model-free reference modules),
+    the map at processor resolution and, for the inpaint modules, the mask (white = generate)."""
 
     index: int
     unit: ControlNetUnitRequest
-    loaded: LoadedControlNet
+    loaded: LoadedControlNet | None
     detected: Image.Image
     infotext: str
+    mask: Image.Image | None = None
+    threshold_a: float = -1    # the values used (defaults filled in), as the infotext says
+    threshold_b: float = -1
+
+    @property
+    def module(self) -> str:
+        return self.unit.module
+
+    def takes_part(self, hires: bool | None) -> bool:
+        """``hires`` is None without hires fix, else whether this is the second pass: ``hr_option``
+        picks the passes a unit takes part in."""
+        option = self.unit.hr_option
+        return not (hires is True and option == "Low res only" or hires is False and option == "High res only")
 
 
 @dataclass
 class ControlPlan:
     prepared: list[PreparedControl] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(self.prepared)
@@ -110,17 +138,63 @@ class ControlPlan:
         return [p.detected for p in self.prepared if p.unit.save_detected_map]
 
     def units_for(self, width: int, height: int, hires: bool | None) -> list[ControlUnit]:
-        """The loop's units at one pass's size. ``hires`` is None without hires fix, else whether
-        this is the second pass: ``hr_option`` picks the passes a unit takes part in."""
+        """The ControlNet / T2I-Adapter units of one pass, their maps at the pass's size."""
         units = []
         for p in self.prepared:
-            option = p.unit.hr_option
-            if hires is True and option == "Low res only" or hires is False and option == "High res only":
+            if p.loaded is None or not p.takes_part(hires):
                 continue
-            fitted = fit_control_map(p.detected, width, height, p.unit.resize_mode)
-            units.append(ControlUnit(p.loaded.model, map_to_tensor(fitted), p.unit.weight, p.unit.guidance_start,
+            image = map_to_tensor(fit_control_map(p.detected, width, height, p.unit.resize_mode))
+            if p.mask is not None:   # the inpaint ControlNets read masked pixels as -1
+                mask = map_to_tensor(fit_control_mask(p.mask, width, height, p.unit.resize_mode))[:, :1]
+                image = torch.cat([image, mask], dim=1)
+            units.append(ControlUnit(p.loaded.model, image, p.unit.weight, p.unit.guidance_start,
                                      p.unit.guidance_end, p.unit.control_mode_index))
         return units
+
+    def callbacks_for(self, width: int, height: int, hires: bool | None, seed: int = 0) -> list[StepCallback]:
+        """Everything the units do in one pass's sampling loop: ControlNet residuals, the reference
+        modules' attention/AdaIN, the colour fix and inpaint_only's latent blending."""
+        callbacks: list[StepCallback] = []
+        units = self.units_for(width, height, hires)
+        if units:
+            callbacks.append(ControlNetGuidance(units))
+        second = hires is True
+        references, fixes = [], []
+        for p in self.prepared:
+            if not p.takes_part(hires):
+                continue
+            u = p.unit
+            if is_reference(p.module):
+                image = map_to_tensor(fit_control_map(p.detected, width, height, u.resize_mode))
+                references.append(ReferenceUnit(p.module, image, u.weight, u.guidance_start, u.guidance_end,
+                                                p.threshold_a, u.control_mode_index, seed))
+            elif p.module in COLORFIX_MODULES:
+                image = map_to_tensor(fit_control_map(p.detected, width, height, u.resize_mode))
+                fixes.append(LatentFixUnit(p.module, image, u.weight, p.threshold_a,
+                                           p.threshold_b))
+            elif p.module in INPAINT_ONLY_MODULES and p.mask is not None:
+                image = map_to_tensor(fit_control_map(p.detected, width, height, u.resize_mode))
+                mask = map_to_tensor(fit_control_mask(p.mask, width, height, u.resize_mode))[:, :1]
+                fixes.append(LatentFixUnit(p.module, image, u.weight, mask=mask))
+        if references:
+            callbacks.append(ReferenceGuidance(references, hires=second))
+        if fixes:
+            callbacks.append(LatentFixes(fixes, hires=second))
+        return callbacks
+
+    def postprocess(self, image: Image.Image) -> Image.Image:
+        """Pixels the units put back after decoding (the extension's post-processors): inpaint_only
+        keeps the original outside the mask; Recolor keeps the control image's lightness."""
+        for p in self.prepared:
+            u = p.unit
+            if p.module in INPAINT_ONLY_MODULES and p.mask is not None:
+                original = fit_control_map(p.detected, image.width, image.height, u.resize_mode)
+                mask = fit_control_mask(p.mask, image.width, image.height, u.resize_mode)
+                image = paste_outside_mask(image, original, mask)
+            elif p.module in ("recolor_luminance", "recolor_intensity"):
+                gray = fit_control_map(p.detected, image.width, image.height, u.resize_mode)
+                image = keep_lightness(image, gray, p.module)
+        return image
 
     def cropped(self, box: tuple[int, int, int, int], size: tuple[int, int]) -> ControlPlan:
         """Inpainting "Only masked" generates a crop of the image, so each map is cut to the same
@@ -129,37 +203,72 @@ class ControlPlan:
         for p in self.prepared:
             sx, sy = p.detected.width / size[0], p.detected.height / size[1]
             region = (round(box[0] * sx), round(box[1] * sy), round(box[2] * sx), round(box[3] * sy))
-            out.append(replace(p, detected=p.detected.crop(region)))
-        return ControlPlan(out)
+            mask = p.mask.resize(p.detected.size).crop(region) if p.mask is not None else None
+            out.append(replace(p, detected=p.detected.crop(region), mask=mask))
+        return ControlPlan(out, list(self.notes))
+
+
+def keep_lightness(image: Image.Image, gray: Image.Image, module: str) -> Image.Image:
+    """Recolor's post-processing: the result's colours with the control image's lightness (Lab L for
+    recolor_luminance, HSV V for recolor_intensity), as the extension does after decoding."""
+    import cv2
+
+    arr = np.asarray(image.convert("RGB"))
+    g = np.asarray(gray.convert("L"))
+    if module == "recolor_luminance":
+        lab = cv2.cvtColor(arr, cv2.COLOR_RGB2LAB)
+        lab[:, :, 0] = g
+        return Image.fromarray(cv2.cvtColor(lab, cv2.COLOR_LAB2RGB))
+    hsv = cv2.cvtColor(arr, cv2.COLOR_RGB2HSV)
+    hsv[:, :, 2] = g
+    return Image.fromarray(cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB))
 
 
 def enabled_units(units: tuple[ControlNetUnitRequest, ...]) -> list[tuple[int, ControlNetUnitRequest]]:
     return [(i, u) for i, u in enumerate(units) if u.enabled]
 
 
+def _needs_model(registry: PreprocessorRegistry, module: str) -> bool:
+    return not registry.get(module).model_free
+
+
 def check_units(units: tuple[ControlNetUnitRequest, ...], registry: PreprocessorRegistry, models: ControlNetModels,
-                has_init_image: bool) -> None:
+                has_init_image: bool, has_init_mask: bool = False) -> None:
     """Everything about the units that can be checked before the job is queued."""
     for index, unit in enabled_units(units):
         check_unit(unit, index)
         if unit.module not in registry:
             raise UnitError(f"ControlNet unit {index}: unknown preprocessor {unit.module!r}; "
                             f"available: {', '.join(registry.names())}")
-        if unit.model in ("", "None", None):
-            raise UnitError(f"ControlNet unit {index}: choose a ControlNet model")
-        if models.find(unit.model) is None:
-            names = ", ".join(models.names()) or f"none (put files in {models.library.folders[0]})"
-            raise UnitError(f"ControlNet unit {index}: model {unit.model!r} not found. Available: {names}")
+        if _needs_model(registry, unit.module):
+            if unit.model in ("", "None", None):
+                raise UnitError(f"ControlNet unit {index}: choose a ControlNet model")
+            if models.find(unit.model) is None:
+                names = ", ".join(models.names()) or f"none (put files in {models.library.folders[0]})"
+                raise UnitError(f"ControlNet unit {index}: model {unit.model!r} not found. Available: {names}")
         if unit.image is None and not has_init_image:
             raise UnitError(f"ControlNet unit {index}: no control image (txt2img needs one per unit)")
+        if unit.module in INPAINT_MODULES and unit.mask is None and not (unit.image is None and has_init_mask):
+            raise UnitError(f"ControlNet unit {index}: {unit.module} needs a mask: send the unit's \"mask\" "
+                            f"(white = the area to generate), or use the unit in img2img inpaint without its "
+                            f"own image")
+
+
+# modules that change the UNet's prediction or patch the UNet, beside any ControlNet they use
+_LATENT_MODULES = (*COLORFIX_MODULES, *INPAINT_ONLY_MODULES)
+# what the UNet-patching modules work with: the UNet families (not the DiT ones)
+_UNET_FAMILIES = ("sd1", "sd2", "sdxl")
 
 
 def prepare_controls(units: tuple[ControlNetUnitRequest, ...], registry: PreprocessorRegistry,
                      models: ControlNetModels, model_family: str, width: int, height: int, dtype: Any, device: Any,
                      init_image: Image.Image | None = None, seed: int = 0,
-                     on_unit: Callable[[int], None] | None = None) -> ControlPlan:
+                     on_unit: Callable[[int], None] | None = None,
+                     init_mask: Image.Image | None = None) -> ControlPlan:
     """Preprocess every enabled unit's image and load its ControlNet (checked against the
-    checkpoint's family). Raises UnitError with the unit's number for anything the user must fix."""
+    checkpoint's family). ``init_mask`` is img2img inpainting's mask (white = repaint), used by inpaint
+    units that read the init image. Raises UnitError with the unit's number for anything the user
+    must fix."""
     plan = ControlPlan()
     for index, unit in enabled_units(units):
         if on_unit is not None:
@@ -167,25 +276,45 @@ def prepare_controls(units: tuple[ControlNetUnitRequest, ...], registry: Preproc
         image = unit.image if unit.image is not None else init_image
         if image is None:
             raise UnitError(f"ControlNet unit {index}: no control image")
+        if unit.module == "inpaint_only" and init_mask is not None:
+            # the extension: A1111 already keeps the unmasked area, so the ControlNet just guides
+            plan.notes.append(f"ControlNet unit {index}: img2img inpaint already keeps the unmasked area; "
+                              f"inpaint_only ran as inpaint_global_harmonious")
+            unit = replace(unit, module="inpaint")
         # the extension's leniency: a value outside a slider's range becomes its default (and a warning)
         resolution, threshold_a, threshold_b = lenient_params(registry.get(unit.module), unit.processor_res,
                                                               unit.threshold_a, unit.threshold_b,
                                                               f"ControlNet unit {index}")
         if unit.pixel_perfect:
             resolution = pixel_perfect_resolution(image.size, width, height, unit.resize_mode)
-        info = models.find(unit.model)
-        if info is None:
-            raise UnitError(f"ControlNet unit {index}: model {unit.model!r} not found")
-        try:
-            loaded = models.load(info, dtype, device)
-            check_family(loaded, model_family)
-        except ModelFileError as e:
-            raise UnitError(f"ControlNet unit {index}: {e}") from e
+        if not _needs_model(registry, unit.module) or (unit.module in _LATENT_MODULES):
+            if model_family not in _UNET_FAMILIES:
+                raise UnitError(f"ControlNet unit {index}: {unit.module} works with SD1, SD2 and SDXL "
+                                f"checkpoints, not {FAMILY_LABELS.get(model_family, model_family)}")
+        loaded, title = None, "None"
+        if _needs_model(registry, unit.module):
+            info = models.find(unit.model)
+            if info is None:
+                raise UnitError(f"ControlNet unit {index}: model {unit.model!r} not found")
+            try:
+                loaded = models.load(info, dtype, device)
+                check_family(loaded, model_family)
+            except ModelFileError as e:
+                raise UnitError(f"ControlNet unit {index}: {e}") from e
+            title = info.api_name
+        mask = None
+        if unit.module in INPAINT_MODULES:
+            mask = unit.mask if unit.mask is not None else (init_mask if unit.image is None else None)
+            if mask is None:
+                raise UnitError(f"ControlNet unit {index}: {unit.module} needs a mask (white = the area to generate)")
+            mask = mask.convert("L").resize(image.size, Image.NEAREST)
         try:
             res, a, b = registry.resolve_params(unit.module, resolution, threshold_a, threshold_b)
-            detected = registry.run(unit.module, image, resolution, threshold_a, threshold_b, seed=seed)
+            detected = registry.run(unit.module, image, resolution, threshold_a, threshold_b, seed=seed, mask=mask)
         except PreprocessorError as e:
             raise UnitError(f"ControlNet unit {index}: {e}") from e
-        text = unit_infotext(unit, info.api_name, res, a, b)
-        plan.prepared.append(PreparedControl(index, unit, loaded, detected, text))
+        if mask is not None and mask.size != detected.size:
+            mask = mask.resize(detected.size, Image.NEAREST)
+        text = unit_infotext(unit, title, res, a, b)
+        plan.prepared.append(PreparedControl(index, unit, loaded, detected, text, mask, a, b))
     return plan

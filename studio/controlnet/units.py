@@ -341,6 +341,30 @@ def fit_control_map(image: Image.Image, width: int, height: int, resize_mode: st
     return scaled.crop((left, top, left + width, top + height))
 
 
+def fit_control_mask(mask: Image.Image, width: int, height: int, resize_mode: str) -> Image.Image:
+    """An inpaint unit's mask brought to the generation size the way :func:`fit_control_map` brings its
+    image (same scale, crop and placement), nearest-neighbour, then binarised at half (the
+    extension's ``> 127``); the border "Resize and Fill" adds is not masked. Returned as RGB so it goes
+    through :func:`map_to_tensor` like a map."""
+    mask = mask.convert("L")
+    if resize_mode == "Just Resize":
+        fitted = mask.resize((width, height), Image.NEAREST)
+    else:
+        k_w, k_h = width / mask.width, height / mask.height
+        if resize_mode == "Resize and Fill":
+            k = min(k_w, k_h)
+            scaled = mask.resize((max(1, round(mask.width * k)), max(1, round(mask.height * k))), Image.NEAREST)
+            fitted = Image.new("L", (width, height), 0)
+            fitted.paste(scaled, ((width - scaled.width) // 2, (height - scaled.height) // 2))
+        else:
+            k = max(k_w, k_h)
+            scaled = mask.resize((max(width, round(mask.width * k)), max(height, round(mask.height * k))),
+                                 Image.NEAREST)
+            left, top = (scaled.width - width) // 2, (scaled.height - height) // 2
+            fitted = scaled.crop((left, top, left + width, top + height))
+    return fitted.point(lambda v: 255 if v > 127 else 0).convert("RGB")
+
+
 def map_to_tensor(image: Image.Image) -> Any:
     """RGB map -> [1, 3, H, W] float in [0, 1], the ControlNet's conditioning input."""
     import torch

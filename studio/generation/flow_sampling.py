@@ -109,7 +109,7 @@ def sample_flow(model, spec: BatchSpec, state: JobState) -> torch.Tensor:
             call = ModelCall(i, step, steps_run, t, sigmas[i], x, run_context, None, run_groups, batch, has_uncond)
             callbacks.unet_kwargs(call)
             extra, ref = image_inputs(run_groups)
-            pred = denoiser(x, t, run_context, run_vectors, spec.guidance, extra, ref)
+            pred = callbacks.unet_output(call, denoiser(x, t, run_context, run_vectors, spec.guidance, extra, ref))
             preds = pred.chunk(run_groups)
             if has_uncond or not use_uncond:
                 pred = guide(preds, plan.weights, spec.cfg_scale, use_uncond)

@@ -22,7 +22,6 @@ from typing import Any
 from PIL import Image
 
 from studio import __version__
-from studio.controlnet.guidance import ControlNetGuidance
 from studio.generation.denoise import denoise
 from studio.generation.family_rules import uses_guidance
 from studio.generation.hires import infotext_params as hires_params
@@ -273,12 +272,11 @@ class _RunOptions:
     refiner_pass: str = "second pass"
 
 
-def _pass_callbacks(units: list | None, merge_ratio: float,
+def _pass_callbacks(units: list[StepCallback], merge_ratio: float,
                     callbacks: tuple[StepCallback, ...]) -> list[StepCallback]:
-    """One sampling pass's callbacks: its ControlNet units, token merging, then the caller's."""
-    own: list[StepCallback] = []
-    if units:
-        own.append(ControlNetGuidance(units))
+    """One sampling pass's callbacks: its ControlNet units' (see ControlPlan.callbacks_for), token
+    merging, then the caller's."""
+    own: list[StepCallback] = list(units)
     if merge_ratio:
         own.append(TokenMerging(merge_ratio))
     return [*own, *callbacks]
@@ -326,12 +324,14 @@ def _run(model: LoadedModel, req: Txt2ImgRequest, state: JobState, prompt: str, 
 
     result = GenerationResult([], [], [], [], req, model, notes=notes, vae=o.vae, denoising_strength=denoising,
                               extra_params={k: v for k, v in extra.items() if _is_extra_generation_param(k)})
-    first_units = hires_units = None
+    first_units: list[StepCallback] = []
+    hires_units: list[StepCallback] = []
     if controls:
         result.detected_maps = controls.detected_maps()
-        first_units = controls.units_for(req.width, req.height, None if hires is None else False) or None
+        notes.extend(controls.notes)
+        first_units = controls.callbacks_for(req.width, req.height, None if hires is None else False, base_seed)
         if hires is not None:
-            hires_units = controls.units_for(hires.width, hires.height, True) or None
+            hires_units = controls.callbacks_for(hires.width, hires.height, True, base_seed)
     first_callbacks = _pass_callbacks(first_units, merge, o.callbacks)
     hires_callbacks = _pass_callbacks(hires_units, merge_hr, o.callbacks)
     saving = o.saver is not None and req.save_images
@@ -414,6 +414,8 @@ def _run(model: LoadedModel, req: Txt2ImgRequest, state: JobState, prompt: str, 
 
         with seamless(final.vae, enabled=req.tiling):
             images = decode_latents(final, latents)
+        if controls:
+            images = [controls.postprocess(image) for image in images]
         if hooks.postprocess is not None:
             first = batch_index * req.batch_size
             images = [hooks.postprocess(first + j, image) for j, image in enumerate(images)]

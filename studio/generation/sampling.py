@@ -345,12 +345,17 @@ def sample(model: Any, spec: BatchSpec, state: JobState) -> torch.Tensor:
             if cond_image is not None:
                 x = torch.cat([x, cond_image.repeat(run_groups, 1, 1, 1)], dim=1)
             extra: dict[str, Any] = {}
+            call_added = run_added
             if not switched:
                 call = ModelCall(i, step, steps_run, t, sigmas[i], x, run_context, run_added, run_groups, batch,
                                  has_uncond)
                 extra = callbacks.unet_kwargs(call)
+                if "added_cond_kwargs" in extra:  # e.g. IP-Adapter image embeddings, next to SDXL's own
+                    call_added = {**(run_added or {}), **extra.pop("added_cond_kwargs")}
             pred = stage.model.unet(x.to(stage.device, dtype), t, encoder_hidden_states=run_context,
-                                    added_cond_kwargs=run_added, **extra).sample.to(device, torch.float32)
+                                    added_cond_kwargs=call_added, **extra).sample.to(device, torch.float32)
+            if not switched:
+                pred = callbacks.unet_output(call, pred)
             preds = pred.chunk(run_groups)
             weights = stage.plan.weights
             if has_uncond or not use_uncond:

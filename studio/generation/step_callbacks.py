@@ -1,11 +1,14 @@
 """Hooks into the sampling loop, shaped like diffusers' ``callback_on_step_end``.
 
-A :class:`StepCallback` can act at four points of one sampling pass (the first pass, a hires
+A :class:`StepCallback` can act at five points of one sampling pass (the first pass, a hires
 pass): when it starts, before every UNet call (extra UNet keyword arguments: ControlNet's
-residuals), at the end of every sampler step (the tensors it declared, and it may hand back new
-latents), and when the pass ends, also on an error or an interrupt (token merging patches and
-un-patches the UNet there). Job progress and live previews, ControlNet, token merging and
-extensions all use it, so the loop itself only denoises.
+residuals; an ``added_cond_kwargs`` dict is merged into the loop's own, so an IP-Adapter's image
+embeddings travel next to SDXL's size conditioning), right after it (a replacement for the UNet's
+prediction: the ControlNet tile colour fix and inpaint_only work there), at the end of every
+sampler step (the tensors it declared, and it may hand back new latents), and when the pass ends,
+also on an error or an interrupt (token merging patches and un-patches the UNet there). Job
+progress and live previews, ControlNet, token merging and extensions all use it, so the loop
+itself only denoises.
 
 As in diffusers, a callback declares the tensors it reads (``tensor_inputs``, names from
 :data:`TENSOR_INPUTS`; diffusers calls the list ``_callback_tensor_inputs``) and gets only those;
@@ -80,6 +83,11 @@ class StepCallback:
         """Extra keyword arguments for this UNet call."""
         return {}
 
+    def unet_output(self, call: ModelCall, pred: torch.Tensor) -> torch.Tensor | None:
+        """The UNet's raw prediction for ``call`` (before classifier-free guidance, the layout of
+        ``call.x``); return a tensor of the same shape to replace it, or None."""
+        return None
+
     def on_step_end(self, step: StepEnd, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
         """``tensors`` holds the declared ``tensor_inputs``; return replacements (or None)."""
         return None
@@ -132,13 +140,27 @@ class StepCallbacks:
     def unet_kwargs(self, call: ModelCall) -> dict[str, Any]:
         merged: dict[str, Any] = {}
         for callback in self.callbacks:
-            extra = callback.unet_kwargs(call)
-            clash = merged.keys() & extra.keys()
+            extra = dict(callback.unet_kwargs(call))
+            added = extra.pop("added_cond_kwargs", None)
+            if added:
+                _merge_added(merged, added, callback)
+            clash = (merged.keys() & extra.keys()) - {"added_cond_kwargs"}
             if clash:
                 raise ValueError(f"step callback {_name(callback)} sets UNet argument(s) "
                                  f"{', '.join(sorted(clash))} that another callback already set")
             merged |= extra
         return merged
+
+    def unet_output(self, call: ModelCall, pred: torch.Tensor) -> torch.Tensor:
+        """Hand the prediction through every callback; a replacement is what later ones see."""
+        for callback in self.callbacks:
+            out = callback.unet_output(call, pred)
+            if out is not None:
+                if not isinstance(out, torch.Tensor) or out.shape != pred.shape:
+                    raise ValueError(f"step callback {_name(callback)} returned a UNet prediction that is not a "
+                                     f"tensor of shape {tuple(pred.shape)}")
+                pred = out
+        return pred
 
     def step_end(self, step: StepEnd, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Run every callback on the step's tensors; a replacement is what later callbacks see.
@@ -150,6 +172,16 @@ class StepCallbacks:
                 _check_replacement(callback, name, value, tensors.get(name))
                 tensors[name] = value
         return tensors
+
+
+def _merge_added(merged: dict[str, Any], added: dict[str, Any], callback: StepCallback) -> None:
+    """Callbacks' ``added_cond_kwargs`` entries go into one dict; two setting the same entry clash."""
+    into = merged.setdefault("added_cond_kwargs", {})
+    clash = into.keys() & added.keys()
+    if clash:
+        raise ValueError(f"step callback {_name(callback)} sets added_cond_kwargs "
+                         f"{', '.join(sorted(clash))} that another callback already set")
+    into.update(added)
 
 
 def _check_replacement(callback: StepCallback, name: str, value: Any, current: torch.Tensor | None) -> None:
