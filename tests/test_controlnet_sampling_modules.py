@@ -353,3 +353,27 @@ def test_recolor_keeps_the_control_images_lightness(studio):
     gray = Image.new("RGB", (16, 16), (90, 90, 90))
     out = np.asarray(keep_lightness(image, gray, "recolor_intensity"))
     assert np.abs(out.max(axis=2).astype(int) - 90).max() <= 2
+
+
+@pytest.mark.slow
+def test_inpaint_only_lama_fills_the_mask_with_lama_through_spandrel(studio):
+    """A random-weight LaMa (spandrel's architecture, the original checkpoint's ``generator.`` keys)
+    under the extension's file name: the map is the image with only the masked area repainted."""
+    from spandrel.architectures.LaMa.__arch.LaMa import LaMa
+
+    torch.manual_seed(0)
+    weights = {f"generator.{k.removeprefix('model.')}" if k.startswith("model.model.") else k: v.contiguous()
+               for k, v in LaMa(in_nc=4, out_nc=3).state_dict().items()}
+    path = studio.preprocessors.annotators_dir / "ControlNetLama.pth"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(weights, path)   # the extension's .pth; spandrel reads it with its restricted unpickler
+    try:
+        detected = studio.preprocessors.run("inpaint_only+lama", gradient(), None, mask=centre_mask())
+        arr, original = np.asarray(detected, dtype=np.int16), np.asarray(gradient(), dtype=np.int16)
+        assert np.array_equal(arr[:12], original[:12])             # outside the mask: the image
+        assert np.abs(arr[24:40, 24:40] - original[24:40, 24:40]).mean() > 1   # inside: LaMa's paint
+        out = generate(studio, inpaint_unit(module="inpaint_only+lama"))
+        assert np.array_equal(out[:4], original[:4])
+    finally:
+        path.unlink()
+        studio.preprocessors.unload()
