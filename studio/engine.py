@@ -213,7 +213,7 @@ class Engine:
         vae = self.apply_vae(model, req.vae)
         set_compiled(model.unet, CompileOptions.from_settings(options.model_dump()),
                      compile_cache_dir(self.paths.data))
-        controls = self.control_plan(req, model, state)
+        controls = self.control_plan(req, model, state, options)
         every = options.show_progress_every_n_steps if options.live_previews_enable else 0
         saver = OutputSaver.from_options(options.model_dump(), self.paths.data, req.kind,
                                          model_name=model.info.name_for_extra, model_hash=model.info.shorthash or "",
@@ -304,7 +304,8 @@ class Engine:
 
         return upscale
 
-    def control_plan(self, req: Txt2ImgRequest, model: LoadedModel, state: JobState) -> Any:
+    def control_plan(self, req: Txt2ImgRequest, model: LoadedModel, state: JobState,
+                     options: StudioOptions | None = None) -> Any:
         """On the worker: preprocess the enabled ControlNet units and load their models. The seed is the
         request's resolved seed, so a seeded preprocessor (shuffle) gives the map the infotext promises."""
         if not any(u.enabled for u in req.controlnet_units):
@@ -314,6 +315,7 @@ class Engine:
         def progress(index: int) -> None:
             state.textinfo = f"ControlNet unit {index}: preprocessing"
 
+        options = options or self.settings.options
         mask = getattr(req, "mask", None)
         if mask is not None and init:   # A1111's image_mask: white = repaint, after "Inpaint not masked"
             mask = normalize_mask(mask, init[0].size, round_alpha=req.mask_round)[0].convert("L")
@@ -322,7 +324,8 @@ class Engine:
         return prepare_controls(req.controlnet_units, self.preprocessors, self.controlnets, model.family,
                                 req.width, req.height, model.policy.dtype, model.policy.device,
                                 init_image=init[0] if init else None, seed=req.seed, on_unit=progress,
-                                init_mask=mask)
+                                init_mask=mask, ignore_noninpaint_mask=options.control_net_ignore_noninpaint_mask,
+                                inpaint_blur_sigma=options.control_net_inpaint_blur_sigma)
 
     def img2img_folder(self, fields: dict[str, Any], folder_in: Path, folder_out: Path | None) -> list[Path]:
         """A1111's img2img Batch: every image in ``folder_in`` (not recursive) with the same

@@ -129,6 +129,11 @@ class StudioOptions(BaseModel):
                                       ge=1, le=10)
     control_net_model_cache_size: int = opt(2, CONTROLNET, "Model cache size", ge=1, le=10)
     control_net_no_detectmap: bool = opt(False, CONTROLNET, "Do not append detectmap to output")
+    control_net_inpaint_blur_sigma: int = opt(7, CONTROLNET, "ControlNet inpainting Gaussian blur sigma",
+                                              ge=0, le=64)
+    control_net_ignore_noninpaint_mask: bool = opt(
+        False, CONTROLNET, "Ignore mask on ControlNet input image if control type is not inpaint (a unit's "
+        "mask is otherwise its scribble)")
 
     # -- opt-in fast modes
     token_merging_ratio: float = opt(0.0, OPTIMIZATIONS, "Token merging ratio (lossy)", ge=0,

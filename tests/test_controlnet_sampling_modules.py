@@ -315,7 +315,8 @@ def test_the_mask_follows_the_maps_resize_mode():
     crop = np.asarray(fit_control_mask(mask, 32, 32, "Crop and Resize"))[:, :, 0]
     assert crop.max() == 0                     # cropped away
     fill = np.asarray(fit_control_mask(mask, 32, 32, "Resize and Fill"))[:, :, 0]
-    assert fill[8:24, :4].min() == 255 and fill[:8].max() == 0
+    assert fill[8:24, :4].min() == 255 and fill[8:24, 8:].max() == 0
+    assert fill[:8].min() == 255 and fill[24:].min() == 255    # the added border is generated
     assert set(np.unique(np.asarray(fit_control_mask(mask, 40, 20, "Just Resize")))) <= {0, 255}
 
 
@@ -377,3 +378,27 @@ def test_inpaint_only_lama_fills_the_mask_with_lama_through_spandrel(studio):
     finally:
         path.unlink()
         studio.preprocessors.unload()
+
+
+def test_a_units_drawn_mask_is_its_scribble_unless_the_option_says_otherwise(studio):
+    """The extension's "canvas scribble mode": a non-inpaint unit with a painted mask reads the mask."""
+    req = Txt2ImgRequest(**BASE, controlnet_units=(ControlNetUnitRequest(
+        module="none", model="cn-inpaint", image=gradient(), mask=centre_mask()),))
+    detected = np.asarray(studio.txt2img(req).detected_maps[0])
+    assert np.array_equal(detected, np.asarray(centre_mask().convert("RGB")))
+    studio.settings.update({"control_net_ignore_noninpaint_mask": True})
+    try:
+        detected = np.asarray(studio.txt2img(req).detected_maps[0])
+    finally:
+        studio.settings.update({"control_net_ignore_noninpaint_mask": False})
+    assert np.array_equal(detected, np.asarray(gradient()))
+
+
+def test_inpaint_only_resize_and_fill_outpaints_without_a_mask(studio):
+    """A 64x32 picture on a 64x64 canvas: the border "Resize and Fill" adds is generated, the picture
+    itself is kept (the extension's outpainting with the inpaint model)."""
+    wide = gradient().resize((64, 32))
+    out = generate(studio, inpaint_unit(mask=None, image=wide, resize_mode="Resize and Fill"))
+    kept = np.asarray(wide, dtype=np.int16)
+    assert np.abs(out[24:40] - kept[8:24]).max() <= 1            # the picture, away from the blurred seam
+    assert np.abs(out[:6] - kept[:1]).mean() > 5                  # the generated border

@@ -22,6 +22,7 @@ from PIL import Image
 from studio.controlnet.guidance import ControlNetGuidance, ControlUnit
 from studio.controlnet.latent_fixes import (
     COLORFIX_MODULES,
+    INPAINT_BLUR_SIGMA,
     INPAINT_ONLY_MODULES,
     LatentFixes,
     LatentFixUnit,
@@ -127,6 +128,7 @@ class PreparedControl:
 class ControlPlan:
     prepared: list[PreparedControl] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    inpaint_blur_sigma: int = INPAINT_BLUR_SIGMA
 
     def __bool__(self) -> bool:
         return bool(self.prepared)
@@ -190,7 +192,7 @@ class ControlPlan:
             if p.module in INPAINT_ONLY_MODULES and p.mask is not None:
                 original = fit_control_map(p.detected, image.width, image.height, u.resize_mode)
                 mask = fit_control_mask(p.mask, image.width, image.height, u.resize_mode)
-                image = paste_outside_mask(image, original, mask)
+                image = paste_outside_mask(image, original, mask, self.inpaint_blur_sigma)
             elif p.module in ("recolor_luminance", "recolor_intensity"):
                 gray = fit_control_map(p.detected, image.width, image.height, u.resize_mode)
                 image = keep_lightness(image, gray, p.module)
@@ -205,7 +207,14 @@ class ControlPlan:
             region = (round(box[0] * sx), round(box[1] * sy), round(box[2] * sx), round(box[3] * sy))
             mask = p.mask.resize(p.detected.size).crop(region) if p.mask is not None else None
             out.append(replace(p, detected=p.detected.crop(region), mask=mask))
-        return ControlPlan(out, list(self.notes))
+        return ControlPlan(out, list(self.notes), self.inpaint_blur_sigma)
+
+
+def is_drawn(mask: Image.Image) -> bool:
+    """Whether a mask has anything painted: not (almost) all empty nor all full, the extension's test
+    (alpha <= 5 everywhere or >= 250 everywhere means "no mask")."""
+    arr = np.asarray(mask.convert("L"))
+    return not ((arr <= 5).all() or (arr >= 250).all())
 
 
 def keep_lightness(image: Image.Image, gray: Image.Image, module: str) -> Image.Image:
@@ -248,10 +257,11 @@ def check_units(units: tuple[ControlNetUnitRequest, ...], registry: Preprocessor
                 raise UnitError(f"ControlNet unit {index}: model {unit.model!r} not found. Available: {names}")
         if unit.image is None and not has_init_image:
             raise UnitError(f"ControlNet unit {index}: no control image (txt2img needs one per unit)")
-        if unit.module in INPAINT_MODULES and unit.mask is None and not (unit.image is None and has_init_mask):
+        if (unit.module in INPAINT_MODULES and unit.mask is None and unit.resize_mode != "Resize and Fill"
+                and not (unit.image is None and has_init_mask)):
             raise UnitError(f"ControlNet unit {index}: {unit.module} needs a mask: send the unit's \"mask\" "
                             f"(white = the area to generate), or use the unit in img2img inpaint without its "
-                            f"own image")
+                            f"own image (or outpaint: \"Resize and Fill\" generates the border it adds)")
 
 
 # modules that change the UNet's prediction or patch the UNet, beside any ControlNet they use
@@ -264,12 +274,14 @@ def prepare_controls(units: tuple[ControlNetUnitRequest, ...], registry: Preproc
                      models: ControlNetModels, model_family: str, width: int, height: int, dtype: Any, device: Any,
                      init_image: Image.Image | None = None, seed: int = 0,
                      on_unit: Callable[[int], None] | None = None,
-                     init_mask: Image.Image | None = None) -> ControlPlan:
+                     init_mask: Image.Image | None = None, ignore_noninpaint_mask: bool = False,
+                     inpaint_blur_sigma: int = INPAINT_BLUR_SIGMA) -> ControlPlan:
     """Preprocess every enabled unit's image and load its ControlNet (checked against the
     checkpoint's family). ``init_mask`` is img2img inpainting's mask (white = repaint), used by inpaint
-    units that read the init image. Raises UnitError with the unit's number for anything the user
+    units that read the init image; a non-inpaint unit's own mask is what it reads (a scribble) unless
+    ``ignore_noninpaint_mask`` (the extension's options). Raises UnitError with the unit's number for anything the user
     must fix."""
-    plan = ControlPlan()
+    plan = ControlPlan(inpaint_blur_sigma=inpaint_blur_sigma)
     for index, unit in enabled_units(units):
         if on_unit is not None:
             on_unit(index)
@@ -305,9 +317,17 @@ def prepare_controls(units: tuple[ControlNetUnitRequest, ...], registry: Preproc
         mask = None
         if unit.module in INPAINT_MODULES:
             mask = unit.mask if unit.mask is not None else (init_mask if unit.image is None else None)
-            if mask is None:
+            if mask is None and unit.resize_mode != "Resize and Fill":
                 raise UnitError(f"ControlNet unit {index}: {unit.module} needs a mask (white = the area to generate)")
-            mask = mask.convert("L").resize(image.size, Image.NEAREST)
+            mask = Image.new("L", image.size, 0) if mask is None else mask.convert("L").resize(image.size,
+                                                                                               Image.NEAREST)
+            if unit.module == "inpaint_only+lama" and unit.resize_mode == "Resize and Fill":
+                # the extension's outpaint fix: the border is added first, so LaMa paints it too
+                image = fit_control_map(image, width, height, unit.resize_mode)
+                mask = fit_control_mask(mask, width, height, unit.resize_mode).convert("L")
+        elif unit.mask is not None and not ignore_noninpaint_mask and is_drawn(unit.mask):
+            # the extension's "canvas scribble mode": a unit's painted mask is what it reads
+            image = unit.mask.convert("RGB")
         try:
             res, a, b = registry.resolve_params(unit.module, resolution, threshold_a, threshold_b)
             detected = registry.run(unit.module, image, resolution, threshold_a, threshold_b, seed=seed, mask=mask)

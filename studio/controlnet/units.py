@@ -67,7 +67,8 @@ class ControlNetUnitRequest:
     model: str = "None"                  # ControlNet title/name; "None" = no model
     weight: float = 1.0
     image: Any = None                    # PIL image; None = the img2img init image
-    mask: Any = None                     # PIL image; kept for clients, used by no built-in preprocessor yet
+    mask: Any = None                     # PIL image, white = masked: the inpaint modules' area to generate;
+                                         # for the other modules, the input to read (a scribble)
     resize_mode: str = "Crop and Resize"
     low_vram: bool = False
     processor_res: int = -1              # -1 = the preprocessor's default
@@ -344,8 +345,9 @@ def fit_control_map(image: Image.Image, width: int, height: int, resize_mode: st
 def fit_control_mask(mask: Image.Image, width: int, height: int, resize_mode: str) -> Image.Image:
     """An inpaint unit's mask brought to the generation size the way :func:`fit_control_map` brings its
     image (same scale, crop and placement), nearest-neighbour, then binarised at half (the
-    extension's ``> 127``); the border "Resize and Fill" adds is not masked. Returned as RGB so it goes
-    through :func:`map_to_tensor` like a map."""
+    extension's ``> 127``); the border "Resize and Fill" adds is masked, so it is generated: that is
+    outpainting with an inpaint ControlNet. Returned as RGB so it goes through :func:`map_to_tensor`
+    like a map."""
     mask = mask.convert("L")
     if resize_mode == "Just Resize":
         fitted = mask.resize((width, height), Image.NEAREST)
@@ -354,7 +356,7 @@ def fit_control_mask(mask: Image.Image, width: int, height: int, resize_mode: st
         if resize_mode == "Resize and Fill":
             k = min(k_w, k_h)
             scaled = mask.resize((max(1, round(mask.width * k)), max(1, round(mask.height * k))), Image.NEAREST)
-            fitted = Image.new("L", (width, height), 0)
+            fitted = Image.new("L", (width, height), 255)
             fitted.paste(scaled, ((width - scaled.width) // 2, (height - scaled.height) // 2))
         else:
             k = max(k_w, k_h)
