@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from studio.config import Paths, Settings
-from studio.controlnet.preprocessors import PreprocessorError, PreprocessorRegistry
+from studio.controlnet.preprocessors import INPAINT_MODULES, PreprocessorError, PreprocessorRegistry
 from studio.controlnet.runtime import ControlNetModels, check_units, prepare_controls
 from studio.controlnet.units import lenient_params
 from studio.detailer import DetailerConfig, DetectorRegistry, detailer_from_alwayson, run_detailer
@@ -446,17 +446,23 @@ class Engine:
         return out, info, path
 
     def detect(self, module: str, images: list[Any], resolution: int = -1, threshold_a: float = -1,
-               threshold_b: float = -1) -> list[Any]:
+               threshold_b: float = -1, masks: Sequence[Any] = ()) -> list[Any]:
         """Run a preprocessor on images (the ControlNet tab, POST /controlnet/detect), on the worker
-        because detectors may load networks."""
+        because detectors may load networks. ``masks`` (one per image, or one for all) are what the
+        inpaint modules need; a mask-needing module without one is refused."""
         if module not in self.preprocessors:
             raise RequestError(f"unknown preprocessor {module!r}; available: {', '.join(self.preprocessors.names())}")
         if not images:
             raise RequestError("no input images")
         try:
             images = [normalize_image(image) for image in images]
+            masks = [normalize_image(mask).convert("L") for mask in masks]
         except ImageInputError as e:
             raise RequestError(str(e)) from e
+        if module in INPAINT_MODULES and not masks:
+            raise RequestError(f"{module} needs a mask per image (white = the area to generate)")
+        if masks and len(masks) not in (1, len(images)):
+            raise RequestError(f"give one mask per image or one for all ({len(images)} images, {len(masks)} masks)")
 
         # the extension's leniency: a value outside a slider's range is its default (and a warning)
         resolution, threshold_a, threshold_b = lenient_params(self.preprocessors.get(module), resolution,
@@ -465,8 +471,9 @@ class Engine:
         def job(state: JobState) -> list[Any]:
             state.textinfo = f"Preprocessor {module}"
             try:
-                return [self.preprocessors.run(module, image, resolution, threshold_a, threshold_b)
-                        for image in images]
+                return [self.preprocessors.run(module, image, resolution, threshold_a, threshold_b,
+                                               mask=masks[i % len(masks)].resize(image.size) if masks else None)
+                        for i, image in enumerate(images)]
             except PreprocessorError as e:
                 raise RequestError(str(e)) from e
 

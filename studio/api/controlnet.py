@@ -10,6 +10,7 @@ from fastapi import APIRouter, Body, HTTPException
 from pydantic import BaseModel, ConfigDict, Field
 
 from studio.controlnet.control_types import api_control_types
+from studio.controlnet.preprocessors import INPAINT_MODULES
 from studio.controlnet.units import unit_count
 
 # The extension's external_code.get_api_version(); clients check it before using units.
@@ -64,10 +65,13 @@ def build_controlnet_router(studio: Any, route_class: Any, decode: Callable[[str
         images = body.controlnet_input_images or body.controlnet_images
         if not images:
             raise HTTPException(422, "No image selected")
+        if body.controlnet_module in INPAINT_MODULES and not body.controlnet_masks:
+            raise HTTPException(422, f"{body.controlnet_module} needs controlnet_masks (white = the area to generate)")
         decoded = [decode(data) for data in images]
+        masks = [decode(data) for data in body.controlnet_masks]
         # out-of-range values fall back to the module's defaults in Engine.detect, as in a generation's units
         maps = studio.detect(body.controlnet_module, decoded, body.controlnet_processor_res,
-                             body.controlnet_threshold_a, body.controlnet_threshold_b)
+                             body.controlnet_threshold_a, body.controlnet_threshold_b, masks=masks)
         return {"info": "Success", "images": [encode(m) for m in maps]}
 
     return r
