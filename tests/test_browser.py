@@ -263,6 +263,9 @@ def test_controlnet_unit_in_txt2img(page, artifacts_dir, tmp_path):
         box.press("Enter")
     page.locator("#txt2img_controlnet").get_by_text("ControlNet", exact=True).first.click()
     unit = "txt2img_controlnet_unit_0"
+    # the unit's image is an editor (paint = mask): it takes an upload once its canvas is up
+    page.locator(f"#{unit}_image canvas").first.wait_for(timeout=60_000)
+    page.wait_for_timeout(1000)
     page.locator(f"#{unit}_image input[type=file]").set_input_files(_control_png(tmp_path))
     page.locator(f"#{unit}_enable input").check()
     _pick(page, f"{unit}_module", "canny")

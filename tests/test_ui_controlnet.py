@@ -27,23 +27,24 @@ def studio(tmp_path_factory):
 
 
 def values(**unit_values):
-    base = dict(enabled=False, use_init=False, image=None, module="none", model="None", weight=1.0,
+    base = dict(enabled=False, upload_independent=True, image=None, module="none", model="None", weight=1.0,
                 guidance_start=0.0, guidance_end=1.0, pixel_perfect=False, processor_res=512, threshold_a=-1,
-                threshold_b=-1, control_mode="Balanced", resize_mode="Crop and Resize", hr_option="Both")
+                threshold_b=-1, control_mode="Balanced", resize_mode="Crop and Resize", hr_option="Both",
+                control_type="All")
     return [{**base, **unit_values}[name] for name in UNIT_FIELDS]
 
 
 def test_values_become_unit_requests():
     assert units_from_values(values() * 3) == ()   # nothing enabled: no units at all
     image = Image.new("RGB", (8, 8))
-    units = units_from_values(values() + values(enabled=True, image=image, module="canny", model="cn [1]",
-                                                weight=0.5, threshold_a=80, control_mode="ControlNet is more important"))
+    units = units_from_values(values() + values(enabled=True, image=image, module="canny", model="cn [1]", weight=0.5,
+                                                threshold_a=80, control_mode="ControlNet is more important"))
     assert len(units) == 2 and not units[0].enabled
     unit = units[1]
     assert unit.enabled and unit.module == "canny" and unit.model == "cn [1]" and unit.weight == 0.5
     assert unit.image is image and unit.threshold_a == 80 and unit.control_mode_index == 2
-    # "Use the img2img image" wins over an uploaded image
-    reuse = units_from_values(values(enabled=True, image=image, use_init=True))[0]
+    # "Upload independent control image" off: the img2img image, not the uploaded one
+    reuse = units_from_values(values(enabled=True, image=image, upload_independent=False))[0]
     assert reuse.image is None
 
 
@@ -55,7 +56,7 @@ def test_panel_builds_units_from_the_setting(studio):
     finally:
         studio.settings.update({"control_net_unit_count": 3})
     assert len(panel.units) == 2 and len(panel.inputs()) == panel.size == 2 * len(UNIT_FIELDS)
-    assert panel.units[0].components["use_init"].value is True   # img2img units reuse the input image
+    assert panel.units[0].components["upload_independent"].value is False   # img2img units reuse the input image
     assert ("canny", "canny") in panel.units[1].components["module"].choices
 
 

@@ -14,7 +14,7 @@ from studio.generation.infotext import infotext_to_fields, parse_infotext
 from studio.generation.outputs import ImageReadError, open_image, read_infotext
 from studio.models.modules import ModuleFile
 from studio.ui.common import GenerationTab
-from studio.ui.controlnet import build_controlnet_tab, paste_updates
+from studio.ui.controlnet import CONTROLNET_CSS, build_controlnet_tab, paste_updates
 from studio.ui.extensions_tab import build_extensions_tab
 from studio.ui.extra_networks import checkpoint_card_title
 from studio.ui.extras import build_extras_tab
@@ -48,7 +48,7 @@ CSS = """
 /* fixed-size cards: Gradio stretches a gallery's few items across its whole width */
 .extra-network-cards .grid-container {grid-template-columns: repeat(auto-fill, minmax(140px, 160px)) !important;}
 .extra-network-cards .thumbnail-item {aspect-ratio: 4 / 5 !important; height: auto !important;}
-"""
+""" + CONTROLNET_CSS
 
 
 def demo_banner_text(studio: Studio) -> str:

@@ -1,0 +1,173 @@
+"""A ControlNet unit's UI behaviour without a browser: Control Type filtering, the model refresh,
+Allow Preview, "Upload independent control image", the painted mask, and the enabled markers."""
+
+from __future__ import annotations
+
+import gradio as gr
+import numpy as np
+import pytest
+from PIL import Image
+
+from studio.config import Flags
+from studio.controlnet.units import ControlNetUnitRequest, unit_infotext
+from studio.core import Studio
+from studio.testing.controlnets import make_controlnet
+from studio.ui.controlnet import (
+    UNIT_FIELDS,
+    accordion_label,
+    allow_preview_updates,
+    build_controlnet_panel,
+    control_type_updates,
+    enabled_updates,
+    image_and_mask,
+    independent_updates,
+    paste_updates,
+    preview_updates,
+    refreshed_models,
+    run_button_updates,
+    unit_label,
+    units_from_values,
+)
+
+CANNY = "control_v11p_sd15_canny"
+
+
+@pytest.fixture(scope="module")
+def studio(tmp_path_factory):
+    root = tmp_path_factory.mktemp("uicnunits")
+    make_controlnet(root / "models" / "ControlNet" / f"{CANNY}.safetensors", "sd1", seed=1)
+    s = Studio.create(Flags(data_dir=str(root), no_demo=True))
+    yield s
+    s.queue.shutdown()
+
+
+def _title(studio: Studio, stem: str) -> str:
+    return next(name for name in studio.controlnets.names() if name.startswith(stem))
+
+
+def values(**unit_values):
+    base = dict(enabled=False, upload_independent=True, image=None, module="none", model="None", weight=1.0,
+                guidance_start=0.0, guidance_end=1.0, pixel_perfect=False, processor_res=512, threshold_a=-1,
+                threshold_b=-1, control_mode="Balanced", resize_mode="Crop and Resize", hr_option="Both",
+                control_type="All")
+    return [{**base, **unit_values}[name] for name in UNIT_FIELDS]
+
+
+def _editor(size=(16, 16), stroke: tuple[int, int, int, int] | None = (4, 4, 8, 8)):
+    """gr.ImageEditor's value: a background and one layer with a painted square (or nothing)."""
+    background = Image.new("RGB", size, (40, 90, 140))
+    layer = np.zeros((size[1], size[0], 4), np.uint8)
+    if stroke:
+        left, top, right, bottom = stroke
+        layer[top:bottom, left:right] = (255, 255, 255, 255)
+    return {"background": background, "layers": [Image.fromarray(layer, "RGBA")], "composite": background}
+
+
+def test_choosing_a_control_type_picks_its_module_and_model(studio):
+    module, model = control_type_updates(studio, "Canny")
+    assert module["value"] == "canny" and "canny" in module["choices"] and "depth_midas" not in module["choices"]
+    assert model["value"] == _title(studio, CANNY) and model["choices"] == ["None", _title(studio, CANNY)]
+    # a type without a matching model file: "None", and only "None" offered
+    module, model = control_type_updates(studio, "OpenPose")
+    assert model["value"] == "None" and model["choices"] == ["None"]
+    assert all(m == "none" or "pose" in m for m in module["choices"])
+    # "All" is everything, nothing chosen
+    module, model = control_type_updates(studio, "All")
+    assert module["value"] == "none" and module["choices"] == studio.preprocessors.names()
+    assert model["value"] == "None" and _title(studio, CANNY) in model["choices"]
+
+
+def test_model_refresh_keeps_the_type_filter(studio):
+    folder = studio.paths.controlnet_dirs[0]
+    make_controlnet(folder / "other_canny_sd15.safetensors", "sd1", seed=2)
+    make_controlnet(folder / "some_depth_sd15.safetensors", "sd1", seed=3)
+    update = refreshed_models(studio, "Canny", _title(studio, CANNY))
+    names = update["choices"]
+    assert any(n.startswith("other_canny_sd15") for n in names) and not any("depth" in n for n in names)
+    assert update["value"] == _title(studio, CANNY)   # the chosen model stays
+    # a chosen model the filter does not offer gives way to the type's default
+    assert refreshed_models(studio, "Depth", _title(studio, CANNY))["value"].startswith("some_depth_sd15")
+
+
+def test_painted_layer_is_the_units_mask():
+    image, mask = image_and_mask(_editor())
+    assert image.size == (16, 16) and mask.mode == "L"
+    arr = np.asarray(mask)
+    assert arr[5, 5] == 255 and arr[0, 0] == 0 and arr[12, 12] == 0   # white = masked
+    assert image_and_mask(_editor(stroke=None))[1] is None               # nothing painted: no mask
+    plain = Image.new("RGB", (8, 8))
+    assert image_and_mask(plain) == (plain, None)                        # "Send map to unit 0"
+    drawn = Image.new("RGB", (8, 8), "white")
+    assert image_and_mask({"background": None, "layers": [], "composite": drawn}) == (drawn, None)
+
+
+def test_upload_independent_image_decides_the_units_image():
+    editor = _editor()
+    unit = units_from_values(values(enabled=True, image=editor))[0]
+    assert unit.image is editor["background"] and np.asarray(unit.mask)[5, 5] == 255
+    # img2img's default (box off): the unit has no image of its own, the engine uses the img2img image
+    reuse = units_from_values(values(enabled=True, image=editor, upload_independent=False))[0]
+    assert reuse.image is None and reuse.mask is None
+    assert units_from_values(values(control_type="Canny") * 2) == ()
+
+
+def test_panel_controls_and_their_defaults(studio):
+    with gr.Blocks():
+        txt = build_controlnet_panel(studio, "t", count=2)
+        img = build_controlnet_panel(studio, "i", img2img=True, count=1)
+    assert len(txt.inputs()) == txt.size == 2 * len(UNIT_FIELDS)
+    unit = txt.units[0].components
+    assert unit["control_type"].value == "All"
+    assert unit["control_type"].elem_id == "t_controlnet_unit_0_type_filter_radio"
+    assert unit["upload_independent"].value is True and not unit["upload_independent"].visible
+    assert txt.units[0].allow_preview.value is False and txt.units[0].allow_preview.label == "Allow Preview"
+    assert isinstance(unit["image"], gr.ImageEditor)
+    i2i = img.units[0].components["upload_independent"]
+    assert i2i.value is False and i2i.visible and i2i.label == "Upload independent control image"
+    assert txt.units[1].tab.label == "ControlNet Unit 1"
+
+
+def test_allow_preview_runs_the_preprocessor(studio):
+    image = _editor(size=(64, 64))
+    assert preview_updates(studio, False, image, "invert", 512, -1, -1) == (gr.update(), gr.update())
+    shown, message = preview_updates(studio, True, image, "invert", 512, -1, -1)
+    assert message == "" and np.asarray(shown.convert("RGB"))[0, 0].tolist() == [215, 165, 115]
+    column, preview, message = allow_preview_updates(studio, False, image, "invert", 512, -1, -1)
+    assert column["visible"] is False and preview is None
+    column, preview, _ = allow_preview_updates(studio, True, None, "invert", 512, -1, -1)
+    assert column["visible"] is True and preview is None   # on, but nothing to run yet
+    allow, column, preview, message = run_button_updates(studio, image, "invert", 512, -1, -1)
+    assert allow["value"] is True and column["visible"] is True and preview is not None
+    assert run_button_updates(studio, None, "invert", 512, -1, -1)[3] == "Upload an image first."
+
+
+def test_independent_image_box_shows_the_units_image():
+    row, allow, run, column = independent_updates(True)
+    assert row["visible"] and allow["visible"] and run["visible"]
+    row, allow, run, column = independent_updates(False)
+    assert not row["visible"] and allow == {"__type__": "update", "visible": False, "value": False}
+    assert not column["visible"]
+
+
+def test_enabled_markers():
+    assert unit_label(0, False) == "ControlNet Unit 0" and unit_label(2, True) == "ControlNet Unit 2 (on)"
+    assert accordion_label([False, False]) == "ControlNet"
+    assert accordion_label([True, False, True]) == "ControlNet (2 units on)"
+    updates = enabled_updates(False, True, False)
+    assert [u["label"] for u in updates] == ["ControlNet Unit 0", "ControlNet Unit 1 (on)", "ControlNet Unit 2",
+                                             "ControlNet (1 unit on)"]
+    # plain ASCII: no emoji font needed
+    assert all(u["label"].isascii() for u in updates)
+
+
+def test_paste_resets_the_type_filter(studio):
+    with gr.Blocks():
+        panel = build_controlnet_panel(studio, "p", count=2)
+    text = unit_infotext(ControlNetUnitRequest(module="depth_midas"), "cn [abcd1234]", 512, -1, -1)
+    updates = paste_updates(panel, {"ControlNet 0": text})
+    first = dict(zip(UNIT_FIELDS, updates[:len(UNIT_FIELDS)]))
+    second = dict(zip(UNIT_FIELDS, updates[len(UNIT_FIELDS):]))
+    assert first["control_type"]["value"] == "All" and first["module"]["value"] == "depth_midas"
+    assert first["module"]["choices"] == studio.preprocessors.names()
+    assert "None" in first["model"]["choices"] and first["upload_independent"] == gr.update()
+    assert second["enabled"]["value"] is False and second["control_type"] == gr.update()
