@@ -128,10 +128,17 @@ def test_panel_controls_and_their_defaults(studio):
 
 
 def test_allow_preview_runs_the_preprocessor(studio):
-    image = _editor(size=(64, 64))
+    image = _editor(size=(64, 64), stroke=None)
     assert preview_updates(studio, False, image, "invert", 512, -1, -1) == (gr.update(), gr.update())
     shown, message = preview_updates(studio, True, image, "invert", 512, -1, -1)
     assert message == "" and np.asarray(shown.convert("RGB"))[0, 0].tolist() == [215, 165, 115]
+    # painted on: a non-inpaint module reads the strokes (the extension's canvas scribble mode)
+    shown, _ = preview_updates(studio, True, _editor(size=(64, 64)), "invert", 512, -1, -1)
+    assert np.asarray(shown.convert("RGB"))[0, 0].tolist() == [255, 255, 255]
+    assert np.asarray(shown.convert("RGB"))[5, 5].tolist() == [0, 0, 0]
+    # an inpaint module reads them as its mask and shows the image
+    shown, message = preview_updates(studio, True, _editor(size=(64, 64)), "inpaint", 512, -1, -1)
+    assert message == "" and np.asarray(shown.convert("RGB"))[0, 0].tolist() == [40, 90, 140]
     column, preview, message = allow_preview_updates(studio, False, image, "invert", 512, -1, -1)
     assert column["visible"] is False and preview is None
     column, preview, _ = allow_preview_updates(studio, True, None, "invert", 512, -1, -1)
