@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from studio.config import REPO_ROOT, Flags, Paths, Settings, force_offline
+from studio.controlnet.clip_vision import ClipVisionEncoders
 from studio.controlnet.models import ControlNetLibrary
 from studio.controlnet.preprocessors import PreprocessorRegistry
 from studio.controlnet.runtime import ControlNetModels
@@ -90,7 +91,8 @@ class Studio:
                                       detectors=detectors)
         extensions.load_all()
         controlnets = ControlNetModels(ControlNetLibrary(paths.controlnet_dirs, hashes), paths.cache_dir / "configs",
-                                       lambda: settings.options.control_net_model_cache_size)
+                                       lambda: settings.options.control_net_model_cache_size,
+                                       ClipVisionEncoders(paths.clip_vision_dirs))
         controlnets.library.refresh()
         engine = Engine(paths, settings, models, JobQueue(), EmbeddingLibrary(list(paths.embedding_dirs)),
                         StyleDatabase(paths.styles_file), vaes, networks,

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from studio.controlnet.ip_adapter import IP_ADAPTER, IPAdapterWeights, is_ip_adapter_file, load_ip_adapter
 from studio.models.arch import derive_unet_config
 from studio.models.catalog import HashCache, ModelFileNames
 from studio.models.config_dir import write_config_dir
@@ -28,7 +29,7 @@ from studio.models.state_dict import ModelFileError, Shapes, load_state_dict
 
 log = logging.getLogger(__name__)
 
-CONTROLNET_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt")
+CONTROLNET_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt", ".bin")   # .bin: h94's IP-Adapter files
 ORIGINAL_PREFIX = "control_model."
 HINT_KEY = "input_hint_block.0.weight"
 FAMILY_LABELS = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
@@ -369,6 +370,11 @@ def load_controlnet(info: ControlNetInfo, dtype: torch.dtype = torch.float32,
             loaded = _load_folder(info, dtype, device, adapter=True)
         else:
             loaded = _load_folder(info, dtype, device)
+    elif is_ip_adapter_file(info.path):
+        # no network of its own: the weights are installed into the UNet for each pass (ip_adapter.py)
+        weights = load_ip_adapter(info.path, info.name)
+        probe = ControlNetProbe(weights.family or "sd1", weights.probe.cross_attention_dim, 3, 0, kind=IP_ADAPTER)
+        loaded = LoadedControlNet(info, probe, weights)
     else:
         sd = load_state_dict(info.path)
         if is_adapter_state_dict(sd):
@@ -385,6 +391,11 @@ def check_family(loaded: LoadedControlNet, model_family: str) -> None:
     """Refuse a ControlNet made for another model family (``sdxl-refiner`` counts as SDXL,
     ``sd1-inpaint`` as SD1: only the base family matters)."""
     base = "sdxl" if model_family.startswith("sdxl") else model_family.split("-", 1)[0]
+    if loaded.probe.kind == IP_ADAPTER:
+        if isinstance(loaded.model, IPAdapterWeights) and loaded.model.family not in (None, base):
+            raise ModelFileError(f"{IP_ADAPTER} {loaded.info.name} is for {loaded.probe.label}, the loaded "
+                                 f"checkpoint is {FAMILY_LABELS.get(base, model_family)}")
+        return   # the exact fit (widths, layer count) is checked against the UNet when it is installed
     if base != loaded.probe.family:
         label = FAMILY_LABELS.get(base, model_family)
         raise ModelFileError(f"{loaded.probe.kind} {loaded.info.name} is for {loaded.probe.label}, "

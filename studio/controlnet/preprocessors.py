@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from studio.controlnet import model_free
+from studio.controlnet.ip_adapter import IP_ADAPTER_MODULES
 from studio.controlnet.lama import LamaMissing, lama_fill
 
 ANNOTATORS_REPO = "lllyasviel/Annotators"
@@ -388,6 +389,8 @@ def builtin_preprocessors(annotators_dir: Path) -> list[Preprocessor]:
         Preprocessor("inpaint_only", "inpaint_only", _identity, resolution=None),
         Preprocessor("inpaint_only+lama", "inpaint_only+lama", _lama, resolution=None,
                      needs_weights=("ControlNetLama.pth",)),
+        # IP-Adapter: the reference image itself; the unit's CLIP vision encoder reads it in sampling
+        *(Preprocessor(name, name, _identity, resolution=None) for name in IP_ADAPTER_MODULES),
         Preprocessor("tile_colorfix", "tile_colorfix", _identity, resolution=None, slider_1=variation),
         Preprocessor("tile_colorfix+sharp", "tile_colorfix+sharp", _identity, resolution=None, slider_1=variation,
                      slider_2=Slider("Sharpness", 0.0, 2.0, 1.0, 0.01)),

@@ -19,7 +19,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from studio.controlnet.clip_vision import ClipVisionEncoders
 from studio.controlnet.guidance import ControlNetGuidance, ControlUnit
+from studio.controlnet.ip_adapter import IP_ADAPTER, IPAdapterGuidance, IPAdapterUnit
 from studio.controlnet.latent_fixes import (
     COLORFIX_MODULES,
     INPAINT_BLUR_SIGMA,
@@ -59,8 +61,11 @@ class ControlNetModels:
     """The ControlNet files (library) and the ones loaded, least recently used dropped first beyond
     ``capacity()`` (the extension's ``control_net_model_cache_size``, default 2)."""
 
-    def __init__(self, library: ControlNetLibrary, config_cache: Path, capacity: Callable[[], int]):
+    def __init__(self, library: ControlNetLibrary, config_cache: Path, capacity: Callable[[], int],
+                 clip_vision: ClipVisionEncoders | None = None):
         self.library = library
+        # IP-Adapters' image encoders (one kept loaded), owned here with the adapters that need them
+        self.clip_vision = clip_vision if clip_vision is not None else ClipVisionEncoders(())
         self.config_cache = Path(config_cache)
         self._capacity = capacity
         self._loaded: OrderedDict[tuple, LoadedControlNet] = OrderedDict()
@@ -97,6 +102,7 @@ class ControlNetModels:
     def unload(self) -> None:
         with self._lock:
             self._loaded.clear()
+        self.clip_vision.release()
 
 
 @dataclass
@@ -129,6 +135,7 @@ class ControlPlan:
     prepared: list[PreparedControl] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     inpaint_blur_sigma: int = INPAINT_BLUR_SIGMA
+    clip_vision: ClipVisionEncoders | None = None
 
     def __bool__(self) -> bool:
         return bool(self.prepared)
@@ -143,7 +150,7 @@ class ControlPlan:
         """The ControlNet / T2I-Adapter units of one pass, their maps at the pass's size."""
         units = []
         for p in self.prepared:
-            if p.loaded is None or not p.takes_part(hires):
+            if p.loaded is None or p.loaded.probe.kind == IP_ADAPTER or not p.takes_part(hires):
                 continue
             image = map_to_tensor(fit_control_map(p.detected, width, height, p.unit.resize_mode))
             if p.mask is not None:   # the inpaint ControlNets read masked pixels as -1
@@ -178,6 +185,12 @@ class ControlPlan:
                 image = map_to_tensor(fit_control_map(p.detected, width, height, u.resize_mode))
                 mask = map_to_tensor(fit_control_mask(p.mask, width, height, u.resize_mode))[:, :1]
                 fixes.append(LatentFixUnit(p.module, image, u.weight, mask=mask))
+        adapters = [IPAdapterUnit(p.loaded.model, [p.detected], p.unit.weight, p.unit.guidance_start,
+                                  p.unit.guidance_end, p.module)
+                    for p in self.prepared
+                    if p.loaded is not None and p.loaded.probe.kind == IP_ADAPTER and p.takes_part(hires)]
+        if adapters:   # one callback for all: each sets the image embeddings of every UNet call
+            callbacks.append(IPAdapterGuidance(adapters, self.clip_vision or ClipVisionEncoders(())))
         if references:
             callbacks.append(ReferenceGuidance(references, hires=second))
         if fixes:
@@ -207,7 +220,7 @@ class ControlPlan:
             region = (round(box[0] * sx), round(box[1] * sy), round(box[2] * sx), round(box[3] * sy))
             mask = p.mask.resize(p.detected.size).crop(region) if p.mask is not None else None
             out.append(replace(p, detected=p.detected.crop(region), mask=mask))
-        return ControlPlan(out, list(self.notes), self.inpaint_blur_sigma)
+        return ControlPlan(out, list(self.notes), self.inpaint_blur_sigma, self.clip_vision)
 
 
 def is_drawn(mask: Image.Image) -> bool:
@@ -281,7 +294,7 @@ def prepare_controls(units: tuple[ControlNetUnitRequest, ...], registry: Preproc
     units that read the init image; a non-inpaint unit's own mask is what it reads (a scribble) unless
     ``ignore_noninpaint_mask`` (the extension's options). Raises UnitError with the unit's number for anything the user
     must fix."""
-    plan = ControlPlan(inpaint_blur_sigma=inpaint_blur_sigma)
+    plan = ControlPlan(inpaint_blur_sigma=inpaint_blur_sigma, clip_vision=models.clip_vision)
     for index, unit in enabled_units(units):
         if on_unit is not None:
             on_unit(index)
@@ -337,4 +350,8 @@ def prepare_controls(units: tuple[ControlNetUnitRequest, ...], registry: Preproc
             mask = mask.resize(detected.size, Image.NEAREST)
         text = unit_infotext(unit, title, res, a, b)
         plan.prepared.append(PreparedControl(index, unit, loaded, detected, text, mask, a, b))
+    kinds = {p.loaded.probe.kind for p in plan.prepared if p.loaded is not None}
+    if IP_ADAPTER in kinds and any(is_reference(p.module) for p in plan.prepared):
+        raise UnitError("reference_* and IP-Adapter units cannot run in the same generation yet: the reference "
+                        "pass would need the adapter's image tokens; use one of them per job")
     return plan
