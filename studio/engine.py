@@ -322,7 +322,7 @@ class Engine:
             if req.inpainting_mask_invert:
                 mask = mask.point(lambda v: 255 - v)
         return prepare_controls(req.controlnet_units, self.preprocessors, self.controlnets, model.family,
-                                req.width, req.height, model.policy.dtype, model.policy.device,
+                                req.width, req.height, model.policy.dtype, model.policy.device, base_unet=model.unet,
                                 init_image=init[0] if init else None, seed=req.seed, on_unit=progress,
                                 init_mask=mask, ignore_noninpaint_mask=options.control_net_ignore_noninpaint_mask,
                                 inpaint_blur_sigma=options.control_net_inpaint_blur_sigma)

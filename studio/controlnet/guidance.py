@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from studio.controlnet.union import is_union_model, union_residuals
 from studio.generation.step_callbacks import ModelCall, PassInfo, StepCallback
 
 CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")
@@ -53,6 +54,7 @@ class ControlUnit:
     guidance_start: float = 0.0
     guidance_end: float = 1.0
     control_mode: int = 0            # index into CONTROL_MODES
+    union_type: int = -1             # a ControlNet Union's control type (union.UNION_TYPES index)
     _features: list[torch.Tensor] | None = field(default=None, init=False, repr=False)
 
     def active(self, step: int, total: int) -> bool:
@@ -127,9 +129,12 @@ def control_residuals(units: list[ControlUnit], x: torch.Tensor, t: Any, context
             colour, masked = cond[:, :3], (cond[:, 3:] > 0.5).to(dtype)
             cond = colour * (1 - masked) - masked
         cond = cond.expand(x.shape[0], -1, -1, -1)
-        kwargs = {"added_cond_kwargs": added} if added is not None else {}
-        out_down, out_mid = model(x[:, :model.config.in_channels].to(dtype), t, encoder_hidden_states=context,
-                                  controlnet_cond=cond, conditioning_scale=1.0, return_dict=False, **kwargs)
+        if is_union_model(model):
+            out_down, out_mid = union_residuals(model, x, t, context, added, cond, unit.union_type)
+        else:
+            kwargs = {"added_cond_kwargs": added} if added is not None else {}
+            out_down, out_mid = model(x[:, :model.config.in_channels].to(dtype), t, encoder_hidden_states=context,
+                                      controlnet_cond=cond, conditioning_scale=1.0, return_dict=False, **kwargs)
         residuals = [*out_down, out_mid]
         scales = unit.scales(len(residuals))
         residuals = [r * s for r, s in zip(residuals, scales)]

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from studio.controlnet.ip_adapter import IP_ADAPTER, IPAdapterWeights, is_ip_adapter_file, load_ip_adapter
+from studio.controlnet.ip_adapter import IP_ADAPTER, IPAdapterWeights
 from studio.models.arch import derive_unet_config
 from studio.models.catalog import HashCache, ModelFileNames
 from studio.models.config_dir import write_config_dir
@@ -330,7 +330,7 @@ def _load_original(info: ControlNetInfo, sd: dict[str, torch.Tensor], dtype: tor
         if isinstance(e, ModelFileError):
             raise
         raise ModelFileError(f"{info.name}: weights do not fit the detected {probe.label} ControlNet: {e}") from e
-    return LoadedControlNet(info, probe, _place(model, dtype, device))
+    return LoadedControlNet(info, probe, place_model(model, dtype, device))
 
 
 def _probe_config(config: dict[str, Any]) -> ControlNetProbe:
@@ -355,10 +355,10 @@ def _load_folder(info: ControlNetInfo, dtype: torch.dtype, device: torch.device 
         model = cls.from_pretrained(info.path, local_files_only=True, torch_dtype=dtype)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise ModelFileError(f"{info.name}: incomplete or corrupt diffusers {what} folder: {e}") from e
-    return LoadedControlNet(info, probe(dict(model.config)), _place(model, dtype, device))
+    return LoadedControlNet(info, probe(dict(model.config)), place_model(model, dtype, device))
 
 
-def _place(model: Any, dtype: torch.dtype, device: torch.device | str) -> Any:
+def place_model(model: Any, dtype: torch.dtype, device: torch.device | str) -> Any:
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
@@ -370,11 +370,6 @@ def load_controlnet(info: ControlNetInfo, dtype: torch.dtype = torch.float32,
             loaded = _load_folder(info, dtype, device, adapter=True)
         else:
             loaded = _load_folder(info, dtype, device)
-    elif is_ip_adapter_file(info.path):
-        # no network of its own: the weights are installed into the UNet for each pass (ip_adapter.py)
-        weights = load_ip_adapter(info.path, info.name)
-        probe = ControlNetProbe(weights.family or "sd1", weights.probe.cross_attention_dim, 3, 0, kind=IP_ADAPTER)
-        loaded = LoadedControlNet(info, probe, weights)
     else:
         sd = load_state_dict(info.path)
         if is_adapter_state_dict(sd):
@@ -488,4 +483,4 @@ def _load_adapter_file(info: ControlNetInfo, sd: dict[str, torch.Tensor], dtype:
         raise ModelFileError(f"{info.name}: {e}") from e
     except (KeyError, RuntimeError, ValueError) as e:
         raise ModelFileError(f"{info.name}: weights do not fit a T2I-Adapter: {e}") from e
-    return LoadedControlNet(info, probe, _place(model, dtype, device))
+    return LoadedControlNet(info, probe, place_model(model, dtype, device))

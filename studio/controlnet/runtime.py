@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -30,16 +31,17 @@ from studio.controlnet.latent_fixes import (
     LatentFixUnit,
     paste_outside_mask,
 )
+from studio.controlnet.loading import is_control_lora_file, load_control_model
 from studio.controlnet.models import (
     FAMILY_LABELS,
     ControlNetInfo,
     ControlNetLibrary,
     LoadedControlNet,
     check_family,
-    load_controlnet,
 )
 from studio.controlnet.preprocessors import INPAINT_MODULES, PreprocessorError, PreprocessorRegistry
 from studio.controlnet.reference import ReferenceGuidance, ReferenceUnit, is_reference
+from studio.controlnet.union import is_union_model, union_type_index
 from studio.controlnet.units import (
     ControlNetUnitRequest,
     UnitError,
@@ -51,6 +53,7 @@ from studio.controlnet.units import (
     pixel_perfect_resolution,
     unit_infotext,
 )
+from studio.errors import RequestError
 from studio.generation.step_callbacks import StepCallback
 from studio.models.state_dict import ModelFileError
 
@@ -81,14 +84,18 @@ class ControlNetModels:
     def names(self) -> list[str]:
         return [c.api_name for c in self.library.items()]
 
-    def load(self, info: ControlNetInfo, dtype: Any, device: Any) -> LoadedControlNet:
+    def load(self, info: ControlNetInfo, dtype: Any, device: Any, base_unet: Any = None) -> LoadedControlNet:
         path = info.weights_path
-        key = (str(info.path), path.stat().st_mtime_ns if path.exists() else 0, str(dtype), str(device))
+        # a Control-LoRA is built on the checkpoint's UNet: one per UNet (a weak reference: equal only
+        # while that UNet lives, so a later UNet at the same address is not taken for it)
+        lora = is_control_lora_file(info)
+        key = (str(info.path), path.stat().st_mtime_ns if path.exists() else 0, str(dtype), str(device),
+               weakref.ref(base_unet) if lora and base_unet is not None else None)
         with self._lock:
             if key in self._loaded:
                 self._loaded.move_to_end(key)
                 return self._loaded[key]
-            loaded = load_controlnet(info, dtype, device, self.config_cache)
+            loaded = load_control_model(info, dtype, device, self.config_cache, base_unet)
             self._loaded[key] = loaded
             while len(self._loaded) > max(1, self._capacity()):
                 dropped = self._loaded.popitem(last=False)[1]
@@ -118,6 +125,7 @@ class PreparedControl:
     mask: Image.Image | None = None
     threshold_a: float = -1    # the values used (defaults filled in), as the infotext says
     threshold_b: float = -1
+    union_type: int = -1       # a ControlNet Union unit's control type (studio.controlnet.union.UNION_TYPES)
 
     @property
     def module(self) -> str:
@@ -157,7 +165,7 @@ class ControlPlan:
                 mask = map_to_tensor(fit_control_mask(p.mask, width, height, p.unit.resize_mode))[:, :1]
                 image = torch.cat([image, mask], dim=1)
             units.append(ControlUnit(p.loaded.model, image, p.unit.weight, p.unit.guidance_start,
-                                     p.unit.guidance_end, p.unit.control_mode_index))
+                                     p.unit.guidance_end, p.unit.control_mode_index, union_type=p.union_type))
         return units
 
     def callbacks_for(self, width: int, height: int, hires: bool | None, seed: int = 0) -> list[StepCallback]:
@@ -285,7 +293,7 @@ _UNET_FAMILIES = ("sd1", "sd2", "sdxl")
 
 def prepare_controls(units: tuple[ControlNetUnitRequest, ...], registry: PreprocessorRegistry,
                      models: ControlNetModels, model_family: str, width: int, height: int, dtype: Any, device: Any,
-                     init_image: Image.Image | None = None, seed: int = 0,
+                     init_image: Image.Image | None = None, seed: int = 0, base_unet: Any = None,
                      on_unit: Callable[[int], None] | None = None,
                      init_mask: Image.Image | None = None, ignore_noninpaint_mask: bool = False,
                      inpaint_blur_sigma: int = INPAINT_BLUR_SIGMA) -> ControlPlan:
@@ -322,11 +330,18 @@ def prepare_controls(units: tuple[ControlNetUnitRequest, ...], registry: Preproc
             if info is None:
                 raise UnitError(f"ControlNet unit {index}: model {unit.model!r} not found")
             try:
-                loaded = models.load(info, dtype, device)
+                loaded = models.load(info, dtype, device, base_unet)
                 check_family(loaded, model_family)
             except ModelFileError as e:
                 raise UnitError(f"ControlNet unit {index}: {e}") from e
             title = info.api_name
+        union_type = -1
+        if loaded is not None and is_union_model(loaded.model):
+            try:
+                union_type = union_type_index(unit.union_control_type, unit.module,
+                                              loaded.model.config.num_control_type)
+            except RequestError as e:
+                raise UnitError(f"ControlNet unit {index}: {e}") from e
         mask = None
         if unit.module in INPAINT_MODULES:
             mask = unit.mask if unit.mask is not None else (init_mask if unit.image is None else None)
@@ -349,7 +364,7 @@ def prepare_controls(units: tuple[ControlNetUnitRequest, ...], registry: Preproc
         if mask is not None and mask.size != detected.size:
             mask = mask.resize(detected.size, Image.NEAREST)
         text = unit_infotext(unit, title, res, a, b)
-        plan.prepared.append(PreparedControl(index, unit, loaded, detected, text, mask, a, b))
+        plan.prepared.append(PreparedControl(index, unit, loaded, detected, text, mask, a, b, union_type))
     kinds = {p.loaded.probe.kind for p in plan.prepared if p.loaded is not None}
     if IP_ADAPTER in kinds and any(is_reference(p.module) for p in plan.prepared):
         raise UnitError("reference_* and IP-Adapter units cannot run in the same generation yet: the reference "

@@ -80,6 +80,7 @@ class ControlNetUnitRequest:
     control_mode: str = "Balanced"
     hr_option: str = "Both"
     save_detected_map: bool = True
+    union_control_type: str = "Unknown"  # a ControlNet Union model's control type (the extension's names)
 
     @property
     def control_mode_index(self) -> int:
@@ -173,6 +174,8 @@ def unit_from_api(values: dict[str, Any], decode_image: Callable[[Any], Any],
         fields["control_mode"] = _enum_value(values["control_mode"], CONTROL_MODES, "control_mode")
     if values.get("hr_option") is not None:
         fields["hr_option"] = _enum_value(values["hr_option"], HR_OPTIONS, "hr_option")
+    if values.get("union_control_type") is not None:
+        fields["union_control_type"] = str(values["union_control_type"])
     return replace(defaults, **fields)
 
 

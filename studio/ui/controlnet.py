@@ -113,7 +113,9 @@ def units_from_values(values: list[Any] | tuple[Any, ...]) -> tuple[ControlNetUn
             guidance_end=float(v["guidance_end"]), pixel_perfect=bool(v["pixel_perfect"]),
             processor_res=int(v["processor_res"]), threshold_a=float(v["threshold_a"]),
             threshold_b=float(v["threshold_b"]), control_mode=v["control_mode"] or CONTROL_MODES[0],
-            resize_mode=v["resize_mode"] or "Crop and Resize", hr_option=v["hr_option"] or HR_OPTIONS[0]))
+            resize_mode=v["resize_mode"] or "Crop and Resize", hr_option=v["hr_option"] or HR_OPTIONS[0],
+            # as the extension: the Control Type radio is a Union model's control type
+            union_control_type=v.get("control_type") if v.get("control_type") not in (None, "All") else "Unknown"))
     return tuple(u for u in units) if any(u.enabled for u in units) else ()
 
 
