@@ -240,9 +240,10 @@ def test_img2img_unit_reuses_the_init_image(studio):
     reuse = studio.img2img(Img2ImgRequest(**base, controlnet_units=(unit(image=None),)))
     own = studio.img2img(Img2ImgRequest(**base, controlnet_units=(unit(),)))
     assert np.abs(pixels(plain) - pixels(reuse)).max() > 0
-    # maps come at processor resolution (short side 512): the square init image vs the 4:3 unit image
-    assert reuse.detected_maps[0].size == (512, 512)
-    assert own.detected_maps[0].size == (683, 512)
+    # maps come fitted to the generation, as the extension returns them: the square init image's and
+    # the 4:3 unit image's (cropped to the square) differ
+    assert reuse.detected_maps[0].size == own.detected_maps[0].size == (64, 64)
+    assert not np.array_equal(np.asarray(reuse.detected_maps[0]), np.asarray(own.detected_maps[0]))
 
 
 def test_hires_option_picks_the_passes(studio):
@@ -262,8 +263,31 @@ def test_a_seeded_preprocessor_uses_the_images_seed(studio):
     result = run(studio, unit(module="shuffle"), seed=-1)
     seed = result.seeds[0]
     assert seed >= 0 and f"Seed: {seed}," in result.infotexts[0]
-    again = studio.preprocessors.run("shuffle", control_image(), 512, seed=seed)
-    other = studio.preprocessors.run("shuffle", control_image(), 512, seed=0 if seed else 1)
+    def shuffled(seed: int):   # the map as the result carries it: fitted to the generation
+        m = studio.preprocessors.run("shuffle", control_image(), 512, seed=seed)
+        return fit_control_map(m, *result.images[0].size, "Crop and Resize")
+
+    again, other = shuffled(seed), shuffled(0 if seed else 1)
     detected = np.asarray(result.detected_maps[0], dtype=np.int16)
     assert np.array_equal(detected, np.asarray(again, dtype=np.int16))
     assert not np.array_equal(detected, np.asarray(other, dtype=np.int16))
+
+
+def test_hires_returns_the_map_of_each_pass_as_the_extension(studio):
+    """With hires fix the extension returns two maps per unit, the second pass's first, each at the
+    size it steered; a unit in one pass only returns that pass's map."""
+    hires = dict(enable_hr=True, hr_scale=1.5, hr_second_pass_steps=2, hr_upscaler="Latent")
+    both = run(studio, unit(), **hires)
+    assert [m.size for m in both.detected_maps] == [(96, 96), (64, 64)]
+    assert [m.size for m in run(studio, unit(hr_option="Low res only"), **hires).detected_maps] == [(64, 64)]
+    assert [m.size for m in run(studio, unit(hr_option="High res only"), **hires).detected_maps] == [(96, 96)]
+    assert [m.size for m in run(studio, unit()).detected_maps] == [(64, 64)]
+
+
+def test_binary_maps_stay_binary_when_resized():
+    from PIL import Image
+
+    arr = np.zeros((512, 512, 3), np.uint8)
+    arr[::16] = 255      # one-pixel lines
+    fitted = np.asarray(fit_control_map(Image.fromarray(arr), 64, 64, "Just Resize"))
+    assert set(np.unique(fitted)) == {0, 255}

@@ -151,8 +151,23 @@ class ControlPlan:
     def infotext_params(self) -> dict[str, str]:
         return {f"ControlNet {p.index}": p.infotext for p in self.prepared}
 
-    def detected_maps(self) -> list[Image.Image]:
-        return [p.detected for p in self.prepared if p.unit.save_detected_map]
+    def detected_maps(self, width: int | None = None, height: int | None = None,
+                      hires_size: tuple[int, int] | None = None) -> list[Image.Image]:
+        """The maps returned with the images, as the extension returns them: each fitted to the size
+        it steered (resize mode applied); with hires fix the second pass's map first, then the first
+        pass's, for the units taking part in each. Without a size: the maps as preprocessed."""
+        out: list[Image.Image] = []
+        for p in self.prepared:
+            if not p.unit.save_detected_map:
+                continue
+            if width is None or height is None:
+                out.append(p.detected)
+                continue
+            if hires_size is not None and p.takes_part(True):
+                out.append(fit_control_map(p.detected, *hires_size, p.unit.resize_mode))
+            if p.takes_part(False if hires_size is not None else None):
+                out.append(fit_control_map(p.detected, width, height, p.unit.resize_mode))
+        return out
 
     def units_for(self, width: int, height: int, hires: bool | None) -> list[ControlUnit]:
         """The ControlNet / T2I-Adapter units of one pass, their maps at the pass's size."""

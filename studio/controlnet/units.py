@@ -312,11 +312,28 @@ def _resample_for(arr: np.ndarray, shrinking: bool) -> Image.Resampling:
     return Image.Resampling.BOX if shrinking else Image.Resampling.BICUBIC
 
 
+def _is_binary(arr: np.ndarray) -> bool:
+    """Two colours, one near black and one near white: an edge or scribble map (the extension's test)."""
+    flat = arr.reshape(-1, arr.shape[-1]) if arr.ndim == 3 else arr.reshape(-1, 1)
+    return len(np.unique(flat, axis=0)) == 2 and int(arr.min()) < 16 and int(arr.max()) > 240
+
+
 def _resize(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """A map at another size. Binary maps stay binary: resized smoothly, then thresholded at Otsu's
+    level (the extension's ``high_quality_resize``), so thin edges survive a shrink as lines, not as
+    faint grey."""
     if image.size == size:
         return image
     shrinking = size[0] * size[1] < image.width * image.height
-    return image.resize(size, _resample_for(np.asarray(image), shrinking))
+    arr = np.asarray(image)
+    if _is_binary(arr):
+        import cv2
+
+        grey = np.asarray(image.convert("L").resize(size, Image.Resampling.BOX if shrinking
+                                                    else Image.Resampling.BICUBIC))
+        _, binary = cv2.threshold(grey, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+        return Image.fromarray(binary).convert(image.mode)
+    return image.resize(size, _resample_for(arr, shrinking))
 
 
 def fit_control_map(image: Image.Image, width: int, height: int, resize_mode: str) -> Image.Image:

@@ -327,7 +327,8 @@ def _run(model: LoadedModel, req: Txt2ImgRequest, state: JobState, prompt: str, 
     first_units: list[StepCallback] = []
     hires_units: list[StepCallback] = []
     if controls:
-        result.detected_maps = controls.detected_maps()
+        result.detected_maps = controls.detected_maps(req.width, req.height,
+                                                      (hires.width, hires.height) if hires is not None else None)
         notes.extend(controls.notes)
         first_units = controls.callbacks_for(req.width, req.height, None if hires is None else False, base_seed)
         if hires is not None:
