@@ -149,3 +149,23 @@ def test_controlnet_dir_flag(capsys, data_dir, tmp_path):
     code, out, err = cli(capsys, "models", "--data-dir", str(data_dir), "--kind", "controlnet",
                          "--controlnet-dir", str(tmp_path / "elsewhere"))
     assert code == 0 and "cn-b [" in out
+
+
+def test_model_free_and_masked_units_from_the_command_line(capsys, data_dir, tmp_path):
+    """reference_only needs no model; an inpaint unit takes mask=FILE (white = generate)."""
+    image = data_dir / "control.png"
+    code, _, err = generate(capsys, data_dir, tmp_path / "ref", "--controlnet", f"module=reference_only,image={image}")
+    assert code == 0, err
+    params = parse_infotext(Image.open(tmp_path / "ref" / "00000-5.png").info["parameters"])
+    assert params["ControlNet 0"].startswith("Module: reference_only, Model: None")
+    mask = np.zeros((64, 64), np.uint8)
+    mask[20:44, 20:44] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    spec = f"model=cn-a,module=inpaint_only,image={image},mask={tmp_path / 'mask.png'}"
+    code, _, err = generate(capsys, data_dir, tmp_path / "inp", "--controlnet", spec)
+    assert code == 0, err
+    out = np.asarray(Image.open(tmp_path / "inp" / "00000-5.png"), np.int16)
+    assert np.array_equal(out[:8], np.asarray(Image.open(image).convert("RGB"), np.int16)[:8])
+    code, _, err = generate(capsys, data_dir, tmp_path / "bad", "--controlnet", f"model=cn-a,module=inpaint_only,"
+                                                                                f"image={image}")
+    assert code != 0 and "needs a mask" in err
