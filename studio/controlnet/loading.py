@@ -5,6 +5,7 @@
   UNet plus the file's low-rank deltas and own layers (control_lora.py);
 - ControlNet Union / ProMax (``task_embedding``, ``control_add_embedding``), files or diffusers folders
   (union.py);
+- FLUX.1 ControlNets (InstantX / Shakker-Labs Union-Pro / jasperai, diffusers layout; flux_controlnet.py);
 - everything else, ControlNets and T2I-Adapters, by :func:`studio.controlnet.models.load_controlnet`.
 
 It sits above those modules (they import ``models``), so the dispatch needs no import inside a
@@ -20,6 +21,14 @@ from typing import Any
 import torch
 
 from studio.controlnet.control_lora import build_control_lora, is_control_lora, probe_control_lora
+from studio.controlnet.flux_controlnet import (
+    is_flux_controlnet,
+    is_xlabs_controlnet,
+    load_flux_controlnet,
+    probe_flux_controlnet,
+    probe_flux_model,
+    xlabs_refusal,
+)
 from studio.controlnet.ip_adapter import IP_ADAPTER, is_ip_adapter_file, load_ip_adapter
 from studio.controlnet.models import (
     ControlNetInfo,
@@ -46,6 +55,9 @@ def load_control_model(info: ControlNetInfo, dtype: torch.dtype = torch.float32,
     """Load what ``info`` names, offline. ``base_unet`` is the loaded checkpoint's UNet, which a
     Control-LoRA is built on."""
     if info.is_diffusers:
+        if folder_class(info.path) == "FluxControlNetModel":
+            model = load_flux_controlnet(info.path, dtype, device, info.name)
+            return _loaded(LoadedControlNet(info, probe_flux_model(model), model))
         if folder_class(info.path) == "ControlNetUnionModel":
             from diffusers import ControlNetUnionModel
 
@@ -61,6 +73,11 @@ def load_control_model(info: ControlNetInfo, dtype: torch.dtype = torch.float32,
         probe = ControlNetProbe(weights.family or "sd1", weights.probe.cross_attention_dim, 3, 0, kind=IP_ADAPTER)
         return _loaded(LoadedControlNet(info, probe, weights))
     shapes = read_shapes(info.path)
+    if is_flux_controlnet(shapes):
+        model = load_flux_controlnet(load_state_dict(info.path), dtype, device, info.name)
+        return _loaded(LoadedControlNet(info, probe_flux_controlnet(shapes, info.name), model))
+    if is_xlabs_controlnet(shapes):
+        raise xlabs_refusal(info.name)
     if is_control_lora(shapes):
         if base_unet is None:
             raise ModelFileError(f"{info.name}: a Control-LoRA is built on the loaded SDXL checkpoint; load one")

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from studio.controlnet.ip_adapter import IP_ADAPTER, IPAdapterWeights
+from studio.families.spec import family_label
 from studio.models.arch import derive_unet_config
 from studio.models.catalog import HashCache, ModelFileNames
 from studio.models.config_dir import write_config_dir
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 CONTROLNET_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt", ".bin")   # .bin: h94's IP-Adapter files
 ORIGINAL_PREFIX = "control_model."
 HINT_KEY = "input_hint_block.0.weight"
-FAMILY_LABELS = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
+FAMILY_LABELS = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "flux1": "FLUX.1"}
 # Real SDXL: 6 size/crop numbers Fourier-embedded at 256 each plus bigG's 1280-wide pooled text.
 _SDXL_POOLED = 1280
 # Config keys a ControlNet shares with the UNet whose encoder it copies.
@@ -389,10 +390,10 @@ def check_family(loaded: LoadedControlNet, model_family: str) -> None:
     if loaded.probe.kind == IP_ADAPTER:
         if isinstance(loaded.model, IPAdapterWeights) and loaded.model.family not in (None, base):
             raise ModelFileError(f"{IP_ADAPTER} {loaded.info.name} is for {loaded.probe.label}, the loaded "
-                                 f"checkpoint is {FAMILY_LABELS.get(base, model_family)}")
+                                 f"checkpoint is {FAMILY_LABELS.get(base) or family_label(model_family)}")
         return   # the exact fit (widths, layer count) is checked against the UNet when it is installed
     if base != loaded.probe.family:
-        label = FAMILY_LABELS.get(base, model_family)
+        label = FAMILY_LABELS.get(base) or family_label(model_family)
         raise ModelFileError(f"{loaded.probe.kind} {loaded.info.name} is for {loaded.probe.label}, "
                              f"the loaded checkpoint is {label}")
 

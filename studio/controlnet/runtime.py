@@ -21,6 +21,12 @@ import torch
 from PIL import Image
 
 from studio.controlnet.clip_vision import ClipVisionEncoders
+from studio.controlnet.flux_controlnet import (
+    FLUX_FAMILY,
+    FluxControlGuidance,
+    FluxControlUnit,
+    flux_union_mode,
+)
 from studio.controlnet.guidance import ControlNetGuidance, ControlUnit
 from studio.controlnet.ip_adapter import IP_ADAPTER, IPAdapterGuidance, IPAdapterUnit
 from studio.controlnet.latent_fixes import (
@@ -41,7 +47,7 @@ from studio.controlnet.models import (
 )
 from studio.controlnet.preprocessors import INPAINT_MODULES, PreprocessorError, PreprocessorRegistry
 from studio.controlnet.reference import ReferenceGuidance, ReferenceUnit, is_reference
-from studio.controlnet.union import is_union_model, union_type_index
+from studio.controlnet.union import UNION, is_union_model, union_type_index
 from studio.controlnet.units import (
     ControlNetUnitRequest,
     UnitError,
@@ -173,7 +179,8 @@ class ControlPlan:
         """The ControlNet / T2I-Adapter units of one pass, their maps at the pass's size."""
         units = []
         for p in self.prepared:
-            if p.loaded is None or p.loaded.probe.kind == IP_ADAPTER or not p.takes_part(hires):
+            if p.loaded is None or p.loaded.probe.kind == IP_ADAPTER or p.loaded.probe.family == FLUX_FAMILY \
+                    or not p.takes_part(hires):
                 continue
             image = map_to_tensor(fit_control_map(p.detected, width, height, p.unit.resize_mode))
             if p.mask is not None:   # the inpaint ControlNets read masked pixels as -1
@@ -212,6 +219,15 @@ class ControlPlan:
                                   p.unit.guidance_end, p.module)
                     for p in self.prepared
                     if p.loaded is not None and p.loaded.probe.kind == IP_ADAPTER and p.takes_part(hires)]
+        flux = [FluxControlUnit(p.loaded.model, map_to_tensor(fit_control_map(p.detected, width, height,
+                                                                              p.unit.resize_mode)),
+                                p.unit.weight, p.unit.guidance_start, p.unit.guidance_end,
+                                mode=p.union_type if p.union_type >= 0 else None,
+                                control_mode=p.unit.control_mode_index)
+                for p in self.prepared
+                if p.loaded is not None and p.loaded.probe.family == FLUX_FAMILY and p.takes_part(hires)]
+        if flux:   # the FLUX transformer's ControlNets (the UNet path above is SD's)
+            callbacks.append(FluxControlGuidance(flux))
         if adapters:   # one callback for all: each sets the image embeddings of every UNet call
             callbacks.append(IPAdapterGuidance(adapters, self.clip_vision or ClipVisionEncoders(())))
         if references:
@@ -351,7 +367,12 @@ def prepare_controls(units: tuple[ControlNetUnitRequest, ...], registry: Preproc
                 raise UnitError(f"ControlNet unit {index}: {e}") from e
             title = info.api_name
         union_type = -1
-        if loaded is not None and is_union_model(loaded.model):
+        if loaded is not None and loaded.probe.family == FLUX_FAMILY and loaded.probe.kind == UNION:
+            try:
+                union_type = flux_union_mode(unit.union_control_type, unit.module, loaded.probe.num_mode)
+            except RequestError as e:
+                raise UnitError(f"ControlNet unit {index}: {e}") from e
+        elif loaded is not None and is_union_model(loaded.model):
             try:
                 union_type = union_type_index(unit.union_control_type, unit.module,
                                               loaded.model.config.num_control_type)

@@ -67,7 +67,8 @@ def _refuse_unsupported(req: Txt2ImgRequest, model: Any) -> None:
     """Features written for SD's UNet and CLIP that the DiT engines do not have yet."""
     label = model.spec.label
     refused = []
-    if any(u.enabled for u in req.controlnet_units):
+    if any(u.enabled for u in req.controlnet_units) and model.spec.id != "flux1":
+        # FLUX.1 takes its own ControlNets (checked per unit against the checkpoint's family)
         refused.append("ControlNet units")
     if req.tiling:
         refused.append("tiling (seamless textures)")

@@ -8,7 +8,10 @@ the SD loop (generation/sampling.py), with what flow models do differently:
 - img2img and inpainting enter the schedule part-way from the init latents moved along the
   straight flow path to that step's sigma (``sigma * noise + (1 - sigma) * init``);
 - FLUX.1's guidance-distilled models take the "Distilled CFG Scale" as an input; real CFG (with the
-  negative prompt) runs only when ``cfg_scale`` is not 1, as in Forge.
+  negative prompt) runs only when ``cfg_scale`` is not 1, as in Forge;
+- step callbacks' extra model arguments (FLUX ControlNets' ``controlnets``) go to the family's denoiser,
+  which lists the ones it takes (``extra_kwargs``); any other is refused, naming the family, rather
+  than dropped.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import inspect
 
 import torch
 
+from studio.errors import RequestError
 from studio.families.dit_engine import dit_engine
 from studio.families.spec import SCHNELL_SHIFT
 from studio.generation.dit_denoisers import pack_latents
@@ -69,6 +73,7 @@ def sample_flow(model, spec: BatchSpec, state: JobState) -> torch.Tensor:
     if reference is not None:
         reference = reference.to(device)
     denoiser = dit_engine(family.id).denoiser(model)
+    accepted = frozenset(getattr(denoiser, "extra_kwargs", ()))
 
     @functools.cache
     def image_inputs(groups: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -107,9 +112,15 @@ def sample_flow(model, spec: BatchSpec, state: JobState) -> torch.Tensor:
                 run_vectors = vectors[batch:] if vectors is not None else None
             x = latents.repeat(run_groups, 1, 1, 1)
             call = ModelCall(i, step, steps_run, t, sigmas[i], x, run_context, None, run_groups, batch, has_uncond)
-            callbacks.unet_kwargs(call)
+            model_kwargs = callbacks.unet_kwargs(call)
+            refused = sorted(model_kwargs.keys() - accepted)
+            if refused:
+                raise RequestError(f"{family.label} checkpoints do not take {', '.join(refused)}: ControlNet and "
+                                   f"adapter units work with SD1/SD2/SDXL checkpoints, FLUX.1 ControlNets with "
+                                   f"FLUX.1 ones")
             extra, ref = image_inputs(run_groups)
-            pred = callbacks.unet_output(call, denoiser(x, t, run_context, run_vectors, spec.guidance, extra, ref))
+            pred = callbacks.unet_output(call, denoiser(x, t, run_context, run_vectors, spec.guidance, extra, ref,
+                                                        **model_kwargs))
             preds = pred.chunk(run_groups)
             if has_uncond or not use_uncond:
                 pred = guide(preds, plan.weights, spec.cfg_scale, use_uncond)
