@@ -9,8 +9,8 @@ from typing import Any
 
 from studio.errors import RequestError
 from studio.generation.flow_samplers import FLOW_SAMPLER_NAMES, flow_sampler_supported
-from studio.generation.samplers import zero_snr_samplers
 from studio.generation.request import PRESET_FIELDS, Txt2ImgRequest
+from studio.generation.samplers import zero_snr_samplers
 from studio.prompts.parser import extract_extra_networks
 
 
