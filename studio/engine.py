@@ -452,6 +452,7 @@ class Engine:
         inpaint modules need; a mask-needing module without one is refused."""
         if module not in self.preprocessors:
             raise RequestError(f"unknown preprocessor {module!r}; available: {', '.join(self.preprocessors.names())}")
+        module = self.preprocessors.canonical(module)
         if not images:
             raise RequestError("no input images")
         try:

@@ -47,8 +47,8 @@ def build_controlnet_router(studio: Any, route_class: Any, decode: Callable[[str
 
     @r.get("/module_list")
     def module_list(alias_names: bool = False) -> dict[str, Any]:
-        # we have no separate display aliases: names and labels are both served by name
-        return studio.preprocessors.api_module_detail()
+        # the extension's two listings: its internal names (false) or its UI names (true)
+        return studio.preprocessors.api_module_detail(alias_names)
 
     @r.get("/settings")
     def settings() -> dict[str, Any]:
@@ -65,7 +65,7 @@ def build_controlnet_router(studio: Any, route_class: Any, decode: Callable[[str
         images = body.controlnet_input_images or body.controlnet_images
         if not images:
             raise HTTPException(422, "No image selected")
-        if body.controlnet_module in INPAINT_MODULES and not body.controlnet_masks:
+        if studio.preprocessors.canonical(body.controlnet_module) in INPAINT_MODULES and not body.controlnet_masks:
             raise HTTPException(422, f"{body.controlnet_module} needs controlnet_masks (white = the area to generate)")
         decoded = [decode(data) for data in images]
         masks = [decode(data) for data in body.controlnet_masks]

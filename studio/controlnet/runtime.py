@@ -298,6 +298,8 @@ def check_units(units: tuple[ControlNetUnitRequest, ...], registry: Preprocessor
     """Everything about the units that can be checked before the job is queued."""
     for index, unit in enabled_units(units):
         check_unit(unit, index)
+        if unit.module in registry:   # the extension's internal names are aliases of the studio's
+            unit = replace(unit, module=registry.canonical(unit.module))
         if unit.module not in registry:
             raise UnitError(f"ControlNet unit {index}: unknown preprocessor {unit.module!r}; "
                             f"available: {', '.join(registry.names())}")
@@ -337,6 +339,7 @@ def prepare_controls(units: tuple[ControlNetUnitRequest, ...], registry: Preproc
     for index, unit in enabled_units(units):
         if on_unit is not None:
             on_unit(index)
+        unit = replace(unit, module=registry.canonical(unit.module))
         image = unit.image if unit.image is not None else init_image
         if image is None:
             raise UnitError(f"ControlNet unit {index}: no control image")
