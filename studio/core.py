@@ -27,6 +27,7 @@ from studio.models.catalog import Catalog, CheckpointInfo, HashCache
 from studio.models.manager import CacheLimits, ModelManager, OffloadFlags, default_budget_bytes
 from studio.models.module_source import checkpoint_folders, module_scanner
 from studio.models.vae import VaeCatalog, VaeNotFoundError
+from studio.models.watch import FolderWatcher, watch_targets
 from studio.networks.activation import ExtraNetworks
 from studio.networks.embeddings import EmbeddingLibrary
 from studio.networks.hypernetworks import HypernetworkLibrary
@@ -59,6 +60,19 @@ class Studio:
     engine: Engine
     extensions: ExtensionManager
     schemas: RequestSchemas = RequestSchemas()
+    # started by the server (not by create(): tests get no threads): new model files appear by themselves
+    watcher: FolderWatcher | None = None
+
+    def watch_model_folders(self, interval: float = 1.0) -> FolderWatcher:
+        """Start watching the model folders: a copied LoRA, checkpoint, VAE… is listed without ↻."""
+        if self.watcher is None:
+            self.watcher = FolderWatcher(watch_targets(self), interval=interval)
+        return self.watcher.start()
+
+    def shutdown(self) -> None:
+        if self.watcher is not None:
+            self.watcher.stop()
+        self.queue.shutdown()
 
     @classmethod
     def create(cls, flags: Flags, schemas: RequestSchemas | None = None) -> Studio:

@@ -36,6 +36,7 @@ def serve(flags: Flags, block: bool = True):
     from studio.core import Studio
 
     studio = Studio.create(flags)
+    studio.watch_model_folders()
     if flags.share or flags.listen:
         if not flags.gradio_auth:
             log.warning("Serving beyond this machine (--listen/--share) without --gradio-auth: anyone who "

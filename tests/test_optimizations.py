@@ -193,8 +193,9 @@ def test_settings_tab_saves_checked_values_and_refuses_bad_ones(studio):
     assert message.startswith("❌") and "token_merging_ratio" in message
     assert studio.settings.get("jpeg_quality", 80) == 80, "a refused apply saves nothing"
     try:
-        assert apply_settings(studio, {"token_merging_ratio": 0.3, "jpeg_quality": 90}) == \
-            "Saved: jpeg_quality = 90, token_merging_ratio = 0.3."
+        assert apply_settings(studio, {"token_merging_ratio": 0.3, "jpeg_quality": 90}) == (
+            "Saved — 2 settings changed:\n- Quality for saved jpeg and webp images (`jpeg_quality`): `80` → `90`\n"
+            "- Token merging ratio (lossy) (`token_merging_ratio`): `0` → `0.3`")
         import json
 
         saved = json.loads(studio.settings.path.read_text())

@@ -10,7 +10,6 @@ import gradio as gr
 
 from studio import __version__
 from studio.core import Studio
-from studio.generation.infotext import infotext_to_fields, parse_infotext
 from studio.generation.outputs import ImageReadError, open_image, read_infotext
 from studio.models.modules import ModuleFile
 from studio.ui.common import GenerationTab
@@ -18,11 +17,14 @@ from studio.ui.controlnet import CONTROLNET_CSS, build_controlnet_tab, paste_upd
 from studio.ui.extensions_tab import build_extensions_tab
 from studio.ui.extra_networks import checkpoint_card_title
 from studio.ui.extras import build_extras_tab
+from studio.ui.history import HISTORY_CSS, build_history_tab
 from studio.ui.img2img import build_img2img_tab, build_inpaint_tab
 from studio.ui.merger import build_merger_tab
+from studio.ui.output_actions import open_folder, samples_folder, save_chosen, zip_gallery
+from studio.ui.send_to import Receiver, editor_value, gallery_pick, send_handler
 from studio.ui.settings_tab import build_settings_tab
 from studio.ui.train import build_train_tab
-from studio.ui.txt2img import USER_ERRORS, build_txt2img_tab, fields_to_send, fields_to_updates
+from studio.ui.txt2img import USER_ERRORS, build_txt2img_tab, hires_components, hires_updates
 
 CSS = """
 .studio-progress {position: relative; height: 26px; border-radius: 6px; overflow: hidden;
@@ -48,18 +50,45 @@ CSS = """
 /* fixed-size cards: Gradio stretches a gallery's few items across its whole width */
 .extra-network-cards .grid-container {grid-template-columns: repeat(auto-fill, minmax(140px, 160px)) !important;}
 .extra-network-cards .thumbnail-item {aspect-ratio: 4 / 5 !important; height: auto !important;}
-""" + CONTROLNET_CSS
+/* A1111's layout: Generate at the right of the prompts, big; Interrupt | Skip under it */
+.gen-toolbar .gen-button {min-height: 72px !important; font-size: 20px !important;}
+.gen-stop-row {gap: 6px !important;}
+.gen-stop-row button {min-width: 0 !important;}
+.gen-style-row {gap: 6px !important;}
+.studio-progress.idle {visibility: hidden;}
+.gen-send-row {gap: 6px !important; flex-wrap: wrap !important;}
+.gen-send-row button {flex: 1 1 auto !important; min-width: 70px !important;}
+/* phones: the result right after the prompt, the parameters below it */
+@media (max-width: 900px) {
+  .gen-main {flex-direction: column !important;}
+  .gen-main > .gen-results {order: -1;}
+}
+""" + CONTROLNET_CSS + HISTORY_CSS
 
 
 def demo_banner_text(studio: Studio) -> str:
+    """Shown while the built-in demo is the only model there is."""
     folder = studio.paths.ckpt_dirs[0]
-    if not any(c.is_demo for c in studio.checkpoints()):
+    checkpoints = studio.checkpoints()
+    if not checkpoints or not all(c.is_demo for c in checkpoints):
         return ""
     return (
         "**Demo model.** No checkpoint was found, so the studio offers its built-in demo model "
-        "(tiny, random weights: it makes abstract images, not pictures). Put your SD 1.x, SD 2.x or "
-        f"SDXL `.safetensors` / `.ckpt` files in `{folder}` and press ↻."
+        "(tiny, random weights: it makes abstract images, not pictures; it starts at 256×256 and 8 steps, "
+        "so a picture comes in seconds). Put your SD 1.x, SD 2.x, SDXL, SD3 or FLUX `.safetensors` / `.ckpt` / "
+        f"`.gguf` files in `{folder}`: they appear by themselves. Real checkpoints work at 512–1024 px and 20+ "
+        "steps."
     )
+
+
+def checkpoint_update(studio: Studio) -> Any:
+    """The checkpoint dropdown as it must be: every title (with its hash once known) and the loaded
+    one selected; a value missing from the choices would show as blank."""
+    titles = [c.title for c in studio.checkpoints()]
+    value = studio.current_title
+    if value is not None and value not in titles:
+        titles.append(value)
+    return gr.update(choices=titles, value=value)
 
 
 # How the module picker names each kind of separate file (Forge's "VAE / Text Encoder" list).
@@ -131,7 +160,11 @@ def build_ui(studio: Studio) -> gr.Blocks:
             vae = gr.Dropdown(choices=studio.vae_choices(), value=studio.settings.get("sd_vae", "Automatic"),
                               label="SD VAE", elem_id="setting_sd_vae", scale=3)
             modules = build_module_picker(studio)
-            build_quicksettings(studio)
+
+            @gr.render(triggers=[blocks.load])
+            def quicksettings():   # drawn per page load: the Settings tab may have changed the list
+                build_quicksettings(studio)
+
             model_status = gr.Markdown(_model_status(studio), elem_id="model_status")
         switched = gr.State(False)  # whether the last checkpoint choice loaded (its presets then apply)
         banner = gr.Markdown(demo_banner_text(studio), elem_id="demo_banner",
@@ -139,21 +172,28 @@ def build_ui(studio: Studio) -> gr.Blocks:
 
         with gr.Tabs(elem_id="tabs") as tabs:
             controls = build_txt2img_tab(studio)
-            followers = [controls.follows_model, build_img2img_tab(studio), build_inpaint_tab(studio)]
+            img2img, inpaint = build_img2img_tab(studio), build_inpaint_tab(studio)
+            followers = [controls.follows_model, img2img, inpaint]
             with gr.Tab("ControlNet", id="controlnet", elem_id="tab_controlnet"):
-                build_controlnet_tab(studio)
-            build_extras_tab(studio)
+                controlnet_out = build_controlnet_tab(studio)
+            extras_image = build_extras_tab(studio)
             merger = build_merger_tab(studio)
             with gr.Tab("PNG Info", id="pnginfo", elem_id="tab_pnginfo"), gr.Row(equal_height=False):
                 with gr.Column():
                     upload = gr.File(label="Image (PNG, JPEG or WebP)", file_types=["image"],
                                      elem_id="pnginfo_image", type="filepath")
-                    shown = gr.Image(label="Image", interactive=False, elem_id="pnginfo_preview", height=320)
+                    shown = gr.Image(label="Image", interactive=False, elem_id="pnginfo_preview", height=320,
+                                     type="filepath")
                 with gr.Column():
                     text = gr.Textbox(label="Parameters", lines=8, interactive=False,
                                       elem_id="pnginfo_generation_info")
                     message = gr.Markdown("", elem_id="pnginfo_message")
-                    send = gr.Button("Send to txt2img", elem_id="pnginfo_send_txt2img")
+                    with gr.Row(elem_classes="gen-send-row"):
+                        png_send = {key: gr.Button(label, elem_id=f"pnginfo_send_{key}", size="sm")
+                                    for key, label in (("txt2img", "Send to txt2img"), ("img2img", "Send to img2img"),
+                                                       ("inpaint", "Send to inpaint"), ("extras", "Send to extras"),
+                                                       ("controlnet", "Send to ControlNet"))}
+            history = build_history_tab(studio)
             with gr.Tab("Train", id="train", elem_id="tab_train"):
                 build_train_tab(studio)
             with gr.Tab("Settings", id="settings", elem_id="tab_settings") as settings_tab:
@@ -175,8 +215,7 @@ def build_ui(studio: Studio) -> gr.Blocks:
                 gr.Warning(str(e))
                 status, loaded = f"⚠️ {e}", False
             # the choices again: a file this load hashed is now titled with its hash
-            titles = [c.title for c in studio.checkpoints()]
-            return gr.update(choices=titles, value=studio.current_title), status, loaded
+            return checkpoint_update(studio), status, loaded
 
         follow_inputs = {c for tab in followers for c in tab.inputs()} | {switched}
         follow_outputs = [c for tab in followers for c in tab.outputs()]
@@ -190,13 +229,15 @@ def build_ui(studio: Studio) -> gr.Blocks:
             # a fresh page starts from the SD defaults: bring the loaded model's presets back
             return follow_model(studio, followers, data, apply_presets=True)
 
+        def banner_update() -> Any:
+            text = demo_banner_text(studio)
+            return gr.update(value=text, visible=bool(text))
+
         def do_refresh():
             studio.refresh_checkpoints()
             studio.refresh_vaes()
-            text = demo_banner_text(studio)
-            return (gr.update(choices=[c.title for c in studio.checkpoints()], value=studio.current_title),
-                    gr.update(value=text, visible=bool(text)), gr.update(choices=studio.vae_choices()),
-                    module_picker_update(studio))
+            return checkpoint_update(studio), banner_update(), gr.update(choices=studio.vae_choices()), \
+                module_picker_update(studio)
 
         def choose_vae(name):
             try:
@@ -228,18 +269,38 @@ def build_ui(studio: Studio) -> gr.Blocks:
 
         def sync():
             loading = studio.models.current is None and studio.queue.current is not None
-            return (gr.update(choices=[c.title for c in studio.checkpoints()], value=studio.current_title),
-                    _model_status(studio), gr.Timer(active=loading))
+            return checkpoint_update(studio), _model_status(studio), gr.Timer(active=loading), banner_update()
 
-        blocks.load(sync, None, [checkpoint, model_status, watcher], queue=False).then(
+        blocks.load(sync, None, [checkpoint, model_status, watcher, banner], queue=False).then(
             after_page_load, follow_inputs, follow_outputs, queue=False, show_progress="hidden")
         # the tick that finds the first model loaded is the last one: its presets apply then
-        watcher.tick(sync, None, [checkpoint, model_status, watcher], queue=False, show_progress="hidden").then(
-            after_page_load, follow_inputs, follow_outputs, queue=False, show_progress="hidden")
+        watcher.tick(sync, None, [checkpoint, model_status, watcher, banner], queue=False,
+                     show_progress="hidden").then(after_page_load, follow_inputs, follow_outputs, queue=False,
+                                                  show_progress="hidden")
         refresh.click(do_refresh, None, [checkpoint, banner, vae, modules])
+
+        # new files in the model folders (a finished training run, a copied LoRA) appear by themselves:
+        # the server's FolderWatcher rescans, this timer redraws what changed
+        seen = gr.State(None)
+        folders = gr.Timer(2.0)
+        galleries = [*controls.extra.galleries.values(), controls.extra.shown]
+
+        def follow_folders(last):
+            w = studio.watcher
+            now = w.versions() if w is not None else {}
+            changed = w.changed_since(last) if w is not None and last is not None else set()
+            keep = gr.update()
+            lists = controls.extra.fill("") if changed & {"lora", "hypernetworks", "embeddings", "checkpoints"} \
+                else [keep] * len(galleries)
+            return [checkpoint_update(studio) if "checkpoints" in changed else keep,
+                    banner_update() if "checkpoints" in changed else keep,
+                    gr.update(choices=studio.vae_choices()) if "vae" in changed else keep,
+                    module_picker_update(studio) if changed & {"modules", "vae"} else keep, *lists, now]
+
+        folders.tick(follow_folders, seen, [checkpoint, banner, vae, modules, *galleries, seen], queue=False,
+                     show_progress="hidden")
         # a merged checkpoint is in the dropdown at once (A1111 lists it after a merge)
-        merger.merged.then(lambda: gr.update(choices=[c.title for c in studio.checkpoints()]), None, checkpoint,
-                           queue=False, show_progress="hidden")
+        merger.merged.then(lambda: checkpoint_update(studio), None, checkpoint, queue=False, show_progress="hidden")
 
         def read_png(path):
             if not path:
@@ -249,21 +310,75 @@ def build_ui(studio: Studio) -> gr.Blocks:
             except (ImageReadError, OSError) as e:
                 return None, "", f"**Error:** {e}"
             info = read_infotext(image)
-            return image.convert("RGB"), info or "", "" if info else "_No generation parameters in this image._"
+            return path, info or "", "" if info else "_No generation parameters in this image._"
 
         upload.change(read_png, upload, [shown, text, message])
 
-        def send_to_txt2img(info):
-            params = parse_infotext(info) if info else {}
-            fields = fields_to_send(infotext_to_fields(params), studio.settings.options)
-            return [*fields_to_updates(controls, fields), *paste_updates(controls.controlnet, params),
-                    gr.Tabs(selected="txt2img")]
+        # ---- send-to: every source (galleries, PNG Info) to every receiver
+        unit0 = controls.controlnet.units[0].components
 
-        send.click(send_to_txt2img, text,
-                   [controls.prompt, controls.negative, controls.steps, controls.sampler, controls.schedule,
-                    controls.cfg, controls.seed, controls.width, controls.height, controls.clip_skip,
-                    controls.distilled, *controls.controlnet.inputs(), tabs])
+        def txt2img_more(fields: dict[str, Any], parsed: dict[str, Any]) -> list[Any]:
+            return [*hires_updates(fields), *paste_updates(controls.controlnet, parsed)]
+
+        receivers = {
+            "txt2img": Receiver("txt2img", "txt2img", None, params=controls.follows_model.params(),
+                                more=[*hires_components(controls.hires), *controls.controlnet.inputs()],
+                                more_updates=txt2img_more),
+            "img2img": Receiver("img2img", "img2img", img2img.image, params=img2img.params()),
+            "inpaint": Receiver("inpaint", "inpaint", inpaint.image, wrap=editor_value, params=inpaint.params()),
+            "extras": Receiver("extras", "extras", extras_image),
+            # a ControlNet unit: txt2img's first unit takes the picture and is switched on
+            "controlnet": Receiver("controlnet", "txt2img", unit0["image"], wrap=editor_value,
+                                   more=[unit0["enabled"]], more_updates=lambda fields, parsed: [True]),
+        }
+        options = lambda: studio.settings.options  # noqa: E731 - read at click time
+
+        for key, button in png_send.items():
+            receiver = receivers[key]
+            button.click(send_handler(receiver, options), [shown, text], [*receiver.outputs(), tabs],
+                         queue=False, show_progress="hidden")
+
+        for out in (controls.follows_model.out, img2img.out, inpaint.out, controlnet_out):
+            wire_output_buttons(studio, out, receivers, tabs, options)
+        for key, button in history.send.items():
+            button.click(send_handler(receivers[key], options), [history.selected_path, history.selected_infotext],
+                         [*receivers[key].outputs(), tabs], queue=False, show_progress="hidden")
     return blocks
+
+
+def wire_output_buttons(studio: Studio, out: Any, receivers: dict[str, Receiver], tabs: Any,
+                        options: Any) -> None:
+    """A gallery's Save / Zip / Open folder and Send to … buttons."""
+    def chosen(gallery: Any, index: Any, texts: list[str] | None) -> tuple[Any, str]:
+        image, i = gallery_pick(gallery, index)
+        texts = list(texts or [])
+        return image, texts[i] if i < len(texts) else (texts[0] if texts else "")
+
+    for key, button in out.send.items():
+        handle = send_handler(receivers[key], options)
+        button.click(lambda g, i, t, handle=handle: handle(*chosen(g, i, t)), [out.gallery, out.selected,
+                     out.infotexts], [*receivers[key].outputs(), tabs], queue=False, show_progress="hidden")
+
+    def save(gallery, index, texts):
+        path = save_chosen(studio.paths.data, gallery, index, texts)
+        if path is None:
+            gr.Warning("Nothing to save yet.")
+            return gr.update()
+        gr.Info(f"Saved {path.name} to {path.parent}")
+        return gr.update(value=str(path), visible=True)
+
+    def zipped(gallery):
+        path = zip_gallery(studio.paths.data, gallery)
+        if path is None:
+            gr.Warning("Nothing to zip yet.")
+            return gr.update()
+        return gr.update(value=str(path), visible=True)
+
+    kind = "txt2img" if out.tab_id in ("txt2img", "controlnet") else "img2img"
+    out.save.click(save, [out.gallery, out.selected, out.infotexts], out.download, show_progress="hidden")
+    out.zip.click(zipped, out.gallery, out.download, show_progress="hidden")
+    out.open_folder.click(lambda: gr.Info(open_folder(samples_folder(studio.settings.options, studio.paths.data,
+                                                                        kind))), None, None, queue=False)
 
 
 def build_quicksettings(studio: Studio) -> list[Any]:

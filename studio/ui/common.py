@@ -43,6 +43,10 @@ class PromptArea:
     prompt_tokens: gr.HTML
     negative_tokens: gr.HTML
 
+    def busy_controls(self) -> list[Any]:
+        """What a running job changes: Generate says it queues, Interrupt and Skip come alive."""
+        return [self.generate, self.interrupt, self.skip]
+
     def bind(self, form: RequestForm) -> None:
         form.bind("prompt", self.prompt, lambda v: v or "")
         form.bind("negative_prompt", self.negative, lambda v: v or "")
@@ -91,11 +95,14 @@ def ui_presets(model: Any, from_flow: bool = False) -> dict[str, Any]:
     an SD model does not inherit FLUX's CFG 1."""
     if model is None:
         return {}
+    if model.info.is_demo:
+        # the demo's first picture in seconds: a real checkpoint's 512 px and 20 steps would take a minute
+        return dict(DEMO_PRESETS)
     if not model.spec.is_flow:
         if not from_flow:
             return {}
         defaults = interactive_defaults(Txt2ImgRequest)
-        presets = {k: defaults[k] for k in PRESET_CONTROLS if k in defaults}
+        presets = {k: defaults[k] for k in PRESET_CONTROLS if k in defaults and k not in ("width", "height")}
         presets.setdefault("cfg_scale", Txt2ImgRequest.model_fields["cfg_scale"].default)
     else:
         presets = dict(model.spec.presets_for(model.probe.variant))
@@ -150,10 +157,11 @@ class SamplingControls:
 
     # the controls a model change updates, in the order of :func:`model_updates`
     def model_controls(self) -> list[Any]:
-        return [self.steps, self.cfg, self.sampler, self.schedule, self.distilled]
+        return [self.steps, self.cfg, self.sampler, self.schedule, self.width, self.height, self.distilled]
 
 
-PRESET_CONTROLS = ("steps", "cfg_scale", "sampler_name", "scheduler")
+PRESET_CONTROLS = ("steps", "cfg_scale", "sampler_name", "scheduler", "width", "height")
+DEMO_PRESETS = (("steps", 8), ("width", 256), ("height", 256))
 
 
 def model_updates(model: Any, apply_presets: bool, from_flow: bool = False) -> list[Any]:
@@ -174,9 +182,18 @@ def model_updates(model: Any, apply_presets: bool, from_flow: bool = False) -> l
 @dataclass
 class GenerationTab:
     """A generation tab's controls that follow the loaded model: the sampling controls (presets,
-    the Distilled CFG Scale slider) and the token counters (one count per text encoder)."""
+    the Distilled CFG Scale slider) and the token counters (one count per text encoder). Also what
+    the send-to buttons need: the input picture's component and the results column."""
     area: PromptArea
     sampling: SamplingControls
+    image: Any = None          # img2img's picture / Inpaint's editor; None for txt2img
+    out: Any = None            # the tab's OutputArea
+
+    def params(self) -> list[Any]:
+        """The controls of send_to.PARAM_FIELDS, in that order."""
+        s = self.sampling
+        return [self.area.prompt, self.area.negative, s.steps, s.sampler, s.schedule, s.cfg, s.seed, s.width,
+                s.height, s.clip_skip, s.distilled]
 
     def inputs(self) -> list[Any]:
         return [self.area.prompt, self.area.negative, self.sampling.steps]
@@ -197,24 +214,37 @@ class GenerationTab:
         return [*updates, *counters]
 
 
+# The send-to buttons under every gallery, as A1111 names them: (key, label)
+SEND_TARGETS = (("txt2img", "Send to txt2img"), ("img2img", "Send to img2img"), ("inpaint", "Send to inpaint"),
+                ("extras", "Send to extras"), ("controlnet", "Send to ControlNet"))
+
+
 @dataclass
 class OutputArea:
+    tab_id: str
     progress: gr.HTML
-    preview: gr.Image
     gallery: gr.Gallery
     error: gr.Markdown
     info: gr.Textbox
     last_seed: gr.State
     infotexts: gr.State
+    selected: gr.State                      # the gallery image the buttons act on (index)
+    send: dict[str, gr.Button]              # SEND_TARGETS' buttons
+    save: gr.Button
+    zip: gr.Button
+    open_folder: gr.Button
+    download: gr.File
 
     def outputs(self) -> list[Any]:
-        return [self.gallery, self.preview, self.progress, self.info, self.error, self.last_seed, self.infotexts]
+        return [self.gallery, self.progress, self.info, self.error, self.last_seed, self.infotexts, self.selected]
 
 
 def progress_html(step: int, total: int, batch: int, batches: int, eta: float | None, waiting: int) -> str:
     if not total:
         text = "Waiting in queue…" if waiting > 1 else "Preparing…"
         return f"<div class='studio-progress'><span>{text}</span></div>"
+    if step == 0 and batch == 0 and eta is None and waiting < 0:
+        return f"<div class='studio-progress'><span>Queued: {-waiting} ahead</span></div>"
     pct = 100.0 * (batch * total + step) / (total * max(batches, 1))
     eta_text = f" · ETA {eta:.1f}s" if eta is not None else ""
     return (
@@ -224,33 +254,39 @@ def progress_html(step: int, total: int, batch: int, batches: int, eta: float | 
 
 
 def build_prompt_area(studio: Studio, tab_id: str) -> PromptArea:
-    with gr.Row(equal_height=False):
-        with gr.Column(scale=4):
+    """A1111's top row: the prompts at the left, Generate at the right with Interrupt | Skip under it
+    and the styles below; the extra networks browser (collapsed) under the row."""
+    with gr.Row(equal_height=False, elem_id=f"{tab_id}_toprow", elem_classes="gen-toprow"):
+        with gr.Column(scale=6, min_width=320):
             with gr.Column(elem_classes="prompt-box"):
-                prompt = gr.Textbox(label="Prompt", lines=3, elem_id=f"{tab_id}_prompt",
+                prompt = gr.Textbox(label="Prompt", lines=3, max_lines=12, elem_id=f"{tab_id}_prompt",
                                     placeholder="Prompt (A1111 syntax; longer than 75 tokens is fine)")
                 prompt_tokens = gr.HTML("<span class='token-counter'>0/75</span>",
                                         elem_id=f"{tab_id}_token_counter", elem_classes="token-box")
             with gr.Column(elem_classes="prompt-box"):
-                negative = gr.Textbox(label="Negative prompt", lines=2, elem_id=f"{tab_id}_neg_prompt")
+                negative = gr.Textbox(label="Negative prompt", lines=2, max_lines=8, elem_id=f"{tab_id}_neg_prompt")
                 negative_tokens = gr.HTML("<span class='token-counter'>0/75</span>",
                                           elem_id=f"{tab_id}_negative_token_counter", elem_classes="token-box")
-            with gr.Row(equal_height=False):
-                styles = gr.Dropdown(studio.styles.names(), value=[], multiselect=True, label="Styles",
-                                     elem_id=f"{tab_id}_styles", scale=4)
-                apply_styles = gr.Button("Apply styles", elem_id=f"{tab_id}_style_apply", scale=0,
-                                         min_width=110, size="sm")
-                refresh_styles = gr.Button("↻", elem_id=f"{tab_id}_style_refresh", scale=0, min_width=40,
-                                           size="sm")
-            with gr.Accordion("Save prompt as a style", open=False), gr.Row(equal_height=True):
-                style_name = gr.Textbox(label="Style name", elem_id=f"{tab_id}_style_name", scale=4)
-                save_style = gr.Button("Save style", elem_id=f"{tab_id}_style_save", scale=1, size="sm")
+        with gr.Column(scale=2, min_width=240, elem_classes="gen-toolbar"):
+            generate = gr.Button("Generate", variant="primary", elem_id=f"{tab_id}_generate", size="lg",
+                                 elem_classes="gen-button")
+            with gr.Row(elem_classes="gen-stop-row"):
+                # alive while a job runs; always there, so nothing moves when one starts
+                interrupt = gr.Button("Interrupt", elem_id=f"{tab_id}_interrupt", size="sm", interactive=False)
+                skip = gr.Button("Skip", elem_id=f"{tab_id}_skip", size="sm", interactive=False)
+            styles = gr.Dropdown(studio.styles.names(), value=[], multiselect=True, label="Styles",
+                                 elem_id=f"{tab_id}_styles")
+            with gr.Row(elem_classes="gen-style-row"):
+                apply_styles = gr.Button("Apply styles", elem_id=f"{tab_id}_style_apply", size="sm", min_width=60)
+                refresh_styles = gr.Button("↻", elem_id=f"{tab_id}_style_refresh", size="sm", min_width=40,
+                                           scale=0)
+    with gr.Row(equal_height=False, elem_classes="gen-drawers"):
+        with gr.Column(scale=4, min_width=320):
             extra = build_extra_networks(studio, prompt, tab_id)
-        with gr.Column(scale=1, min_width=180):
-            generate = gr.Button("Generate", variant="primary", elem_id=f"{tab_id}_generate", size="lg")
-            with gr.Row():
-                interrupt = gr.Button("Interrupt", elem_id=f"{tab_id}_interrupt", size="sm")
-                skip = gr.Button("Skip", elem_id=f"{tab_id}_skip", size="sm")
+        with gr.Column(scale=1, min_width=240), gr.Accordion("Save prompt as a style", open=False,
+                                                              elem_id=f"{tab_id}_style_create"):
+            style_name = gr.Textbox(label="Style name", elem_id=f"{tab_id}_style_name")
+            save_style = gr.Button("Save style", elem_id=f"{tab_id}_style_save", size="sm")
 
     def apply_selected(names, p, neg):
         # A1111: the styles' text moves into the prompt boxes and the selection is cleared
@@ -333,24 +369,41 @@ def build_sampling_controls(tab_id: str, clip_skip: Callable[[], int] | int = 1,
 
 
 def build_output_area(tab_id: str) -> OutputArea:
-    progress = gr.HTML("", elem_id=f"{tab_id}_progress")
-    preview = gr.Image(label="Live preview", visible=False, interactive=False, elem_id=f"{tab_id}_preview",
-                       height=256)
-    gallery = gr.Gallery(label="Output", elem_id=f"{tab_id}_gallery", columns=2, height=480,
-                         object_fit="contain", format="png")
+    """The results column: progress bar, the gallery (the live preview shows in it while a job runs,
+    so nothing moves), the notes, the infotext and A1111's buttons under it."""
+    progress = gr.HTML("<div class='studio-progress idle'><span></span></div>", elem_id=f"{tab_id}_progress")
+    gallery = gr.Gallery(label="Output", elem_id=f"{tab_id}_gallery", columns=2, height=520, object_fit="contain",
+                         format="png", type="filepath", preview=True, allow_preview=True, interactive=False,
+                         elem_classes="gen-gallery")
+    with gr.Row(elem_classes="gen-send-row"):
+        save = gr.Button("Save", elem_id=f"save_{tab_id}", size="sm", min_width=60)
+        zipped = gr.Button("Zip", elem_id=f"save_zip_{tab_id}", size="sm", min_width=50)
+        open_folder = gr.Button("Open folder", elem_id=f"open_folder_{tab_id}", size="sm", min_width=90)
+        send = {key: gr.Button(label, elem_id=f"{tab_id}_send_to_{key}", size="sm", min_width=90)
+                for key, label in SEND_TARGETS if key != tab_id}
+    download = gr.File(label="Download", visible=False, interactive=False, elem_id=f"download_files_{tab_id}")
     error = gr.Markdown("", elem_id=f"{tab_id}_error")
     info = gr.Textbox(label="Generation parameters", lines=4, interactive=False, elem_id=f"{tab_id}_info",
                       buttons=["copy"])
-    out = OutputArea(progress, preview, gallery, error, info, gr.State(-1), gr.State([]))
+    out = OutputArea(tab_id, progress, gallery, error, info, gr.State(-1), gr.State([]), gr.State(0), send, save,
+                     zipped, open_folder, download)
 
     def show_selected(texts: list[str], evt: gr.SelectData):
         # clicking an image shows its own parameters (each image has its own seed)
-        if texts and evt.index is not None and evt.index < len(texts):
-            return texts[evt.index]
-        return gr.update()
+        index = evt.index if isinstance(evt.index, int) else 0
+        if texts and index < len(texts):
+            return texts[index], index
+        return gr.update(), index
 
-    gallery.select(show_selected, out.infotexts, info, queue=False)
+    gallery.select(show_selected, out.infotexts, [info, out.selected], queue=False)
     return out
+
+
+def wire_generate(area: PromptArea, out: OutputArea, run: Callable[..., Iterator[dict]], inputs: Any) -> None:
+    """Generate → ``run`` (a generator of :func:`stream_job` updates). Every click counts: a click
+    while a job runs queues another job (Gradio's default would drop it)."""
+    area.generate.click(run, inputs, [*out.outputs(), *area.busy_controls()], concurrency_limit=None,
+                        trigger_mode="multiple", show_progress="hidden")
 
 
 def model_guidance(studio: Studio) -> Callable[[], bool]:
@@ -364,31 +417,56 @@ def clip_skip_setting(studio: Studio) -> Callable[[], int]:
     return lambda: studio.settings.options.CLIP_stop_at_last_layers
 
 
-def stream_job(studio: Studio, submit: Callable[[], Any]) -> Iterator[tuple]:
-    """Submit a job and yield updates for :meth:`OutputArea.outputs` until it ends."""
+def busy_updates(area: PromptArea | None, busy: bool) -> dict[Any, Any]:
+    if area is None:
+        return {}
+    return {area.generate: gr.update(value="Add to queue" if busy else "Generate"),
+            area.interrupt: gr.update(interactive=busy), area.skip: gr.update(interactive=busy)}
+
+
+def error_updates(out: OutputArea, area: PromptArea | None, message: str, busy: bool = False) -> dict[Any, Any]:
+    return {out.error: f"**Error:** {message}", **busy_updates(area, busy)}
+
+
+def stream_job(studio: Studio, submit: Callable[[], Any], out: OutputArea,
+               area: PromptArea | None = None) -> Iterator[dict[Any, Any]]:
+    """Submit a job and yield updates for ``out`` (and ``area``'s busy controls) until it ends. A job
+    that waits behind another stays quiet (the running one owns the progress bar and the gallery;
+    the queue panel lists it); once it runs, its previews show in the gallery."""
     try:
         job = submit()
     except USER_ERRORS as e:
-        yield gr.update(), gr.update(visible=False), gr.update(), "", f"**Error:** {e}", gr.update(), gr.update()
+        yield error_updates(out, area, str(e), busy=studio.queue.job_count > 0)
         return
+    yield {out.error: "", **busy_updates(area, True)}
     seen = -1
+    started = False
     while not job.done.wait(0.2):
         s = job.state
+        if not s.started:
+            continue
+        if not started:
+            started = True
+            yield {out.progress: progress_html(0, 0, 0, 1, None, 1), **busy_updates(area, True)}
         html = progress_html(s.step, s.total, s.batch, s.batches, s.eta, studio.queue.job_count)
         if s.preview is not None and s.preview_id != seen:
             seen = s.preview_id
-            yield gr.update(), gr.update(value=s.preview, visible=True), html, gr.update(), "", gr.update(), gr.update()
+            yield {out.gallery: gr.update(value=[(s.preview, "Live preview")]), out.progress: html}
         else:
-            yield gr.update(), gr.update(), html, gr.update(), "", gr.update(), gr.update()
+            yield {out.progress: html}
         time.sleep(0.05)
+    busy = studio.queue.job_count > 0
+    idle = "<div class='studio-progress idle'><span></span></div>"
     try:
         result = job.wait()
     except USER_ERRORS as e:
-        yield gr.update(), gr.update(visible=False), "", gr.update(), f"**Error:** {e}", gr.update(), gr.update()
+        yield {out.progress: idle, **error_updates(out, area, str(e), busy)}
         return
     notes = " ".join(result.notes + (["Interrupted."] if result.interrupted else []))
     images = [(img, f"seed {s}") for img, s in zip(result.images, result.seeds)]
     if not studio.settings.get("control_net_no_detectmap", False):
         images += [(m, "ControlNet detected map") for m in result.detected_maps]
-    yield (images, gr.update(visible=False), "", result.infotexts[0] if result.infotexts else "",
-           f"_{notes}_" if notes else "", result.seeds[0] if result.seeds else -1, result.infotexts)
+    yield {out.gallery: gr.update(value=images), out.progress: idle,
+           out.info: result.infotexts[0] if result.infotexts else "", out.error: f"_{notes}_" if notes else "",
+           out.last_seed: result.seeds[0] if result.seeds else -1, out.infotexts: result.infotexts, out.selected: 0,
+           **busy_updates(area, busy)}

@@ -342,14 +342,16 @@ def save_map(studio: Studio, image: Any) -> str:
     return f"Saved to `{path}`"
 
 
-def build_controlnet_tab(studio: Studio) -> None:
-    """Run any preprocessor on an image, look at and save the map, and generate with units."""
+def build_controlnet_tab(studio: Studio) -> Any:
+    """Run any preprocessor on an image, look at and save the map, and generate with units. Returns
+    the tab's results column (its send-to buttons are wired with the others)."""
     from studio.ui.common import (
         build_output_area,
         build_prompt_area,
         build_sampling_controls,
         clip_skip_setting,
         stream_job,
+        wire_generate,
     )
 
     gr.Markdown("Preprocess an image into a control map, then generate with ControlNet units. "
@@ -377,11 +379,11 @@ def build_controlnet_tab(studio: Studio) -> None:
     save.click(lambda image: save_map(studio, image), detected, message, queue=False)
 
     area = build_prompt_area(studio, "controlnet")
-    with gr.Row(equal_height=False):
-        with gr.Column(scale=1):
+    with gr.Row(equal_height=False, elem_classes="gen-main"):
+        with gr.Column(scale=1, min_width=340, elem_classes="gen-params"):
             controls = build_sampling_controls("controlnet", clip_skip_setting(studio))
             panel = build_controlnet_panel(studio, "controlnet", open=True)
-        with gr.Column(scale=1):
+        with gr.Column(scale=1, min_width=340, elem_classes="gen-results"):
             out = build_output_area("controlnet")
     area.wire_token_counters(studio, controls.steps)
     first = panel.units[0].components
@@ -399,10 +401,12 @@ def build_controlnet_tab(studio: Studio) -> None:
     panel.bind(form)
 
     def generate(data: dict[Any, Any]):
-        yield from stream_job(studio, lambda: studio.engine.submit(build_request(form.schema, form.values(data))))
+        yield from stream_job(studio, lambda: studio.engine.submit(build_request(form.schema, form.values(data))),
+                              out, area)
 
-    area.generate.click(generate, form.inputs(), out.outputs(), concurrency_limit=None)
+    wire_generate(area, out, generate, form.inputs())
     controls.reuse_seed.click(lambda s: s, out.last_seed, controls.seed, queue=False)
+    return out
 
 
 def paste_updates(panel: ControlNetPanel, params: dict[str, Any]) -> list[Any]:

@@ -14,7 +14,8 @@ from studio.ui.bindings import RequestForm
 from studio.ui.common import USER_ERRORS
 
 
-def build_extras_tab(studio: Studio) -> None:
+def build_extras_tab(studio: Studio) -> Any:
+    """The Extras tab; returns its source image component (the send-to buttons fill it)."""
     names = [u.name for u in studio.upscalers.items()]
     with gr.Tab("Extras", id="extras", elem_id="tab_extras"):
         with gr.Row(equal_height=False):
@@ -93,3 +94,4 @@ def build_extras_tab(studio: Studio) -> None:
         return results, f"{text}. Saved to {path.parent if path else 'nowhere'}."
 
     run.click(upscale, form.inputs() | {image, files}, [gallery, info])
+    return image

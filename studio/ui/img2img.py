@@ -19,8 +19,10 @@ from studio.ui.common import (
     build_prompt_area,
     build_sampling_controls,
     clip_skip_setting,
+    error_updates,
     model_guidance,
     stream_job,
+    wire_generate,
 )
 from studio.ui.controlnet import build_controlnet_panel
 from studio.ui.detailer import build_detailer_panel
@@ -94,15 +96,15 @@ def _bind_mode(form: RequestForm, c: dict[str, Any]) -> None:
         form.bind("inpaint_full_res_padding", c["padding"], int)
 
 
-def _error(message: str):
-    yield gr.update(), gr.update(visible=False), "", gr.update(), f"**Error:** {message}", gr.update(), gr.update()
+def _error(out: Any, area: Any, message: str):
+    yield error_updates(out, area, message)
 
 
 def build_img2img_tab(studio: Studio) -> GenerationTab:
     with gr.Tab("img2img", id="img2img", elem_id="tab_img2img"):
         area = build_prompt_area(studio, "img2img")
-        with gr.Row(equal_height=False):
-            with gr.Column(scale=1):
+        with gr.Row(equal_height=False, elem_classes="gen-main"):
+            with gr.Column(scale=1, min_width=340, elem_classes="gen-params"):
                 with gr.Tabs(elem_id="mode_img2img") as sources:
                     with gr.Tab("img2img", id="upload", elem_id="img2img_img2img_tab"):
                         upload = gr.Image(label="Image for img2img", type="pil", image_mode="RGBA",
@@ -122,7 +124,7 @@ def build_img2img_tab(studio: Studio) -> GenerationTab:
                 panel = build_controlnet_panel(studio, "img2img", img2img=True)
                 extra_column = gr.Column()
                 scripts = build_script_panel(studio, "img2img")
-            with gr.Column(scale=1):
+            with gr.Column(scale=1, min_width=340, elem_classes="gen-results"):
                 out = build_output_area("img2img")
         source = gr.State("upload")
     area.wire_token_counters(studio, controls.steps)
@@ -132,19 +134,19 @@ def build_img2img_tab(studio: Studio) -> GenerationTab:
     def run(data: dict[Any, Any]):
         fields = form.values(data)
         if data[source] == "batch":
-            yield from _run_batch(studio, fields, data[batch_in], data[batch_out])
+            yield from _run_batch(studio, fields, data[batch_in], data[batch_out], out, area)
             return
         init = editor_parts(data[sketch])[0] if data[source] == "sketch" else data[upload]
         if init is None:
-            yield from _error("upload an image first")
+            yield from _error(out, area, "upload an image first")
             return
         yield from stream_job(studio, lambda: studio.engine.submit(
-            build_request(form.schema, {**fields, "init_images": [init]})))
+            build_request(form.schema, {**fields, "init_images": [init]})), out, area)
 
     inputs = form.inputs() | {source, upload, sketch, batch_in, batch_out}
-    area.generate.click(run, inputs, out.outputs(), concurrency_limit=None)
+    wire_generate(area, out, run, inputs)
     controls.reuse_seed.click(lambda s: s, out.last_seed, controls.seed, queue=False)
-    return GenerationTab(area, controls)
+    return GenerationTab(area, controls, image=upload, out=out)
 
 
 def _tab_id(evt: gr.SelectData) -> str:
@@ -159,22 +161,22 @@ def _tab_id(evt: gr.SelectData) -> str:
     return "upload"
 
 
-def _run_batch(studio: Studio, fields: dict[str, Any], folder_in: str, folder_out: str):
+def _run_batch(studio: Studio, fields: dict[str, Any], folder_in: str, folder_out: str, out: Any, area: Any):
     """A1111's Batch tab: every image of a folder through img2img, saved to the output folder."""
     try:
         paths = studio.img2img_folder(fields, Path(folder_in or ""), Path(folder_out) if folder_out else None)
     except USER_ERRORS + (OSError,) as e:
-        yield gr.update(), gr.update(visible=False), "", gr.update(), f"**Error:** {e}", gr.update(), gr.update()
+        yield error_updates(out, area, str(e))
         return
     images = [(str(p), p.name) for p in paths[:16]]
-    yield images, gr.update(visible=False), "", "", f"_Saved {len(paths)} images._", gr.update(), gr.update()
+    yield {out.gallery: images, out.info: "", out.error: f"_Saved {len(paths)} images._"}
 
 
 def build_inpaint_tab(studio: Studio) -> GenerationTab:
     with gr.Tab("Inpaint", id="inpaint", elem_id="tab_inpaint"):
         area = build_prompt_area(studio, "inpaint")
-        with gr.Row(equal_height=False):
-            with gr.Column(scale=1):
+        with gr.Row(equal_height=False, elem_classes="gen-main"):
+            with gr.Column(scale=1, min_width=340, elem_classes="gen-params"):
                 editor = gr.ImageEditor(label="Image: paint over what to repaint", type="pil", elem_id="inpaint_image",
                                         height=420, brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"),
                                         layers=False, transforms=())
@@ -188,7 +190,7 @@ def build_inpaint_tab(studio: Studio) -> GenerationTab:
                 panel = build_controlnet_panel(studio, "inpaint", img2img=True)
                 extra_column = gr.Column()
                 scripts = build_script_panel(studio, "img2img", elem_prefix="inpaint")
-            with gr.Column(scale=1):
+            with gr.Column(scale=1, min_width=340, elem_classes="gen-results"):
                 out = build_output_area("inpaint")
     area.wire_token_counters(studio, controls.steps)
     form = _request_form(studio, "inpaint", (area, controls, refiner, detailer, panel, scripts), mode, extra_column)
@@ -198,14 +200,14 @@ def build_inpaint_tab(studio: Studio) -> GenerationTab:
         if data[mask_upload] is not None:
             mask = data[mask_upload]
         if image is None:
-            yield from _error("upload an image first")
+            yield from _error(out, area, "upload an image first")
             return
         if mask is None:
-            yield from _error("paint over the area to repaint (or upload a mask)")
+            yield from _error(out, area, "paint over the area to repaint (or upload a mask)")
             return
         values = {**form.values(data), "init_images": [image], "mask": mask}
-        yield from stream_job(studio, lambda: studio.engine.submit(build_request(form.schema, values)))
+        yield from stream_job(studio, lambda: studio.engine.submit(build_request(form.schema, values)), out, area)
 
-    area.generate.click(run, form.inputs() | {editor, mask_upload}, out.outputs(), concurrency_limit=None)
+    wire_generate(area, out, run, form.inputs() | {editor, mask_upload})
     controls.reuse_seed.click(lambda s: s, out.last_seed, controls.seed, queue=False)
-    return GenerationTab(area, controls)
+    return GenerationTab(area, controls, image=editor, out=out)

@@ -20,12 +20,14 @@ from studio.ui.common import (
     clip_skip_setting,
     model_guidance,
     stream_job,
+    wire_generate,
 )
 from studio.ui.controlnet import ControlNetPanel, build_controlnet_panel
 from studio.ui.detailer import build_detailer_panel
 from studio.ui.extra_networks import ExtraNetworksBrowser
 from studio.ui.refiner import build_refiner_controls
 from studio.ui.scripts import ScriptPanel, build_script_panel
+from studio.ui.send_to import fields_to_send, param_updates, value_update
 
 __all__ = ["USER_ERRORS", "Txt2ImgControls", "build_txt2img_tab", "fields_to_send", "fields_to_updates"]
 
@@ -49,13 +51,14 @@ class Txt2ImgControls:
     distilled: gr.Slider
     follows_model: GenerationTab
     scripts: ScriptPanel
+    hires: dict[str, Any]
 
 
 def build_txt2img_tab(studio: Studio) -> Txt2ImgControls:
     with gr.Tab("txt2img", id="txt2img", elem_id="tab_txt2img") as tab:
         area = build_prompt_area(studio, "txt2img")
-        with gr.Row(equal_height=False):
-            with gr.Column(scale=1):
+        with gr.Row(equal_height=False, elem_classes="gen-main"):
+            with gr.Column(scale=1, min_width=340, elem_classes="gen-params"):
                 controls = build_sampling_controls("txt2img", clip_skip_setting(studio), model_guidance(studio))
                 hires = build_hires_controls(studio)
                 refiner = build_refiner_controls(studio, "txt2img")
@@ -63,7 +66,7 @@ def build_txt2img_tab(studio: Studio) -> Txt2ImgControls:
                 panel = build_controlnet_panel(studio, "txt2img", hires=True)
                 extra_column = gr.Column()
                 scripts = build_script_panel(studio, "txt2img")
-            with gr.Column(scale=1):
+            with gr.Column(scale=1, min_width=340, elem_classes="gen-results"):
                 out = build_output_area("txt2img")
     area.wire_token_counters(studio, controls.steps)
     form = RequestForm(studio.schemas.txt2img, "txt2img")
@@ -78,13 +81,15 @@ def build_txt2img_tab(studio: Studio) -> Txt2ImgControls:
         form.add_schema_controls()
 
     def run(data: dict[Any, Any]):
-        yield from stream_job(studio, lambda: studio.engine.submit(build_request(form.schema, form.values(data))))
+        yield from stream_job(studio, lambda: studio.engine.submit(build_request(form.schema, form.values(data))),
+                              out, area)
 
-    area.generate.click(run, form.inputs(), out.outputs(), concurrency_limit=None)
+    wire_generate(area, out, run, form.inputs())
     controls.reuse_seed.click(lambda s: s, out.last_seed, controls.seed, queue=False)
     return Txt2ImgControls(area.prompt, area.negative, controls.steps, controls.sampler, controls.schedule,
                            controls.cfg, controls.seed, controls.width, controls.height, controls.clip_skip, tab,
-                           area.extra, panel, controls.distilled, GenerationTab(area, controls), scripts)
+                           area.extra, panel, controls.distilled, GenerationTab(area, controls, out=out), scripts,
+                           hires)
 
 
 def build_hires_controls(studio: Studio) -> dict[str, Any]:
@@ -121,6 +126,34 @@ def build_hires_controls(studio: Studio) -> dict[str, Any]:
     return c
 
 
+# Hires. fix controls and the request fields they show; "Use same …" stands for an empty field
+HIRES_FIELDS = (("enable", "enable_hr"), ("upscaler", "hr_upscaler"), ("steps", "hr_second_pass_steps"),
+                ("denoising", "denoising_strength"), ("scale", "hr_scale"), ("resize_x", "hr_resize_x"),
+                ("resize_y", "hr_resize_y"), ("checkpoint", "hr_checkpoint_name"), ("sampler", "hr_sampler_name"),
+                ("scheduler", "hr_scheduler"), ("prompt", "hr_prompt"), ("negative", "hr_negative_prompt"))
+_SAME = {"checkpoint": "Use same checkpoint", "sampler": "Use same sampler", "scheduler": "Use same scheduler"}
+
+
+def hires_components(c: dict[str, Any]) -> list[Any]:
+    return [c[key] for key, _ in HIRES_FIELDS]
+
+
+def hires_updates(fields: dict[str, Any]) -> list[Any]:
+    """PNG Info / send-to: the Hires. fix controls from an infotext's fields. Without hires keys the
+    checkbox goes off and the rest stays; with them, a key the infotext lacks takes its "same" value."""
+    if not fields.get("enable_hr"):
+        return [gr.update(value=False)] + [gr.update() for _ in HIRES_FIELDS[1:]]
+    out = []
+    for key, name in HIRES_FIELDS:
+        value = fields.get(name)
+        if value is None and key in _SAME:
+            value = _SAME[key]
+        elif value is None and key in ("prompt", "negative"):
+            value = ""
+        out.append(value_update(name, value) if key not in _SAME or value != _SAME[key] else gr.update(value=value))
+    return out
+
+
 def bind_hires(form: RequestForm, c: dict[str, Any]) -> None:
     form.bind("enable_hr", c["enable"], bool)
     form.bind("hr_upscaler", c["upscaler"], lambda v: v or "Latent")
@@ -136,28 +169,7 @@ def bind_hires(form: RequestForm, c: dict[str, Any]) -> None:
     form.bind("hr_negative_prompt", c["negative"], lambda v: v or "")
 
 
-def fields_to_send(fields: dict[str, Any], options: Any) -> dict[str, Any]:
-    """A1111's ``send_seed`` / ``send_size``: sending parameters to a tab carries the seed and the size
-    only when those options are on (otherwise the tab keeps its own)."""
-    drop = set()
-    if not options.send_seed:
-        drop |= {"seed", "subseed", "subseed_strength"}
-    if not options.send_size:
-        drop |= {"width", "height"}
-    return {k: v for k, v in fields.items() if k not in drop}
-
-
 def fields_to_updates(controls: Txt2ImgControls, fields: dict[str, Any]) -> list[Any]:
     """Updates for (prompt, negative, steps, sampler, schedule, cfg, seed, width, height, clip_skip,
-    distilled_cfg_scale)."""
-    names = ["prompt", "negative_prompt", "steps", "sampler_name", "scheduler", "cfg_scale", "seed",
-             "width", "height", "clip_skip", "distilled_cfg_scale"]
-    updates = []
-    for name in names:
-        value = fields.get(name)
-        if name == "sampler_name" and value not in SAMPLER_NAMES:
-            value = None
-        if name == "scheduler" and value not in SCHEDULE_LABELS:
-            value = None
-        updates.append(gr.update(value=value) if value is not None else gr.update())
-    return updates
+    distilled_cfg_scale): send_to.PARAM_FIELDS."""
+    return param_updates(fields)
