@@ -3,22 +3,29 @@
 Front doors submit callables and wait on the returned :class:`Job`; while a job runs,
 its :class:`JobState` carries step/total, ETA, the latest live preview and the
 interrupt/skip flags that the sampler loop checks between steps.
+
+The waiting jobs are a plain list guarded by one condition variable (not a ``queue.Queue``)
+so that the queue panel and the API can cancel and reorder them: the worker always takes
+the list's first job. A short record of finished jobs is kept for the same views.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from PIL import Image
 
 log = logging.getLogger(__name__)
+
+# How many finished jobs the queue remembers for its views (the panel's "Recent" list).
+RECENT_LIMIT = 20
 
 
 @dataclass
@@ -72,6 +79,7 @@ class Job:
     error: BaseException | None = None
     request: Any = None            # the typed request the job runs (None for loads, refreshes...)
     cancelled: bool = False
+    submitted: float = field(default_factory=time.time)   # wall clock, for the views
 
     def summary(self) -> dict[str, Any]:
         """What a queue view shows of a job: its id, kind and the request's main fields."""
@@ -94,59 +102,185 @@ class JobCancelled(LookupError):
     """The job was cancelled while it waited in the queue."""
 
 
+class QueueClosed(RuntimeError):
+    """The queue's worker has stopped (after :meth:`JobQueue.shutdown`); nothing runs any more."""
+
+
 SUMMARY_FIELDS = ("prompt", "negative_prompt", "steps", "sampler_name", "width", "height", "seed", "batch_size",
                   "n_iter", "cfg_scale", "checkpoint")
 
+Outcome = Literal["done", "interrupted", "failed", "cancelled"]
+
+
+@dataclass(frozen=True)
+class FinishedJob:
+    """A job that left the queue, as the views list it: no result, no images (those belong to the
+    front door that waited for it), only what it was and how it ended."""
+    id: str
+    description: str
+    request: dict[str, Any]
+    outcome: Outcome
+    error: str | None
+    finished: float                 # wall clock (time.time())
+    duration: float | None          # seconds it ran; None for a job cancelled while it waited
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome in ("done", "interrupted")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "description": self.description, "request": self.request, "outcome": self.outcome,
+                "ok": self.ok, "error": self.error, "finished": self.finished, "duration": self.duration}
+
+
+def finished_record(job: Job) -> FinishedJob:
+    """How ``job`` ended, once its result or error is set."""
+    if job.cancelled:
+        outcome: Outcome = "cancelled"
+    elif job.error is not None:
+        outcome = "failed"
+    elif job.state.interrupted or getattr(job.result, "interrupted", False):
+        outcome = "interrupted"
+    else:
+        outcome = "done"
+    started = job.state.started
+    duration = None if started is None else time.monotonic() - started
+    error = None if job.error is None or job.cancelled else (str(job.error) or type(job.error).__name__)
+    summary = job.summary()
+    return FinishedJob(summary["id"], summary["description"], summary["request"], outcome, error, time.time(),
+                       duration)
+
+
+@dataclass(frozen=True)
+class QueueSnapshot:
+    """The queue at one instant (taken under its lock, so positions agree with each other)."""
+    running: Job | None
+    waiting: list[Job]
+    recent: list[FinishedJob]       # newest first
+
+    @property
+    def job_count(self) -> int:
+        return len(self.waiting) + (self.running is not None)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The queue as the API and the queue panel show it: the running job with its progress (position
+        0), the waiting ones in the order they will run (position 1, 2, ...) and the recent ones."""
+        running = None
+        if self.running is not None:
+            s = self.running.state
+            running = {**self.running.summary(), "position": 0, "submitted": self.running.submitted,
+                       "step": s.step, "total": s.total, "batch": s.batch, "batches": s.batches,
+                       "progress": s.progress, "eta": s.eta, "textinfo": s.textinfo}
+        waiting = [{**job.summary(), "position": i, "submitted": job.submitted}
+                   for i, job in enumerate(self.waiting, start=1)]
+        return {"running": running, "waiting": waiting, "recent": [r.as_dict() for r in self.recent],
+                "job_count": self.job_count}
+
 
 class JobQueue:
-    def __init__(self) -> None:
-        self._queue: queue.Queue[Job | None] = queue.Queue()
+    def __init__(self, recent_limit: int = RECENT_LIMIT) -> None:
         self._ids = itertools.count(1)
-        self._lock = threading.Lock()
-        self._current: Job | None = None
-        self._pending = 0
+        # one condition guards every field below; the worker sleeps on it while nothing waits
+        self._cond = threading.Condition()
         self._waiting: list[Job] = []
+        self._current: Job | None = None
+        self._recent: deque[FinishedJob] = deque(maxlen=recent_limit)
+        self._closing = False
+        self._stopped = False
         self._worker = threading.Thread(target=self._run, name="studio-worker", daemon=True)
         self._worker.start()
 
     def submit(self, fn: Callable[[JobState], Any], description: str = "job", request: Any = None) -> Job:
         job = Job(JobState(job_id=f"task({next(self._ids)})", description=description), fn, request=request)
-        with self._lock:
-            self._pending += 1
-            self._waiting.append(job)
-        self._queue.put(job)
+        with self._cond:
+            if not self._stopped:
+                self._waiting.append(job)
+                self._cond.notify()
+                return job
+        # a job submitted after the worker stopped would otherwise wait for ever
+        job.error = QueueClosed(f"{job.state.job_id} was not run: the job queue has shut down")
+        job.done.set()
         return job
 
     def waiting(self) -> list[Job]:
-        """The jobs not started yet, oldest first."""
-        with self._lock:
+        """The jobs not started yet, in the order they will run."""
+        with self._cond:
             return list(self._waiting)
 
+    def recent(self) -> list[FinishedJob]:
+        """The last finished jobs (run, failed or cancelled), newest first."""
+        with self._cond:
+            return list(self._recent)
+
+    def snapshot(self) -> QueueSnapshot:
+        with self._cond:
+            return QueueSnapshot(self._current, list(self._waiting), list(self._recent))
+
+    def position(self, job_id: str) -> int | None:
+        """A job's place in line: 0 while it runs, 1 for the next one to run, ...; None once it has
+        finished or was cancelled (or never existed)."""
+        with self._cond:
+            if self._current is not None and self._current.state.job_id == job_id:
+                return 0
+            index = self._index(job_id)
+            return None if index is None else index + 1
+
     def cancel(self, job_id: str) -> bool:
-        """Take a waiting job out of the queue (its waiter gets JobCancelled). A running job is
+        """Take a waiting job out of the queue; its waiter gets JobCancelled at once. A running job is
         stopped with interrupt() instead. Returns whether a waiting job had that id."""
-        with self._lock:
-            for job in self._waiting:
-                if job.state.job_id == job_id:
-                    job.cancelled = True
-                    return True
-        return False
+        with self._cond:
+            index = self._index(job_id)
+            if index is None:
+                return False
+            job = self._waiting.pop(index)
+            job.cancelled = True
+            job.error = JobCancelled(f"{job_id} was cancelled")
+        record = finished_record(job)   # outside the lock: it dumps the request
+        with self._cond:
+            self._recent.appendleft(record)
+        job.done.set()
+        return True
+
+    def move(self, job_id: str, to_index: int) -> int | None:
+        """Put a waiting job at ``to_index`` of the waiting list (0 = runs next; clamped to the list, so
+        a large index puts it last). Returns its new position (1-based, as :meth:`position`), or None
+        when no waiting job has that id (it may have started or finished meanwhile)."""
+        with self._cond:
+            index = self._index(job_id)
+            if index is None:
+                return None
+            job = self._waiting.pop(index)
+            to = min(max(to_index, 0), len(self._waiting))
+            self._waiting.insert(to, job)
+            return to + 1
+
+    def shift(self, job_id: str, delta: int) -> int | None:
+        """Move a waiting job ``delta`` places (negative = earlier); see :meth:`move`."""
+        with self._cond:
+            index = self._index(job_id)
+            if index is None:
+                return None
+            return self.move(job_id, index + delta)   # the condition's lock is reentrant
+
+    def _index(self, job_id: str) -> int | None:
+        # callers hold the lock
+        for i, job in enumerate(self._waiting):
+            if job.state.job_id == job_id:
+                return i
+        return None
 
     def run(self, fn: Callable[[JobState], Any], description: str = "job", timeout: float | None = None) -> Any:
         return self.submit(fn, description).wait(timeout)
 
     def _run(self) -> None:
         while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            with self._lock:
-                self._waiting.remove(job)
-                if job.cancelled:
-                    self._pending -= 1
-                    job.error = JobCancelled(f"{job.state.job_id} was cancelled")
-                    job.done.set()
-                    continue
+            with self._cond:
+                while not self._waiting and not self._closing:
+                    self._cond.wait()
+                if not self._waiting:   # shut down, and every job submitted before has run
+                    self._stopped = True
+                    return
+                job = self._waiting.pop(0)
                 self._current = job
             job.state.started = time.monotonic()
             try:
@@ -156,21 +290,32 @@ class JobQueue:
                 if not isinstance(e, (ValueError, LookupError)):  # user errors need no traceback
                     log.exception("job %s failed", job.state.job_id)
             finally:
-                with self._lock:
+                try:
+                    record = finished_record(job)
+                except Exception:  # noqa: BLE001 - the record is for a view; the waiter must still wake
+                    log.exception("could not record job %s", job.state.job_id)
+                    record = None
+                with self._cond:
                     self._current = None
-                    self._pending -= 1
+                    if record is not None:
+                        self._recent.appendleft(record)
                 job.done.set()
 
     @property
     def current(self) -> JobState | None:
-        with self._lock:
+        with self._cond:
             return self._current.state if self._current else None
+
+    @property
+    def current_job(self) -> Job | None:
+        with self._cond:
+            return self._current
 
     @property
     def job_count(self) -> int:
         """Jobs queued or running (A1111's ``state.job_count``)."""
-        with self._lock:
-            return self._pending
+        with self._cond:
+            return len(self._waiting) + (self._current is not None)
 
     def interrupt(self) -> bool:
         state = self.current
@@ -185,4 +330,7 @@ class JobQueue:
         return state is not None
 
     def shutdown(self) -> None:
-        self._queue.put(None)
+        """Stop the worker once the jobs already waiting have run (as before: the queue drains first)."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()

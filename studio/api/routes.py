@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from studio.api.adetailer import build_adetailer_router
 from studio.api.auth import install_access
 from studio.api.controlnet import build_controlnet_router
+from studio.api.history import build_history_router
 from studio.api.models import (
     FaceRestorerItem,
     ImageResponse,
@@ -392,8 +393,14 @@ def build_router(studio: Studio) -> APIRouter:
 
 
 def build_queue_router(studio: Studio) -> APIRouter:
-    """The studio's queue: the jobs waiting behind the current one, with their typed requests' main
-    fields, and cancelling one (A1111 has no such route; the queue view uses it)."""
+    """The studio's queue (A1111 has no such routes; the queue panel shows the same): the running job,
+    the jobs waiting behind it with their typed requests' main fields and places in line, the recently
+    finished ones; cancelling a waiting job and moving it up or down the line."""
+    from fastapi import Body
+
+    moves = ("up", "down", "first", "last")
+    move_help = f"a place in line (1 = runs next) or one of {', '.join(moves)}"
+
     r = APIRouter(prefix="/studio/v1", tags=["queue"], route_class=StudioRoute)
 
     @r.post("/merge")
@@ -402,17 +409,49 @@ def build_queue_router(studio: Studio) -> APIRouter:
         GET /sdapi/v1/sd-models when this returns."""
         return studio.merge_checkpoints(body).api_dict()
 
+    def not_waiting(job_id: str) -> HTTPException:
+        where = studio.queue.position(job_id)
+        if where == 0:
+            return HTTPException(404, f"{job_id} is running, not waiting: stop it with POST /sdapi/v1/interrupt")
+        return HTTPException(404, f"no waiting job {job_id!r}: it has finished or was cancelled, or never "
+                                  "existed (GET /studio/v1/queue lists the waiting ones)")
+
     @r.get("/queue")
     def queue() -> dict[str, Any]:
-        current = studio.queue.current
-        return {"running": {"id": current.job_id, "description": current.description} if current else None,
-                "waiting": [json_safe(job.summary()) for job in studio.queue.waiting()]}
+        """``running`` (position 0, with its progress), ``waiting`` (position 1 = runs next), ``recent``
+        (the last finished jobs, newest first, with ``outcome``: done, interrupted, failed or cancelled)
+        and ``job_count`` (as /sdapi/v1/progress)."""
+        return json_safe(studio.queue.snapshot().as_dict())
 
     @r.delete("/queue/{job_id}")
     def cancel(job_id: str) -> dict[str, Any]:
         if not studio.queue.cancel(job_id):
-            raise HTTPException(404, f"no waiting job {job_id!r} (running jobs stop with /sdapi/v1/interrupt)")
+            raise not_waiting(job_id)
         return {"cancelled": job_id}
+
+    # the body's type is checked here rather than by a pydantic model: this module's annotations are
+    # strings, resolved in its globals, where a model defined in this function cannot be found
+    @r.post("/queue/{job_id}/move")
+    def move(job_id: str, to: Any = Body(embed=True, description=(
+            "the job's new place in line: 1 = runs next (as `position` in GET /studio/v1/queue; past the end "
+            "= last), or one of 'up', 'down', 'first', 'last'"))) -> dict[str, Any]:
+        """Reorder a waiting job: ``{"to": 2}`` or ``{"to": "up"}``; answers its new place in line."""
+        if isinstance(to, bool) or not (isinstance(to, int) and to >= 1 or to in moves):
+            raise HTTPException(422, f"to: {move_help}; got {json.dumps(to)}")
+        q = studio.queue
+        if to == "up":
+            position = q.shift(job_id, -1)
+        elif to == "down":
+            position = q.shift(job_id, 1)
+        elif to == "first":
+            position = q.move(job_id, 0)
+        elif to == "last":
+            position = q.move(job_id, len(q.waiting()))
+        else:
+            position = q.move(job_id, to - 1)
+        if position is None:
+            raise not_waiting(job_id)
+        return {"id": job_id, "position": position}
 
     return r
 
@@ -506,6 +545,7 @@ def install_api(app: FastAPI, studio: Studio) -> None:
                                                lambda image: encode_png(image, None)), dependencies=deps)
     app.include_router(build_training_router(studio, StudioRoute), dependencies=deps)
     app.include_router(build_queue_router(studio), dependencies=deps)
+    app.include_router(build_history_router(studio, StudioRoute), dependencies=deps)
     if studio.flags.api_server_stop:
         app.include_router(build_server_router(studio, lambda: close_server(app)), dependencies=deps)
     # FastAPI builds /openapi.json once, on the first request: drop a copy made before these routes

@@ -22,6 +22,7 @@ from studio.generation.request import (
     interactive_defaults,
 )
 from studio.generation.samplers import SAMPLER_NAMES, SCHEDULE_LABELS, find_schedule
+from studio.jobs import JobCancelled
 from studio.models.manager import ModelNotFoundError
 from studio.models.state_dict import ModelFileError
 from studio.prompts.styles import Style, StyleError
@@ -399,11 +400,20 @@ def build_output_area(tab_id: str) -> OutputArea:
     return out
 
 
-def wire_generate(area: PromptArea, out: OutputArea, run: Callable[..., Iterator[dict]], inputs: Any) -> None:
+def wire_generate(area: PromptArea, out: OutputArea, run: Callable[..., Iterator[dict]], inputs: Any,
+                  queue_panel: Any = None) -> None:
     """Generate → ``run`` (a generator of :func:`stream_job` updates). Every click counts: a click
-    while a job runs queues another job (Gradio's default would drop it)."""
+    while a job runs queues another job (Gradio's default would drop it); the tab's queue panel is
+    redrawn right after, so the new job is listed at once."""
     area.generate.click(run, inputs, [*out.outputs(), *area.busy_controls()], concurrency_limit=None,
                         trigger_mode="multiple", show_progress="hidden")
+    if queue_panel is not None:
+        def wake() -> Any:
+            time.sleep(0.3)   # the job is submitted by the run above, in parallel
+            return queue_panel.wake()
+
+        area.generate.click(wake, None, queue_panel.outputs(), queue=False, show_progress="hidden",
+                            trigger_mode="multiple")
 
 
 def model_guidance(studio: Studio) -> Callable[[], bool]:
@@ -459,6 +469,9 @@ def stream_job(studio: Studio, submit: Callable[[], Any], out: OutputArea,
     idle = "<div class='studio-progress idle'><span></span></div>"
     try:
         result = job.wait()
+    except JobCancelled:
+        yield {out.progress: idle, out.error: "_Cancelled from the queue._", **busy_updates(area, busy)}
+        return
     except USER_ERRORS as e:
         yield {out.progress: idle, **error_updates(out, area, str(e), busy)}
         return

@@ -353,6 +353,7 @@ def build_controlnet_tab(studio: Studio) -> Any:
         stream_job,
         wire_generate,
     )
+    from studio.ui.queue_panel import build_queue_panel
 
     gr.Markdown("Preprocess an image into a control map, then generate with ControlNet units. "
                 "Units are also in the txt2img, img2img and Inpaint tabs.")
@@ -384,6 +385,7 @@ def build_controlnet_tab(studio: Studio) -> Any:
             controls = build_sampling_controls("controlnet", clip_skip_setting(studio))
             panel = build_controlnet_panel(studio, "controlnet", open=True)
         with gr.Column(scale=1, min_width=340, elem_classes="gen-results"):
+            queue_panel = build_queue_panel(studio, "controlnet")
             out = build_output_area("controlnet")
     area.wire_token_counters(studio, controls.steps)
     first = panel.units[0].components
@@ -404,7 +406,7 @@ def build_controlnet_tab(studio: Studio) -> Any:
         yield from stream_job(studio, lambda: studio.engine.submit(build_request(form.schema, form.values(data))),
                               out, area)
 
-    wire_generate(area, out, generate, form.inputs())
+    wire_generate(area, out, generate, form.inputs(), queue_panel)
     controls.reuse_seed.click(lambda s: s, out.last_seed, controls.seed, queue=False)
     return out
 

@@ -26,6 +26,7 @@ from studio.ui.common import (
 )
 from studio.ui.controlnet import build_controlnet_panel
 from studio.ui.detailer import build_detailer_panel
+from studio.ui.queue_panel import build_queue_panel
 from studio.ui.refiner import build_refiner_controls
 from studio.ui.scripts import build_script_panel
 
@@ -125,6 +126,7 @@ def build_img2img_tab(studio: Studio) -> GenerationTab:
                 extra_column = gr.Column()
                 scripts = build_script_panel(studio, "img2img")
             with gr.Column(scale=1, min_width=340, elem_classes="gen-results"):
+                queue_panel = build_queue_panel(studio, "img2img")
                 out = build_output_area("img2img")
         source = gr.State("upload")
     area.wire_token_counters(studio, controls.steps)
@@ -144,7 +146,7 @@ def build_img2img_tab(studio: Studio) -> GenerationTab:
             build_request(form.schema, {**fields, "init_images": [init]})), out, area)
 
     inputs = form.inputs() | {source, upload, sketch, batch_in, batch_out}
-    wire_generate(area, out, run, inputs)
+    wire_generate(area, out, run, inputs, queue_panel)
     controls.reuse_seed.click(lambda s: s, out.last_seed, controls.seed, queue=False)
     return GenerationTab(area, controls, image=upload, out=out)
 
@@ -191,6 +193,7 @@ def build_inpaint_tab(studio: Studio) -> GenerationTab:
                 extra_column = gr.Column()
                 scripts = build_script_panel(studio, "img2img", elem_prefix="inpaint")
             with gr.Column(scale=1, min_width=340, elem_classes="gen-results"):
+                queue_panel = build_queue_panel(studio, "inpaint")
                 out = build_output_area("inpaint")
     area.wire_token_counters(studio, controls.steps)
     form = _request_form(studio, "inpaint", (area, controls, refiner, detailer, panel, scripts), mode, extra_column)
@@ -208,6 +211,6 @@ def build_inpaint_tab(studio: Studio) -> GenerationTab:
         values = {**form.values(data), "init_images": [image], "mask": mask}
         yield from stream_job(studio, lambda: studio.engine.submit(build_request(form.schema, values)), out, area)
 
-    wire_generate(area, out, run, form.inputs() | {editor, mask_upload})
+    wire_generate(area, out, run, form.inputs() | {editor, mask_upload}, queue_panel)
     controls.reuse_seed.click(lambda s: s, out.last_seed, controls.seed, queue=False)
     return GenerationTab(area, controls, image=editor, out=out)

@@ -25,6 +25,7 @@ from studio.ui.common import (
 from studio.ui.controlnet import ControlNetPanel, build_controlnet_panel
 from studio.ui.detailer import build_detailer_panel
 from studio.ui.extra_networks import ExtraNetworksBrowser
+from studio.ui.queue_panel import build_queue_panel
 from studio.ui.refiner import build_refiner_controls
 from studio.ui.scripts import ScriptPanel, build_script_panel
 from studio.ui.send_to import fields_to_send, param_updates, value_update
@@ -67,6 +68,7 @@ def build_txt2img_tab(studio: Studio) -> Txt2ImgControls:
                 extra_column = gr.Column()
                 scripts = build_script_panel(studio, "txt2img")
             with gr.Column(scale=1, min_width=340, elem_classes="gen-results"):
+                queue_panel = build_queue_panel(studio, "txt2img")
                 out = build_output_area("txt2img")
     area.wire_token_counters(studio, controls.steps)
     form = RequestForm(studio.schemas.txt2img, "txt2img")
@@ -84,7 +86,7 @@ def build_txt2img_tab(studio: Studio) -> Txt2ImgControls:
         yield from stream_job(studio, lambda: studio.engine.submit(build_request(form.schema, form.values(data))),
                               out, area)
 
-    wire_generate(area, out, run, form.inputs())
+    wire_generate(area, out, run, form.inputs(), queue_panel)
     controls.reuse_seed.click(lambda s: s, out.last_seed, controls.seed, queue=False)
     return Txt2ImgControls(area.prompt, area.negative, controls.steps, controls.sampler, controls.schedule,
                            controls.cfg, controls.seed, controls.width, controls.height, controls.clip_skip, tab,

@@ -1,0 +1,224 @@
+"""The queue panel in a real browser (Playwright + Debian chromium). A small Gradio app holds the
+panel over a studio-like object with the real JobQueue and the real queue routes: a long fake job
+runs, more jobs are queued behind it from outside the page (as API clients do), the panel lists
+them with their settings, Up reorders, Cancel removes, a reload shows the same queue. When the real
+app has the panel wired in (``#txt2img_queue``), a second test does the same through
+/sdapi/v1/txt2img with a tiny model."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import requests
+
+from studio.generation.request import Txt2ImgRequest
+from studio.jobs import JobQueue
+
+CHROMIUM = "/usr/bin/chromium"
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.browser,
+    pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian chromium not installed (.ci/run installs it)"),
+]
+
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+class LongJob:
+    """A job that steps slowly until released or interrupted, standing in for a long generation."""
+
+    def __init__(self, queue: JobQueue) -> None:
+        self.gate, self.started = threading.Event(), threading.Event()
+        req = Txt2ImgRequest(prompt="a long running lighthouse, many steps", steps=150, width=64, height=64,
+                             seed=11)
+
+        def fn(state):
+            state.set_total(150)
+            self.started.set()
+            while not (self.gate.is_set() or state.interrupted):
+                state.step = min(state.step + 1, 149)
+                time.sleep(0.05)
+            return SimpleNamespace(interrupted=state.interrupted)
+
+        self.job = queue.submit(fn, "txt2img", request=req)
+        assert self.started.wait(10)
+
+
+def quick(queue: JobQueue, prompt: str, **fields):
+    req = Txt2ImgRequest(prompt=prompt, steps=4, width=64, height=64, **fields)
+    return queue.submit(lambda state: SimpleNamespace(interrupted=False), "txt2img", request=req)
+
+
+@pytest.fixture(scope="module")
+def panel_app():
+    import gradio as gr
+
+    from studio.api.routes import build_queue_router
+    from studio.ui.queue_panel import build_queue_panel
+
+    studio = SimpleNamespace(queue=JobQueue())
+    with gr.Blocks(title="queue panel") as blocks:
+        with gr.Row():
+            with gr.Column():
+                gr.Textbox(label="Prompt", elem_id="txt2img_prompt")
+            with gr.Column():
+                gr.Button("Generate", variant="primary")
+                build_queue_panel(studio, "txt2img")
+    app, url, _ = blocks.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
+    app.include_router(build_queue_router(studio))
+    yield SimpleNamespace(url=url.rstrip("/"), queue=studio.queue)
+    blocks.close()
+    studio.queue.shutdown()
+
+
+def open_page(pw, url: str, width: int, height: int):
+    browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+    page = browser.new_page(viewport={"width": width, "height": height})
+    page.goto(url, wait_until="domcontentloaded")
+    page.locator("#txt2img_queue_list").wait_for(timeout=60_000)
+    return browser, page
+
+
+def rows(page) -> list[str]:
+    return page.locator("#txt2img_queue_list .queue-row.waiting .queue-prompt").all_inner_texts()
+
+
+def wait_rows(page, expected: list[str], timeout: float = 15) -> None:
+    end = time.monotonic() + timeout
+    while rows(page) != expected:
+        if time.monotonic() > end:
+            raise AssertionError(f"waiting rows {rows(page)} != {expected}")
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("width,height", [(1440, 900), (390, 844)])
+def test_panel_lists_reorders_and_cancels_queued_jobs(panel_app, artifacts_dir, width, height):
+    playwright = pytest.importorskip("playwright.sync_api")
+    q = panel_app.queue
+    with playwright.sync_playwright() as pw:
+        browser, page = open_page(pw, panel_app.url, width, height)
+        try:
+            long = LongJob(q)
+            second = quick(q, "a red fox in snow", seed=5, n_iter=2)
+            third = quick(q, "a blue whale, watercolor", sampler_name="Euler a")
+            panel = page.locator("#txt2img_queue_list")
+            wait_rows(page, ["a red fox in snow", "a blue whale, watercolor"])
+            running = panel.locator(".queue-row.running")
+            assert "a long running lighthouse" in running.inner_text()
+            meta = panel.locator(".queue-row.waiting .queue-meta").first.inner_text()
+            assert "64×64" in meta and "4 steps" in meta and "seed 5" in meta and "batch 2×1" in meta
+            page.wait_for_function("() => document.querySelector('#txt2img_queue').innerText.includes('Queue (3)')",
+                                   timeout=10_000)
+            page.screenshot(path=str(Path(artifacts_dir) / f"queue_{width}.png"), full_page=True)
+
+            # Up on the second waiting row puts it first, in the page and in the worker's order
+            panel.locator(f".queue-row[data-job='{third.state.job_id}'] button[data-queue-action='up']").click()
+            wait_rows(page, ["a blue whale, watercolor", "a red fox in snow"])
+            assert q.position(third.state.job_id) == 1 and q.position(second.state.job_id) == 2
+            # the API sees the same order
+            listed = requests.get(f"{panel_app.url}/studio/v1/queue", timeout=10).json()["waiting"]
+            assert [w["id"] for w in listed] == [third.state.job_id, second.state.job_id]
+
+            # Cancel removes one; its waiter is told at once
+            panel.locator(f".queue-row[data-job='{second.state.job_id}'] button[data-queue-action='cancel']").click()
+            wait_rows(page, ["a blue whale, watercolor"])
+            with pytest.raises(LookupError, match="cancelled"):
+                second.wait(5)
+
+            # a reload reads the server's queue again
+            page.reload(wait_until="domcontentloaded")
+            page.locator("#txt2img_queue_list .queue-row.running").wait_for(timeout=30_000)
+            wait_rows(page, ["a blue whale, watercolor"])
+            page.screenshot(path=str(Path(artifacts_dir) / f"queue_{width}_after.png"), full_page=True)
+
+            long.gate.set()
+            third.wait(10)
+            long.job.wait(10)
+            page.wait_for_function(
+                "() => document.querySelector('#txt2img_queue').innerText.includes('Queue (0)')", timeout=15_000)
+            assert rows(page) == []
+            page.locator("#txt2img_queue_list details.queue-recent summary").click()
+            recent = page.locator("#txt2img_queue_list details.queue-recent").inner_text()
+            assert "a blue whale" in recent and "cancelled" in recent and "done" in recent
+            time.sleep(1.5)   # a refresh or two: the open "Recent" list stays open
+            assert page.locator("#txt2img_queue_list details.queue-recent").get_attribute("open") is not None
+            page.screenshot(path=str(Path(artifacts_dir) / f"queue_{width}_recent.png"), full_page=True)
+        finally:
+            browser.close()
+
+
+def test_interrupt_button_stops_the_running_job(panel_app):
+    playwright = pytest.importorskip("playwright.sync_api")
+    q = panel_app.queue
+    with playwright.sync_playwright() as pw:
+        browser, page = open_page(pw, panel_app.url, 1440, 900)
+        try:
+            long = LongJob(q)
+            button = page.locator("#txt2img_queue_list .queue-row.running button[data-queue-action='interrupt']")
+            button.wait_for(timeout=15_000)
+            button.click()
+            assert long.job.wait(10).interrupted
+            assert q.recent()[0].outcome == "interrupted"
+        finally:
+            long.gate.set()
+            browser.close()
+
+
+def test_real_app_queue_panel_with_api_jobs(server, artifacts_dir):
+    """The panel as the studio serves it: a long txt2img runs (tiny model, many steps), two more are
+    queued over /sdapi/v1/txt2img, the txt2img tab's panel lists them, Up reorders, Cancel removes
+    one (its API call ends), /sdapi/v1/progress counts the jobs."""
+    playwright = pytest.importorskip("playwright.sync_api")
+    url = server.url
+    results: dict[str, requests.Response] = {}
+
+    def post(name: str, **fields):
+        body = {"prompt": name, "width": 64, "height": 64, "steps": 2, "seed": 1, **fields}
+        results[name] = requests.post(f"{url}/sdapi/v1/txt2img", json=body, timeout=300)
+
+    with playwright.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1440, "height": 900})
+            page.goto(url, wait_until="domcontentloaded")
+            page.locator("#txt2img_generate").wait_for(timeout=60_000)
+            if page.locator("#txt2img_queue_list").count() == 0:
+                pytest.skip("the queue panel is not wired into the txt2img tab yet")
+            threads = [threading.Thread(target=post, args=("a long api lighthouse",),
+                                        kwargs={"steps": 150, "n_iter": 100})]
+            threads[0].start()
+            end = time.monotonic() + 60
+            while requests.get(f"{url}/sdapi/v1/progress", timeout=10).json()["state"]["job_count"] < 1:
+                assert time.monotonic() < end, "the long job never started"
+                time.sleep(0.1)
+            for name in ("second api fox", "third api whale"):
+                threads.append(threading.Thread(target=post, args=(name,)))
+                threads[-1].start()
+                time.sleep(0.3)   # in this order
+            wait_rows(page, ["second api fox", "third api whale"], timeout=30)
+            assert requests.get(f"{url}/sdapi/v1/progress", timeout=10).json()["state"]["job_count"] == 3
+            panel = page.locator("#txt2img_queue_list")
+            page.locator("#txt2img_queue").scroll_into_view_if_needed()
+            page.screenshot(path=str(Path(artifacts_dir) / "queue_app_1440.png"))
+            panel.locator(".queue-row.waiting").nth(1).locator("button[data-queue-action='up']").click()
+            wait_rows(page, ["third api whale", "second api fox"])
+            panel.locator(".queue-row.waiting").nth(1).locator("button[data-queue-action='cancel']").click()
+            wait_rows(page, ["third api whale"])
+            threads[1].join(30)
+            assert results["second api fox"].status_code != 200     # its waiter was told
+            requests.post(f"{url}/sdapi/v1/interrupt", timeout=10)
+            for t in threads:
+                t.join(120)
+            assert results["third api whale"].status_code == 200
+            page.wait_for_function(
+                "() => document.querySelector('#txt2img_queue').innerText.includes('Queue (0)')", timeout=15_000)
+        finally:
+            requests.post(f"{url}/sdapi/v1/interrupt", timeout=10)
+            browser.close()
