@@ -178,3 +178,4 @@ def test_paste_resets_the_type_filter(studio):
     assert first["module"]["choices"] == studio.preprocessors.names()
     assert "None" in first["model"]["choices"] and first["upload_independent"] == gr.update()
     assert second["enabled"]["value"] is False and second["control_type"] == gr.update()
+

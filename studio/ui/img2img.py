@@ -53,6 +53,19 @@ def editor_parts(value: Any) -> tuple[Image.Image | None, Image.Image | None]:
     return image, mask
 
 
+def size_from_image(image: Image.Image | None) -> tuple[Any, Any]:
+    """A1111's "auto detect size from img2img": width and height from the picture, down to multiples of
+    8 (the sliders' step), within the sliders' 64–2048."""
+    if image is None:
+        gr.Warning("Upload an image first.")
+        return gr.update(), gr.update()
+
+    def fit(n: int) -> int:
+        return max(64, min(2048, n - n % 8))
+
+    return gr.update(value=fit(image.width)), gr.update(value=fit(image.height))
+
+
 def _mode_controls(tab_id: str, inpaint: bool) -> dict[str, Any]:
     c: dict[str, Any] = {}
     c["resize_mode"] = gr.Radio(list(RESIZE_MODES), value=RESIZE_MODES[0], type="index", label="Resize mode",
@@ -120,6 +133,7 @@ def build_img2img_tab(studio: Studio) -> GenerationTab:
                                                elem_id="img2img_batch_output_dir")
                 mode = _mode_controls("img2img", inpaint=False)
                 controls = build_sampling_controls("img2img", clip_skip_setting(studio), model_guidance(studio))
+                size_button = gr.Button("Size from image", elem_id="img2img_detect_image_size_btn", size="sm")
                 refiner = build_refiner_controls(studio, "img2img")
                 detailer = build_detailer_panel(studio, "img2img", img2img=True)
                 panel = build_controlnet_panel(studio, "img2img", img2img=True)
@@ -147,6 +161,8 @@ def build_img2img_tab(studio: Studio) -> GenerationTab:
 
     inputs = form.inputs() | {source, upload, sketch, batch_in, batch_out}
     wire_generate(area, out, run, inputs, queue_panel)
+    size_button.click(lambda src, up, sk: size_from_image(up if src != "sketch" else editor_parts(sk)[0]),
+                      [source, upload, sketch], [controls.width, controls.height], queue=False)
     controls.reuse_seed.click(lambda s: s, out.last_seed, controls.seed, queue=False)
     return GenerationTab(area, controls, image=upload, out=out)
 
@@ -187,6 +203,7 @@ def build_inpaint_tab(studio: Studio) -> GenerationTab:
                                            elem_id="inpaint_mask_upload", height=240)
                 mode = _mode_controls("inpaint", inpaint=True)
                 controls = build_sampling_controls("inpaint", clip_skip_setting(studio), model_guidance(studio))
+                size_button = gr.Button("Size from image", elem_id="inpaint_detect_image_size_btn", size="sm")
                 refiner = build_refiner_controls(studio, "inpaint")
                 detailer = build_detailer_panel(studio, "inpaint", img2img=True)
                 panel = build_controlnet_panel(studio, "inpaint", img2img=True)
@@ -212,5 +229,7 @@ def build_inpaint_tab(studio: Studio) -> GenerationTab:
         yield from stream_job(studio, lambda: studio.engine.submit(build_request(form.schema, values)), out, area)
 
     wire_generate(area, out, run, form.inputs() | {editor, mask_upload}, queue_panel)
+    size_button.click(lambda value: size_from_image(editor_parts(value)[0]), editor, [controls.width, controls.height],
+                      queue=False)
     controls.reuse_seed.click(lambda s: s, out.last_seed, controls.seed, queue=False)
     return GenerationTab(area, controls, image=editor, out=out)
