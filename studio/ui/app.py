@@ -58,6 +58,18 @@ CSS = """
 .studio-progress.idle {visibility: hidden;}
 .gen-send-row {gap: 6px !important; flex-wrap: wrap !important;}
 .gen-send-row button {flex: 1 1 auto !important; min-width: 70px !important;}
+/* Gradio 6 appends a selected tab it wrongly measured as overflowing a second time: show it once */
+#tabs > .tab-wrapper > [role=tablist] > button[data-tab-id=txt2img] ~ button[data-tab-id=txt2img],
+#tabs > .tab-wrapper > [role=tablist] > button[data-tab-id=img2img] ~ button[data-tab-id=img2img],
+#tabs > .tab-wrapper > [role=tablist] > button[data-tab-id=inpaint] ~ button[data-tab-id=inpaint],
+#tabs > .tab-wrapper > [role=tablist] > button[data-tab-id=controlnet] ~ button[data-tab-id=controlnet],
+#tabs > .tab-wrapper > [role=tablist] > button[data-tab-id=extras] ~ button[data-tab-id=extras],
+#tabs > .tab-wrapper > [role=tablist] > button[data-tab-id=modelmerger] ~ button[data-tab-id=modelmerger],
+#tabs > .tab-wrapper > [role=tablist] > button[data-tab-id=pnginfo] ~ button[data-tab-id=pnginfo],
+#tabs > .tab-wrapper > [role=tablist] > button[data-tab-id=history] ~ button[data-tab-id=history],
+#tabs > .tab-wrapper > [role=tablist] > button[data-tab-id=train] ~ button[data-tab-id=train],
+#tabs > .tab-wrapper > [role=tablist] > button[data-tab-id=settings] ~ button[data-tab-id=settings],
+#tabs > .tab-wrapper > [role=tablist] > button[data-tab-id=extensions] ~ button[data-tab-id=extensions] {display: none !important;}
 /* phones: the result right after the prompt, the parameters below it */
 @media (max-width: 900px) {
   .gen-main {flex-direction: column !important;}
