@@ -9,7 +9,6 @@ A1111 extension) layout that most ``.pth``/``.safetensors`` files use.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,8 @@ import torch
 from diffusers import ControlNetModel
 from torch import Tensor
 
-from studio.models.ldm_keys import _unet_key, base_family
+from studio.controlnet.control_lora import controlnet_ldm_name
+from studio.models.ldm_keys import base_family
 from studio.testing.factory import _save, tiny_components
 
 CONDITIONING_CHANNELS = (16, 32, 96, 256)
@@ -43,30 +43,13 @@ def build_controlnet(family: str = "sd1", seed: int = 0,
     return model.eval()
 
 
-def _controlnet_key(key: str, layers: int, hint_blocks: int) -> str:
-    module, _, param = key.rpartition(".")
-    if module == "controlnet_cond_embedding.conv_in":
-        return f"input_hint_block.0.{param}"
-    if module == "controlnet_cond_embedding.conv_out":
-        # SiLUs sit at the odd indices, so the convs are every second entry.
-        return f"input_hint_block.{2 * (hint_blocks + 1)}.{param}"
-    if m := re.fullmatch(r"controlnet_cond_embedding\.blocks\.(\d+)", module):
-        return f"input_hint_block.{2 * (int(m[1]) + 1)}.{param}"
-    if m := re.fullmatch(r"controlnet_down_blocks\.(\d+)", module):
-        return f"zero_convs.{m[1]}.0.{param}"
-    if module == "controlnet_mid_block":
-        return f"middle_block_out.0.{param}"
-    # The encoder half is named exactly like the UNet's; there are no up blocks.
-    return _unet_key(key, layers, set())
-
-
 def controlnet_to_ldm(model: ControlNetModel, prefix: bool = False) -> dict[str, Tensor]:
     """diffusers ControlNet weights -> original layout names."""
     state_dict = model.state_dict()
     layers = model.config.layers_per_block
     hint_blocks = len(model.controlnet_cond_embedding.blocks)
     head = ORIGINAL_PREFIX if prefix else ""
-    return {head + _controlnet_key(k, layers, hint_blocks): v.detach().clone().contiguous()
+    return {head + controlnet_ldm_name(k, layers, hint_blocks): v.detach().clone().contiguous()
             for k, v in state_dict.items()}
 
 
