@@ -20,7 +20,7 @@ from studio.ui.extras import build_extras_tab
 from studio.ui.history import HISTORY_CSS, build_history_tab
 from studio.ui.img2img import build_img2img_tab, build_inpaint_tab
 from studio.ui.merger import build_merger_tab
-from studio.ui.output_actions import open_folder, samples_folder, save_chosen, zip_gallery
+from studio.ui.output_actions import may_open_folders, open_folder, samples_folder, save_chosen, zip_gallery
 from studio.ui.send_to import Receiver, editor_value, gallery_pick, send_handler
 from studio.ui.settings_tab import build_settings_tab
 from studio.ui.train import build_train_tab
@@ -59,17 +59,17 @@ CSS = """
 .gen-send-row {gap: 6px !important; flex-wrap: wrap !important;}
 .gen-send-row button {flex: 1 1 auto !important; min-width: 70px !important;}
 /* Gradio 6 appends a selected tab it wrongly measured as overflowing a second time: show it once */
-#tabs > .tab-wrapper > [role=tablist] > button[data-tab-id=txt2img] ~ button[data-tab-id=txt2img],
-#tabs > .tab-wrapper > [role=tablist] > button[data-tab-id=img2img] ~ button[data-tab-id=img2img],
-#tabs > .tab-wrapper > [role=tablist] > button[data-tab-id=inpaint] ~ button[data-tab-id=inpaint],
-#tabs > .tab-wrapper > [role=tablist] > button[data-tab-id=controlnet] ~ button[data-tab-id=controlnet],
-#tabs > .tab-wrapper > [role=tablist] > button[data-tab-id=extras] ~ button[data-tab-id=extras],
-#tabs > .tab-wrapper > [role=tablist] > button[data-tab-id=modelmerger] ~ button[data-tab-id=modelmerger],
-#tabs > .tab-wrapper > [role=tablist] > button[data-tab-id=pnginfo] ~ button[data-tab-id=pnginfo],
-#tabs > .tab-wrapper > [role=tablist] > button[data-tab-id=history] ~ button[data-tab-id=history],
-#tabs > .tab-wrapper > [role=tablist] > button[data-tab-id=train] ~ button[data-tab-id=train],
-#tabs > .tab-wrapper > [role=tablist] > button[data-tab-id=settings] ~ button[data-tab-id=settings],
-#tabs > .tab-wrapper > [role=tablist] > button[data-tab-id=extensions] ~ button[data-tab-id=extensions] {display: none !important;}
+#tabs > .tab-wrapper > [role=tablist] > [data-tab-id=txt2img] ~ [data-tab-id=txt2img],
+#tabs > .tab-wrapper > [role=tablist] > [data-tab-id=img2img] ~ [data-tab-id=img2img],
+#tabs > .tab-wrapper > [role=tablist] > [data-tab-id=inpaint] ~ [data-tab-id=inpaint],
+#tabs > .tab-wrapper > [role=tablist] > [data-tab-id=controlnet] ~ [data-tab-id=controlnet],
+#tabs > .tab-wrapper > [role=tablist] > [data-tab-id=extras] ~ [data-tab-id=extras],
+#tabs > .tab-wrapper > [role=tablist] > [data-tab-id=modelmerger] ~ [data-tab-id=modelmerger],
+#tabs > .tab-wrapper > [role=tablist] > [data-tab-id=pnginfo] ~ [data-tab-id=pnginfo],
+#tabs > .tab-wrapper > [role=tablist] > [data-tab-id=history] ~ [data-tab-id=history],
+#tabs > .tab-wrapper > [role=tablist] > [data-tab-id=train] ~ [data-tab-id=train],
+#tabs > .tab-wrapper > [role=tablist] > [data-tab-id=settings] ~ [data-tab-id=settings],
+#tabs > .tab-wrapper > [role=tablist] > [data-tab-id=extensions] ~ [data-tab-id=extensions] {display: none !important;}
 /* phones: the result right after the prompt, the parameters below it */
 @media (max-width: 900px) {
   .gen-main {flex-direction: column !important;}
@@ -389,8 +389,8 @@ def wire_output_buttons(studio: Studio, out: Any, receivers: dict[str, Receiver]
     kind = "txt2img" if out.tab_id in ("txt2img", "controlnet") else "img2img"
     out.save.click(save, [out.gallery, out.selected, out.infotexts], out.download, show_progress="hidden")
     out.zip.click(zipped, out.gallery, out.download, show_progress="hidden")
-    out.open_folder.click(lambda: gr.Info(open_folder(samples_folder(studio.settings.options, studio.paths.data,
-                                                                        kind))), None, None, queue=False)
+    out.open_folder.click(lambda: gr.Info(open_folder(samples_folder(studio.settings.options, studio.paths.data, kind),
+                                                      may_open_folders(studio.flags))), None, None, queue=False)
 
 
 def build_quicksettings(studio: Studio) -> list[Any]:

@@ -5,10 +5,6 @@ Open folder, and Delete behind a confirmation step."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +15,7 @@ from PIL import Image
 from studio.errors import RequestError
 from studio.generation.history import DEFAULT_PAGE_SIZE, HistoryPage, OutputHistory
 from studio.generation.outputs import ImageReadError, open_image
+from studio.ui.output_actions import may_open_folders, open_folder
 
 # A1111's send-to buttons: (key, label); the keys are those of ui/send_to.py's receivers
 SEND_TARGETS = (("txt2img", "Send to txt2img"), ("img2img", "Send to img2img"), ("inpaint", "Send to inpaint"),
@@ -76,28 +73,12 @@ def page_text(found: HistoryPage) -> str:
     return f"Page {found.index + 1} of {found.pages} · {found.total} {noun}"
 
 
-def open_folder(folder: Path, allowed: bool) -> str:
-    """Open ``folder`` in the system's file manager (A1111's "Open folder") when the studio runs on
-    this machine only; served to others (--listen, --share) it only says where the folder is, since a
-    file manager would open on the server, not for the person clicking."""
-    if not allowed:
-        return f"The folder is `{folder}` (opening folders is off when the studio is served to other machines)."
-    if sys.platform == "win32":
-        os.startfile(folder)  # noqa: S606 - the output folder, a path the studio made
-        return f"Opened `{folder}`."
-    opener = "open" if sys.platform == "darwin" else "xdg-open"
-    if shutil.which(opener) is None:
-        return f"The folder is `{folder}` (no `{opener}` here to open it)."
-    subprocess.Popen([opener, str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # noqa: S603
-    return f"Opened `{folder}`."
-
-
 def build_history_tab(studio: Any, history: OutputHistory | None = None,
                       page_size: int = DEFAULT_PAGE_SIZE) -> HistoryTab:
     """The tab, opened here: call inside the app's ``gr.Tabs``."""
     history = history or OutputHistory(studio.paths.data, lambda: studio.settings.options)
     flags = getattr(studio, "flags", None)
-    may_open = not (getattr(flags, "listen", False) or getattr(flags, "share", False))
+    may_open = may_open_folders(flags)
 
     with gr.Tab("History", id="history", elem_id="tab_history") as tab:
         with gr.Row(equal_height=True):

@@ -98,11 +98,19 @@ def samples_folder(options: Any, data_dir: Path, kind: str) -> Path:
     return OutputSaver.from_options(options.model_dump(), Path(data_dir), kind).samples_dir
 
 
-def open_folder(folder: Path) -> str:
-    """Open ``folder`` in the file manager of this machine (A1111's "Open folder"); on a machine
-    without one (a server) say where it is instead."""
+def may_open_folders(flags: Any) -> bool:
+    """A file manager opens on the machine the studio runs on: only when it is not served to others
+    (--listen, --share), as A1111 does."""
+    return not (getattr(flags, "listen", False) or getattr(flags, "share", False))
+
+
+def open_folder(folder: Path, allowed: bool = True) -> str:
+    """Open ``folder`` in the file manager of this machine (A1111's "Open folder"); when that is not
+    allowed (served to others) or there is no file manager (a server), say where it is instead."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    if not allowed:
+        return f"The folder is {folder} (opening folders is off when the studio is served to other machines)"
     opener = None
     if sys.platform == "darwin":
         opener = ["open", str(folder)]
