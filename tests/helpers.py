@@ -20,6 +20,10 @@ import requests
 from studio.testing import make_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
+# The browser tests' Chromium (Debian's, installed by .ci/run) and its flags: headless, no network calls of its own
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 @functools.cache

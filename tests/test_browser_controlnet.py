@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-CHROMIUM = "/usr/bin/chromium"
+from tests.helpers import CHROMIUM, CHROMIUM_ARGS
 
 pytestmark = [
     pytest.mark.browser,
@@ -16,8 +16,6 @@ pytestmark = [
     pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian chromium not installed (.ci/run installs it)"),
 ]
 
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 CANNY = "control_v11p_sd15_canny"
 UNIT = "txt2img_controlnet_unit_0"
 
@@ -32,7 +30,7 @@ def page(tmp_path_factory):
     make_models_dir(root)
     make_controlnet(root / "models" / "ControlNet" / f"{CANNY}.safetensors", "sd1", seed=5)
     with running_server(root) as server, playwright.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1440, "height": 900})
         page.goto(server.url, wait_until="domcontentloaded")
         page.locator("#txt2img_generate").wait_for(timeout=60_000)

@@ -13,11 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.helpers import make_models_dir, running_server
-
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+from tests.helpers import CHROMIUM, CHROMIUM_ARGS, make_models_dir, running_server
 
 pytestmark = [
     pytest.mark.browser,
@@ -48,7 +44,7 @@ def daily(tmp_path_factory):
 def browser(daily):
     playwright = pytest.importorskip("playwright.sync_api")
     with playwright.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield browser
         browser.close()
 

@@ -12,11 +12,7 @@ from PIL import Image
 
 from studio.generation.outputs import png_bytes
 from studio.options import StudioOptions
-from tests.helpers import free_port
-
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+from tests.helpers import CHROMIUM, CHROMIUM_ARGS, free_port
 
 pytestmark = [
     pytest.mark.slow,
@@ -68,7 +64,7 @@ def app_url(tmp_path_factory):
 def browser():
     playwright = pytest.importorskip("playwright.sync_api")
     with playwright.sync_playwright() as pw:
-        chromium = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        chromium = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield chromium
         chromium.close()
 

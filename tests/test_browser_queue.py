@@ -18,8 +18,7 @@ import requests
 
 from studio.generation.request import Txt2ImgRequest
 from studio.jobs import JobQueue
-
-CHROMIUM = "/usr/bin/chromium"
+from tests.helpers import CHROMIUM, CHROMIUM_ARGS
 
 pytestmark = [
     pytest.mark.slow,
@@ -27,8 +26,6 @@ pytestmark = [
     pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian chromium not installed (.ci/run installs it)"),
 ]
 
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 class LongJob:
@@ -79,7 +76,7 @@ def panel_app():
 
 
 def open_page(pw, url: str, width: int, height: int):
-    browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+    browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
     page = browser.new_page(viewport={"width": width, "height": height})
     page.goto(url, wait_until="domcontentloaded")
     page.locator("#txt2img_queue_list").wait_for(timeout=60_000)
@@ -184,7 +181,7 @@ def test_real_app_queue_panel_with_api_jobs(server, artifacts_dir):
         results[name] = requests.post(f"{url}/sdapi/v1/txt2img", json=body, timeout=300)
 
     with playwright.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1440, "height": 900})
             page.goto(url, wait_until="domcontentloaded")

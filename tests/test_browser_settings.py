@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-CHROMIUM = "/usr/bin/chromium"
+from tests.helpers import CHROMIUM, CHROMIUM_ARGS
 
 pytestmark = [
     pytest.mark.browser,
@@ -18,8 +18,6 @@ pytestmark = [
     pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian chromium not installed (.ci/run installs it)"),
 ]
 
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 RESULT = "document.querySelector('#settings_result').innerText.trim()"
 
 
@@ -31,7 +29,7 @@ def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("settingsbrowser")
     make_models_dir(root)
     with running_server(root) as server, playwright.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1440, "height": 900})
         page.goto(server.url, wait_until="domcontentloaded")
         page.locator("#txt2img_generate").wait_for(timeout=60_000)
