@@ -291,3 +291,10 @@ def test_binary_maps_stay_binary_when_resized():
     arr[::16] = 255      # one-pixel lines
     fitted = np.asarray(fit_control_map(Image.fromarray(arr), 64, 64, "Just Resize"))
     assert set(np.unique(fitted)) == {0, 255}
+
+
+def test_unit_fields_the_studio_cannot_honour_are_refused():
+    for name, value in (("advanced_weighting", [0.75] * 13), ("effective_region_mask", "aGk=")):
+        with pytest.raises(UnitError, match=f"{name} is not supported"):
+            unit_from_api({"module": "canny", "model": "x", name: value}, lambda b: b)
+    assert unit_from_api({"module": "canny", "model": "x", "advanced_weighting": None, "foo": 1}, lambda b: b)

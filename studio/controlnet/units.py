@@ -35,6 +35,8 @@ _RESIZE_ALIASES = {
     "envelope (outer fit)": "Resize and Fill",
 }
 _LEGACY_FIELDS = {"guidance": "guidance_end", "lowvram": "low_vram", "input_image": "image", "mask_image": "mask"}
+# Fields of the extension's unit the studio does not implement: refused when set, never ignored
+_NOT_HONOURED = ("advanced_weighting", "effective_region_mask")
 # The fields the extension writes to infotext, in its order (ControlNetUnit.infotext_fields()).
 INFOTEXT_FIELDS = ("module", "model", "weight", "resize_mode", "processor_res", "threshold_a", "threshold_b",
                    "guidance_start", "guidance_end", "pixel_perfect", "control_mode")
@@ -141,6 +143,9 @@ def unit_from_api(values: dict[str, Any], decode_image: Callable[[Any], Any],
             values[name] = values.pop(alias)
             if notes is not None and alias != "mask_image":
                 notes.append(f"ControlNet: {alias!r} is deprecated, use {name!r}")
+    for name in _NOT_HONOURED:
+        if values.get(name) not in (None, [], ""):
+            raise UnitError(f"{name} is not supported yet: leave it out (the unit would run without it)")
     image, mask = values.get("image"), values.get("mask")
     if isinstance(image, dict):
         image, mask = image.get("image"), image.get("mask", mask)
