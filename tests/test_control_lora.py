@@ -23,6 +23,9 @@ from studio.testing.control_variants import write_control_lora
 from studio.testing.controlnets import make_controlnet
 from tests.helpers import guided_latents, make_models_dir
 
+# the modules' own checks against diffusers; the engine-level tests of the same models run in the main command
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch):

@@ -27,6 +27,9 @@ from studio.testing import tiny_components
 from studio.testing.control_variants import control_lora_state_dict, write_union
 from studio.testing.controlnets import build_controlnet
 
+# the modules' own checks against diffusers; the engine-level tests of the same models run in the main command
+pytestmark = pytest.mark.slow
+
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 

@@ -41,6 +41,9 @@ from studio.testing.flux_controlnets import (
     tiny_flux_controlnet,
 )
 
+# the modules' own checks against diffusers; the engine-level tests of the same models run in the main command
+pytestmark = pytest.mark.slow
+
 SIZE = 64            # pixels: an 8x8 latent, 16 tokens
 SEED = 7
 GUIDANCE = 3.5

@@ -33,6 +33,9 @@ from studio.models.state_dict import ModelFileError
 from studio.testing import tiny_components
 from studio.testing.ip_adapters import build_clip_vision, unet_layers, write_clip_vision, write_ip_adapter
 
+# the modules' own checks against diffusers; the engine-level tests of the same models run in the main command
+pytestmark = pytest.mark.slow
+
 PROJ, HIDDEN, SIZE = 24, 32, 32  # the tiny encoder: image_embeds 24 wide, hidden states 32 wide
 
 

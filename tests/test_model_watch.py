@@ -15,6 +15,9 @@ import pytest
 
 from studio.models.watch import FolderWatcher, WatchTarget, list_folder
 
+# a polling thread's seconds of waiting: the CI's slow step
+pytestmark = pytest.mark.slow
+
 FAST = 0.2
 
 
