@@ -1,4 +1,4 @@
-"""The one job queue: a single worker thread owns the device and runs jobs in order.
+"""The one job queue: a worker thread owns the device and runs jobs in order.
 
 Front doors submit callables and wait on the returned :class:`Job`; while a job runs,
 its :class:`JobState` carries step/total, ETA, the latest live preview and the
@@ -7,6 +7,11 @@ interrupt/skip flags that the sampler loop checks between steps.
 The waiting jobs are a plain list guarded by one condition variable (not a ``queue.Queue``)
 so that the queue panel and the API can cancel and reorder them: the worker always takes
 the list's first job. A short record of finished jobs is kept for the same views.
+
+Jobs run in *lanes*: ``local`` (one worker thread: the front's own device, as always) and, with
+``--workers``, ``cluster`` (one dispatcher thread per generation worker, each waiting on a remote
+job). A lane's thread takes the first waiting job of its lane, so order is kept within a lane and
+``job_count`` still counts every job, wherever it runs.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ class JobState:
     preview_id: int = 0
     textinfo: str = ""
     losses: list[tuple[int, float]] = field(default_factory=list)   # training: (step, loss)
+    worker: str | None = None       # the generation worker running it (with --workers), for the views
 
     def set_total(self, total: int) -> None:
         self.total, self.step = total, 0
@@ -80,6 +86,7 @@ class Job:
     request: Any = None            # the typed request the job runs (None for loads, refreshes...)
     cancelled: bool = False
     submitted: float = field(default_factory=time.time)   # wall clock, for the views
+    lane: str = "local"            # which of the queue's worker lanes runs it
 
     def summary(self) -> dict[str, Any]:
         """What a queue view shows of a job: its id, kind and the request's main fields."""
@@ -88,7 +95,10 @@ class Job:
         if req is not None and hasattr(req, "model_dump"):
             fields = {k: v for k, v in req.model_dump(exclude={"init_images", "mask", "alwayson_scripts"}).items()
                       if k in SUMMARY_FIELDS}
-        return {"id": self.state.job_id, "description": self.state.description, "request": fields}
+        out = {"id": self.state.job_id, "description": self.state.description, "request": fields}
+        if self.state.worker is not None:
+            out["worker"] = self.state.worker
+        return out
 
     def wait(self, timeout: float | None = None) -> Any:
         if not self.done.wait(timeout):
@@ -154,48 +164,74 @@ def finished_record(job: Job) -> FinishedJob:
 @dataclass(frozen=True)
 class QueueSnapshot:
     """The queue at one instant (taken under its lock, so positions agree with each other)."""
-    running: Job | None
+    running: Job | None             # the longest-running job (A1111's one "current" job)
     waiting: list[Job]
     recent: list[FinishedJob]       # newest first
+    also_running: list[Job] = field(default_factory=list)   # the others running at once (several workers)
 
     @property
     def job_count(self) -> int:
-        return len(self.waiting) + (self.running is not None)
+        return len(self.waiting) + (self.running is not None) + len(self.also_running)
 
     def as_dict(self) -> dict[str, Any]:
         """The queue as the API and the queue panel show it: the running job with its progress (position
-        0), the waiting ones in the order they will run (position 1, 2, ...) and the recent ones."""
-        running = None
-        if self.running is not None:
-            s = self.running.state
-            running = {**self.running.summary(), "position": 0, "submitted": self.running.submitted,
-                       "step": s.step, "total": s.total, "batch": s.batch, "batches": s.batches,
-                       "progress": s.progress, "eta": s.eta, "textinfo": s.textinfo}
+        0; ``running_all`` lists every running one when several workers run at once), the waiting ones in
+        the order they will run (position 1, 2, ...) and the recent ones."""
+        running = [_running_dict(job) for job in ([self.running] if self.running else []) + self.also_running]
         waiting = [{**job.summary(), "position": i, "submitted": job.submitted}
                    for i, job in enumerate(self.waiting, start=1)]
-        return {"running": running, "waiting": waiting, "recent": [r.as_dict() for r in self.recent],
-                "job_count": self.job_count}
+        return {"running": running[0] if running else None, "running_all": running, "waiting": waiting,
+                "recent": [r.as_dict() for r in self.recent], "job_count": self.job_count}
+
+
+def _running_dict(job: Job) -> dict[str, Any]:
+    s = job.state
+    return {**job.summary(), "position": 0, "submitted": job.submitted, "step": s.step, "total": s.total,
+            "batch": s.batch, "batches": s.batches, "progress": s.progress, "eta": s.eta, "textinfo": s.textinfo}
 
 
 class JobQueue:
     def __init__(self, recent_limit: int = RECENT_LIMIT) -> None:
         self._ids = itertools.count(1)
-        # one condition guards every field below; the worker sleeps on it while nothing waits
+        # one condition guards every field below; the workers sleep on it while nothing waits
         self._cond = threading.Condition()
         self._waiting: list[Job] = []
-        self._current: Job | None = None
+        self._running: list[Job] = []      # in the order they started
         self._recent: deque[FinishedJob] = deque(maxlen=recent_limit)
         self._closing = False
         self._stopped = False
-        self._worker = threading.Thread(target=self._run, name="studio-worker", daemon=True)
-        self._worker.start()
+        self._threads: list[threading.Thread] = []
+        self._lanes: dict[str, int] = {}
+        self._live = 0                     # threads still running (the queue has stopped at 0)
+        self.add_lane("local", 1)
 
-    def submit(self, fn: Callable[[JobState], Any], description: str = "job", request: Any = None) -> Job:
-        job = Job(JobState(job_id=f"task({next(self._ids)})", description=description), fn, request=request)
+    def add_lane(self, lane: str, workers: int) -> None:
+        """Start ``workers`` more threads that run the jobs submitted to ``lane`` (e.g. one dispatcher per
+        remote generation worker). A lane without threads would keep its jobs waiting for ever."""
+        with self._cond:
+            for _ in range(workers):
+                index = self._lanes.get(lane, 0)
+                name = "studio-worker" if lane == "local" and index == 0 else f"studio-{lane}-{index}"
+                thread = threading.Thread(target=self._run, args=(lane,), name=name, daemon=True)
+                self._threads.append(thread)
+                self._lanes[lane] = index + 1
+                self._live += 1
+                thread.start()
+
+    @property
+    def lanes(self) -> dict[str, int]:
+        """Lane -> how many of its jobs can run at once."""
+        with self._cond:
+            return dict(self._lanes)
+
+    def submit(self, fn: Callable[[JobState], Any], description: str = "job", request: Any = None,
+               lane: str = "local") -> Job:
+        job = Job(JobState(job_id=f"task({next(self._ids)})", description=description), fn, request=request,
+                  lane=lane)
         with self._cond:
             if not self._stopped:
                 self._waiting.append(job)
-                self._cond.notify()
+                self._cond.notify_all()   # the threads of other lanes ignore it
                 return job
         # a job submitted after the worker stopped would otherwise wait for ever
         job.error = QueueClosed(f"{job.state.job_id} was not run: the job queue has shut down")
@@ -214,13 +250,14 @@ class JobQueue:
 
     def snapshot(self) -> QueueSnapshot:
         with self._cond:
-            return QueueSnapshot(self._current, list(self._waiting), list(self._recent))
+            first = self._running[0] if self._running else None
+            return QueueSnapshot(first, list(self._waiting), list(self._recent), list(self._running[1:]))
 
     def position(self, job_id: str) -> int | None:
         """A job's place in line: 0 while it runs, 1 for the next one to run, ...; None once it has
         finished or was cancelled (or never existed)."""
         with self._cond:
-            if self._current is not None and self._current.state.job_id == job_id:
+            if any(job.state.job_id == job_id for job in self._running):
                 return 0
             index = self._index(job_id)
             return None if index is None else index + 1
@@ -272,16 +309,25 @@ class JobQueue:
     def run(self, fn: Callable[[JobState], Any], description: str = "job", timeout: float | None = None) -> Any:
         return self.submit(fn, description).wait(timeout)
 
-    def _run(self) -> None:
+    def _next(self, lane: str) -> Job | None:
+        # callers hold the lock: the first waiting job of the lane
+        for i, job in enumerate(self._waiting):
+            if job.lane == lane:
+                return self._waiting.pop(i)
+        return None
+
+    def _run(self, lane: str = "local") -> None:
         while True:
             with self._cond:
-                while not self._waiting and not self._closing:
+                job = self._next(lane)
+                while job is None and not self._closing:
                     self._cond.wait()
-                if not self._waiting:   # shut down, and every job submitted before has run
-                    self._stopped = True
+                    job = self._next(lane)
+                if job is None:   # shut down, and every job of the lane submitted before has run
+                    self._live -= 1
+                    self._stopped = self._live == 0
                     return
-                job = self._waiting.pop(0)
-                self._current = job
+                self._running.append(job)
             job.state.started = time.monotonic()
             try:
                 job.result = job.fn(job.state)
@@ -296,41 +342,69 @@ class JobQueue:
                     log.exception("could not record job %s", job.state.job_id)
                     record = None
                 with self._cond:
-                    self._current = None
+                    self._running.remove(job)
                     if record is not None:
                         self._recent.appendleft(record)
                 job.done.set()
 
     @property
     def current(self) -> JobState | None:
+        """The longest-running job's state (A1111 has one current job; with several workers, the oldest)."""
         with self._cond:
-            return self._current.state if self._current else None
+            return self._running[0].state if self._running else None
 
     @property
     def current_job(self) -> Job | None:
         with self._cond:
-            return self._current
+            return self._running[0] if self._running else None
+
+    def running(self) -> list[Job]:
+        """Every running job, the longest-running first."""
+        with self._cond:
+            return list(self._running)
+
+    def find(self, job_id: str) -> Job | None:
+        """A running or waiting job by id."""
+        with self._cond:
+            for job in self._running + self._waiting:
+                if job.state.job_id == job_id:
+                    return job
+        return None
 
     @property
     def job_count(self) -> int:
-        """Jobs queued or running (A1111's ``state.job_count``)."""
+        """Jobs queued or running, in every lane (A1111's ``state.job_count``)."""
         with self._cond:
-            return len(self._waiting) + (self._current is not None)
+            return len(self._waiting) + len(self._running)
 
-    def interrupt(self) -> bool:
-        state = self.current
-        if state:
+    def _targets(self, job_id: str | None) -> list[JobState]:
+        with self._cond:
+            return [job.state for job in self._running if job_id is None or job.state.job_id == job_id]
+
+    def interrupt(self, job_id: str | None = None) -> bool:
+        """Stop the running job ``job_id`` (None: every running job, which is A1111's one current job
+        when one worker runs). The sampler loop (or a remote worker, told by its dispatcher) stops it."""
+        states = self._targets(job_id)
+        for state in states:
             state.interrupted = True
-        return state is not None
+        return bool(states)
 
-    def skip(self) -> bool:
-        state = self.current
-        if state:
+    def skip(self, job_id: str | None = None) -> bool:
+        """Skip the current image of ``job_id`` (None: of every running job)."""
+        states = self._targets(job_id)
+        for state in states:
             state.skipped = True
-        return state is not None
+        return bool(states)
 
     def shutdown(self) -> None:
         """Stop the worker once the jobs already waiting have run (as before: the queue drains first)."""
         with self._cond:
             self._closing = True
             self._cond.notify_all()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for every worker thread to end (after :meth:`shutdown`); whether they all did."""
+        end = None if timeout is None else time.monotonic() + timeout
+        for thread in list(self._threads):
+            thread.join(None if end is None else max(0.0, end - time.monotonic()))
+        return not any(thread.is_alive() for thread in self._threads)

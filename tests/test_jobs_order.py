@@ -6,6 +6,7 @@ queue routes are checked over a TestClient on the router with a stub studio."""
 from __future__ import annotations
 
 import threading
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -171,8 +172,7 @@ def test_shutdown_runs_what_waits_then_refuses_new_jobs():
     q.shutdown()
     gate.set()
     assert second.wait(WAIT) == "second ran" and first.wait(WAIT)
-    q._worker.join(WAIT)
-    assert not q._worker.is_alive()
+    assert q.join(WAIT)
     late = q.submit(lambda state: "never", "late")
     with pytest.raises(QueueClosed):
         late.wait(0.5)
@@ -273,3 +273,38 @@ def test_unknown_or_running_job_is_a_404_that_says_why(client, queue):
         job.wait(WAIT)
     assert client.get("/studio/v1/queue").json()["recent"][0]["outcome"] == "cancelled"
     blocker.release()
+
+
+def test_lanes_run_at_once_and_keep_their_own_order():
+    """A second lane (the cluster's dispatchers) runs beside the local worker: two cluster jobs run at
+    once, each lane takes its own jobs in order, and job_count, interrupt and skip see them all."""
+    q = JobQueue()
+    q.add_lane("cluster", 2)
+    assert q.lanes == {"local": 1, "cluster": 2}
+    gate = threading.Event()
+    started: list[str] = []
+
+    def blocked(name: str):
+        def run(state):
+            started.append(name)
+            gate.wait(WAIT)
+            return (name, state.interrupted, state.skipped)
+        return run
+
+    jobs = [q.submit(blocked(f"c{i}"), f"c{i}", lane="cluster") for i in range(3)]
+    local = q.submit(blocked("local"), "local")
+    deadline = time.monotonic() + WAIT
+    while len(q.running()) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    running = [job.state.description for job in q.running()]
+    assert sorted(running) == ["c0", "c1", "local"] and q.job_count == 4
+    view = q.snapshot().as_dict()
+    assert len(view["running_all"]) == 3 and [w["description"] for w in view["waiting"]] == ["c2"]
+    assert q.interrupt(jobs[1].state.job_id) and not jobs[0].state.interrupted
+    assert q.skip() and all(job.state.skipped for job in q.running())
+    gate.set()
+    assert jobs[1].wait(WAIT) == ("c1", True, True)
+    assert [job.wait(WAIT)[0] for job in jobs] == ["c0", "c1", "c2"] and local.wait(WAIT)[0] == "local"
+    assert started.index("c2") > max(started.index("c0"), started.index("c1"))
+    q.shutdown()
+    assert q.join(WAIT)
