@@ -39,6 +39,7 @@ MIXED_PRECISION: tuple[str, ...] = get_args(MixedPrecision)
 MAX_TRAIN_STEPS = 1_000_000
 MAX_TRAIN_BATCH = 64
 MAX_GRADIENT_ACCUMULATION = 256
+MAX_PROCESSES = 64           # data-parallel processes of one run (studio.training.distributed)
 MIN_RESOLUTION, MAX_RESOLUTION = 64, 4096
 MAX_EVERY = 1_000_000           # save_every / sample_every
 MAX_SAMPLE_STEPS = 150
@@ -92,6 +93,10 @@ class TrainSettings(BaseModel):
                                  json_schema_extra=door(group=_LEARNING))
     mixed_precision: MixedPrecision = Field("auto", description="auto (fp16 on CUDA, none on the CPU), no, "
                                             "fp16 or bf16", json_schema_extra=door(group=_LEARNING))
+    processes: int = Field(1, ge=1, le=MAX_PROCESSES, description="data-parallel processes on this machine, one "
+                           "per GPU (accelerate launch; on a CPU-only machine, CPU processes over gloo); the "
+                           "effective batch is batch_size x processes",
+                           json_schema_extra=door(group=_LEARNING, label="Processes (GPUs)"))
     max_grad_norm: float = Field(1.0, ge=0, le=1e6, description="gradient clipping; 0 = none",
                                  json_schema_extra=door(group=_LEARNING))
     noise_offset: float = Field(0.0, ge=0, le=1, description="offset noise (darker darks, brighter brights); "

@@ -1,8 +1,9 @@
 """The one training loop: LoRA, textual inversion and hypernetworks all run through :func:`run_training`.
 
-Built on HF Accelerate (mixed precision, gradient accumulation, and DDP when started with
-``accelerate launch``); the model is the studio's loaded model, so training runs on the same device
-policy as generation and the result is usable as soon as the job ends.
+Built on HF Accelerate (mixed precision, gradient accumulation, and data parallelism when started with
+``accelerate launch`` — studio.training.distributed: each process takes every N-th batch and the trained
+tensors' gradients are averaged, studio.training.collective); the model is the studio's loaded model, so
+training runs on the same device policy as generation and the result is usable as soon as the job ends.
 
 Per optimizer step: a batch from one aspect bucket, VAE latents (the encoder's mean and std are
 cached per image, a fresh sample is drawn each time — A1111's "random" latent sampling), noise with
@@ -74,12 +75,15 @@ def _mixed_precision(setting: str, device: torch.device) -> str:
 def _accelerator(mixed_precision: str, accumulation: int, device: torch.device) -> Any:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
+    from accelerate.utils import DataLoaderConfiguration
 
     # Accelerate keeps one process-wide state; a long-running server trains many times with
     # different settings, so the per-run part is reset (the distributed setup is kept).
     AcceleratorState._reset_state()
+    # split_batches: each process already counts the run's steps itself (it takes its own batches),
+    # so the LR scheduler steps once per optimizer step, not once per process
     return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=accumulation,
-                       cpu=device.type == "cpu")
+                       cpu=device.type == "cpu", dataloader_config=DataLoaderConfiguration(split_batches=True))
 
 
 def _optimizer(name: str, groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
@@ -189,10 +193,15 @@ def run_training(model: Any, trainable: Trainable, settings: TrainSettings, data
             result.resumed_from = step
             result.notes.append(f"Resumed from step {step} ({folder / STATE_FILE}).")
         optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
-        train_unet = accelerator.prepare(unet) if accelerator.num_processes > 1 else unet
         params = [p for g in groups for p in g["params"]]
+        processes, rank = accelerator.num_processes, accelerator.process_index
+        if processes > 1:
+            from studio.training import collective
+
+            collective.broadcast_params(params)
         rng = random.Random(f"{settings.seed}-{epoch}-{step}")
-        generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + step)
+        # each process draws its own noise and timesteps (rank 0's are a 1-process run's)
+        generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + step + 7919 * rank)
         latents_cache = _LatentCache(model)
         dtype = next(unet.parameters()).dtype
         total = settings.steps
@@ -202,6 +211,17 @@ def run_training(model: Any, trainable: Trainable, settings: TrainSettings, data
         state.set_total(total)
         state.step = step   # a resumed run shows its absolute step, like the loss plot
         state.textinfo = f"Training {trainable.kind} {settings.output_name}"
+        if processes > 1:
+            result.notes.append(f"Trained data-parallel on {processes} processes (effective batch "
+                                f"{settings.batch_size * processes}).")
+        stopped = False
+        taken = 0   # batches seen over the epochs: process r takes those with taken % processes == r
+
+        def stop_requested() -> bool:
+            # every process leaves the loop at the same step, or the others would wait forever
+            if processes == 1:
+                return state.interrupted
+            return collective.any_process(state.interrupted, device)
 
         def save(final: bool) -> None:
             accelerator.wait_for_everyone()
@@ -220,13 +240,17 @@ def run_training(model: Any, trainable: Trainable, settings: TrainSettings, data
             log.info("Training %s: saved step %d to %s%s", trainable.kind, step, path, " (final)" if final else "")
 
         unet.train()
-        while step < total and not state.interrupted:
-            for index, items in enumerate(dataset.batches(settings.batch_size, epoch, settings.seed)):
-                if step >= total or state.interrupted:
+        while step < total and not stopped:
+            for items in dataset.batches(settings.batch_size, epoch, settings.seed):
+                taken += 1
+                if (taken - 1) % processes != rank:
+                    continue  # each process of a data-parallel run takes its share of the batches
+                if step >= total:
                     break
-                if index % accelerator.num_processes != accelerator.process_index:
-                    continue  # each process of a multi-GPU run takes its share of the batches
-                with accelerator.accumulate(train_unet):
+                stopped = stop_requested()
+                if stopped:
+                    break
+                with accelerator.accumulate(unet):
                     batch = dataset.make_batch(items, rng)
                     keys = [(str(item.path), item.bucket) for item in items]
                     latents = latents_cache.sample(keys, batch.pixels, generator).to(device)
@@ -241,14 +265,18 @@ def run_training(model: Any, trainable: Trainable, settings: TrainSettings, data
                             h, w = batch.pixels.shape[2:]
                             added = {"text_embeds": pooled.to(device, dtype),
                                      "time_ids": _time_ids(batch, h, w).to(device, dtype)}
-                        pred = train_unet(noisy.to(dtype), timesteps, encoder_hidden_states=context.to(device, dtype),
-                                          added_cond_kwargs=added).sample
+                        pred = unet(noisy.to(dtype), timesteps, encoder_hidden_states=context.to(device, dtype),
+                                    added_cond_kwargs=added).sample
                     target = training_target(scheduler, latents, noise, timesteps)
                     loss = diffusion_loss(pred, target, timesteps, scheduler, settings.min_snr_gamma)
-                    if not math.isfinite(loss.item()):
-                        raise TrainingError(f"the loss became {loss.item()} at step {step + 1}; lower the "
+                    # the processes' mean: what the step reports, and a broken loss stops them all
+                    reported = collective.mean(loss) if processes > 1 else loss.detach()
+                    if not math.isfinite(reported.item()):
+                        raise TrainingError(f"the loss became {reported.item()} at step {step + 1}; lower the "
                                             "learning rate or use mixed precision 'no'")
                     accelerator.backward(loss)
+                    if accelerator.sync_gradients and processes > 1:
+                        collective.average_grads(params)
                     if accelerator.sync_gradients and settings.max_grad_norm > 0:
                         accelerator.clip_grad_norm_(params, settings.max_grad_norm)
                     optimizer.step()
@@ -257,7 +285,7 @@ def run_training(model: Any, trainable: Trainable, settings: TrainSettings, data
                 if not accelerator.sync_gradients:
                     continue
                 step += 1
-                value = float(loss.item())
+                value = float(reported.item())
                 history.append(value)
                 result.losses.append(value)
                 state.losses.append((step, value))
@@ -266,14 +294,15 @@ def run_training(model: Any, trainable: Trainable, settings: TrainSettings, data
                                   f"loss {value:.4f}, lr {lr_scheduler.get_last_lr()[0]:.2e}")
                 if settings.save_every and step % settings.save_every == 0 and step < total:
                     save(final=False)
-                if sample is not None and settings.sample_every and step % settings.sample_every == 0:
+                if (sample is not None and settings.sample_every and step % settings.sample_every == 0
+                        and accelerator.is_main_process):
                     unet.eval()
                     path = sample(step)
                     unet.train()
                     if path is not None:
                         result.samples.append(path)
             epoch += 1
-        result.interrupted = state.interrupted and step < total
+        result.interrupted = (stopped or state.interrupted) and step < total
         result.step = step
         if step > result.resumed_from:
             save(final=True)

@@ -2,14 +2,17 @@
 
 :func:`prepare` checks everything that can be checked before queueing (settings, names, the dataset
 folder: a bad folder is refused at once, not after the model has loaded); :func:`execute` runs in the
-job: loads the checkpoint, builds the trainable, trains, and refreshes the library the result
+job: loads the checkpoint, builds the trainable, trains (:func:`train_here`, or with ``processes > 1``
+the same on several processes: studio.training.distributed), and refreshes the library the result
 belongs to, so a trained LoRA / embedding / hypernetwork is usable the moment the job ends.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,6 +42,42 @@ class TrainingRequest:
     settings: TrainSettings
     lora: LoraSettings | None = None
     learn_rate: str | None = None          # A1111 schedule for embeddings / hypernetworks: "0.005:100, 1e-5"
+
+
+    def to_json(self) -> dict[str, Any]:
+        """The request as JSON (each settings object with the class that validates it again): how a
+        multi-process run (studio.training.distributed) hands it to its processes."""
+        return {"kind": self.kind, "settings_class": _class_path(type(self.settings)),
+                "settings": self.settings.model_dump(mode="json"), "learn_rate": self.learn_rate,
+                "lora_class": _class_path(type(self.lora)) if self.lora is not None else None,
+                "lora": self.lora.model_dump(mode="json") if self.lora is not None else None}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TrainingRequest:
+        from studio.training.schemas import training_schemas
+
+        kind = data["kind"]
+        settings = _rebuild(data["settings_class"], data["settings"], training_schemas().of(kind))
+        lora = _rebuild(data["lora_class"], data["lora"], LoraSettings) if data.get("lora") is not None else None
+        return cls(kind, settings, lora=lora, learn_rate=data.get("learn_rate"))
+
+
+def _class_path(cls: type) -> str:
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def _rebuild(path: str, data: dict[str, Any], fallback: type) -> Any:
+    """``data`` validated by the class at ``path`` (a schema subclass a test or a later feature made),
+    or by ``fallback`` with the fields it knows when that class cannot be imported here."""
+    module, _, name = path.partition(":")
+    try:
+        found: Any = importlib.import_module(module)
+        for part in name.split("."):
+            found = getattr(found, part)
+    except (ImportError, AttributeError):
+        log.warning("Training settings class %s cannot be imported here; using %s", path, fallback.__name__)
+        found = fallback
+    return found.model_validate({k: v for k, v in data.items() if k in found.model_fields})
 
 
 def request_for(kind: str, settings: TrainSettings) -> TrainingRequest:
@@ -74,6 +113,10 @@ def prepare(studio: Engine, req: TrainingRequest) -> PreparedTraining:
     if req.kind not in KINDS:
         raise TrainingError(f"unknown training kind {req.kind!r}; use one of {', '.join(KINDS)}")
     settings = req.settings
+    if settings.processes > 1:
+        from studio.training.distributed import check_processes
+
+        check_processes(settings.processes, studio.models.policy.device)
     name = check_output_name(settings.output_name)
     settings = settings.model_copy(update={"output_name": name})
     if settings.seed < 0:  # A1111's -1 = random
@@ -83,8 +126,10 @@ def prepare(studio: Engine, req: TrainingRequest) -> PreparedTraining:
     if req.kind == "lora":
         lora = req.lora or (settings if isinstance(settings, LoraSettings) else LoraSettings())
         output = _lora_output(studio, name)
-        if output.exists() and not settings.overwrite and not (settings.resume and _resumable(studio, "lora", name, output)):
-            raise TrainingError(f"a LoRA named {name!r} already exists ({output}); tick overwrite or choose another name")
+        if (output.exists() and not settings.overwrite
+                and not (settings.resume and _resumable(studio, "lora", name, output))):
+            raise TrainingError(f"a LoRA named {name!r} already exists ({output}); tick overwrite or choose "
+                                "another name")
         req = replace(req, lora=lora)
     else:
         source = _find_source(studio, req.kind, name)
@@ -164,9 +209,10 @@ def _trainable(prepared: PreparedTraining) -> Any:
     return HypernetworkTrainable(prepared.source_path, prepared.output_path, req.settings.learning_rate)
 
 
-def _sampler(studio: Engine, model: Any, prepared: PreparedTraining, state: JobState):
+def _sampler(studio: Engine, model: Any, prepared: PreparedTraining, state: JobState,
+             on_sample: Callable[[int, Path], None] | None = None):
     """Sample images during training with the weights as they are, into the run's folder; the
-    latest one is the job's live preview."""
+    latest one is the job's live preview (``on_sample`` hears of each saved one)."""
     from studio.generation.outputs import save_image
     from studio.generation.request import Txt2ImgRequest
     from studio.generation.runner import run_generation
@@ -190,25 +236,41 @@ def _sampler(studio: Engine, model: Any, prepared: PreparedTraining, state: JobS
             return None
         state.preview = result.images[0]
         state.preview_id += 1
-        return save_image(result.images[0], result.infotexts[0], folder, step, dated=False)
+        path = save_image(result.images[0], result.infotexts[0], folder, step, dated=False)
+        if on_sample is not None and path is not None:
+            on_sample(step, Path(path))
+        return path
 
     return sample
 
 
-def execute(studio: Engine, prepared: PreparedTraining, state: JobState) -> TrainResult:
+def train_here(studio: Engine, prepared: PreparedTraining, state: JobState, checkpoint: str | None = None,
+               on_sample: Callable[[int, Path], None] | None = None) -> TrainResult:
+    """The run in this process: load the checkpoint (``checkpoint``, else the settings', else the
+    studio's), build the trainable and train. A launched process of a multi-process run calls this too."""
     from studio.training.loop import run_training
 
     settings = prepared.request.settings
     state.textinfo = "Loading model for training"
-    model = studio.models.load(settings.checkpoint or studio.initial_checkpoint())
+    model = studio.models.load(checkpoint or settings.checkpoint or studio.initial_checkpoint())
     studio.sync_embeddings()
     trainable = _trainable(prepared)
-    sample = _sampler(studio, model, prepared, state) if settings.sample_every else None
+    sample = _sampler(studio, model, prepared, state, on_sample) if settings.sample_every else None
     try:
-        result = run_training(model, trainable, settings, prepared.dataset, state, studio.paths.data,
-                              metadata=_metadata(model, prepared), sample=sample, lr_at=prepared.lr_at)
+        return run_training(model, trainable, settings, prepared.dataset, state, studio.paths.data,
+                            metadata=_metadata(model, prepared), sample=sample, lr_at=prepared.lr_at)
     finally:
         model.conditioner.clear_cache()
+
+
+def execute(studio: Engine, prepared: PreparedTraining, state: JobState) -> TrainResult:
+    settings = prepared.request.settings
+    if settings.processes > 1:
+        from studio.training.distributed import run
+
+        result = run(studio, prepared, state)
+    else:
+        result = train_here(studio, prepared, state)
     if prepared.request.kind == "lora":
         studio.networks.refresh()
     elif prepared.request.kind == "hypernetwork":
