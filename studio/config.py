@@ -87,6 +87,14 @@ class Flags:
     api_server_stop: bool = False
     cors_allow_origins: str | None = None
     cors_allow_origins_regex: str | None = None
+    # generation workers on Ray Serve (studio.cluster); 0 and no address = no Ray at all
+    workers: int = 0
+    ray_address: str | None = None
+    worker_threads: int = 0            # CPU threads per worker (0 = the cores shared out)
+    worker_gpus: float | None = None   # GPUs per worker (None = 1 where the cluster has GPUs, else 0)
+    worker_models: int = 2             # checkpoints a worker keeps loaded
+    worker_data_dir: str | None = None  # a node-local folder for the workers' models (None = the front's)
+    ray_dashboard: bool = False
 
     @property
     def extension_install_allowed(self) -> bool:
@@ -160,6 +168,24 @@ def build_arg_parser() -> argparse.ArgumentParser:
                    help='origins allowed to call the server from a browser, "http://a.com,http://b.com"')
     p.add_argument("--cors-allow-origins-regex", default=None,
                    help="a regular expression of origins allowed to call the server from a browser")
+    g = p.add_argument_group("generation workers (Ray Serve; pip install -e .[cluster])")
+    g.add_argument("--workers", type=int, default=0, metavar="N",
+                   help="run N generation workers on a local Ray cluster (one per GPU, or a share of the CPU "
+                        "cores each) behind this one UI and API; 0 = generate in this process")
+    g.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help='join an existing Ray cluster ("auto", "HOST:6379", a KubeRay head) instead of starting one; '
+                        "--workers then defaults to the cluster's GPU count")
+    g.add_argument("--worker-threads", type=int, default=0, metavar="K",
+                   help="torch CPU threads per worker (default: the machine's cores / N)")
+    g.add_argument("--worker-gpus", type=float, default=None, metavar="F",
+                   help="GPUs per worker (default 1 when the cluster has GPUs, else 0; 0.5 puts two on a GPU)")
+    g.add_argument("--worker-models", type=int, default=2, metavar="M",
+                   help="checkpoints each worker keeps loaded (requests are routed to a worker that has theirs)")
+    g.add_argument("--worker-data-dir", default=None, metavar="DIR",
+                   help="a folder on each node where workers keep model files fetched from this machine "
+                        "(default: this studio's data dir, i.e. shared storage)")
+    g.add_argument("--ray-dashboard", action="store_true",
+                   help="start Ray's dashboard with the local cluster (its link shows in the Workers panel)")
     return p
 
 

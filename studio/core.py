@@ -62,6 +62,8 @@ class Studio:
     schemas: RequestSchemas = RequestSchemas()
     # started by the server (not by create(): tests get no threads): new model files appear by themselves
     watcher: FolderWatcher | None = None
+    # with --workers / --ray-address: the generation workers (studio.cluster.front.Cluster, set by the server)
+    cluster: Any = None
 
     def watch_model_folders(self, interval: float = 1.0) -> FolderWatcher:
         """Start watching the model folders: a copied LoRA, checkpoint, VAE… is listed without ↻."""
@@ -73,6 +75,32 @@ class Studio:
         if self.watcher is not None:
             self.watcher.stop()
         self.queue.shutdown()
+        if self.cluster is not None:
+            self.cluster.shutdown()
+
+    def use_cluster(self, cluster: Any) -> None:
+        """Generation jobs run on ``cluster``'s workers from now on (they still wait in this queue)."""
+        self.cluster = cluster
+        self.engine.remote = cluster
+
+    def workers_status(self) -> dict[str, Any]:
+        """GET /studio/v1/workers and the Workers panel: the cluster's workers, or this process as the
+        one worker when there is no cluster."""
+        if self.cluster is not None:
+            return self.cluster.status()
+        import os
+        import socket
+
+        running = self.queue.running()
+        local = [job for job in running if job.lane == "local"]
+        recent = [r for r in self.queue.recent() if r.outcome != "cancelled"]
+        worker = {"id": "local", "node": socket.gethostname(), "pid": os.getpid(), "device": self.policy.label,
+                  "checkpoints": [m.info.title for m in self.models.cached()],
+                  "state": "busy" if local else "idle", "job": local[0].state.job_id if local else None,
+                  "jobs_done": len(recent), "failures": sum(1 for r in recent if r.outcome == "failed"),
+                  "error": None}
+        return {"enabled": False, "mode": "local", "address": None, "ready": True, "error": None,
+                "dashboard_url": None, "planned_workers": 1, "device": str(self.policy.device), "workers": [worker]}
 
     @classmethod
     def create(cls, flags: Flags, schemas: RequestSchemas | None = None) -> Studio:
@@ -134,8 +162,16 @@ class Studio:
     def refresh_checkpoints(self) -> list[CheckpointInfo]:
         return self.queue.run(lambda state: self.models.refresh(), "refresh checkpoints")
 
-    def select_checkpoint(self, query: str | None) -> LoadedModel:
-        """Load a checkpoint on the worker and remember it as the user's choice."""
+    def select_checkpoint(self, query: str | None) -> LoadedModel | None:
+        """Load a checkpoint on the worker and remember it as the user's choice. With generation workers
+        it is only remembered (checked against the list): each worker loads it when a job needs it."""
+        if self.cluster is not None:
+            info = self.models.catalog.find(query or "")
+            if info is None:
+                raise RequestError(f"checkpoint {query!r} not found (GET /sdapi/v1/sd-models lists them)")
+            self.settings.update({"sd_model_checkpoint": info.title, "sd_checkpoint_hash": info.sha256})
+            return None
+
         def job(state: JobState) -> LoadedModel:
             state.textinfo = f"Loading {query}"
             return self.engine.load(query)
@@ -170,7 +206,7 @@ class Studio:
     def start_initial_load(self) -> Job | None:
         """Queue the first model load without waiting: the server answers while it loads,
         and the first generation simply waits behind it in the queue."""
-        if not self.checkpoints():
+        if not self.checkpoints() or self.cluster is not None:   # workers load their own
             return None
         query = self.initial_checkpoint()
 

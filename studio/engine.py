@@ -94,6 +94,10 @@ class Engine:
     # extensions' step callbacks, read per job (an extension enabled later takes part from then on)
     step_callbacks: Callable[[], list[Any]] = field(default=list)
     scripts: ScriptRegistry = field(default_factory=lambda: ScriptRegistry(builtin_scripts()))
+    # how a job's saver is made: OutputSaver.from_options' signature (a generation worker records instead)
+    make_saver: Callable[..., Any] = OutputSaver.from_options
+    # with --workers: runs generation jobs on the cluster (studio.cluster.front.Cluster: run(prepared, state))
+    remote: Any = None
 
     # -- model state --------------------------------------------------------------------
     def initial_checkpoint(self) -> str | None:
@@ -197,6 +201,10 @@ class Engine:
 
     def submit(self, req: Txt2ImgRequest) -> Job:
         prepared = self.prepare(req)
+        if self.remote is not None:   # a generation worker runs it; it waits in this queue all the same
+            remote = self.remote
+            return self.queue.submit(lambda state: remote.run(prepared, state), prepared.request.kind,
+                                     request=prepared.request, lane="cluster")
         return self.queue.submit(lambda state: self.run(prepared, state), prepared.request.kind,
                                  request=prepared.request)
 
@@ -215,7 +223,7 @@ class Engine:
                      compile_cache_dir(self.paths.data))
         controls = self.control_plan(req, model, state, options)
         every = options.show_progress_every_n_steps if options.live_previews_enable else 0
-        saver = OutputSaver.from_options(options.model_dump(), self.paths.data, req.kind,
+        saver = self.make_saver(options.model_dump(), self.paths.data, req.kind,
                                          model_name=model.info.name_for_extra, model_hash=model.info.shorthash or "",
                                          vae_filename=vae.filename if vae else "")
         common = dict(preview_every=every, networks=self.networks, vae=vae, controls=controls, saver=saver,
@@ -289,7 +297,8 @@ class Engine:
             except UpscalerError as e:
                 raise RequestError(str(e)) from e
 
-        return EngineRun(state, self.script_env(prepared.options), self.paths.data, generate, upscale)
+        return EngineRun(state, self.script_env(prepared.options), self.paths.data, generate, upscale,
+                         make_saver=self.make_saver)
 
     def _img2img_upscaler(self, name: str | None) -> Any:
         """A1111's ``upscaler_for_img2img``: the upscaler that enlarges an init image (None = Lanczos)."""

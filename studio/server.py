@@ -37,6 +37,14 @@ def serve(flags: Flags, block: bool = True):
 
     studio = Studio.create(flags)
     studio.watch_model_folders()
+    from studio.cluster.plan import wants_cluster
+
+    if wants_cluster(flags):   # Ray is imported only here, and only with the flags
+        from studio.cluster.front import Cluster
+
+        cluster = Cluster(flags, studio.engine)
+        studio.use_cluster(cluster)
+        cluster.start_in_background()
     if flags.share or flags.listen:
         if not flags.gradio_auth:
             log.warning("Serving beyond this machine (--listen/--share) without --gradio-auth: anyone who "

@@ -423,6 +423,13 @@ def build_queue_router(studio: Studio) -> APIRouter:
         and ``job_count`` (as /sdapi/v1/progress)."""
         return json_safe(studio.queue.snapshot().as_dict())
 
+    @r.get("/workers")
+    def workers() -> dict[str, Any]:
+        """The generation workers (with --workers / --ray-address; otherwise this process as the one
+        worker): id, node, pid, device, loaded checkpoints, state, the job it runs, jobs done; the Ray
+        dashboard's link when it runs."""
+        return json_safe(studio.workers_status())
+
     @r.delete("/queue/{job_id}")
     def cancel(job_id: str) -> dict[str, Any]:
         if not studio.queue.cancel(job_id):

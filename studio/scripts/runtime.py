@@ -82,6 +82,7 @@ class EngineRun:
     data_dir: Path
     generate_fn: Callable[[Txt2ImgRequest], GenerationResult]
     upscale_fn: Callable[[Image.Image, str, tuple[int, int]], Image.Image]
+    make_saver: Callable[..., Any] = OutputSaver.from_options   # the engine's (a worker records saves)
 
     def generate(self, req: Txt2ImgRequest) -> GenerationResult:
         return self.generate_fn(req.model_copy(update={"script_name": None, "script_args": []}))
@@ -90,7 +91,7 @@ class EngineRun:
         return self.upscale_fn(image, upscaler, size)
 
     def _saver(self, req: Txt2ImgRequest) -> OutputSaver:
-        return OutputSaver.from_options(self.env.options.model_dump(), self.data_dir, req.kind)
+        return self.make_saver(self.env.options.model_dump(), self.data_dir, req.kind)
 
     def save_grid(self, image: Image.Image, infotext: str, req: Txt2ImgRequest, basename: str) -> Path | None:
         return self._saver(req).save_finished_grid(image, infotext, req, basename)

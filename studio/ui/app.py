@@ -25,6 +25,8 @@ from studio.ui.send_to import Receiver, editor_value, gallery_pick, send_handler
 from studio.ui.settings_tab import build_settings_tab
 from studio.ui.train import build_train_tab
 from studio.ui.txt2img import USER_ERRORS, build_txt2img_tab, hires_components, hires_updates
+from studio.ui.workers_panel import CSS as WORKERS_CSS
+from studio.ui.workers_panel import build_workers_tab
 
 CSS = """
 .studio-progress {position: relative; height: 26px; border-radius: 6px; overflow: hidden;
@@ -75,7 +77,7 @@ CSS = """
   .gen-main {flex-direction: column !important;}
   .gen-main > .gen-results {order: -1;}
 }
-""" + CONTROLNET_CSS + HISTORY_CSS
+""" + CONTROLNET_CSS + HISTORY_CSS + WORKERS_CSS
 
 
 def demo_banner_text(studio: Studio) -> str:
@@ -212,6 +214,9 @@ def build_ui(studio: Studio) -> gr.Blocks:
                 build_settings_tab(studio, settings_tab)
             with gr.Tab("Extensions", id="extensions", elem_id="tab_extensions"):
                 build_extensions_tab(studio)
+            if studio.cluster is not None:   # --workers / --ray-address
+                with gr.Tab("Workers", id="workers", elem_id="tab_workers"):
+                    build_workers_tab(studio)
 
         gr.Markdown(f"Studio {__version__} · {studio.policy.label} · API: /sdapi/v1 · docs: /docs",
                     elem_id="studio_footer")
