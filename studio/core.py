@@ -206,9 +206,14 @@ class Studio:
     def start_initial_load(self) -> Job | None:
         """Queue the first model load without waiting: the server answers while it loads,
         and the first generation simply waits behind it in the queue."""
-        if not self.checkpoints() or self.cluster is not None:   # workers load their own
+        if not self.checkpoints():
             return None
         query = self.initial_checkpoint()
+        if self.cluster is not None:   # workers load their own; the choice is remembered, as a load would
+            if not query:
+                first = self.checkpoints()[0]
+                self.settings.update({"sd_model_checkpoint": first.title, "sd_checkpoint_hash": first.sha256})
+            return None
 
         def job(state: JobState) -> None:
             state.textinfo = "Loading model"
@@ -223,6 +228,10 @@ class Studio:
 
     @property
     def current_title(self) -> str | None:
+        """The loaded checkpoint; with generation workers, the chosen one (the front loads none)."""
+        if self.cluster is not None:
+            info = self.models.catalog.find(self.settings.options.sd_model_checkpoint or "")
+            return info.title if info is not None else None
         current = self.models.current
         return current.info.title if current else None
 

@@ -152,6 +152,21 @@ def test_a_bad_request_is_refused_and_the_workers_keep_serving(cluster):
     assert txt2img(cluster.url, seed=3).status_code == 200
 
 
+def test_a_checkpoint_a_worker_cannot_load_is_reported_and_the_others_keep_serving(cluster):
+    broken = cluster.data_dir / "models" / "Stable-diffusion" / "broken.safetensors"
+    broken.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{not json")
+    try:
+        requests.post(f"{cluster.url}/sdapi/v1/refresh-checkpoints", timeout=60)
+        r = txt2img(cluster.url, override_settings={"sd_model_checkpoint": "broken.safetensors"})
+        assert 400 <= r.status_code < 600 and r.status_code != 200
+        assert "broken.safetensors" in r.text, r.text   # the message names the file
+        assert txt2img(cluster.url, seed=4).status_code == 200
+        status = wait_workers(cluster.url, 2)
+        assert all(w["state"] != "lost" for w in status["workers"])
+    finally:
+        broken.unlink()
+
+
 @pytest.fixture(scope="module")
 def remote_node(tmp_path_factory):
     """One worker with its own, empty models folder (another machine's disk): it must fetch the files."""

@@ -166,6 +166,9 @@ def test_with_a_cluster_choosing_a_checkpoint_remembers_it_without_loading(studi
     assert studio.select_checkpoint("tiny-sd2.safetensors") is None
     assert studio.settings.options.sd_model_checkpoint.startswith("tiny-sd2.safetensors")
     assert studio.models.current is None and studio.start_initial_load() is None
+    studio.settings.update({"sd_model_checkpoint": ""})
+    assert studio.start_initial_load() is None   # nothing chosen: the first is remembered, as a load would
+    assert studio.settings.options.sd_model_checkpoint.startswith("tiny-sd1.safetensors")
     with pytest.raises(RequestError, match="not found"):
         studio.select_checkpoint("nope.safetensors")
     assert studio.workers_status()["workers"][0]["id"] == "w1"

@@ -144,3 +144,27 @@ def test_idle_panel_refreshes_slowly():
         assert accordion.label == "Queue (0)" and timer.value == IDLE_INTERVAL and "Nothing running" in rows
     finally:
         q.shutdown()
+
+
+def test_with_several_workers_every_running_job_has_its_row_and_its_own_interrupt():
+    q = JobQueue()
+    q.add_lane("cluster", 2)
+    gate, started = threading.Event(), threading.Semaphore(0)
+
+    def run(state):
+        state.worker = f"w-{state.description}"
+        started.release()
+        gate.wait(WAIT)
+        return state.interrupted
+
+    a = q.submit(run, "a", lane="cluster")
+    b = q.submit(run, "b", lane="cluster")
+    assert started.acquire(timeout=WAIT) and started.acquire(timeout=WAIT)
+    page = queue_html(q.snapshot().as_dict())
+    assert page.count("class='queue-row running'") == 2
+    assert "worker w-a" in page and "worker w-b" in page
+    assert apply_action(q, "interrupt", b.state.job_id) is None
+    gate.set()
+    assert b.wait(WAIT) is True and a.wait(WAIT) is False   # only b was interrupted
+    assert apply_action(q, "interrupt", a.state.job_id) == f"{a.state.job_id} is not running any more"
+    q.shutdown()

@@ -102,6 +102,9 @@ class WorkerCore:
         return model_id
 
     def _load(self, model_id: str) -> None:
+        if self.studio.models.catalog.find(model_id) is None:
+            # a file the front listed after this worker last scanned (the folders are shared)
+            self.studio.models.refresh()
         self.engine.load(model_id)
         self.loads[model_id] += 1
 

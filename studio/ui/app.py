@@ -71,7 +71,8 @@ CSS = """
 #tabs > .tab-wrapper > [role=tablist] > [data-tab-id=history] ~ [data-tab-id=history],
 #tabs > .tab-wrapper > [role=tablist] > [data-tab-id=train] ~ [data-tab-id=train],
 #tabs > .tab-wrapper > [role=tablist] > [data-tab-id=settings] ~ [data-tab-id=settings],
-#tabs > .tab-wrapper > [role=tablist] > [data-tab-id=extensions] ~ [data-tab-id=extensions] {display: none !important;}
+#tabs > .tab-wrapper > [role=tablist] > [data-tab-id=extensions] ~ [data-tab-id=extensions],
+#tabs > .tab-wrapper > [role=tablist] > [data-tab-id=workers] ~ [data-tab-id=workers] {display: none !important;}
 /* phones: the result right after the prompt, the parameters below it */
 @media (max-width: 900px) {
   .gen-main {flex-direction: column !important;}
@@ -428,6 +429,8 @@ def build_quicksettings(studio: Studio) -> list[Any]:
 
 def _model_status(studio: Studio) -> str:
     current = studio.models.current
+    if studio.cluster is not None:   # the front loads nothing: each worker loads what its jobs need
+        return "_Loaded by the generation workers as jobs need it (Workers tab)._"
     if current is None:
         busy = studio.queue.current
         return "_Loading model…_" if busy and busy.description == "initial model load" else "_No model loaded._"

@@ -144,16 +144,20 @@ def queue_html(view: dict[str, Any], now: float | None = None, note: str = "") -
     /studio/v1/queue answers); ``note``: a line above it (why a button did nothing)."""
     now = time.time() if now is None else now
     rows = [f"<div class='queue-note'>{html.escape(note)}</div>"] if note else []
-    running = view.get("running")
-    if running:
-        progress = float(running.get("progress") or 0.0)
+    # every running job (several at once with generation workers), the longest-running first
+    all_running = view.get("running_all") or ([view["running"]] if view.get("running") else [])
+    running = all_running[0] if all_running else None
+    for job in all_running:
+        progress = float(job.get("progress") or 0.0)
         extra = ""
-        if running.get("total"):
-            eta = running.get("eta")
+        if job.get("total"):
+            eta = job.get("eta")
             extra = f" · {progress * 100:.0f}%" + (f" · ETA {eta:.0f}s" if eta is not None else "")
-        buttons = _button("interrupt", running["id"], "◼", "Interrupt (keeps what is done)")
+        if job.get("worker"):
+            extra += f" · worker {job['worker']}"
+        buttons = _button("interrupt", job["id"], "◼", "Interrupt (keeps what is done)")
         bar = f"<div class='queue-bar' style='width:{progress * 100:.0f}%'></div>" if progress else ""
-        rows.append(_row("▶", running, "running", html.escape(extra) + bar, buttons))
+        rows.append(_row("▶", job, "running", html.escape(extra) + bar, buttons))
     waiting = view.get("waiting") or []
     for i, entry in enumerate(waiting):
         job_id = str(entry["id"])
@@ -192,11 +196,9 @@ def apply_action(queue: JobQueue, action: str, job_id: str) -> str | None:
     finished meanwhile); None when it was done."""
     if action not in ACTIONS:
         return f"unknown queue action {action!r}"
-    if action == "interrupt":
-        current = queue.current
-        if current is None or current.job_id != job_id:
+    if action == "interrupt":   # that job only (with several workers, the others run on)
+        if not queue.interrupt(job_id):
             return f"{job_id} is not running any more"
-        queue.interrupt()
         return None
     if action == "cancel":
         done = queue.cancel(job_id)

@@ -40,7 +40,11 @@ def workers_html(status: dict[str, Any], now: float | None = None) -> str:
         parts.append(f"<p class='state-lost'>⚠ {esc(str(status['error']))}</p>")
     elif not status.get("ready", True):
         parts.append("<p>Starting the generation workers…</p>")
-    mode = "Ray cluster " + esc(str(status.get("address") or "")) if status.get("enabled") else "this process"
+    address = str(status.get("address") or "local")
+    if not status.get("enabled"):
+        mode = "this process"
+    else:
+        mode = "a local Ray cluster" if address == "local" else f"the Ray cluster at {esc(address)}"
     line = f"<p>Generation on <b>{mode}</b> · {len(status.get('workers', []))} of " \
            f"{status.get('planned_workers', 1)} worker(s) reporting"
     if status.get("dashboard_url"):
