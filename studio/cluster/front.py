@@ -12,6 +12,7 @@ to a live replica and replaces the dead one); images come back and are saved her
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from typing import Any
@@ -96,9 +97,8 @@ class Cluster:
         if flags.ray_address:
             context = ray.init(address=flags.ray_address, namespace=NAMESPACE, log_to_driver=True)
         else:
-            cpus = max(1, flags.workers) if flags.worker_threads else None
             context = ray.init(namespace=NAMESPACE, include_dashboard=bool(flags.ray_dashboard),
-                               num_cpus=max(cpus or 0, _cpu_count(), flags.workers or 1), log_to_driver=True)
+                               num_cpus=max(os.cpu_count() or 1, flags.workers or 1), log_to_driver=True)
         # Ray's serializer imports pydantic.v1 on first use; done here, on the main thread, it cannot race
         # the UI's imports on another thread (a KeyError from importlib otherwise, now and then)
         ray.get(ray.put(None))
@@ -247,8 +247,3 @@ class Cluster:
             "device": plan.device if plan else None, "workers": workers,
         }
 
-
-def _cpu_count() -> int:
-    import os
-
-    return os.cpu_count() or 1

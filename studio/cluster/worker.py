@@ -204,9 +204,4 @@ def worker_deployment(plan: ClusterPlan) -> Any:
             async for event in self.run_order(order, self.get_model):
                 yield event
 
-        async def check_health(self) -> None:
-            # Serve's health check: a replica whose device thread died is replaced
-            if self.device_thread._shutdown:  # noqa: SLF001 - no public flag for it
-                raise RuntimeError("the device thread has stopped")
-
     return StudioWorker
