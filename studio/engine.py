@@ -23,6 +23,8 @@ from studio.controlnet.units import lenient_params
 from studio.detailer import DetailerConfig, DetectorRegistry, detailer_from_alwayson, run_detailer
 from studio.errors import RequestError
 from studio.generation.family_rules import adapt_to_family, unset_preset_fields
+from studio.generation.fast import FastLora, FastPreset, file_texts, with_lora
+from studio.generation.fast import choose as choose_fast
 from studio.generation.imageops import ImageInputError, normalize_image, normalize_mask
 from studio.generation.outputs import ImageReadError, SaveFormat, open_image, save_image
 from studio.generation.request import (
@@ -36,7 +38,8 @@ from studio.generation.request import (
 )
 from studio.generation.saving import OutputSaver
 from studio.jobs import Job, JobQueue, JobState
-from studio.models.manager import ModelManager
+from studio.models.manager import ModelManager, ModelNotFoundError
+from studio.models.state_dict import ModelFileError, safetensors_metadata
 from studio.models.vae import VaeCatalog, VaeNotFoundError, VaeSwapper
 from studio.networks.activation import ExtraNetworks
 from studio.networks.cards import Card, hypernet_tag, lora_tag
@@ -159,6 +162,8 @@ class Engine:
             req = req.model_copy(update={"preset_fields": unset_preset_fields(req)})
         if req.override_settings:
             options = options.model_copy(update=validate_changes(req.override_settings, options))
+        if req.fast:
+            req = self.apply_fast(req, options)
         if req.styles and not styles_applied:
             try:
                 prompt, negative = self.styles.apply(req.styles, req.prompt, req.negative_prompt)
@@ -198,6 +203,52 @@ class Engine:
         if req.restore_faces and options.face_restoration_model:
             self.face_restorers.check_name(options.face_restoration_model)
         return Prepared(req, options, script, params, detailer)
+
+    def fast_preset(self, wanted: str, prompt: str, checkpoint: str | None = None,
+                    options: StudioOptions | None = None) -> FastPreset | None:
+        """The few-step preset for ``checkpoint`` (None: the user's) and ``prompt`` (generation/fast.py),
+        or None for a DiT family, whose own presets already know their few-step variants."""
+        options = options or self.settings.options
+        try:
+            info = self.models.resolve(checkpoint or options.sd_model_checkpoint or None)
+        except ModelNotFoundError as e:
+            raise RequestError(f"fast: {e}") from e
+        current = self.models.current
+        family = None
+        if current is not None and current.info.path == info.path:
+            if current.spec.is_flow:
+                return None
+            family = current.probe.family
+        metadata: dict[str, str] = {}
+        if info.path.suffix.lower() == ".safetensors":
+            try:
+                metadata = safetensors_metadata(info.path)
+            except ModelFileError:
+                metadata = {}   # a broken file's load says so; its name may still tell its kind
+        def choose(items: Sequence[Any]) -> FastPreset:
+            loras = [FastLora(i.name, (*file_texts(i.name, i.metadata), i.alias), i.family) for i in items]
+            return choose_fast(wanted, info.name, file_texts(info.name, metadata), prompt, loras, family)
+
+        try:
+            return choose(self.networks.loras.items())
+        except RequestError:
+            if wanted.lower() != "auto":
+                raise
+            return choose(self.networks.loras.refresh())   # a LoRA copied in since the last scan
+
+    def apply_fast(self, req: Txt2ImgRequest, options: StudioOptions) -> Txt2ImgRequest:
+        """``fast``: the preset fills the sampler, schedule, steps and CFG the caller left unset and adds its
+        LoRA to the prompt; what it did is the job's note (so the UI and the API reply say it)."""
+        preset = self.fast_preset(req.fast or "auto", req.prompt,
+                                  req.checkpoint or req.override_settings.get("sd_model_checkpoint"), options)
+        if preset is None:
+            return req.model_copy(update={"notes": (*req.notes, "Fast: this model family's own presets apply "
+                                                                "(its few-step variants are known by name).")})
+        unset = req.preset_fields or ()
+        changes: dict[str, Any] = {k: v for k, v in preset.fields().items() if k in unset}
+        return req.model_copy(update={
+            **changes, "prompt": with_lora(req.prompt, preset.lora),
+            "preset_fields": tuple(f for f in unset if f not in changes), "notes": (*req.notes, preset.note())})
 
     def submit(self, req: Txt2ImgRequest) -> Job:
         prepared = self.prepare(req)

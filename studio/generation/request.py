@@ -174,6 +174,10 @@ class Txt2ImgRequest(BaseModel):
     alwayson_scripts: dict[str, Any] = Field(default_factory=dict, description="always-on scripts' arguments "
                                              "(ControlNet: {'controlnet': {'args': [unit, ...]}})",
                                              json_schema_extra=door(ui=False))
+    fast: str | None = Field(None, description="few-step preset: 'auto' (a Turbo/Lightning/LCM checkpoint by its name "
+                             "or metadata, else a few-step LoRA from models/Lora, added to the prompt) or the kind "
+                             "by hand: lcm, tcd, hyper, lightning, dmd2, turbo; fills the sampler, schedule, steps "
+                             "and CFG the request leaves unset", json_schema_extra=door(ui=False))
     infotext: str | None = Field(None, description="fill unset fields from these generation parameters",
                                  json_schema_extra=door(ui=False))
     script_name: str | None = Field(None, description="an A1111 script by title (GET /sdapi/v1/scripts), e.g. "

@@ -23,6 +23,7 @@ class SamplerSpec:
     # spacing matches; A1111's DDIM/PLMS use "leading" spacing with steps_offset 1.
     spacing: str = "linspace"
     uses_eta: bool = False
+    default_eta: float = 0.0   # the eta used when neither the request nor a setting gives one
 
 
 SAMPLERS: tuple[SamplerSpec, ...] = (
@@ -47,6 +48,8 @@ SAMPLERS: tuple[SamplerSpec, ...] = (
     SamplerSpec("PLMS", "PNDMScheduler", {"skip_prk_steps": True}, ("plms",), "uniform", "leading"),
     SamplerSpec("UniPC", "UniPCMultistepScheduler", {}, ("unipc",), "uniform", "linspace"),
     SamplerSpec("LCM", "LCMScheduler", {}, ("k_lcm",), "uniform", "trailing"),
+    # Forge's / ComfyUI's TCD for TCD LoRAs: its eta is the paper's gamma, 0.3 by its authors' default
+    SamplerSpec("TCD", "TCDScheduler", {}, ("tcd",), "uniform", "trailing", True, 0.3),
 )
 
 

@@ -125,7 +125,7 @@ def draws_step_noise(sampler: SamplerSpec, eta: float | None) -> bool:
     is what ENSD reseeds: ancestral, SDE-DPM-Solver and LCM samplers, and DDIM with eta > 0. (DPM++
     SDE's Brownian noise has a seed of its own.)"""
     if sampler.uses_eta:
-        return (eta or 0.0) > 0
+        return (eta if eta is not None else sampler.default_eta) > 0
     return ("Ancestral" in sampler.scheduler_class or sampler.scheduler_class == "LCMScheduler"
             or str(sampler.kwargs.get("algorithm_type", "")).startswith("sde"))
 
@@ -300,7 +300,7 @@ def sample(model: Any, spec: BatchSpec, state: JobState) -> torch.Tensor:
     if "generator" in step_params:
         extra_step["generator"] = gens if len(gens) > 1 else gens[0]
     if "eta" in step_params and spec.sampler.uses_eta:
-        extra_step["eta"] = spec.eta if spec.eta is not None else 0.0
+        extra_step["eta"] = spec.eta if spec.eta is not None else spec.sampler.default_eta
 
     cond_image = spec.image_conditioning
     if cond_image is None and model.unet.config.in_channels == latent_ch + 5:

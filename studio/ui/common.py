@@ -14,6 +14,7 @@ from typing import Any
 import gradio as gr
 
 from studio.core import Studio
+from studio.generation.fast import CHOICES as FAST_CHOICES
 from studio.generation.request import (
     MAX_BATCH_COUNT,
     MAX_BATCH_SIZE,
@@ -132,6 +133,8 @@ class SamplingControls:
     resize_h: gr.Slider
     tiling: gr.Checkbox
     distilled: gr.Slider
+    fast_kind: gr.Dropdown   # the few-step preset's kind ("auto": recognised from the files)
+    fast: gr.Button          # sets sampler, schedule, steps and CFG (and adds the LoRA) for that kind
     # read when Generate is pressed: the slider's value is sent only to a model with a guidance input
     guidance: Callable[[], bool] = lambda: False
 
@@ -331,7 +334,12 @@ def build_sampling_controls(tab_id: str, clip_skip: Callable[[], int] | int = 1,
                               elem_id=f"{tab_id}_sampling")
         schedule = gr.Dropdown(list(SCHEDULE_LABELS), value="Automatic", label="Schedule type",
                                elem_id=f"{tab_id}_scheduler")
-    steps = gr.Slider(1, 150, value=20, step=1, label="Sampling steps", elem_id=f"{tab_id}_steps")
+    with gr.Row(equal_height=True, elem_classes="steps-row"):
+        steps = gr.Slider(1, 150, value=20, step=1, label="Sampling steps", elem_id=f"{tab_id}_steps", scale=4)
+        fast_kind = gr.Dropdown(list(FAST_CHOICES), value="auto", label="Few-step kind", scale=1, min_width=110,
+                                elem_id=f"{tab_id}_fast_kind")
+        fast = gr.Button("Fast", elem_id=f"{tab_id}_fast", scale=0, min_width=70, size="sm",
+                         elem_classes="fast-preset")
     with gr.Row():
         width = gr.Slider(64, 2048, value=512, step=8, label="Width", elem_id=f"{tab_id}_width")
         height = gr.Slider(64, 2048, value=512, step=8, label="Height", elem_id=f"{tab_id}_height")
@@ -366,7 +374,7 @@ def build_sampling_controls(tab_id: str, clip_skip: Callable[[], int] | int = 1,
     random_seed.click(lambda: -1, None, seed, queue=False)
     return SamplingControls(sampler, schedule, steps, width, height, n_iter, batch_size, cfg, seed, clip_skip,
                             random_seed, reuse_seed, subseed, subseed_strength, resize_w, resize_h, tiling, distilled,
-                            guidance or (lambda: False))
+                            fast_kind, fast, guidance or (lambda: False))
 
 
 def build_output_area(tab_id: str) -> OutputArea:

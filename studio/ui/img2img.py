@@ -26,6 +26,7 @@ from studio.ui.common import (
 )
 from studio.ui.controlnet import build_controlnet_panel
 from studio.ui.detailer import build_detailer_panel
+from studio.ui.fast_preset import wire_fast
 from studio.ui.queue_panel import build_queue_panel
 from studio.ui.refiner import build_refiner_controls
 from studio.ui.scripts import build_script_panel
@@ -161,6 +162,7 @@ def build_img2img_tab(studio: Studio) -> GenerationTab:
 
     inputs = form.inputs() | {source, upload, sketch, batch_in, batch_out}
     wire_generate(area, out, run, inputs, queue_panel)
+    wire_fast(studio, area, controls, out)
     size_button.click(lambda src, up, sk: size_from_image(up if src != "sketch" else editor_parts(sk)[0]),
                       [source, upload, sketch], [controls.width, controls.height], queue=False)
     controls.reuse_seed.click(lambda s: s, out.last_seed, controls.seed, queue=False)
@@ -229,6 +231,8 @@ def build_inpaint_tab(studio: Studio) -> GenerationTab:
         yield from stream_job(studio, lambda: studio.engine.submit(build_request(form.schema, values)), out, area)
 
     wire_generate(area, out, run, form.inputs() | {editor, mask_upload}, queue_panel)
+
+    wire_fast(studio, area, controls, out)
     size_button.click(lambda value: size_from_image(editor_parts(value)[0]), editor, [controls.width, controls.height],
                       queue=False)
     controls.reuse_seed.click(lambda s: s, out.last_seed, controls.seed, queue=False)

@@ -25,6 +25,7 @@ from studio.ui.common import (
 from studio.ui.controlnet import ControlNetPanel, build_controlnet_panel
 from studio.ui.detailer import build_detailer_panel
 from studio.ui.extra_networks import ExtraNetworksBrowser
+from studio.ui.fast_preset import wire_fast
 from studio.ui.queue_panel import build_queue_panel
 from studio.ui.refiner import build_refiner_controls
 from studio.ui.scripts import ScriptPanel, build_script_panel
@@ -87,6 +88,8 @@ def build_txt2img_tab(studio: Studio) -> Txt2ImgControls:
                               out, area)
 
     wire_generate(area, out, run, form.inputs(), queue_panel)
+
+    wire_fast(studio, area, controls, out)
     controls.reuse_seed.click(lambda s: s, out.last_seed, controls.seed, queue=False)
     return Txt2ImgControls(area.prompt, area.negative, controls.steps, controls.sampler, controls.schedule,
                            controls.cfg, controls.seed, controls.width, controls.height, controls.clip_skip, tab,
