@@ -138,25 +138,32 @@ def summary(times: list[float], peaks: list[int], net: list[float]) -> dict[str,
     return out
 
 
-def interleaved(fns: dict[str, Callable[[], Any]], runs: int, nets: tuple[Any, ...] = ()) -> dict[str, Any]:
+# How one run is measured: (seconds, peak memory bytes, seconds inside ``nets``), and how a column of
+# runs is summarised. The suite measures RSS on the CPU; bench/gpu_check.py passes CUDA's own.
+Measure = Callable[[Callable[[], Any], tuple[Any, ...]], tuple[float, int, float]]
+Summarize = Callable[[list[float], list[int], list[float]], dict[str, Any]]
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], runs: int, nets: tuple[Any, ...] = (),
+                measure: Measure = measured, summarize: Summarize = summary) -> dict[str, Any]:
     """A summary per function, timed in turns (a, b, a, b, ...) so the machine's noise hits all alike."""
     columns: dict[str, tuple[list[float], list[int], list[float]]] = {key: ([], [], []) for key in fns}
     for _ in range(runs):
         for key, fn in fns.items():
-            for column, value in zip(columns[key], measured(fn, nets)):
+            for column, value in zip(columns[key], measure(fn, nets)):
                 column.append(value)
-    return {key: summary(*cols) for key, cols in columns.items()}
+    return {key: summarize(*cols) for key, cols in columns.items()}
 
 
 def compare(studio_fn: Callable[[], Any], diffusers_fn: Callable[[], Any] | None, runs: int,
-            nets: tuple[Any, ...] = ()) -> dict[str, Any]:
+            nets: tuple[Any, ...] = (), measure: Measure = measured, summarize: Summarize = summary) -> dict[str, Any]:
     """Warm both up, then interleave. With ``nets``, each side's own cost outside them is measured
     too, and ``overhead`` is the ratio with the time in the shared nets taken as equal:
     1 + (studio outside - diffusers outside) / diffusers."""
     fns = {"studio": studio_fn} if diffusers_fn is None else {"studio": studio_fn, "diffusers": diffusers_fn}
     for fn in fns.values():
         fn()
-    out = interleaved(fns, runs, nets)
+    out = interleaved(fns, runs, nets, measure, summarize)
     if diffusers_fn is not None:
         st, di = out["studio"], out["diffusers"]
         out["ratio"] = st["median"] / di["median"]
@@ -192,8 +199,9 @@ def prepare_models(setup: Setup, cases: list[str]) -> None:
         make_full_size_sdxl(work)
 
 
-def make_full_size_sdxl(work: Path) -> Path:
-    """SDXL's 3.5 B parameters are built directly in fp16 (fp32 would need ~14 GB of RAM)."""
+def make_full_size_sdxl(work: Path, device: str = "cpu") -> Path:
+    """SDXL's 3.5 B parameters are built directly in fp16 (fp32 would need ~14 GB of RAM); on
+    ``device`` (a GPU draws the random weights in a second instead of a minute)."""
     from safetensors.torch import save_file
 
     from studio.models.ldm_keys import to_ldm_state_dict
@@ -207,14 +215,14 @@ def make_full_size_sdxl(work: Path) -> Path:
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float16)
     try:
-        comps = build_components(STANDARD["sdxl"], device="cpu")
+        comps = build_components(STANDARD["sdxl"], device=device)
     finally:
         torch.set_default_dtype(previous)
     with torch.no_grad():
         for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
             for p in comps[name].parameters():
                 p.normal_(0, 0.02)
-    save_file({k: v.contiguous() for k, v in to_ldm_state_dict(comps, "sdxl").items()}, str(path))
+    save_file({k: v.contiguous().cpu() for k, v in to_ldm_state_dict(comps, "sdxl").items()}, str(path))
     del comps
     gc.collect()
     return path
@@ -229,20 +237,32 @@ def open_studio(setup: Setup, checkpoint: str, no_half: bool = False) -> tuple[A
     return studio, studio.select_checkpoint(checkpoint)
 
 
-def scheduler_for(model: Any) -> Any:
+def scheduler_for(model: Any, sampler_name: str = "Euler") -> Any:
     from studio.generation.samplers import find_schedule, make_scheduler, split_sampler_name
 
-    sampler, _ = split_sampler_name("Euler", "Automatic")
+    sampler, _ = split_sampler_name(sampler_name, "Automatic")
     return make_scheduler(sampler, find_schedule("Automatic"), model.scheduler_config)
 
 
-def sd_pipeline(model: Any, cls_name: str = "StableDiffusionPipeline", **extra: Any) -> Any:
+def sd_pipeline(model: Any, cls_name: str = "StableDiffusionPipeline", sampler_name: str = "Euler",
+                **extra: Any) -> Any:
     import diffusers
 
     cls = getattr(diffusers, cls_name)
     pipe = cls(vae=model.vae, text_encoder=model.text_encoders[0], tokenizer=model.tokenizers[0], unet=model.unet,
-               scheduler=scheduler_for(model), safety_checker=None, feature_extractor=None,
+               scheduler=scheduler_for(model, sampler_name), safety_checker=None, feature_extractor=None,
                requires_safety_checker=False, **extra)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sdxl_pipeline(model: Any, sampler_name: str = "Euler") -> Any:
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline(vae=model.vae, text_encoder=model.text_encoders[0],
+                                     text_encoder_2=model.text_encoders[1], tokenizer=model.tokenizers[0],
+                                     tokenizer_2=model.tokenizers[1], unet=model.unet,
+                                     scheduler=scheduler_for(model, sampler_name))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -250,8 +270,9 @@ def sd_pipeline(model: Any, cls_name: str = "StableDiffusionPipeline", **extra: 
 def txt2img_request(setup: Setup, size: int, batch: int = 1, **changes: Any) -> Any:
     from studio.generation.request import Txt2ImgRequest
 
+    fields = {"sampler_name": "Euler", **changes}   # Euler unless the caller names another
     return Txt2ImgRequest(prompt=PROMPT, negative_prompt=NEGATIVE, steps=setup.steps, width=size, height=size,
-                          seed=1, batch_size=batch, sampler_name="Euler", save_images=False, **changes)
+                          seed=1, batch_size=batch, save_images=False, **fields)
 
 
 def on_worker(studio: Any, fn: Callable[[], Any]) -> Callable[[], Any]:
@@ -422,13 +443,8 @@ def case_sd15_lora(setup: Setup) -> dict[str, Any]:
 
 
 def case_sdxl_txt2img(setup: Setup) -> dict[str, Any]:
-    from diffusers import StableDiffusionXLPipeline
-
     studio, model = open_studio(setup, setup.sdxl)
-    pipe = StableDiffusionXLPipeline(vae=model.vae, text_encoder=model.text_encoders[0],
-                                     text_encoder_2=model.text_encoders[1], tokenizer=model.tokenizers[0],
-                                     tokenizer_2=model.tokenizers[1], unet=model.unet, scheduler=scheduler_for(model))
-    pipe.set_progress_bar_config(disable=True)
+    pipe = sdxl_pipeline(model)
     size = setup.xl_size
     result = compare(lambda: studio.txt2img(txt2img_request(setup, size)),
                      on_worker(studio, lambda: pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=setup.steps,
