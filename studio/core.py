@@ -15,7 +15,7 @@ from studio.controlnet.models import ControlNetLibrary
 from studio.controlnet.preprocessors import PreprocessorRegistry
 from studio.controlnet.runtime import ControlNetModels
 from studio.detailer import DetectorRegistry
-from studio.devices import DevicePolicy, resolve_policy
+from studio.devices import DeferredPolicy, DevicePolicy, resolve_policy
 from studio.engine import Engine
 from studio.errors import RequestError
 from studio.extensions import ExtensionManager
@@ -31,7 +31,7 @@ from studio.models.watch import FolderWatcher, watch_targets
 from studio.networks.activation import ExtraNetworks
 from studio.networks.embeddings import EmbeddingLibrary
 from studio.networks.hypernetworks import HypernetworkLibrary
-from studio.networks.lora import LoraLibrary
+from studio.networks.lora_files import LoraLibrary
 from studio.options import validate_changes
 from studio.prompts.styles import StyleDatabase
 from studio.restore.library import FaceRestorers
@@ -56,7 +56,8 @@ class Studio:
     flags: Flags
     paths: Paths
     settings: Settings
-    policy: DevicePolicy
+    # resolved (torch imported, the device probed, the choice logged) when first asked for: see `policy`
+    deferred_policy: DeferredPolicy
     engine: Engine
     extensions: ExtensionManager
     schemas: RequestSchemas = RequestSchemas()
@@ -64,6 +65,12 @@ class Studio:
     watcher: FolderWatcher | None = None
     # with --workers / --ray-address: the generation workers (studio.cluster.front.Cluster, set by the server)
     cluster: Any = None
+
+    @property
+    def policy(self) -> DevicePolicy:
+        """The device policy, resolved on first use (a model load, a generation, the footer), so the
+        server answers before torch is imported."""
+        return self.deferred_policy.get()
 
     def watch_model_folders(self, interval: float = 1.0) -> FolderWatcher:
         """Start watching the model folders: a copied LoRA, checkpoint, VAE… is listed without ↻."""
@@ -108,8 +115,9 @@ class Studio:
         paths = Paths.from_flags(flags)
         paths.ensure()
         settings = Settings.load(paths.settings_file)
-        policy = resolve_policy(flags.device, flags.no_half, flags.no_half_vae, flags.precision, flags.xformers,
-                                split_attention=flags.opt_split_attention, force_channels_last=flags.opt_channelslast)
+        policy = DeferredPolicy(lambda: resolve_policy(
+            flags.device, flags.no_half, flags.no_half_vae, flags.precision, flags.xformers,
+            split_attention=flags.opt_split_attention, force_channels_last=flags.opt_channelslast))
         # one HashCache for every kind of file: it owns cache.json and its lock
         hashes = HashCache(paths.hash_cache_file)
         catalog = Catalog(checkpoint_folders(paths), hashes, hashing=not flags.no_hashing)
@@ -127,7 +135,7 @@ class Studio:
         preprocessors = PreprocessorRegistry.with_builtins(paths.models / "annotators")
         # the extensions shipped next to the code, then the data dir's own (A1111: extensions/)
         folders = list(dict.fromkeys([REPO_ROOT / "extensions", paths.data / "extensions"]))
-        detectors = DetectorRegistry(paths.models / "adetailer", device=str(policy.device))
+        detectors = DetectorRegistry(paths.models / "adetailer", device=lambda: str(policy.get().device))
         extensions = ExtensionManager(folders, preprocessors, lambda: settings.options.disabled_extensions,
                                       save_disabled=lambda names: settings.update({"disabled_extensions": names}),
                                       detectors=detectors)
@@ -138,10 +146,9 @@ class Studio:
         controlnets.library.refresh()
         engine = Engine(paths, settings, models, JobQueue(), EmbeddingLibrary(list(paths.embedding_dirs)),
                         StyleDatabase(paths.styles_file), vaes, networks,
-                        UpscalerLibrary(default_folders(paths.models), policy.device, policy.dtype),
+                        UpscalerLibrary(default_folders(paths.models), policy=policy),
                         preprocessors, controlnets, face_restorers=FaceRestorers(paths.models),
                         detectors=detectors, step_callbacks=extensions.step_callbacks)
-        log.info("Device policy: %s", policy.label)
         return cls(flags, paths, settings, policy, engine, extensions, schemas or RequestSchemas())
 
     # The libraries the doors list and refresh (owned by the engine, named here for the doors).

@@ -10,9 +10,16 @@
 from __future__ import annotations
 
 import functools
+import logging
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
 
 
 @functools.lru_cache(maxsize=1)
@@ -45,6 +52,7 @@ class DevicePolicy:
 
 
 def pick_device(requested: str | None) -> torch.device:
+    import torch
     if requested:
         return torch.device(requested)
     if torch.cuda.is_available():
@@ -73,6 +81,7 @@ def resolve_policy(
 ) -> DevicePolicy:
     """``split_attention`` (--opt-split-attention) computes attention in slices to save memory; it
     replaces SDPA, which is already memory-efficient and faster, so it is never on by default."""
+    import torch
     dev = pick_device(device)
     full = no_half or precision == "full"
     if dev.type == "cuda":
@@ -97,9 +106,32 @@ def resolve_policy(
                         channels_last=channels_last)
 
 
+class DeferredPolicy:
+    """The device policy, resolved the first time something asks for it (a model load, a generation,
+    the footer): resolving imports torch and probes the device, which the server's start must not
+    wait for. The choice is logged then. Safe to ask from several threads."""
+
+    def __init__(self, resolve: Callable[[], DevicePolicy]) -> None:
+        self._resolve = resolve
+        self._policy: DevicePolicy | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def resolved(self) -> bool:
+        return self._policy is not None
+
+    def get(self) -> DevicePolicy:
+        with self._lock:
+            if self._policy is None:
+                self._policy = self._resolve()
+                log.info("Device policy: %s", self._policy.label)
+            return self._policy
+
+
 def memory_report(device: torch.device) -> dict:
     """The /sdapi/v1/memory shape (A1111)."""
     import psutil
+    import torch
 
     vm = psutil.virtual_memory()
     report: dict = {"ram": {"free": vm.available, "used": vm.total - vm.available, "total": vm.total}}

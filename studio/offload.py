@@ -20,14 +20,16 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from enum import Enum
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
-from torch.utils.hooks import RemovableHandle
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+    from torch.utils.hooks import RemovableHandle
 
 log = logging.getLogger(__name__)
 
-MoveFn = Callable[[nn.Module, torch.device], None]
+MoveFn = Callable[["nn.Module", "torch.device"], None]  # strings: torch is imported when offloading starts
 
 
 class OffloadMode(str, Enum):
@@ -67,6 +69,7 @@ def _has_own_tensors(module: nn.Module) -> bool:
 def _pieces(prefix: str, module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """The direct children of ``module`` that hold tensors, with ModuleList/ModuleDict opened up:
     a container without a forward is never called, so a hook on it would never fire."""
+    from torch import nn
     for child_name, child in module.named_children():
         name = f"{prefix}.{child_name}"
         if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
@@ -79,6 +82,7 @@ def _pieces(prefix: str, module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 def _splittable(module: nn.Module) -> bool:
     """Splitting is only safe when no tensor sits directly on a container that is itself split."""
+    from torch import nn
     if _has_own_tensors(module):
         return False
     for child in module.children():
@@ -150,6 +154,7 @@ class Offloader:
         *,
         move: MoveFn | None = None,
     ) -> None:
+        import torch
         self.execution_device = torch.device(execution_device)
         self.storage_device = torch.device(storage_device)
         self._move: MoveFn = move or move_module

@@ -22,8 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from studio.generation.step_callbacks import PassInfo, StepCallback
 from studio.options import COMPILE_BACKENDS, MAX_TOKEN_MERGING
 
@@ -70,6 +68,7 @@ def token_merging(unet: Any, ratio: float, seed: int) -> Iterator[None]:
     """Merge ``ratio`` of the image tokens in the UNet's highest-resolution attention blocks
     while the context is open. tomesd draws which tokens to merge from a generator it forks from
     torch's global one; we give it one seeded from the image seed, so a seed still means one image."""
+    import torch
     if ratio <= 0:
         yield
         return

@@ -19,17 +19,34 @@ from __future__ import annotations
 
 import logging
 import re
+import types
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from studio.errors import RequestError
 from studio.models.state_dict import ModelFileError, load_state_dict, read_shapes
 
+if TYPE_CHECKING:
+    import torch
+
 log = logging.getLogger(__name__)
+
+# The A1111 extension's module (preprocessor) names -> the encoder each one asks for ("clip_h":
+# OpenCLIP ViT-H/14, "clip_g": ViT-bigG/14; None: whichever fits the adapter, as
+# ``ip-adapter-auto`` resolves through the model's preset). ``ip-adapter_clip_sd15`` is shown as
+# ``ip-adapter_clip_h`` and ``ip-adapter_clip_sdxl`` as ``ip-adapter_clip_g``; both spellings are
+# accepted. For all of them the control map is the reference image itself. (Here, beside the encoders,
+# and not in ip_adapter.py with its torch code: the preprocessor list is built at start-up.)
+IP_ADAPTER_MODULES: Mapping[str, str | None] = types.MappingProxyType({
+    "ip-adapter-auto": None,
+    "ip-adapter_clip_sd15": "clip_h",
+    "ip-adapter_clip_h": "clip_h",
+    "ip-adapter_clip_sdxl": "clip_g",
+    "ip-adapter_clip_g": "clip_g",
+    "ip-adapter_clip_sdxl_plus_vith": "clip_h",
+})
 
 CLIP_VISION_SUFFIXES = (".safetensors", ".pth", ".bin", ".pt")
 # Where the studio (and the A1111 extension, and ComfyUI) keep the encoders.
@@ -80,6 +97,7 @@ def normalise_keys(state: Mapping[str, Any], name: str = "CLIP vision model") ->
 
 
 def _shape(value: Any) -> tuple[int, ...]:
+    import torch
     return tuple(value.shape) if isinstance(value, torch.Tensor) else tuple(value)
 
 
@@ -125,10 +143,14 @@ def scan_clip_vision(folders: Iterable[Path | str]) -> list[Path]:
     return sorted(found, key=lambda p: (p.name.lower(), str(p)))
 
 
-def load_clip_vision(path: Path | str, dtype: torch.dtype = torch.float32,
+def load_clip_vision(path: Path | str, dtype: torch.dtype | None = None,
                      device: torch.device | str = "cpu") -> Any:
-    """A ``CLIPVisionModelWithProjection`` from one file, offline; weights read safely."""
+    """A ``CLIPVisionModelWithProjection`` from one file, offline; weights read safely. ``dtype``
+    None: float32 (a None default: torch is imported on the first load, not with the module)."""
+    import torch
     from transformers import CLIPVisionModelWithProjection
+
+    dtype = torch.float32 if dtype is None else dtype
 
     path = Path(path)
     state = normalise_keys(load_state_dict(path), path.name)
@@ -208,6 +230,7 @@ class ClipVisionEncoders:
 
     def load(self, file: EncoderFile | Path, dtype: torch.dtype, device: torch.device | str) -> Any:
         """The loaded encoder, reusing the kept one when it is the same file, dtype and device."""
+        import torch
         path = file.path if isinstance(file, EncoderFile) else Path(file).resolve()
         key = (path, dtype, str(torch.device(device)))
         if self._loaded is not None and self._loaded[0] == key:

@@ -32,7 +32,6 @@ import torch.nn.functional as F
 from studio.controlnet.union import is_union_model, union_residuals
 from studio.generation.step_callbacks import ModelCall, PassInfo, StepCallback
 
-CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")
 SOFT_DECAY = 0.825
 ADAPTER_SOFT_SCALES = (0.25, 0.62, 0.825, 1.0)
 
@@ -53,7 +52,7 @@ class ControlUnit:
     weight: float = 1.0
     guidance_start: float = 0.0
     guidance_end: float = 1.0
-    control_mode: int = 0            # index into CONTROL_MODES
+    control_mode: int = 0            # index into units.CONTROL_MODES
     union_type: int = -1             # a ControlNet Union's control type (union.UNION_TYPES index)
     _features: list[torch.Tensor] | None = field(default=None, init=False, repr=False)
 

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from studio.controlnet.clip_vision import CLIP_MEAN, CLIP_STD, ClipVisionEncoders
+from studio.controlnet.clip_vision import CLIP_MEAN, CLIP_STD, IP_ADAPTER_MODULES, ClipVisionEncoders
 from studio.errors import RequestError
 from studio.generation.step_callbacks import ModelCall, PassInfo, StepCallback
 from studio.models.state_dict import (
@@ -57,19 +57,6 @@ KINDS = ("base", "plus", "plus_face", "full_face")
 FAMILY_BY_WIDTH = types.MappingProxyType({768: "sd1", 1024: "sd2", 2048: "sdxl"})
 FAMILY_LABELS = types.MappingProxyType({"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"})
 
-# The A1111 extension's module (preprocessor) names -> the encoder each one asks for ("clip_h":
-# OpenCLIP ViT-H/14, "clip_g": ViT-bigG/14; None: whichever fits the adapter, as
-# ``ip-adapter-auto`` resolves through the model's preset). ``ip-adapter_clip_sd15`` is shown as
-# ``ip-adapter_clip_h`` and ``ip-adapter_clip_sdxl`` as ``ip-adapter_clip_g``; both spellings are
-# accepted. For all of them the control map is the reference image itself.
-IP_ADAPTER_MODULES: Mapping[str, str | None] = types.MappingProxyType({
-    "ip-adapter-auto": None,
-    "ip-adapter_clip_sd15": "clip_h",
-    "ip-adapter_clip_h": "clip_h",
-    "ip-adapter_clip_sdxl": "clip_g",
-    "ip-adapter_clip_g": "clip_g",
-    "ip-adapter_clip_sdxl_plus_vith": "clip_h",
-})
 
 _FACEID = ("ip-adapter_face_id, ip-adapter_face_id_plus: FaceID adapters need insightface face embeddings, "
            "which this studio does not compute; use a CLIP-based IP-Adapter (ip-adapter_sd15, ip-adapter-plus-"

@@ -19,14 +19,16 @@ conversions below exact for epsilon and v-prediction models.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from studio.generation.step_callbacks import ModelCall, PassInfo, StepCallback
 from studio.generation.txt2img import encode_images
+
+if TYPE_CHECKING:
+    import torch
 
 COLORFIX_MODULES = ("tile_colorfix", "tile_colorfix+sharp")
 INPAINT_ONLY_MODULES = ("inpaint_only", "inpaint_only+lama")
@@ -56,6 +58,7 @@ def prediction_from_x0(x: torch.Tensor, x0: torch.Tensor, sigma: float, predicti
 
 def box_blur(x: torch.Tensor, k: int) -> torch.Tensor:
     """The extension's ``blur``: a (2k+1)-wide box filter with replicated edges."""
+    import torch.nn.functional as F
     y = F.pad(x, (k, k, k, k), mode="replicate")
     return F.avg_pool2d(y, (k * 2 + 1, k * 2 + 1), stride=(1, 1))
 
@@ -88,6 +91,8 @@ class LatentFixes(StepCallback):
             self._channels = unit.latents.shape[1]
 
     def unet_output(self, call: ModelCall, pred: torch.Tensor) -> torch.Tensor | None:
+        import torch
+        import torch.nn.functional as F
         x = call.x[:, :self._channels].to(pred.device, torch.float32)
         for unit in self.units:
             w = max(0.0, min(1.0, float(unit.weight)))

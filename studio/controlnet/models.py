@@ -16,17 +16,17 @@ import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from studio.controlnet.ip_adapter import IP_ADAPTER, IPAdapterWeights
 from studio.families.spec import family_label
 from studio.models.arch import derive_unet_config
 from studio.models.catalog import HashCache, ModelFileNames
 from studio.models.config_dir import write_config_dir
 from studio.models.probe import UNET, CheckpointProbe
 from studio.models.state_dict import ModelFileError, Shapes, load_state_dict
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -363,9 +363,13 @@ def place_model(model: Any, dtype: torch.dtype, device: torch.device | str) -> A
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
-def load_controlnet(info: ControlNetInfo, dtype: torch.dtype = torch.float32,
+def load_controlnet(info: ControlNetInfo, dtype: torch.dtype | None = None,
                     device: torch.device | str = "cpu", config_cache: Path | None = None) -> LoadedControlNet:
-    """Load a ControlNet or T2I-Adapter file or folder, offline."""
+    """Load a ControlNet or T2I-Adapter file or folder, offline (``dtype`` None: float32; a None
+    default, so torch is imported on the first load and not with this module)."""
+    import torch
+
+    dtype = torch.float32 if dtype is None else dtype
     if info.is_diffusers:
         if folder_class(info.path) == "T2IAdapter":
             loaded = _load_folder(info, dtype, device, adapter=True)
@@ -386,6 +390,7 @@ def load_controlnet(info: ControlNetInfo, dtype: torch.dtype = torch.float32,
 def check_family(loaded: LoadedControlNet, model_family: str) -> None:
     """Refuse a ControlNet made for another model family (``sdxl-refiner`` counts as SDXL,
     ``sd1-inpaint`` as SD1: only the base family matters)."""
+    from studio.controlnet.ip_adapter import IP_ADAPTER, IPAdapterWeights
     base = "sdxl" if model_family.startswith("sdxl") else model_family.split("-", 1)[0]
     if loaded.probe.kind == IP_ADAPTER:
         if isinstance(loaded.model, IPAdapterWeights) and loaded.model.family not in (None, base):

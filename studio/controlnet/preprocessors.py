@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 from studio.controlnet import model_free
-from studio.controlnet.ip_adapter import IP_ADAPTER_MODULES
+from studio.controlnet.clip_vision import IP_ADAPTER_MODULES
 from studio.controlnet.lama import LamaMissing, lama_fill
 
 ANNOTATORS_REPO = "lllyasviel/Annotators"

@@ -14,30 +14,13 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import Image
 
 from studio.controlnet.clip_vision import ClipVisionEncoders
-from studio.controlnet.flux_controlnet import (
-    FLUX_FAMILY,
-    FluxControlGuidance,
-    FluxControlUnit,
-    flux_union_mode,
-)
-from studio.controlnet.guidance import ControlNetGuidance, ControlUnit
-from studio.controlnet.ip_adapter import IP_ADAPTER, IPAdapterGuidance, IPAdapterUnit
-from studio.controlnet.latent_fixes import (
-    COLORFIX_MODULES,
-    INPAINT_BLUR_SIGMA,
-    INPAINT_ONLY_MODULES,
-    LatentFixes,
-    LatentFixUnit,
-    paste_outside_mask,
-)
-from studio.controlnet.loading import is_control_lora_file, load_control_model
+from studio.controlnet.latent_fixes import COLORFIX_MODULES, INPAINT_BLUR_SIGMA, INPAINT_ONLY_MODULES
 from studio.controlnet.models import (
     FAMILY_LABELS,
     ControlNetInfo,
@@ -46,8 +29,6 @@ from studio.controlnet.models import (
     check_family,
 )
 from studio.controlnet.preprocessors import INPAINT_MODULES, PreprocessorError, PreprocessorRegistry
-from studio.controlnet.reference import ReferenceGuidance, ReferenceUnit, is_reference
-from studio.controlnet.union import UNION, is_union_model, union_type_index
 from studio.controlnet.units import (
     ControlNetUnitRequest,
     UnitError,
@@ -60,8 +41,11 @@ from studio.controlnet.units import (
     unit_infotext,
 )
 from studio.errors import RequestError
-from studio.generation.step_callbacks import StepCallback
 from studio.models.state_dict import ModelFileError
+
+if TYPE_CHECKING:
+    from studio.controlnet.guidance import ControlUnit
+    from studio.generation.step_callbacks import StepCallback
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +75,7 @@ class ControlNetModels:
         return [c.api_name for c in self.library.items()]
 
     def load(self, info: ControlNetInfo, dtype: Any, device: Any, base_unet: Any = None) -> LoadedControlNet:
+        from studio.controlnet.loading import is_control_lora_file, load_control_model
         path = info.weights_path
         # a Control-LoRA is built on the checkpoint's UNet: one per UNet (a weak reference: equal only
         # while that UNet lives, so a later UNet at the same address is not taken for it)
@@ -177,6 +162,11 @@ class ControlPlan:
 
     def units_for(self, width: int, height: int, hires: bool | None) -> list[ControlUnit]:
         """The ControlNet / T2I-Adapter units of one pass, their maps at the pass's size."""
+        import torch
+
+        from studio.controlnet.flux_controlnet import FLUX_FAMILY
+        from studio.controlnet.guidance import ControlUnit
+        from studio.controlnet.ip_adapter import IP_ADAPTER
         units = []
         for p in self.prepared:
             if p.loaded is None or p.loaded.probe.kind == IP_ADAPTER or p.loaded.probe.family == FLUX_FAMILY \
@@ -193,6 +183,11 @@ class ControlPlan:
     def callbacks_for(self, width: int, height: int, hires: bool | None, seed: int = 0) -> list[StepCallback]:
         """Everything the units do in one pass's sampling loop: ControlNet residuals, the reference
         modules' attention/AdaIN, the colour fix and inpaint_only's latent blending."""
+        from studio.controlnet.flux_controlnet import FLUX_FAMILY, FluxControlGuidance, FluxControlUnit
+        from studio.controlnet.guidance import ControlNetGuidance
+        from studio.controlnet.ip_adapter import IP_ADAPTER, IPAdapterGuidance, IPAdapterUnit
+        from studio.controlnet.latent_fixes import LatentFixes, LatentFixUnit
+        from studio.controlnet.reference import ReferenceGuidance, ReferenceUnit, is_reference
         callbacks: list[StepCallback] = []
         units = self.units_for(width, height, hires)
         if units:
@@ -239,6 +234,7 @@ class ControlPlan:
     def postprocess(self, image: Image.Image) -> Image.Image:
         """Pixels the units put back after decoding (the extension's post-processors): inpaint_only
         keeps the original outside the mask; Recolor keeps the control image's lightness."""
+        from studio.controlnet.latent_fixes import paste_outside_mask
         for p in self.prepared:
             u = p.unit
             if p.module in INPAINT_ONLY_MODULES and p.mask is not None:
@@ -335,6 +331,10 @@ def prepare_controls(units: tuple[ControlNetUnitRequest, ...], registry: Preproc
     units that read the init image; a non-inpaint unit's own mask is what it reads (a scribble) unless
     ``ignore_noninpaint_mask`` (the extension's options). Raises UnitError with the unit's number for anything the user
     must fix."""
+    from studio.controlnet.flux_controlnet import FLUX_FAMILY, flux_union_mode
+    from studio.controlnet.ip_adapter import IP_ADAPTER
+    from studio.controlnet.reference import is_reference
+    from studio.controlnet.union import UNION, is_union_model, union_type_index
     plan = ControlPlan(inpaint_blur_sigma=inpaint_blur_sigma, clip_vision=models.clip_vision)
     for index, unit in enabled_units(units):
         if on_unit is not None:

@@ -16,13 +16,14 @@ from typing import Any, Callable, Protocol
 import numpy as np
 from PIL import Image
 
-from studio.controlnet.guidance import CONTROL_MODES
 from studio.errors import RequestError
 from studio.options import DEFAULT_UNIT_COUNT
 
 log = logging.getLogger(__name__)
 
 CONTROL_RESIZE_MODES = ("Just Resize", "Crop and Resize", "Resize and Fill")
+# here, not in guidance.py (which applies them, with torch): the UI and the API list them at start-up
+CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")
 HR_OPTIONS = ("Both", "Low res only", "High res only")
 # the always-on script's title in ``alwayson_scripts`` (matched in any case)
 SCRIPT_TITLE = "controlnet"

@@ -77,12 +77,18 @@ class DetectorRegistry:
     """Detectors by name: the built-ins, extensions' and the YOLO files in ``models_dir``.
     YOLO models are loaded once per file version and kept (``unload()`` frees them)."""
 
-    def __init__(self, models_dir: Path | str, device: str = ""):
+    def __init__(self, models_dir: Path | str, device: str | Callable[[], str] = ""):
         self.models_dir = Path(models_dir)
-        self.device = device  # for ultralytics: "" = its choice (CUDA when there is one), "cpu", "cuda:0"
+        # for ultralytics: "" = its choice (CUDA when there is one), "cpu", "cuda:0"; a callable is asked
+        # when a YOLO model first loads (the studio's device policy, resolved then and not at start-up)
+        self._device = device
         self._items: dict[str, Detector] = {d.name: d for d in builtin_detectors()}
         self._yolo: dict[Path, tuple[tuple[int, int], Any]] = {}
         self._lock = threading.RLock()
+
+    @property
+    def device(self) -> str:
+        return self._device() if callable(self._device) else self._device
 
     # -- listing and registration ---------------------------------------------------------
     def model_files(self) -> dict[str, Path]:

@@ -15,17 +15,18 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from studio.generation.samplers import (
     UnknownSamplerError,
     find_schedule,
     split_sampler_name,
 )
-from studio.generation.sampling import img2img_start
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -211,6 +212,7 @@ def _adopt_sigmas(scheduler: Any, sigmas: torch.Tensor, timesteps: torch.Tensor)
     """Run a non-FlowMatch (or shift-unaware) scheduler on the schedule's sigmas: after its own
     set_timesteps(steps) has reset its state, replace its sigmas (one per step plus the final 0) and
     timesteps (sigma * 1000, what the transformer is given) with the schedule's."""
+    import torch
     if scheduler.order == 2:
         # Heun evaluates every step after the first twice: t0, t1, t1, t2, t2, ... (diffusers' layout)
         timesteps = torch.cat([timesteps[:1], timesteps[1:].repeat_interleave(2)])
@@ -252,6 +254,7 @@ def flow_img2img_start(scheduler: Any, timesteps: torch.Tensor, steps: int, stre
     """Index into ``timesteps`` of the first timestep img2img runs, by A1111's rule (it runs
     ``int(min(strength, 0.999) * steps) + 1`` of ``steps``); second-order samplers (Heun) have two
     timesteps per step after the first. Pass it to ``scheduler.set_begin_index`` before noising."""
+    from studio.generation.sampling import img2img_start
     index = img2img_start(steps, strength) * scheduler.order
     if index >= len(timesteps):
         raise ValueError(f"{len(timesteps)} timesteps cannot hold {steps} steps of {type(scheduler).__name__}")

@@ -18,15 +18,18 @@ exclusive. Images are RGB, masks "L" (white = inpaint).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 from blendmodes.blend import BlendType, blendLayers
-from diffusers.image_processor import VaeImageProcessor
 from PIL import Image, ImageFilter, ImageOps
 from skimage import exposure
 
 from studio.generation.imageops import ImageInputError
+
+if TYPE_CHECKING:
+    from diffusers.image_processor import VaeImageProcessor
 
 Box = tuple[int, int, int, int]
 # An upscaler for enlarging an init image: (image, width, height) -> an image of about that size.
@@ -42,6 +45,7 @@ FILL_PASSES = ((256, 1), (64, 1), (16, 2), (4, 4), (2, 2), (0, 1))
 
 def _processor() -> VaeImageProcessor:
     # Lanczos, as A1111's resize_image; cheap to make (a config object), so none is kept around.
+    from diffusers.image_processor import VaeImageProcessor
     return VaeImageProcessor(resample="lanczos")
 
 

@@ -24,9 +24,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 # What a step-end callback may read: the latents after the step (scaled, as the VAE decodes them),
 # the guided noise prediction of the step's last model call, and the text context of that call
@@ -153,6 +154,7 @@ class StepCallbacks:
 
     def unet_output(self, call: ModelCall, pred: torch.Tensor) -> torch.Tensor:
         """Hand the prediction through every callback; a replacement is what later ones see."""
+        import torch
         for callback in self.callbacks:
             out = callback.unet_output(call, pred)
             if out is not None:
@@ -185,6 +187,7 @@ def _merge_added(merged: dict[str, Any], added: dict[str, Any], callback: StepCa
 
 
 def _check_replacement(callback: StepCallback, name: str, value: Any, current: torch.Tensor | None) -> None:
+    import torch
     if name not in callback.tensor_inputs or name not in REPLACEABLE:
         raise ValueError(f"step callback {_name(callback)} returned {name!r}: a callback may only return "
                          f"tensors it declared in tensor_inputs, and of them only {', '.join(REPLACEABLE)}")

@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import Image
 
 from studio.models.latent_codec import shift_factor  # noqa: F401 (re-exported)
 from studio.models.loader import LoadedModel
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,7 @@ def vae_tiling(vae: Any, width: int, height: int):
 
 
 def decode_latents(model: LoadedModel, latents: torch.Tensor) -> list[Image.Image]:
+    import torch
     vae = model.vae
     codec = model.latent_codec
     images = []
@@ -71,6 +74,7 @@ def decode_latents(model: LoadedModel, latents: torch.Tensor) -> list[Image.Imag
 
 def encode_images(model: Any, pixels: torch.Tensor) -> torch.Tensor:
     """[B, 3, H, W] in [-1, 1] -> scaled latents (the distribution's mean: deterministic)."""
+    import torch
     vae = model.vae
     with torch.inference_mode(), vae_tiling(vae, pixels.shape[-1], pixels.shape[-2]):
         x = pixels.to(model.policy.device, vae.dtype)
@@ -84,6 +88,7 @@ def encode_images(model: Any, pixels: torch.Tensor) -> torch.Tensor:
 def txt2img_image_conditioning(model: Any, batch: int, height: int, width: int) -> torch.Tensor:
     """9-channel UNets in txt2img get a full mask over a neutral gray image (A1111's
     ``txt2img_image_conditioning``): channel order mask(1) + masked-image latents(4)."""
+    import torch
     gray = torch.zeros(1, 3, height, width)
     lat = encode_images(model, gray)
     mask = torch.ones(1, 1, height // 8, width // 8, device=lat.device, dtype=lat.dtype)

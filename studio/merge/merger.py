@@ -47,9 +47,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from studio.config import atomic_write
 from studio.errors import RequestError
@@ -66,6 +64,9 @@ from studio.merge.sources import ModelRef, Resolver, TensorSource, check_same_fa
 from studio.models.dit_arch import component_prefixes
 from studio.models.state_dict import ModelFileError
 from studio.models.vae import is_diffusers_vae, read_vae_state_dict
+
+if TYPE_CHECKING:
+    import torch
 
 Progress = Callable[[int, int], None]
 
@@ -177,6 +178,7 @@ def _mergeable(key: str, family: str, spec: TensorSpec) -> bool:
 
 
 def _out_dtype(dtypes: list[torch.dtype], half: bool) -> torch.dtype:
+    import torch
     out = dtypes[0]
     for dtype in dtypes[1:]:
         try:
@@ -402,6 +404,7 @@ def _tensor(step: _Step, req: MergeRequest, a: TensorSource, b: TensorSource | N
 
 
 def _merged(step: _Step, m: float, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+    import torch
     work = torch.float64 if torch.float64 in (a.dtype, b.dtype, getattr(c, "dtype", None)) else torch.float32
     if c is None:
         def combine(x: torch.Tensor) -> torch.Tensor:

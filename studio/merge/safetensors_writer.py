@@ -16,37 +16,60 @@ widest dtype first, then by name, so every tensor starts at an offset aligned to
 
 from __future__ import annotations
 
+import functools
 import json
 import struct
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-# safetensors' names; the order is that of its Rust ``Dtype`` enum, which ``save_file`` sorts by
-# (descending) to lay the data out.
-_DTYPE_ORDER: tuple[tuple[str, torch.dtype], ...] = (
-    ("BOOL", torch.bool),
-    ("U8", torch.uint8),
-    ("I8", torch.int8),
-    ("F8_E5M2", torch.float8_e5m2),
-    ("F8_E4M3", torch.float8_e4m3fn),
-    ("I16", torch.int16),
-    ("U16", torch.uint16),
-    ("F16", torch.float16),
-    ("BF16", torch.bfloat16),
-    ("I32", torch.int32),
-    ("U32", torch.uint32),
-    ("F32", torch.float32),
-    ("F64", torch.float64),
-    ("I64", torch.int64),
-    ("U64", torch.uint64),
+# safetensors' names and torch's; the order is that of safetensors' Rust ``Dtype`` enum, which
+# ``save_file`` sorts by (descending) to lay the data out. Names, not dtypes: torch is imported when a
+# merge writes, not when the studio starts.
+_DTYPE_ORDER: tuple[tuple[str, str], ...] = (
+    ("BOOL", "bool"),
+    ("U8", "uint8"),
+    ("I8", "int8"),
+    ("F8_E5M2", "float8_e5m2"),
+    ("F8_E4M3", "float8_e4m3fn"),
+    ("I16", "int16"),
+    ("U16", "uint16"),
+    ("F16", "float16"),
+    ("BF16", "bfloat16"),
+    ("I32", "int32"),
+    ("U32", "uint32"),
+    ("F32", "float32"),
+    ("F64", "float64"),
+    ("I64", "int64"),
+    ("U64", "uint64"),
 )
-DTYPES: dict[str, torch.dtype] = dict(_DTYPE_ORDER)
-DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in _DTYPE_ORDER}
-_RANK: dict[torch.dtype, int] = {dtype: i for i, (_, dtype) in enumerate(_DTYPE_ORDER)}
+
+
+@functools.cache
+def _dtype_order() -> tuple[tuple[str, torch.dtype], ...]:
+    import torch
+
+    return tuple((name, getattr(torch, attr)) for name, attr in _DTYPE_ORDER)
+
+
+@functools.cache
+def dtypes() -> dict[str, torch.dtype]:
+    """safetensors' dtype names -> torch dtypes."""
+    return dict(_dtype_order())
+
+
+@functools.cache
+def dtype_names() -> dict[torch.dtype, str]:
+    return {dtype: name for name, dtype in _dtype_order()}
+
+
+@functools.cache
+def _rank() -> dict[torch.dtype, int]:
+    return {dtype: i for i, (_, dtype) in enumerate(_dtype_order())}
 
 
 @dataclass(frozen=True)
@@ -58,6 +81,7 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
+        import torch
         count = 1
         for dim in self.shape:
             count *= dim
@@ -67,7 +91,7 @@ class TensorSpec:
 def dtype_from_name(name: str) -> torch.dtype:
     """A torch dtype from a safetensors header's dtype name."""
     try:
-        return DTYPES[name]
+        return dtypes()[name]
     except KeyError:
         raise ValueError(f"unsupported safetensors dtype {name!r}") from None
 
@@ -83,12 +107,12 @@ class SafetensorsWriter:
         if sys.byteorder != "little":  # the format is little-endian; tensors are written as they lie in memory
             raise RuntimeError("the streaming safetensors writer needs a little-endian machine")
         for name, spec in specs.items():
-            if spec.dtype not in _RANK:
+            if spec.dtype not in _rank():
                 raise ValueError(f"{name}: dtype {spec.dtype} cannot be stored in safetensors")
         if metadata is not None and not all(isinstance(v, str) for v in metadata.values()):
             raise ValueError("safetensors metadata values must be strings")
         self._stream = stream
-        self.order: list[str] = sorted(specs, key=lambda n: (-_RANK[specs[n].dtype], n))
+        self.order: list[str] = sorted(specs, key=lambda n: (-_rank()[specs[n].dtype], n))
         self._specs = dict(specs)
         self._next = 0
         header: dict[str, object] = {}
@@ -97,7 +121,7 @@ class SafetensorsWriter:
         offset = 0
         for name in self.order:
             spec = specs[name]
-            header[name] = {"dtype": DTYPE_NAMES[spec.dtype], "shape": list(spec.shape),
+            header[name] = {"dtype": dtype_names()[spec.dtype], "shape": list(spec.shape),
                             "data_offsets": [offset, offset + spec.nbytes]}
             offset += spec.nbytes
         raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
@@ -109,6 +133,7 @@ class SafetensorsWriter:
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """The next tensor's data. It must be the one :attr:`order` names next, with its spec's
         dtype and shape: a file whose data disagrees with its header would load as garbage."""
+        import torch
         if self._next >= len(self.order) or self.order[self._next] != name:
             expected = self.order[self._next] if self._next < len(self.order) else "nothing more"
             raise ValueError(f"tensor {name!r} written out of order (expected {expected!r})")

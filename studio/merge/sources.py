@@ -16,9 +16,7 @@ import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from studio.errors import RequestError
 from studio.families.spec import family_label
@@ -34,6 +32,9 @@ from studio.models.state_dict import (
     load_pickle_weights,
     read_safetensors_header,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 # A1111's ``model_hash``: the sha256 of 64 KiB at 1 MiB, first 8 hex digits ("legacy_hash").
 _LEGACY_OFFSET = 0x100000
@@ -155,6 +156,7 @@ class TensorSource:
             self._handle = None
 
     def get(self, key: str) -> torch.Tensor:
+        import torch
         if self._tensors is not None:
             return self._tensors[key]
         if self._handle is None:

@@ -12,7 +12,13 @@ DEMO_NAME = "demo-tiny-sd15.safetensors"
 DEMO_SEED = 20240601
 
 
+def demo_checkpoint_info(folder: Path) -> CheckpointInfo:
+    """The demo's catalog entry; the file may not exist yet (:func:`ensure_demo_checkpoint` writes it)."""
+    return CheckpointInfo(path=folder / DEMO_NAME, name=DEMO_NAME, is_demo=True)
+
+
 def ensure_demo_checkpoint(folder: Path) -> CheckpointInfo:
+    """The demo's entry, its file written first if missing (the test factory: imports torch)."""
     path = folder / DEMO_NAME
     if not path.exists():
         from studio.testing import make_checkpoint
@@ -21,4 +27,4 @@ def ensure_demo_checkpoint(folder: Path) -> CheckpointInfo:
         tmp = path.with_suffix(".tmp.safetensors")
         make_checkpoint(tmp, "sd1", seed=DEMO_SEED)
         tmp.replace(path)
-    return CheckpointInfo(path=path, name=DEMO_NAME, is_demo=True)
+    return demo_checkpoint_info(folder)

@@ -3,9 +3,10 @@ for SD, SD3 and FLUX (shift 0 for SD's VAEs)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 def shift_factor(vae: Any) -> float:

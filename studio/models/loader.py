@@ -17,9 +17,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from studio.devices import DevicePolicy
 from studio.families.spec import FamilySpec, family_spec
@@ -30,6 +28,9 @@ from studio.models.config_dir import write_config_dir
 from studio.models.probe import REFINER_TE, SD2_TE, CheckpointProbe, probe_checkpoint
 from studio.models.state_dict import ModelFileError, load_state_dict
 from studio.models.tokenizer import make_clip_tokenizer
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 # diffusers warns about "modules that should be kept in float32: []" on every dtype cast
@@ -175,6 +176,7 @@ class Timer:
 def detect_v_prediction(unet: Any) -> bool:
     """A1111's ``is_using_v_parameterization_for_sd2``: at t=999 an epsilon model predicts
     roughly its input, a v model roughly its negation."""
+    import torch
     cfg = unet.config
     dtype = next(unet.parameters()).dtype
     device = next(unet.parameters()).device
@@ -196,6 +198,7 @@ def _drop_unused_sd2_layer(sd: dict[str, torch.Tensor], te_config: dict[str, Any
 def _place(policy: DevicePolicy, unet: Any, vae: Any, *text_encoders: Any) -> None:
     """Inference mode and memory layout. Moving to the device is the manager's job: with
     --medvram/--lowvram the weights stay in RAM and move piecewise while they run."""
+    import torch
     for module in (unet, vae, *text_encoders):
         module.eval().requires_grad_(False)
     if policy.channels_last:
@@ -288,6 +291,7 @@ def _empty_unet_and_vae(config_dir: Path, policy: DevicePolicy) -> tuple[Any, An
     ``from_single_file`` casts each tensor, makes it contiguous, and channels_last then copies
     the convs again: measured on a full SD1.5 file, 3.4 s against 1.1 s for one pass. Neither
     module has buffers, which ``to_empty`` would leave uninitialised."""
+    import torch
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
@@ -313,6 +317,7 @@ def _convert_unet_and_vae(sd: dict[str, torch.Tensor], unet: Any, vae: Any) -> l
 def _copy_weights(ckpt: CheckpointFile, converted: list[tuple[Any, dict]]) -> None:
     """Copy converted weights into existing modules, after checking every parameter and
     buffer has a value (a partial copy would leave garbage or the previous model's weights)."""
+    import torch
     for module, weights in converted:
         expected = {k for k, _ in (*module.named_parameters(), *module.named_buffers())}
         missing = expected - set(weights) - {k for k in expected if k.endswith("position_ids")}

@@ -24,16 +24,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
-from studio.devices import DevicePolicy
+from studio.devices import DeferredPolicy, DevicePolicy
 from studio.models.catalog import Catalog, CheckpointInfo
 from studio.models.memory_plan import plan_fp8_storage, plan_placement
 from studio.models.state_dict import ModelFileError
-from studio.models.storage import to_fp8_storage
 from studio.offload import Offloader, OffloadMode, offload_mode
 
 if TYPE_CHECKING:
+    import torch
+
     from studio.models.loader import LoadedModel
     from studio.models.modules import ModuleFile
 
@@ -88,6 +87,7 @@ def _storage_bits(module: torch.nn.Module) -> int:
 
 def _free_vram(policy: DevicePolicy) -> int | None:
     """Free memory on the policy's CUDA device now (after the previous model went back to RAM)."""
+    import torch
     if policy.device.type != "cuda" or not torch.cuda.is_available():
         return None
     free, _total = torch.cuda.mem_get_info(policy.device)
@@ -95,12 +95,12 @@ def _free_vram(policy: DevicePolicy) -> int | None:
 
 
 class ModelManager:
-    def __init__(self, catalog: Catalog, policy: DevicePolicy, config_cache: Path,
+    def __init__(self, catalog: Catalog, policy: DevicePolicy | DeferredPolicy, config_cache: Path,
                  demo_dir: Path | None = None, limits: Callable[[], CacheLimits] = CacheLimits,
                  offload: OffloadFlags | None = None,
                  modules: Callable[[], Sequence[ModuleFile]] | None = None):
         self.catalog = catalog
-        self.policy = policy
+        self._policy = policy
         self.config_cache = config_cache
         self.demo_dir = demo_dir
         self.limits = limits
@@ -116,15 +116,25 @@ class ModelManager:
         self._pinned: frozenset[Path] = frozenset()
         self.disk_loads = 0   # checkpoints read from disk (not switched to from the cache), for tests and logs
 
+    @property
+    def policy(self) -> DevicePolicy:
+        """The device policy; a deferred one is resolved here, on the first load (listing needs none)."""
+        return self._policy.get() if isinstance(self._policy, DeferredPolicy) else self._policy
+
+    @policy.setter
+    def policy(self, policy: DevicePolicy | DeferredPolicy) -> None:
+        self._policy = policy
+
     # -- catalog --------------------------------------------------------------------------
     def refresh(self) -> list[CheckpointInfo]:
         items = self.catalog.refresh()
         if items:
             self.catalog.clear_extra()  # the demo is only offered while there is nothing else
         elif self.demo_dir is not None:
-            from studio.models.demo import ensure_demo_checkpoint
+            from studio.models.demo import demo_checkpoint_info
 
-            self.catalog.add_extra(ensure_demo_checkpoint(self.demo_dir))
+            # listed now, written on its first load (making it imports torch, which start-up does not)
+            self.catalog.add_extra(demo_checkpoint_info(self.demo_dir))
         return self.catalog.items()
 
     def checkpoints(self) -> list[CheckpointInfo]:
@@ -191,6 +201,10 @@ class ModelManager:
             self.last_switch_seconds = time.perf_counter() - started
             log.info("Switched to cached model %s in %.2fs", info.title, self.last_switch_seconds)
             return hit
+        if info.is_demo:
+            from studio.models.demo import ensure_demo_checkpoint
+
+            ensure_demo_checkpoint(info.path.parent)
         if not info.path.exists():
             raise ModelFileError(f"{info.name}: file not found (moved or deleted? press refresh)")
         try:
@@ -300,6 +314,9 @@ class ModelManager:
             self._free()
 
     def _activate(self, model: LoadedModel) -> None:
+        import torch
+
+        from studio.models.storage import to_fp8_storage
         previous = self.current
         if self._offloader is not None:
             self._offloader.detach()  # leaves every component in RAM
@@ -348,6 +365,7 @@ class ModelManager:
         self._free()
 
     def _free(self) -> None:
+        import torch
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -12,10 +12,12 @@ import json
 import pickle
 import struct
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+
+if TYPE_CHECKING:
+    import torch
 
 Shapes = dict[str, tuple[int, ...]]
 
@@ -64,6 +66,7 @@ def safetensors_metadata(path: Path) -> dict[str, str]:
 
 def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
     # Lightning / A1111 checkpoints nest the weights under "state_dict" (sometimes twice).
+    import torch
     while isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
@@ -72,6 +75,7 @@ def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_pickle_weights(path: Path) -> dict[str, torch.Tensor]:
+    import torch
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
@@ -82,6 +86,13 @@ def load_pickle_weights(path: Path) -> dict[str, torch.Tensor]:
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise ModelFileError(f"{path.name}: corrupt or truncated checkpoint ({e})") from e
     return _unwrap(obj, path)
+
+
+def load_file(path: str) -> dict[str, torch.Tensor]:
+    """``safetensors.torch.load_file``, imported on the first read (it imports torch), not at start-up."""
+    from safetensors.torch import load_file as load
+
+    return load(path)
 
 
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:

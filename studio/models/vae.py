@@ -18,13 +18,14 @@ import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, Any
 
 from studio.models.catalog import HashCache, sha256_file
 from studio.models.state_dict import ModelFileError, load_state_dict
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
 
 log = logging.getLogger(__name__)
 
@@ -366,5 +367,6 @@ class VaeSwapper:
 
     def _load(self, sd: dict[str, Tensor]) -> None:
         # In place, so the module keeps its dtype, device and channels_last layout.
+        import torch
         with torch.no_grad():
             self.vae.load_state_dict(sd, strict=True)

@@ -23,10 +23,7 @@ import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors.torch import load_file as load_safetensors
+from typing import TYPE_CHECKING, Any
 
 from studio.models.catalog import sha256_file
 from studio.networks.files import (
@@ -36,6 +33,9 @@ from studio.networks.files import (
     pickle_failure_message,
     scan_files,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 EMBEDDING_SUFFIXES = (".pt", ".bin", ".safetensors")
 TI_HASH_LENGTH = 12  # A1111 shows LoRA / TI hashes with 12 hex characters
@@ -118,6 +118,7 @@ def read_embedding(path: Path) -> Embedding:
 
 
 def _load_raw(path: Path) -> Any:
+    from safetensors.torch import load_file as load_safetensors
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         try:
@@ -130,6 +131,7 @@ def _load_raw(path: Path) -> Any:
 
 
 def _load_pickle(path: Path) -> Any:
+    import torch
     try:
         return load_weights_only(path)
     except Exception as exc:
@@ -153,6 +155,7 @@ def _pickle_failure_message(path: Path, exc: Exception) -> str:
 
 
 def _vectors_from_data(data: Any, path: Path) -> dict[str, torch.Tensor]:
+    import torch
     if isinstance(data, torch.Tensor):
         return {DEFAULT_ENCODER: _as_matrix(data, path, "tensor")}
     if not isinstance(data, Mapping):
@@ -191,6 +194,7 @@ def _sdxl_vectors(data: Mapping[str, Any], path: Path) -> dict[str, torch.Tensor
 
 
 def _as_matrix(value: Any, path: Path, label: str) -> torch.Tensor:
+    import torch
     if not isinstance(value, torch.Tensor):
         raise EmbeddingFileError(f"{path}: {label} is a {type(value).__name__}, not a tensor")
     if not value.is_floating_point():

@@ -14,8 +14,6 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 Stamp = tuple[int, int]  # (mtime_ns, size): a cached file is re-read only when either changes
 
 
@@ -91,6 +89,7 @@ def load_weights_only(path: Path, allowed_globals: Sequence[type] = ()) -> Any:
     embeddings hold an ``nn.ParameterDict``); it needs ``torch.serialization.safe_globals``
     (torch >= 2.5), which the caller checks so it can say why an old file cannot be read.
     """
+    import torch
     if not allowed_globals:
         return torch.load(path, map_location="cpu", weights_only=True)
     with torch.serialization.safe_globals(list(allowed_globals)):
@@ -131,6 +130,7 @@ def optional_int(value: Any) -> int | None:
     Trainers store counters such as ``step`` either way; bools are ints in Python but never a
     count, so they read as missing.
     """
+    import torch
     if isinstance(value, bool):
         return None
     if isinstance(value, int):

@@ -19,17 +19,12 @@ but dicts, tuples, lists, tensors and plain scalars, so anything else is refused
 from __future__ import annotations
 
 import copy
-import inspect
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import MappingProxyType
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from studio.models.catalog import sha256_file
 from studio.networks.files import (
@@ -39,25 +34,19 @@ from studio.networks.files import (
     pickle_failure_message,
     scan_files,
 )
+from studio.networks.hypernetwork_structure import DEFAULT_LAYER_STRUCTURE, check_layer_structure
+from studio.networks.hypernetwork_structure import NO_ACTIVATION as _NO_ACTIVATION
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from studio.networks.hypernetwork_module import HypernetworkModule
 
 HYPERNETWORK_SUFFIX = ".pt"
 SHORTHASH_LENGTH = 10  # A1111's Hypernetwork.shorthash
-DEFAULT_LAYER_STRUCTURE = (1.0, 2.0, 1.0)
 DEFAULT_DROPOUT = 0.3  # what A1111 trains with when only ``use_dropout`` is stored
 
-# Names A1111 lists explicitly; any other torch.nn activation is found by its lowercased class name.
-# "swish" really is Hardswish in A1111, and files trained there depend on that.
-_NAMED_ACTIVATIONS: Mapping[str, type[nn.Module]] = MappingProxyType(
-    {
-        "relu": nn.ReLU,
-        "leakyrelu": nn.LeakyReLU,
-        "elu": nn.ELU,
-        "swish": nn.Hardswish,
-        "tanh": nn.Tanh,
-        "sigmoid": nn.Sigmoid,
-    }
-)
-_NO_ACTIVATION = ("linear", "")
 
 
 class HypernetworkFileError(ValueError):
@@ -66,85 +55,6 @@ class HypernetworkFileError(ValueError):
 
 # ---------------------------------------------------------------------------------------------
 # The module
-
-
-def activation_class(name: str) -> type[nn.Module]:
-    """The ``torch.nn`` class for an ``activation_func`` name; ``ValueError`` if there is none."""
-    key = name.lower()
-    if key in _NAMED_ACTIVATIONS:
-        return _NAMED_ACTIVATIONS[key]
-    for cls_name, cls in inspect.getmembers(nn.modules.activation, inspect.isclass):
-        if cls.__module__ == nn.modules.activation.__name__ and cls_name.lower() == key:
-            return cls
-    raise ValueError(f"unsupported activation function {name!r}")
-
-
-class HypernetworkModule(nn.Module):
-    """One of the (k, v) transforms of a width: ``forward(x) = x + linear(x) * multiplier``.
-
-    ``linear`` holds, for each step i of ``layer_structure``: a Linear, then the activation (left
-    out after the last Linear unless ``activate_output``), then LayerNorm if enabled, then Dropout
-    if ``dropout_structure[i + 1] > 0``. Dropout never fires because the module stays in eval mode.
-    """
-
-    def __init__(
-        self,
-        dim: int,
-        layer_structure: Sequence[float] = DEFAULT_LAYER_STRUCTURE,
-        activation_func: str | None = None,
-        add_layer_norm: bool = False,
-        activate_output: bool = False,
-        dropout_structure: Sequence[float] | None = None,
-    ) -> None:
-        super().__init__()
-        self.dim = dim
-        check_layer_structure(layer_structure)
-        if dropout_structure is not None and len(dropout_structure) < len(layer_structure):
-            raise ValueError(
-                f"dropout_structure {list(dropout_structure)} is shorter than layer_structure "
-                f"{list(layer_structure)}"
-            )
-        activation = None
-        if activation_func is not None and activation_func.lower() not in _NO_ACTIVATION:
-            activation = activation_class(activation_func)
-        last = len(layer_structure) - 2
-        entries: list[nn.Module] = []
-        for i in range(len(layer_structure) - 1):
-            width_in = int(dim * layer_structure[i])
-            width_out = int(dim * layer_structure[i + 1])
-            entries.append(nn.Linear(width_in, width_out))
-            if activation is not None and (i < last or activate_output):
-                entries.append(_instantiate(activation, activation_func or ""))
-            if add_layer_norm:
-                entries.append(nn.LayerNorm(width_out))
-            if dropout_structure is not None and dropout_structure[i + 1] > 0:
-                p = float(dropout_structure[i + 1])
-                if not 0 < p < 1:
-                    raise ValueError(f"dropout probability {p} is not between 0 and 1")
-                entries.append(nn.Dropout(p=p))
-        self.linear = nn.Sequential(*entries)
-        self.eval()
-        self.requires_grad_(False)
-
-    def forward(self, x: torch.Tensor, multiplier: float = 1.0) -> torch.Tensor:
-        return x + self.linear(x) * multiplier
-
-
-def check_layer_structure(layer_structure: Sequence[float]) -> None:
-    if len(layer_structure) < 2:
-        raise ValueError(f"layer_structure {list(layer_structure)} needs at least two entries")
-    if layer_structure[0] != 1 or layer_structure[-1] != 1:
-        # The residual x + linear(x) only works when the stack maps width -> width.
-        raise ValueError(f"layer_structure {list(layer_structure)} must start and end with 1")
-    if any(value <= 0 for value in layer_structure):
-        raise ValueError(f"layer_structure {list(layer_structure)}: every number must be above 0")
-
-
-def _instantiate(cls: type[nn.Module], name: str) -> nn.Module:
-    try:
-        return cls()
-    except TypeError as exc:  # e.g. "threshold" or "multiheadattention" need arguments
-        raise ValueError(f"activation function {name!r} cannot be built without arguments") from exc
 
 
 def fix_old_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
@@ -255,6 +165,7 @@ class Hypernetwork:
         self, device: torch.device | str, dtype: torch.dtype
     ) -> dict[int, tuple[HypernetworkModule, HypernetworkModule]]:
         """The modules on ``device`` in ``dtype``; copies are made once and kept for reuse."""
+        import torch
         device = torch.device(device)
         if device.type == "cpu" and dtype == torch.float32:
             return self.layers
@@ -355,6 +266,9 @@ def _build_module(
     activate_output: bool,
     dropout_structure: list[float],
 ) -> HypernetworkModule:
+    import torch
+
+    from studio.networks.hypernetwork_module import HypernetworkModule
     if not isinstance(state, Mapping):
         raise HypernetworkFileError(
             f"{path}: width {width} {label} is a {type(state).__name__}, not a state dict"
@@ -402,19 +316,21 @@ def _layer_structure(value: Any, path: Path) -> list[float]:
 
 
 def _activation_name(value: Any, path: Path) -> str | None:
+    from studio.networks.hypernetwork_module import activation_class, instantiate_activation
     if value is None:
         return None
     if not isinstance(value, str):
         raise HypernetworkFileError(f"{path}: activation_func is a {type(value).__name__}, not a name")
     if value.lower() not in _NO_ACTIVATION:
         try:
-            _instantiate(activation_class(value), value)
+            instantiate_activation(activation_class(value), value)
         except ValueError as exc:
             raise HypernetworkFileError(f"{path}: {exc}") from exc
     return value
 
 
 def _number_list(value: Any, path: Path, label: str) -> list[float]:
+    import torch
     if isinstance(value, torch.Tensor):
         value = value.tolist()
     if not isinstance(value, (list, tuple)) or not all(
@@ -534,7 +450,7 @@ def _attention_classes() -> tuple[type, ...]:
     return tuple(classes)
 
 
-_Step = tuple[Mapping[int, HypernetworkModule], float]
+_Step = tuple[Mapping[int, "HypernetworkModule"], float]  # a string: the class comes with torch
 
 
 class _ChainHook:
@@ -544,6 +460,7 @@ class _ChainHook:
         self.steps = steps
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        import torch
         if not args or not isinstance(args[0], torch.Tensor):
             return None
         x = args[0]
@@ -596,6 +513,8 @@ def apply_hypernetworks(
     installed and the UNet computes bit-identically. ``dtype`` / ``device`` default to the
     UNet's. Any module with diffusers attentions (a ControlNet, too) can be passed as ``unet``.
     """
+    import torch
+    from torch import nn
     hooks = HypernetworkHooks()
     used = [(hn, float(multiplier)) for hn, multiplier in active if float(multiplier) != 0.0 and hn.layers]
     if not used:
@@ -643,3 +562,13 @@ def _steps_for(
             continue
         steps.append(({w: pair[index] for w, pair in by_width.items()}, multiplier))
     return steps
+
+
+def __getattr__(name: str) -> Any:
+    """``HypernetworkModule`` and ``activation_class`` (torch code, in hypernetwork_module) are still
+    importable from here; importing them loads torch, importing this module does not."""
+    if name in ("HypernetworkModule", "activation_class"):
+        from studio.networks import hypernetwork_module
+
+        return getattr(hypernetwork_module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -36,9 +36,11 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
 
 
 class LoraFileError(ValueError):
@@ -93,11 +95,13 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def _f32(t: Tensor, device: torch.device | str | None) -> Tensor:
+    import torch
     return t.to(device=device, dtype=torch.float32)
 
 
 def _rebuild_tucker(core: Tensor, wa: Tensor, wb: Tensor) -> Tensor:
     """LyCORIS' tucker form: ``core [r1, r2, kh, kw]``, ``wa [r1, out]``, ``wb [r2, in]``."""
+    import torch
     return torch.einsum("ijkl,ip,jq->pqkl", core, wa, wb)
 
 
@@ -150,6 +154,7 @@ class NetworkModule:
 
     def delta(self, shape: tuple[int, ...], device: torch.device | str | None = None) -> Tensor:
         """Float32 ΔW · scale, reshaped to ``shape``."""
+        import torch
         factors = self.low_rank(device)
         if factors is not None:
             dense = torch.mm(factors[0], factors[1])
@@ -185,6 +190,7 @@ class LoraModule(NetworkModule):
         return (out, *self.down.shape[1:])
 
     def low_rank(self, device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
+        import torch
         on_cpu = device is None or torch.device(device).type == "cpu"
         if on_cpu and self._cpu_factors is not None:
             return self._cpu_factors
@@ -224,6 +230,7 @@ class LohaModule(NetworkModule):
         return (int(self.w1a.shape[0]), *self.w1b.shape[1:])
 
     def _half(self, wa: Tensor, wb: Tensor, t: Tensor | None, device) -> Tensor:
+        import torch
         wa, wb = _f32(wa, device), _f32(wb, device)
         if t is not None:
             return _rebuild_tucker(_f32(t, device), wa, wb)
@@ -275,6 +282,7 @@ class LokrModule(NetworkModule):
         return (a * w2[0], b * w2[1], *w2[2:])
 
     def _dense(self, device) -> Tensor:
+        import torch
         if self.w1 is not None:
             w1 = _f32(self.w1, device)
         else:

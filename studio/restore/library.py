@@ -22,17 +22,16 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
-import torch
 from PIL import Image
 
 from studio.errors import RequestError
 from studio.restore.face_boxes import detect
-from studio.restore.restorer import blend, face_model, restore_faces
 from studio.upscale.errors import UpscalerError
 from studio.upscale.models import MODEL_SUFFIXES, place_model, read_state_dict
 
 if TYPE_CHECKING:  # spandrel takes ~2 s to import: only when a model is first loaded
     import spandrel
+    import torch
 
 KINDS = ("CodeFormer", "GFPGAN", "RestoreFormer")  # A1111's names, in its list order
 # The folder a user is told to use comes first.
@@ -268,6 +267,7 @@ class FaceRestorers:
 
     def offload(self) -> None:
         """Move the loaded models to the CPU (A1111's ``face_restoration_unload``), keeping them loaded."""
+        import torch
         with self._lock:
             for descriptor in self._loaded.values():
                 descriptor.to(torch.device("cpu"))
@@ -287,7 +287,7 @@ class FaceRestorers:
         *,
         visibility: float = 1.0,
         device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = None,
         min_face: int = 24,
     ) -> tuple[Image.Image, int]:
         """``image`` with its faces restored by ``name`` (see :meth:`resolve`), and how many faces that was.
@@ -297,8 +297,11 @@ class FaceRestorers:
         original, 0..1. ``min_face``: the smallest face side in pixels worth restoring. With no
         face found the image comes back as it is, with 0, no model is loaded and none needs to exist
         (a name that is not installed is only an error when there is a face to restore). The model runs
-        on ``device`` in ``dtype`` where it supports it (float32 otherwise).
+        on ``device`` in ``dtype`` where it supports it (float32 otherwise; None: float32).
         """
+        import torch
+
+        from studio.restore.restorer import blend, face_model, restore_faces
         if not 0.0 <= codeformer_weight <= 1.0:
             raise FaceRestoreError(f"codeformer_weight must be between 0 and 1, not {codeformer_weight}")
         if not 0.0 <= visibility <= 1.0:
@@ -312,6 +315,7 @@ class FaceRestorers:
             return image, 0
         kind = self.resolve(name)
         device = torch.device(device)
+        dtype = torch.float32 if dtype is None else dtype
         with self._lock:  # one run at a time: the cached model is moved between devices
             descriptor = place_model(self.load(kind), device, dtype)
             restored = restore_faces(image, boxes, face_model(descriptor, codeformer_weight), device, descriptor.dtype)

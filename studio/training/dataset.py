@@ -25,13 +25,16 @@ from collections import Counter, defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 
 from studio.generation.imageops import MAX_PIXELS, MAX_SIDE, ImageInputError, normalize_image
 from studio.training.base import Batch, TrainingError, TrainSettings
+
+if TYPE_CHECKING:
+    import torch
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CAPTION_FALLBACKS = (".txt", ".caption")
@@ -452,6 +455,7 @@ class TrainDataset:
         """The image at its bucket: RGB (transparency flattened on white), scaled to cover the bucket with
         its aspect kept and centre-cropped. Returns ``(pixels [3, H, W] in [-1, 1], original size (h, w),
         crop (top, left) in the scaled image)``."""
+        import torch
         try:
             img = normalize_image(item.path.read_bytes())
         except (OSError, ImageInputError) as e:
@@ -471,6 +475,7 @@ class TrainDataset:
 
     def make_batch(self, items: Sequence[TrainItem], rng: random.Random) -> Batch:
         """Load and caption ``items`` (all from one bucket, as :meth:`batches` gives them)."""
+        import torch
         if not items:
             raise ValueError("an empty batch")
         if len({item.bucket for item in items}) > 1:

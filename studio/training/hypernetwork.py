@@ -23,13 +23,12 @@ import torch
 from torch import nn
 
 from studio.config import atomic_write
+from studio.networks.hypernetwork_module import HypernetworkModule, activation_class
 from studio.networks.hypernetworks import (
     HYPERNETWORK_SUFFIX,
     Hypernetwork,
     HypernetworkFileError,
     HypernetworkHooks,
-    HypernetworkModule,
-    activation_class,
     apply_hypernetworks,
     check_layer_structure,
     read_hypernetwork,

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from studio.jobs import JobState
 from studio.training.base import TrainingError, TrainSettings, check_output_name
-from studio.training.lora import LoraSettings
+from studio.training.lora_settings import LoraSettings
 from studio.training.schemas import EMBEDDING_LR, HYPERNETWORK_LR, TrainEmbeddingRequest
 
 if TYPE_CHECKING:

@@ -17,7 +17,7 @@ from pydantic.json_schema import SkipJsonSchema
 
 from studio.generation.request import door
 from studio.training.base import MAX_TRAIN_STEPS, TEMPLATE_NAMES, LrScheduler, TrainSettings
-from studio.training.lora import LoraSettings
+from studio.training.lora_settings import LoraSettings
 
 EMBEDDING_LR = "0.005"           # A1111's Train tab defaults
 HYPERNETWORK_LR = "0.00001"

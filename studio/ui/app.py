@@ -219,8 +219,10 @@ def build_ui(studio: Studio) -> gr.Blocks:
                 with gr.Tab("Workers", id="workers", elem_id="tab_workers"):
                     build_workers_tab(studio)
 
-        gr.Markdown(f"Studio {__version__} · {studio.policy.label} · API: /sdapi/v1 · docs: /docs",
-                    elem_id="studio_footer")
+        # the device policy is resolved on first use (it imports torch): the footer gets it on page load
+        footer = gr.Markdown(f"Studio {__version__} · API: /sdapi/v1 · docs: /docs", elem_id="studio_footer")
+        blocks.load(lambda: f"Studio {__version__} · {studio.policy.label} · API: /sdapi/v1 · docs: /docs", None,
+                    footer, queue=False, show_progress="hidden")
 
         def choose(title):
             before = studio.models.current

@@ -21,9 +21,14 @@ import numpy as np
 from PIL import Image
 
 from studio.controlnet.control_types import CONTROL_TYPES, select_control_type
-from studio.controlnet.guidance import CONTROL_MODES
 from studio.controlnet.preprocessors import INPAINT_MODULES
-from studio.controlnet.units import CONTROL_RESIZE_MODES, HR_OPTIONS, ControlNetUnitRequest, unit_count
+from studio.controlnet.units import (
+    CONTROL_MODES,
+    CONTROL_RESIZE_MODES,
+    HR_OPTIONS,
+    ControlNetUnitRequest,
+    unit_count,
+)
 from studio.core import Studio
 from studio.generation.request import build_request
 from studio.ui.bindings import RequestForm

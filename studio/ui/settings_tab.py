@@ -194,6 +194,10 @@ def _component(studio: Studio, key: str) -> Any:
     return control_for(info, _value(studio, key), label, f"setting_{key}")
 
 
+def _policy_text(studio: Studio) -> str:
+    return f"Device policy: `{studio.policy.label}`"
+
+
 def build_settings_tab(studio: Studio, tab: Any = None) -> None:
     """Fill the open ``gr.Tab``; when ``tab`` is given, its values are re-read each time it is
     selected, so a change made through the API since the page loaded is shown, not overwritten."""
@@ -206,13 +210,16 @@ def build_settings_tab(studio: Studio, tab: Any = None) -> None:
         apply = gr.Button("Apply settings", variant="primary", elem_id="settings_submit", scale=0, min_width=160)
         reload = gr.Button("Reload UI", elem_id="settings_reload_ui", scale=0, min_width=120)
     result = gr.Markdown("", elem_id="settings_result")
+    policy_note: Any = None
     for title, section_keys in shown_options().items():
         is_open = title not in (UI, QUICKSETTINGS)
         with gr.Accordion(title, open=is_open, elem_id=f"settings_{slug(title)}") as accordion:
             if title in NOTES:
                 gr.Markdown(NOTES[title])
             if title == OPTIMIZATIONS:
-                gr.Markdown(f"Device policy: `{studio.policy.label}`", elem_id="settings_policy")
+                # the policy is resolved on first use (it imports torch): shown when the tab is opened
+                policy_note = gr.Markdown(_policy_text(studio) if tab is None else "Device policy: …",
+                                          elem_id="settings_policy")
             made: list[str] = []
             for key in section_keys:
                 component = _component(studio, key)
@@ -239,4 +246,6 @@ def build_settings_tab(studio: Studio, tab: Any = None) -> None:
     # quicksettings are read when the page is built; a reload shows the new ones
     reload.click(None, js="() => { window.location.reload(); }")
     if tab is not None:
-        tab.select(lambda: [_value(studio, k) for k in keys], outputs=components)
+        notes = [policy_note] if policy_note is not None else []
+        tab.select(lambda: [*(_value(studio, k) for k in keys), *(_policy_text(studio) for _ in notes)],
+                   outputs=[*components, *notes])

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from types import MappingProxyType
-
-import torch
-import torch.nn.functional as F
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from studio.upscale.errors import UpscalerError
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 # A1111's order: clients show the list as they get it.
 _MODES: Mapping[str, tuple[str, bool]] = MappingProxyType(
@@ -28,10 +28,6 @@ _MODES: Mapping[str, tuple[str, bool]] = MappingProxyType(
 )
 
 LATENT_MODES: tuple[str, ...] = tuple(_MODES)
-
-# Dtypes every interpolate mode supports on every device; half precision bicubic/antialias has
-# no CPU kernel, and the resize is far too cheap for the round trip to matter.
-_SAFE_DTYPES = (torch.float32, torch.float64)
 
 
 def latent_mode(name: str) -> str | None:
@@ -56,6 +52,8 @@ def latent_upscale(latents: Tensor, mode: str, height: int, width: int) -> Tenso
     ``mode`` is one of :data:`LATENT_MODES` (case-insensitive). The result keeps the input's
     dtype and device.
     """
+    import torch
+    import torch.nn.functional as F
     canonical = latent_mode(mode)
     if canonical is None:
         raise UpscalerError(
@@ -68,7 +66,9 @@ def latent_upscale(latents: Tensor, mode: str, height: int, width: int) -> Tenso
     if height < 1 or width < 1:
         raise UpscalerError(f"latent size must be positive, got {height}x{width}")
     interpolation, antialias = _MODES[canonical]
-    source = latents if latents.dtype in _SAFE_DTYPES else latents.float()
+    # float32/64: the dtypes every interpolate mode supports on every device; half precision
+    # bicubic/antialias has no CPU kernel, and the resize is far too cheap for the round trip to matter.
+    source = latents if latents.dtype in (torch.float32, torch.float64) else latents.float()
     # align_corners only exists for the linear family; A1111 leaves it at False.
     extra = {"align_corners": False} if interpolation in ("bilinear", "bicubic") else {}
     resized = F.interpolate(source, size=(height, width), mode=interpolation, antialias=antialias, **extra)

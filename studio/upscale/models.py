@@ -15,17 +15,16 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import Image
 from safetensors import SafetensorError
-from safetensors.torch import load_file
-from torch import Tensor
 
 from studio.networks.files import load_weights_only, pickle_failure_message
 from studio.upscale.errors import UpscalerError
 
 if TYPE_CHECKING:  # spandrel takes ~2 s to import: only when a model file is first used
     import spandrel
+    import torch
+    from torch import Tensor
 
 MODEL_SUFFIXES = (".pth", ".pt", ".safetensors")
 
@@ -42,6 +41,8 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
     prefix, ...) are removed the way spandrel expects; non-tensor entries are dropped.
     """
     import spandrel
+    from safetensors.torch import load_file
+    from torch import Tensor
 
     suffix = path.suffix.lower()
     raw: Any
@@ -119,6 +120,7 @@ def place_model(
     descriptor: spandrel.ImageModelDescriptor, device: torch.device, dtype: torch.dtype
 ) -> spandrel.ImageModelDescriptor:
     """``descriptor`` moved to ``device`` in the closest dtype it can run in there."""
+    import torch
     wanted = dtype
     if device.type == "cpu" and wanted == torch.float16:
         # CPU half-precision convolutions are missing or far slower than float32.
@@ -138,6 +140,7 @@ def place_model(
 
 def image_to_tensor(image: Image.Image, channels: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     """``image`` as a [1, channels, H, W] tensor in [0, 1]."""
+    import torch
     array = np.asarray(image.convert(_IMAGE_MODES[channels]), dtype=np.float32) / 255.0
     if array.ndim == 2:
         array = array[:, :, None]
@@ -148,6 +151,7 @@ def image_to_tensor(image: Image.Image, channels: int, device: torch.device, dty
 
 def tensor_to_image(tensor: Tensor) -> Image.Image:
     """A [1, 1|3, H, W] tensor in [0, 1] as an RGB image."""
+    import torch
     array = tensor[0].float().clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
     if array.shape[2] == 1:
         return Image.fromarray(array[:, :, 0], mode="L").convert("RGB")
@@ -180,6 +184,7 @@ def _ramp(size: int, lead: int, trail: int) -> Tensor:
 
     Where two tiles overlap their ramps add up to one, so the blend is a straight cross-fade.
     """
+    import torch
     weights = torch.ones(size)
     if lead > 0:
         weights[:lead] = torch.minimum(weights[:lead], (torch.arange(lead) + 0.5) / lead)
@@ -206,6 +211,7 @@ def run_model(descriptor: spandrel.ImageModelDescriptor, image: Tensor, tile: in
     which saw zero padding instead of their neighbours, would otherwise meet.
     """
     import spandrel
+    import torch
 
     _, _, height, width = image.shape
     untiled = (

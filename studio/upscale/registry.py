@@ -21,7 +21,6 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
-import torch
 from PIL import Image
 
 from studio.networks.files import Stamp, scan_files
@@ -38,6 +37,9 @@ from studio.upscale.models import (
 
 if TYPE_CHECKING:  # spandrel takes ~2 s to import: only when a model file is first used
     import spandrel
+    import torch
+
+    from studio.devices import DeferredPolicy
 
 # A1111's folder names under models/ for the upscalers spandrel can read.
 UPSCALER_FOLDERS = ("ESRGAN", "RealESRGAN", "SwinIR", "DAT")
@@ -114,21 +116,25 @@ class UpscalerLibrary:
     files share a stem the first in folder order wins. Models run on ``device`` in ``dtype``
     (float32 where the model or the device cannot do it) over ``tile``-pixel input tiles
     overlapping by ``overlap`` pixels; ``tile`` 0 runs whole images. ``max_cached`` models stay
-    loaded. Safe to use from several threads.
+    loaded. Safe to use from several threads. With ``policy`` (and no ``device``/``dtype``) they are
+    the device policy's, asked for when a model first runs: listing upscalers needs no torch.
     """
 
     def __init__(
         self,
         folders: list[Path],
-        device: torch.device,
-        dtype: torch.dtype,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
         tile: int = 192,
         overlap: int = 16,
         max_cached: int = 2,
+        *,
+        policy: DeferredPolicy | None = None,
     ) -> None:
+        if (device is None or dtype is None) and policy is None:
+            raise ValueError("UpscalerLibrary needs a device and a dtype, or a device policy")
         self.folders = [Path(folder) for folder in folders]
-        self.device = torch.device(device)
-        self.dtype = dtype
+        self._device, self._dtype, self._policy = device, dtype, policy
         self.tile = tile
         self.overlap = overlap
         self.max_cached = max(1, max_cached)
@@ -138,6 +144,16 @@ class UpscalerLibrary:
         self._known_scales: dict[Path, tuple[Stamp, int]] = {}
         self._lock = threading.Lock()  # the API, the UI and a generation may use it at once
         self.refresh()
+
+    @property
+    def device(self) -> torch.device:
+        import torch
+
+        return torch.device(self._device if self._device is not None else self._policy.get().device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype if self._dtype is not None else self._policy.get().dtype
 
     # -- listing -----------------------------------------------------------------------------
 
