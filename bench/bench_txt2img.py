@@ -6,7 +6,7 @@ architecture with random weights made on the fly (no download).
 Measures, on the same modules and the same scheduler:
 - studio vs ``StableDiffusionPipeline`` at equal dtype (fp32 and the default policy's dtype): overhead;
 - the studio's default device policy vs diffusers' fp32 default: speed-up;
-- cold start: ``python app.py`` to the first HTTP 200, next to a bare Gradio Blocks app.
+- cold start: ``python app.py`` to the first HTTP 200 against a bare app with as many blocks (bench_startup.py).
 Writes bench/results/txt2img.json and the table in docs/benchmarks.md.
 """
 
@@ -18,7 +18,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,7 +27,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import requests  # noqa: E402
 import torch  # noqa: E402
 
 from bench.report import write_section  # noqa: E402
@@ -134,49 +132,13 @@ def _timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def wait_http(url: str, proc: subprocess.Popen, timeout: float = 180) -> float:
-    start = time.perf_counter()
-    while time.perf_counter() - start < timeout:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args} exited early")
-        try:
-            if requests.get(url, timeout=1).status_code == 200:
-                return time.perf_counter() - start
-        except requests.RequestException:
-            pass
-        time.sleep(0.05)
-    raise TimeoutError(url)
-
-
-BARE_APP = """
-import gradio as gr
-with gr.Blocks() as demo:
-    gr.Textbox()
-demo.launch(server_port={port}, quiet=True)
-"""
-
-
 def bench_startup(data_dir: Path) -> dict:
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    out = {}
-    for name, cmd in (
-        ("studio app.py", [sys.executable, str(REPO / "app.py"), "--data-dir", str(data_dir), "--port", "7890",
-                           "--skip-load-model-at-start"]),
-        ("bare gr.Blocks", [sys.executable, "-c", BARE_APP.format(port=7891)]),
-    ):
-        port = 7890 if name.startswith("studio") else 7891
-        times = []
-        for _ in range(2):
-            t0 = time.perf_counter()
-            proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            try:
-                wait_http(f"http://127.0.0.1:{port}/", proc)
-                times.append(time.perf_counter() - t0)
-            finally:
-                proc.terminate()
-                proc.wait(20)
-        out[name] = min(times)
-    return out
+    """Medians of bench/bench_startup.py's alternating rounds against a bare app with as many blocks."""
+    from bench.bench_startup import measure
+
+    result = measure(REPO, 3)
+    return {"studio app.py": result["stats_s"]["studio"]["median"],
+            "bare gr.Blocks": result["stats_s"]["bare"]["median"]}
 
 
 def write_report(results: dict, path: Path) -> None:
@@ -218,7 +180,8 @@ def write_report(results: dict, path: Path) -> None:
         f"Checkpoint load (file in page cache, 2.1 GB fp16): as fp32 {fp32['load_s']:.1f} s, as "
         f"{default['dtype']} {default['load_s']:.1f} s.",
         "",
-        "| cold start to first HTTP 200 (`--skip-load-model-at-start`) | seconds (best of 2) |",
+        "| cold start to first HTTP 200 (`--skip-load-model-at-start`; bare app with as many blocks) "
+        "| seconds (median of 3, alternated) |",
         "|---|---|",
         *[f"| {k} | {v:.1f} |" for k, v in st.items()],
         f"| ratio | {st['studio app.py'] / st['bare gr.Blocks']:.2f} |",

@@ -507,9 +507,10 @@ def case_sd15_fast_modes(setup: Setup) -> dict[str, Any]:
 
 
 def case_startup(setup: Setup) -> dict[str, Any]:
-    from bench.bench_txt2img import bench_startup
+    """bench/bench_startup.py's measure: processes alternated against a bare app with as many blocks."""
+    from bench.bench_startup import measure
 
-    return {"startup": bench_startup(Path(setup.work))}
+    return {"startup": measure(REPO, max(setup.runs, 3))}
 
 
 CASES: dict[str, Callable[[Setup], dict[str, Any]]] = {
@@ -627,9 +628,10 @@ def report_lines(res: dict[str, Any], plot_name: str | None) -> list[str]:
                      f"{'yes' if big['peak_rss'] <= 1.3 * small['peak_rss'] else 'no'} |")
     if "startup" in c:
         st = c["startup"]["startup"]
-        ratio = st["studio app.py"] / st["bare gr.Blocks"]
-        goals.append(f"| cold start to HTTP 200 ≤ 1.5× a bare Gradio Blocks app | {st['studio app.py']:.1f} s vs "
-                     f"{st['bare gr.Blocks']:.1f} s = {ratio:.2f}× | {'yes' if ratio <= 1.5 else 'no'} |")
+        ratio = st["ratio_of_medians"]
+        studio_s, bare_s = st["stats_s"]["studio"]["median"], st["stats_s"]["bare"]["median"]
+        goals.append(f"| cold start to HTTP 200 ≤ 1.5× a bare Gradio Blocks app with as many blocks | {studio_s:.1f} s "
+                     f"vs {bare_s:.1f} s = {ratio:.2f}× (medians, alternated) | {'yes' if ratio <= 1.5 else 'no'} |")
     lines += ["Goals:", ""] + goals + [""]
     if "sd15_lora" in c:
         lo = c["sd15_lora"]["lora"]
