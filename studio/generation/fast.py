@@ -124,7 +124,7 @@ class FastPreset:
     def note(self) -> str:
         cfg = f"{self.cfg_scale:g}"
         return (f"Fast preset ({self.kind.label}, {self.source}): {self.sampler_name}, {self.steps} steps, "
-                f"CFG {cfg}" + (f", <lora:{self.lora}:1> added" if self.lora else ""))
+                f"CFG {cfg}" + (f", `<lora:{self.lora}:1>` added" if self.lora else ""))
 
 
 def _same_family(lora: FastLora, family: str | None) -> bool:
