@@ -32,6 +32,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+from bench.bench_dit import cpu_name  # noqa: E402
 from bench.report import write_section  # noqa: E402
 from bench.suite import Setup, interleaved, on_worker, open_studio, sd_pipeline  # noqa: E402
 
@@ -63,16 +64,15 @@ def write_lora(lora: Path, model: Any, rank: int) -> None:
                          alpha=float(rank), te=False, seed=7)
 
 
-def cpu_name() -> str:
+def cpu_flags() -> str:
+    """The CPU's name (bench_dit's) and the vector flags that decide the device policy's dtype."""
     try:
         with open("/proc/cpuinfo") as f:
-            lines = f.read().splitlines()
+            flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), [])
     except OSError:
-        return platform.processor() or "cpu"
-    name = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "cpu")
-    flags = next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), [])
+        flags = []
     extras = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    return f"{name} ({', '.join(extras)})" if extras else name
+    return f"{cpu_name()} ({', '.join(extras)})" if extras else cpu_name()
 
 
 def spread(summary: dict[str, Any]) -> str:
@@ -166,7 +166,7 @@ def main() -> None:
     rank = 4 if args.tiny else 64
     setup = Setup(work=work, tiny=args.tiny, steps=20, runs=runs, sizes=(size,), batches=(1,), xl_size=size)
     torch.set_num_threads(os.cpu_count() or 1)
-    results = {"machine": f"{platform.machine()}, {cpu_name()}, {os.cpu_count()} cores",
+    results = {"machine": f"{platform.machine()}, {cpu_flags()}, {os.cpu_count()} cores",
                "torch": torch.__version__, "threads": torch.get_num_threads(), "size": size, "runs": runs,
                "rank": rank, "default_steps": 20,
                "model": "tiny SD1 test model" if args.tiny else "full-size SD1.5 architecture (random weights)"}

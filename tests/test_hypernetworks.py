@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from studio.networks.hypernetwork_module import HypernetworkModule
 from studio.networks.hypernetworks import (
     Hypernetwork,
     HypernetworkFileError,
     HypernetworkLibrary,
-    HypernetworkModule,
     apply_hypernetworks,
     read_hypernetwork,
 )

@@ -161,15 +161,12 @@ def choose(wanted: str, checkpoint: str, checkpoint_texts: Sequence[str], prompt
             kind = kind_of(lora.texts)
             if kind is not None:
                 return _preset(kind, lora.texts, None, f"LoRA {lora.name} in the prompt")
-    candidates = [lora for lora in loras if kind_of(lora.texts) is not None and _same_family(lora, family)]
-    if candidates:
+    found = [(lora, kind) for lora in loras if _same_family(lora, family)
+             for kind in (kind_of(lora.texts),) if kind is not None]
+    if found:
         # prefer a LoRA whose family is known to match, then the kinds' order (LCM first), then the name
-        def rank(lora: FastLora) -> tuple[int, int, str]:
-            kind = kind_of(lora.texts)
-            return (0 if lora.family else 1, KIND_IDS.index(kind.id) if kind else 99, lora.name.lower())
-
-        lora = min(candidates, key=rank)
-        return _preset(kind_of(lora.texts), lora.texts, lora.name, f"LoRA {lora.name}")
+        lora, kind = min(found, key=lambda lk: (0 if lk[0].family else 1, KINDS.index(lk[1]), lk[0].name.lower()))
+        return _preset(kind, lora.texts, lora.name, f"LoRA {lora.name}")
     raise RequestError(
         f"fast: {checkpoint} is not a few-step model by its name or metadata, and models/Lora has no few-step "
         "LoRA for it. Put one in models/Lora (an LCM, Lightning, Hyper-SD, TCD or DMD2 LoRA, e.g. "

@@ -562,13 +562,3 @@ def _steps_for(
             continue
         steps.append(({w: pair[index] for w, pair in by_width.items()}, multiplier))
     return steps
-
-
-def __getattr__(name: str) -> Any:
-    """``HypernetworkModule`` and ``activation_class`` (torch code, in hypernetwork_module) are still
-    importable from here; importing them loads torch, importing this module does not."""
-    if name in ("HypernetworkModule", "activation_class"):
-        from studio.networks import hypernetwork_module
-
-        return getattr(hypernetwork_module, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,7 +1,7 @@
 """Hypernetworks: A1111's "Create hypernetwork" and the trainable that learns one.
 
 The file is A1111's ``.pt`` (formats.md 3.2): integer context widths mapping to
-``(k_state_dict, v_state_dict)`` of :class:`~studio.networks.hypernetworks.HypernetworkModule`,
+``(k_state_dict, v_state_dict)`` of :class:`~studio.networks.hypernetwork_module.HypernetworkModule`,
 plus ``layer_structure``, ``activation_func``, ``is_layer_norm``, ``weight_initialization``,
 ``use_dropout``, ``dropout_structure``, ``activate_output``, ``last_layer_dropout``, ``step``,
 ``name``, ``sd_checkpoint``, ``sd_checkpoint_name`` and ``optional_info``.
