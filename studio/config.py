@@ -204,7 +204,7 @@ class Paths:
     vae_dirs: tuple[Path, ...] = ()
     lora_dirs: tuple[Path, ...] = ()
     hypernetwork_dirs: tuple[Path, ...] = ()
-    controlnet_dirs: tuple[Path, ...] = ()        # ControlNets, T2I-Adapters, IP-Adapters (+ models/ipadapter)
+    controlnet_dirs: tuple[Path, ...] = ()        # ControlNets, adapters (+ models/ipadapter, models/style_models)
     clip_vision_dirs: tuple[Path, ...] = ()       # IP-Adapters' image encoders
     text_encoder_dirs: tuple[Path, ...] = ()     # --text-encoder-dir (models/text_encoder(s), models/clip are read too)
     extra_model_paths: Path | None = None        # ComfyUI's extra_model_paths.yaml
@@ -234,7 +234,8 @@ class Paths:
                    vae_dirs=folders("VAE", flags.vae_dir), lora_dirs=folders("Lora", flags.lora_dir),
                    hypernetwork_dirs=folders("hypernetworks", flags.hypernetwork_dir),
                    # ComfyUI keeps IP-Adapters in models/ipadapter; the A1111 extension in ControlNet/
-                   controlnet_dirs=(*folders("ControlNet", flags.controlnet_dir), models / "ipadapter"),
+                   controlnet_dirs=(*folders("ControlNet", flags.controlnet_dir), models / "ipadapter",
+                                    models / "style_models"),   # ComfyUI's folder for FLUX.1 Redux
                    clip_vision_dirs=(models / "clip_vision", models / "annotators" / "clip_vision"),
                    text_encoder_dirs=(Path(flags.text_encoder_dir).expanduser().resolve(),)
                    if flags.text_encoder_dir else (),

@@ -13,6 +13,11 @@ An IP-Adapter needs the encoder it was trained with: a "base" adapter projects t
 penultimate hidden states (``hidden_size`` wide: ViT-H 1280, bigG 1664). :class:`ClipVisionEncoders`
 picks the file whose width fits, preferring the one the unit's module names (``ip-adapter_clip_h``
 wants ViT-H, ``ip-adapter_clip_g`` bigG).
+
+The same folder holds SigLIP encoders (ComfyUI's ``sigclip_vision_patch14_384.safetensors``), which
+FLUX.1 Redux reads: transformers' ``SiglipVisionModel`` names, told from CLIP by having no class
+token (no ``class_embedding``, a square number of positions). Their config also comes from shapes
+(:func:`siglip_vision_config`).
 """
 
 from __future__ import annotations
@@ -56,11 +61,13 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 _PATCH = "vision_model.embeddings.patch_embedding.weight"
+_CLASS = "vision_model.embeddings.class_embedding"
+CLIP, SIGLIP = "clip", "siglip"
 _POSITIONS = "vision_model.embeddings.position_embedding.weight"
 _PROJECTION = "visual_projection.weight"
 # Real encoders all have 16 heads, whatever their width (OpenCLIP's ViT-H-14 has 80-wide heads,
 # bigG 104-wide): a head count cannot be read from shapes, so the known widths are listed.
-_KNOWN_HEADS = {768: 12, 1024: 16, 1280: 16, 1664: 16}
+_KNOWN_HEADS = {768: 12, 1024: 16, 1152: 16, 1280: 16, 1664: 16}   # 1152: SigLIP so400m
 # OpenAI's ViT-L/14 (SD1's text encoder's twin) uses quick_gelu; the OpenCLIP ViT-H/bigG use gelu.
 _QUICK_GELU_SHAPE = (1024, 24, 768)  # hidden size, layers, projection
 
@@ -130,6 +137,37 @@ def clip_vision_config(state: Mapping[str, Any], name: str = "CLIP vision model"
     )
 
 
+def encoder_kind(state: Mapping[str, Any], name: str = "image encoder") -> str:
+    """CLIP or SigLIP, from the names: CLIP's ViTs have a class token, SigLIP's do not."""
+    keys = normalise_keys(state, name)
+    return CLIP if _CLASS in keys else SIGLIP
+
+
+def siglip_vision_config(state: Mapping[str, Any], name: str = "SigLIP vision model") -> Any:
+    """A ``transformers.SiglipVisionConfig`` from the tensor shapes (or tensors) of a SigLIP encoder
+    file (ComfyUI's sigclip_vision_patch14_384: 1152 wide, 27 layers, 27x27 patches of 14 px)."""
+    from transformers import SiglipVisionConfig
+
+    shapes = {k: _shape(v) for k, v in normalise_keys(state, name).items()}
+    if _POSITIONS not in shapes:
+        raise ModelFileError(f"{name}: no {_POSITIONS!r} tensor")
+    hidden, channels, patch, _ = shapes[_PATCH]
+    layers = len({m[1] for k in shapes if (m := re.match(r"vision_model\.encoder\.layers\.(\d+)\.", k))})
+    grid = round(shapes[_POSITIONS][0] ** 0.5)
+    if grid * grid != shapes[_POSITIONS][0]:
+        raise ModelFileError(f"{name}: {shapes[_POSITIONS][0]} position embeddings make no square patch grid")
+    return SiglipVisionConfig(
+        hidden_size=hidden,
+        intermediate_size=shapes["vision_model.encoder.layers.0.mlp.fc1.weight"][0],
+        num_hidden_layers=layers,
+        num_attention_heads=clip_vision_heads(hidden),
+        num_channels=channels,
+        image_size=grid * patch,
+        patch_size=patch,
+        vision_use_head=any(k.startswith("vision_model.head.") for k in shapes),
+    )
+
+
 def scan_clip_vision(folders: Iterable[Path | str]) -> list[Path]:
     """Encoder files in ``folders`` (and their subfolders), sorted by name, duplicates once."""
     found: dict[Path, None] = {}
@@ -163,14 +201,37 @@ def load_clip_vision(path: Path | str, dtype: torch.dtype | None = None,
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
+def load_siglip_vision(path: Path | str, dtype: torch.dtype | None = None,
+                       device: torch.device | str = "cpu") -> Any:
+    """A ``SiglipVisionModel`` from one file, offline; weights read safely."""
+    import torch
+    from transformers import SiglipVisionModel
+
+    dtype = torch.float32 if dtype is None else dtype
+    path = Path(path)
+    state = normalise_keys(load_state_dict(path), path.name)
+    model = SiglipVisionModel(siglip_vision_config(state, path.name))
+    # the files keep transformers' ``vision_model.`` names; a model class without that level (as
+    # transformers 5 builds it) takes them stripped
+    wanted = model.state_dict().keys()
+    if not any(k.startswith("vision_model.") for k in wanted):
+        state = {k.removeprefix("vision_model."): v for k, v in state.items()}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ModelFileError(f"{path.name}: weights do not fit a SigLIP vision model: {str(e)[:300]}") from e
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
 @dataclass(frozen=True)
 class EncoderFile:
     """An encoder file and the widths an adapter can use."""
 
     path: Path
-    hidden_size: int      # penultimate hidden states ("plus", face adapters)
-    projection_dim: int   # image_embeds ("base" adapters)
+    hidden_size: int      # penultimate hidden states ("plus", face adapters); SigLIP: its output
+    projection_dim: int   # image_embeds ("base" adapters); 0 for SigLIP (no projection)
     image_size: int
+    kind: str = CLIP
 
     def width(self, uses_hidden_states: bool) -> int:
         return self.hidden_size if uses_hidden_states else self.projection_dim
@@ -180,6 +241,7 @@ class EncoderFile:
 ENCODER_NAME_HINTS = {
     "clip_h": ("clip_h", "clip_vision_h", "vit-h", "vit_h", "vith", "h14", "h-14"),
     "clip_g": ("clip_g", "clip_vision_g", "bigg", "vit-g", "vit_g"),
+    "clip_l": ("clip_l", "clip_vision_l", "vit-l", "vit_l", "large-patch14"),   # XLabs' FLUX IP-Adapter
 }
 
 
@@ -200,11 +262,16 @@ class ClipVisionEncoders:
             info = self._files.get(path)
             if info is None:
                 try:
-                    config = clip_vision_config(read_shapes(path), path.name)
+                    shapes = read_shapes(path)
+                    if encoder_kind(shapes, path.name) == SIGLIP:
+                        config = siglip_vision_config(shapes, path.name)
+                        info = EncoderFile(path, config.hidden_size, 0, config.image_size, SIGLIP)
+                    else:
+                        config = clip_vision_config(shapes, path.name)
+                        info = EncoderFile(path, config.hidden_size, config.projection_dim, config.image_size)
                 except ModelFileError as e:
                     log.warning("skipping %s: %s", path, e)
                     continue
-                info = EncoderFile(path, config.hidden_size, config.projection_dim, config.image_size)
                 self._files[path] = info
             out.append(info)
         return out
@@ -213,7 +280,7 @@ class ClipVisionEncoders:
              adapter: str = "IP-Adapter") -> EncoderFile:
         """The encoder whose output is ``width`` wide (hidden states or image_embeds); among
         several, the one named like ``hint`` ("clip_h" / "clip_g"), then the first by name."""
-        files = self.files()
+        files = [f for f in self.files() if f.kind == CLIP]
         fits = [f for f in files if f.width(uses_hidden_states) == width]
         if not fits:
             what = "hidden states" if uses_hidden_states else "image embeddings (projection)"
@@ -228,16 +295,29 @@ class ClipVisionEncoders:
         named = [f for f in fits if any(s in f.path.stem.lower() for s in fragments)]
         return (named or fits)[0]
 
+    def pick_siglip(self, width: int, adapter: str = "FLUX.1 Redux") -> EncoderFile:
+        """The SigLIP encoder whose output is ``width`` wide (Redux's input width), first by name."""
+        files = self.files()
+        fits = [f for f in files if f.kind == SIGLIP and f.hidden_size == width]
+        if not fits:
+            have = "; ".join(f"{f.path.name}: {f.kind} {f.hidden_size} wide" for f in files)
+            raise RequestError(f"{adapter} needs a SigLIP image encoder with {width}-wide outputs (ComfyUI's "
+                               f"sigclip_vision_patch14_384.safetensors); "
+                               f"{'none of the encoders fits (' + have + ')' if files else 'none found'}: "
+                               f"put the encoder file in {CLIP_VISION_FOLDER}")
+        return fits[0]
+
     def load(self, file: EncoderFile | Path, dtype: torch.dtype, device: torch.device | str) -> Any:
         """The loaded encoder, reusing the kept one when it is the same file, dtype and device."""
         import torch
+        siglip = isinstance(file, EncoderFile) and file.kind == SIGLIP
         path = file.path if isinstance(file, EncoderFile) else Path(file).resolve()
         key = (path, dtype, str(torch.device(device)))
         if self._loaded is not None and self._loaded[0] == key:
             return self._loaded[1]
         self._loaded = None  # drop the old one before the new one takes memory
-        model = load_clip_vision(path, dtype, device)
-        log.info("CLIP vision encoder %s loaded", path.name)
+        model = (load_siglip_vision if siglip else load_clip_vision)(path, dtype, device)
+        log.info("%s vision encoder %s loaded", "SigLIP" if siglip else "CLIP", path.name)
         self._loaded = (key, model)
         return model
 

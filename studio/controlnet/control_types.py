@@ -35,7 +35,7 @@ DEFAULT_MODULES: dict[str, str] = {
     "InstructP2P": "none",
     "Reference": "reference_only",
     "Recolor": "recolor_luminance",
-    "Revision": "revision_clipvision",
+    "Revision": "revision_clipvision",   # the studio has flux_redux under it (Revision's FLUX twin)
     "T2I-Adapter": "none",
     "IP-Adapter": "ip-adapter_clip_sd15",
     "Instant_ID": "instant_id",
@@ -54,6 +54,8 @@ _ALIASES: dict[str, tuple[str, ...]] = {
     "scribble/sketch": ("scribble", "sketch"),
     "tile/blur": ("tile", "blur"),
     "openpose": ("openpose", "densepose"),
+    # FLUX.1 Redux is Revision's idea (the image's embedding as prompt tokens) for FLUX
+    "revision": ("redux",),
 }
 # types whose line drawings may come white-on-black or black-on-white: "invert" is offered too
 _WITH_INVERT = ("canny", "lineart", "scribble/sketch", "mlsd")

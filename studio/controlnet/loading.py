@@ -6,6 +6,8 @@
 - ControlNet Union / ProMax (``task_embedding``, ``control_add_embedding``), files or diffusers folders
   (union.py);
 - FLUX.1 ControlNets (InstantX / Shakker-Labs Union-Pro / jasperai, diffusers layout; flux_controlnet.py);
+- FLUX.1 Redux (``redux_up`` / ``redux_down``): image tokens for the prompt (redux.py);
+- XLabs' FLUX.1 IP-Adapter (``ip_adapter_proj_model`` + ``double_blocks.N.processor``; flux_ip_adapter.py);
 - everything else, ControlNets and T2I-Adapters, by :func:`studio.controlnet.models.load_controlnet`.
 
 It sits above those modules (they import ``models``), so the dispatch needs no import inside a
@@ -29,6 +31,7 @@ from studio.controlnet.flux_controlnet import (
     probe_flux_model,
     xlabs_refusal,
 )
+from studio.controlnet.flux_ip_adapter import is_flux_ip_adapter, load_flux_ip_adapter
 from studio.controlnet.ip_adapter import IP_ADAPTER, is_ip_adapter_file, load_ip_adapter
 from studio.controlnet.models import (
     ControlNetInfo,
@@ -38,6 +41,7 @@ from studio.controlnet.models import (
     load_controlnet,
     place_model,
 )
+from studio.controlnet.redux import is_redux_state_dict, load_redux, redux_probe
 from studio.controlnet.union import is_union_state_dict, load_union, union_probe
 from studio.models.state_dict import ModelFileError, load_state_dict, read_shapes
 
@@ -73,6 +77,12 @@ def load_control_model(info: ControlNetInfo, dtype: torch.dtype = torch.float32,
         probe = ControlNetProbe(weights.family or "sd1", weights.probe.cross_attention_dim, 3, 0, kind=IP_ADAPTER)
         return _loaded(LoadedControlNet(info, probe, weights))
     shapes = read_shapes(info.path)
+    if is_flux_ip_adapter(shapes):
+        weights = load_flux_ip_adapter(info.path, info.name)
+        return _loaded(LoadedControlNet(info, weights.probe, weights))
+    if is_redux_state_dict(shapes):
+        model = load_redux(info.path, dtype, device, info.name)
+        return _loaded(LoadedControlNet(info, redux_probe(model), model))
     if is_flux_controlnet(shapes):
         model = load_flux_controlnet(load_state_dict(info.path), dtype, device, info.name)
         return _loaded(LoadedControlNet(info, probe_flux_controlnet(shapes, info.name), model))

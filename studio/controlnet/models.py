@@ -392,8 +392,8 @@ def check_family(loaded: LoadedControlNet, model_family: str) -> None:
     ``sd1-inpaint`` as SD1: only the base family matters)."""
     from studio.controlnet.ip_adapter import IP_ADAPTER, IPAdapterWeights
     base = "sdxl" if model_family.startswith("sdxl") else model_family.split("-", 1)[0]
-    if loaded.probe.kind == IP_ADAPTER:
-        if isinstance(loaded.model, IPAdapterWeights) and loaded.model.family not in (None, base):
+    if loaded.probe.kind == IP_ADAPTER and isinstance(loaded.model, IPAdapterWeights):
+        if loaded.model.family not in (None, base):
             raise ModelFileError(f"{IP_ADAPTER} {loaded.info.name} is for {loaded.probe.label}, the loaded "
                                  f"checkpoint is {FAMILY_LABELS.get(base) or family_label(model_family)}")
         return   # the exact fit (widths, layer count) is checked against the UNet when it is installed
@@ -411,6 +411,9 @@ def check_family(loaded: LoadedControlNet, model_family: str) -> None:
 # adapters (``body.N.body.M.*``, ``style_embedding``) are not supported.
 
 ADAPTER = "T2I-Adapter"
+# FLUX.1 Redux files (studio.controlnet.redux): a unit model kind, named here with the others so the
+# torch-free unit code can tell them apart
+REDUX = "Redux"
 _ADAPTER_FAMILIES = {"full_adapter": "sd1", "full_adapter_xl": "sdxl"}
 # The original files always have two resnets per level (the T2I-Adapter paper's nums_rb).
 _ORIGINAL_RES_BLOCKS = 2

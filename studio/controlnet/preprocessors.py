@@ -38,6 +38,9 @@ PAD_MULTIPLE = 64
 BUILT_IN = "built-in"  # Preprocessor.source of the modules shipped here; otherwise an extension's name
 # the modules whose map carries a mask (white = generate): the inpaint ControlNets read it
 INPAINT_MODULES = ("inpaint", "inpaint_only", "inpaint_only+lama")
+# FLUX.1 Redux's module: the reference image as it is, read by a SigLIP encoder in sampling
+# (studio.controlnet.redux); its slider is ReduxAdvanced's downsampling factor
+REDUX_MODULE = "flux_redux"
 
 
 @dataclass(frozen=True)
@@ -531,6 +534,8 @@ def builtin_preprocessors(annotators_dir: Path) -> list[Preprocessor]:
         # so the module list shows each once, under the key alias_names asks for.
         *(Preprocessor(name, name, _identity, resolution=None, ext_name=_IP_ADAPTER_KEYS.get(name),
                        ext_label=_IP_ADAPTER_LABELS.get(name)) for name in IP_ADAPTER_MODULES),
+        Preprocessor(REDUX_MODULE, REDUX_MODULE, _identity, resolution=None,
+                     slider_1=Slider("Downsampling factor", 1, 9, 1, 1)),
         Preprocessor("tile_colorfix", "tile_colorfix", _identity, resolution=None, slider_1=variation),
         Preprocessor("tile_colorfix+sharp", "tile_colorfix+sharp", _identity, resolution=None, slider_1=variation,
                      slider_2=Slider("Sharpness", 0.0, 2.0, 1.0, 0.01)),

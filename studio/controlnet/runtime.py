@@ -23,12 +23,13 @@ from studio.controlnet.clip_vision import ClipVisionEncoders
 from studio.controlnet.latent_fixes import COLORFIX_MODULES, INPAINT_BLUR_SIGMA, INPAINT_ONLY_MODULES
 from studio.controlnet.models import (
     FAMILY_LABELS,
+    REDUX,
     ControlNetInfo,
     ControlNetLibrary,
     LoadedControlNet,
     check_family,
 )
-from studio.controlnet.preprocessors import INPAINT_MODULES, PreprocessorError, PreprocessorRegistry
+from studio.controlnet.preprocessors import INPAINT_MODULES, REDUX_MODULE, PreprocessorError, PreprocessorRegistry
 from studio.controlnet.units import (
     ControlNetUnitRequest,
     UnitError,
@@ -184,9 +185,11 @@ class ControlPlan:
         """Everything the units do in one pass's sampling loop: ControlNet residuals, the reference
         modules' attention/AdaIN, the colour fix and inpaint_only's latent blending."""
         from studio.controlnet.flux_controlnet import FLUX_FAMILY, FluxControlGuidance, FluxControlUnit
+        from studio.controlnet.flux_ip_adapter import FluxIPAdapterGuidance, FluxIPAdapterUnit
         from studio.controlnet.guidance import ControlNetGuidance
         from studio.controlnet.ip_adapter import IP_ADAPTER, IPAdapterGuidance, IPAdapterUnit
         from studio.controlnet.latent_fixes import LatentFixes, LatentFixUnit
+        from studio.controlnet.redux import ReduxGuidance, ReduxUnit
         from studio.controlnet.reference import ReferenceGuidance, ReferenceUnit, is_reference
         callbacks: list[StepCallback] = []
         units = self.units_for(width, height, hires)
@@ -213,16 +216,32 @@ class ControlPlan:
         adapters = [IPAdapterUnit(p.loaded.model, [p.detected], p.unit.weight, p.unit.guidance_start,
                                   p.unit.guidance_end, p.module)
                     for p in self.prepared
-                    if p.loaded is not None and p.loaded.probe.kind == IP_ADAPTER and p.takes_part(hires)]
+                    if p.loaded is not None and p.loaded.probe.kind == IP_ADAPTER
+                    and p.loaded.probe.family != FLUX_FAMILY and p.takes_part(hires)]
+        flux_adapters = [FluxIPAdapterUnit(p.loaded.model, [p.detected], p.unit.weight, p.unit.guidance_start,
+                                           p.unit.guidance_end, p.module)
+                         for p in self.prepared
+                         if p.loaded is not None and p.loaded.probe.kind == IP_ADAPTER
+                         and p.loaded.probe.family == FLUX_FAMILY and p.takes_part(hires)]
         flux = [FluxControlUnit(p.loaded.model, map_to_tensor(fit_control_map(p.detected, width, height,
                                                                               p.unit.resize_mode)),
                                 p.unit.weight, p.unit.guidance_start, p.unit.guidance_end,
                                 mode=p.union_type if p.union_type >= 0 else None,
                                 control_mode=p.unit.control_mode_index)
                 for p in self.prepared
-                if p.loaded is not None and p.loaded.probe.family == FLUX_FAMILY and p.takes_part(hires)]
+                if p.loaded is not None and p.loaded.probe.family == FLUX_FAMILY
+                and p.loaded.probe.kind not in (REDUX, IP_ADAPTER) and p.takes_part(hires)]
         if flux:   # the FLUX transformer's ControlNets (the UNet path above is SD's)
             callbacks.append(FluxControlGuidance(flux))
+        redux = [ReduxUnit(p.loaded.model, [p.detected], p.unit.weight, p.unit.guidance_start, p.unit.guidance_end,
+                           downsampling=max(1, round(p.threshold_a)) if p.module == REDUX_MODULE else 1,
+                           name=p.loaded.info.name)
+                 for p in self.prepared
+                 if p.loaded is not None and p.loaded.probe.kind == REDUX and p.takes_part(hires)]
+        if redux:   # one callback for all: their tokens follow the prompt's in one list
+            callbacks.append(ReduxGuidance(redux, self.clip_vision or ClipVisionEncoders(())))
+        if flux_adapters:   # installed in the FLUX transformer for the pass, as IPAdapterGuidance in the UNet
+            callbacks.append(FluxIPAdapterGuidance(flux_adapters, self.clip_vision or ClipVisionEncoders(())))
         if adapters:   # one callback for all: each sets the image embeddings of every UNet call
             callbacks.append(IPAdapterGuidance(adapters, self.clip_vision or ClipVisionEncoders(())))
         if references:
@@ -369,6 +388,10 @@ def prepare_controls(units: tuple[ControlNetUnitRequest, ...], registry: Preproc
             except ModelFileError as e:
                 raise UnitError(f"ControlNet unit {index}: {e}") from e
             title = info.api_name
+        if unit.module == REDUX_MODULE and (loaded is None or loaded.probe.kind != REDUX):
+            raise UnitError(f"ControlNet unit {index}: the {REDUX_MODULE} module needs a FLUX.1 Redux model "
+                            f"(flux1-redux-dev.safetensors in models/ControlNet or models/style_models), "
+                            f"not {unit.model!r}")
         union_type = -1
         if loaded is not None and loaded.probe.family == FLUX_FAMILY and loaded.probe.kind == UNION:
             try:

@@ -8,16 +8,20 @@ text sequence [N, L, D], ``pooled`` [N, P]; ``guidance`` is FLUX's distilled gui
 
 FLUX.1 also takes ControlNets: ``controlnets=[FluxControl, ...]`` (what
 :class:`studio.controlnet.flux_controlnet.FluxControlGuidance` hands the loop) runs each one on the
-transformer's own inputs and adds their block samples, as diffusers' ``FluxControlNetPipeline`` does.
-A denoiser lists the keyword arguments it takes beyond the common ones in ``extra_kwargs``; the loop
-refuses others for its family.
+transformer's own inputs and adds their block samples, as diffusers' ``FluxControlNetPipeline`` does;
+``prompt_tokens=ExtraPromptTokens`` (FLUX.1 Redux's image tokens) follow the prompt's tokens in the
+prompt's rows, as diffusers' ``FluxPriorReduxPipeline`` hands them to ``FluxPipeline``;
+``ip_adapter_image_embeds`` go to an installed IP-Adapter through the transformer's
+``joint_attention_kwargs``, as ``FluxPipeline`` passes them. A denoiser
+lists the keyword arguments it takes beyond the common ones in ``extra_kwargs``; the loop refuses
+others for its family.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -56,6 +60,25 @@ class FluxControl:
     uncond_rows: int = 0        # leading rows (the unconditional block) that get no control
 
 
+@dataclass(frozen=True)
+class ExtraPromptTokens:
+    """Tokens that follow the prompt's in every row after the first ``uncond_rows`` (the negative
+    prompt's block, which is computed without them)."""
+
+    tokens: torch.Tensor    # [T, context width]
+    uncond_rows: int = 0
+
+
+def _rows(value: torch.Tensor | None, start: int, stop: int) -> torch.Tensor | None:
+    return None if value is None else value[start:stop]
+
+
+def _control_rows(controls: Sequence[FluxControl], start: int, stop: int) -> list[FluxControl]:
+    """The ControlNets of rows ``start:stop`` of a call (their maps are shared by every row; only how
+    many leading rows get no control changes)."""
+    return [replace(c, uncond_rows=max(0, min(c.uncond_rows, stop) - start)) for c in controls]
+
+
 def _per_block(samples: Sequence[torch.Tensor] | None, blocks: int, repeat: bool) -> list[torch.Tensor] | None:
     """A ControlNet's samples spread over the transformer's ``blocks`` the way FluxTransformer2DModel
     indexes them (every ``ceil(blocks / len)`` blocks share one; XLabs' models cycle), so that units
@@ -90,7 +113,7 @@ def _summed(per_unit: list[list[torch.Tensor]], pad: int) -> list[torch.Tensor] 
 
 
 class FluxDenoiser:
-    extra_kwargs = ("controlnets",)
+    extra_kwargs = ("controlnets", "prompt_tokens", "ip_adapter_image_embeds")
 
     def __init__(self, transformer: Any, dtype: torch.dtype):
         self.transformer, self.dtype = transformer, dtype
@@ -98,8 +121,23 @@ class FluxDenoiser:
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor,
                  guidance: float | None, extra: torch.Tensor | None = None,
-                 reference: torch.Tensor | None = None, controlnets: Sequence[FluxControl] = ()) -> torch.Tensor:
+                 reference: torch.Tensor | None = None, controlnets: Sequence[FluxControl] = (),
+                 prompt_tokens: ExtraPromptTokens | None = None,
+                 ip_adapter_image_embeds: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
         n, _, h, w = x.shape
+        if prompt_tokens is not None:
+            k = prompt_tokens.uncond_rows
+            if k:   # the negative rows without the extra tokens, the prompt's with them: two calls
+                ip_head = [e[:k] for e in ip_adapter_image_embeds] if ip_adapter_image_embeds else None
+                ip_tail = [e[k:] for e in ip_adapter_image_embeds] if ip_adapter_image_embeds else None
+                head = self(x[:k], t, context[:k], _rows(pooled, 0, k), guidance, _rows(extra, 0, k),
+                            _rows(reference, 0, k), _control_rows(controlnets, 0, k), None, ip_head)
+                tail = self(x[k:], t, context[k:], _rows(pooled, k, n), guidance, _rows(extra, k, n),
+                            _rows(reference, k, n), _control_rows(controlnets, k, n),
+                            replace(prompt_tokens, uncond_rows=0), ip_tail)
+                return torch.cat([head, tail])
+            extra_tokens = prompt_tokens.tokens.to(context.device, context.dtype)
+            context = torch.cat([context, extra_tokens.expand(n, *extra_tokens.shape)], dim=1)
         latent_tokens = pack_latents(x)
         tokens = latent_tokens
         if extra is not None:   # FLUX Fill / Control: more channels after the packed latents
@@ -126,6 +164,9 @@ class FluxDenoiser:
                           pooled_projections=pooled, encoder_hidden_states=context, txt_ids=txt_ids,
                           img_ids=ids[:count])
             control = self._control(controlnets, inputs, tokens.shape[1] - count)
+        if ip_adapter_image_embeds:   # an installed FLUX IP-Adapter's image embeddings, one per adapter
+            control["joint_attention_kwargs"] = {
+                "ip_adapter_image_embeds": [e.to(device, self.dtype) for e in ip_adapter_image_embeds]}
         out = self.transformer(
             hidden_states=tokens.to(self.dtype), timestep=timestep, guidance=guidance_in,
             pooled_projections=pooled.to(self.dtype), encoder_hidden_states=context.to(self.dtype),
