@@ -10,11 +10,31 @@ from fastapi import APIRouter, Body, HTTPException
 from pydantic import BaseModel, ConfigDict, Field
 
 from studio.controlnet.control_types import api_control_types
+from studio.controlnet.pose_render import render_pose_json
 from studio.controlnet.preprocessors import INPAINT_MODULES
 from studio.controlnet.units import unit_count
 
 # The extension's external_code.get_api_version(); clients check it before using units.
 API_VERSION = 2
+
+
+class PosePerson(BaseModel):
+    """One person of an OpenPose JSON file: (x, y, confidence) triples in canvas pixels."""
+
+    pose_keypoints_2d: list[float]
+    hand_right_keypoints_2d: list[float] | None = None
+    hand_left_keypoints_2d: list[float] | None = None
+    face_keypoints_2d: list[float] | None = None
+
+
+class PoseFile(BaseModel):
+    """What pose editors save (OpenPose's output format): people, or AP-10K ``animals``, on a canvas.
+    The extension's model requires ``people``; animal files have none, so here it defaults to empty."""
+
+    people: list[PosePerson] = Field(default_factory=list)
+    animals: list[list[float]] = Field(default_factory=list)
+    canvas_width: int = Field(gt=0)
+    canvas_height: int = Field(gt=0)
 
 
 class DetectRequest(BaseModel):
@@ -73,6 +93,17 @@ def build_controlnet_router(studio: Any, route_class: Any, decode: Callable[[str
         maps = studio.detect(body.controlnet_module, decoded, body.controlnet_processor_res,
                              body.controlnet_threshold_a, body.controlnet_threshold_b, masks=masks)
         return {"info": "Success", "images": [encode(m) for m in maps]}
+
+    @r.post("/render_openpose_json")
+    def render_openpose_json(pose_data: list[PoseFile] = Body([], title="Pose json files to render.")
+                             ) -> dict[str, Any]:
+        if not pose_data:
+            return {"info": "No pose data detected."}   # the extension's answer (200)
+        try:
+            images = [render_pose_json(pose.model_dump()) for pose in pose_data]
+        except ValueError as e:
+            raise HTTPException(422, str(e)) from e
+        return {"images": [encode(image) for image in images], "info": "Success"}
 
     return r
 
