@@ -141,3 +141,46 @@ def guided_latents(studio, model, units, steps: int = 4):
                      cfg_scale=7.0, eta=None, width=64, height=64, seeds=[5],
                      callbacks=[ControlNetGuidance(units)])
     return studio.queue.run(lambda state: sample(model, spec, state))
+
+
+class FixedPlan:
+    """A conditioning plan with fixed (negative, positive) embeddings: the flow loop's ``plan`` interface."""
+
+    def __init__(self, embeds, pooled):
+        self.embeds, self.pooled, self.weights = embeds, pooled, [1.0]
+
+    def at(self, step: int):
+        return self.embeds, self.pooled
+
+
+def flux_checkpoint(parts, family: str = "flux1"):
+    """The LoadedModel attributes the flow loop and the unit callbacks read, for tiny FLUX.1 dev parts
+    (``studio.testing.flux.tiny_flux_components``)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from studio.devices import DevicePolicy
+    from studio.families.spec import family_spec
+    from studio.models.latent_codec import ScaleShiftCodec
+
+    policy = DevicePolicy(torch.device("cpu"), torch.float32, torch.float32, "sdpa", "test")
+    return SimpleNamespace(spec=family_spec(family), policy=policy, probe=SimpleNamespace(variant="dev"),
+                           previewer=None, unet=parts.transformer, vae=parts.vae,
+                           latent_codec=ScaleShiftCodec(parts.vae))
+
+
+def flux_latents(parts, callbacks=(), cfg: float = 1.0, steps: int = 3, size: int = 64, seed: int = 7,
+                 guidance: float = 3.5, checkpoint=None):
+    """Latents of one tiny FLUX.1 sampling pass (Euler, Simple) over ``parts.embeds`` / ``parts.pooled``
+    with step ``callbacks`` (the unit guidances)."""
+    from types import SimpleNamespace
+
+    from studio.generation.flow_sampling import sample_flow
+    from studio.generation.sampling import BatchSpec
+    from studio.jobs import JobState
+
+    spec = BatchSpec(plan=FixedPlan(parts.embeds, parts.pooled), sampler=SimpleNamespace(name="Euler"),
+                     schedule=SimpleNamespace(name="simple"), steps=steps, cfg_scale=cfg, eta=None, width=size,
+                     height=size, seeds=[seed], guidance=guidance, callbacks=list(callbacks))
+    return sample_flow(checkpoint or flux_checkpoint(parts), spec, JobState("job", "test"))

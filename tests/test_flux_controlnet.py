@@ -3,7 +3,6 @@ and run by the studio's flow loop with the results of diffusers' own FluxControl
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import pytest
@@ -22,15 +21,9 @@ from studio.controlnet.flux_controlnet import (
     probe_flux_controlnet,
 )
 from studio.controlnet.union import UNION
-from studio.devices import DevicePolicy
 from studio.errors import RequestError
-from studio.families.spec import family_spec
 from studio.generation.dit_denoisers import FluxControl, FluxDenoiser, pack_latents
-from studio.generation.flow_sampling import sample_flow
 from studio.generation.noise import make_noise
-from studio.generation.sampling import BatchSpec
-from studio.jobs import JobState
-from studio.models.latent_codec import ScaleShiftCodec
 from studio.models.state_dict import ModelFileError, load_state_dict, read_shapes
 from studio.testing.dit_parts import T5_HIDDEN, clip_l_config
 from studio.testing.flux import tiny_flux_components
@@ -40,6 +33,7 @@ from studio.testing.flux_controlnets import (
     make_flux_controlnet_folder,
     tiny_flux_controlnet,
 )
+from tests.helpers import flux_checkpoint, flux_latents
 
 # the modules' own checks against diffusers; the engine-level tests of the same models run in the main command
 pytestmark = pytest.mark.slow
@@ -48,18 +42,6 @@ SIZE = 64            # pixels: an 8x8 latent, 16 tokens
 SEED = 7
 GUIDANCE = 3.5
 TOKENS = 8           # text tokens
-
-
-@dataclass
-class FixedPlan:
-    """A conditioning plan with fixed (negative, positive) embeddings: the loop's ``plan`` interface."""
-
-    embeds: torch.Tensor
-    pooled: torch.Tensor
-    weights: list[float] = field(default_factory=lambda: [1.0])
-
-    def at(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.embeds, self.pooled
 
 
 @pytest.fixture(scope="module")
@@ -78,20 +60,9 @@ def public(config) -> dict:
     return {k: v for k, v in dict(config).items() if not k.startswith("_")}
 
 
-def checkpoint(parts, family: str = FLUX_FAMILY):
-    """The LoadedModel attributes the flow loop and the callback read."""
-    policy = DevicePolicy(torch.device("cpu"), torch.float32, torch.float32, "sdpa", "test")
-    return SimpleNamespace(spec=family_spec(family), policy=policy,
-                           probe=SimpleNamespace(variant="dev"), previewer=None, unet=parts.transformer,
-                           vae=parts.vae, latent_codec=ScaleShiftCodec(parts.vae))
-
-
 def run(parts, units: list[FluxControlUnit], steps: int = 3, cfg: float = 1.0, family: str = FLUX_FAMILY):
-    spec = BatchSpec(plan=FixedPlan(parts.embeds, parts.pooled), sampler=SimpleNamespace(name="Euler"),
-                     schedule=SimpleNamespace(name="simple"), steps=steps, cfg_scale=cfg, eta=None, width=SIZE,
-                     height=SIZE, seeds=[SEED], guidance=GUIDANCE,
-                     callbacks=[FluxControlGuidance(units)] if units else ())
-    return sample_flow(checkpoint(parts, family), spec, JobState("job", "test"))
+    return flux_latents(parts, [FluxControlGuidance(units)] if units else (), cfg, steps, SIZE, SEED, GUIDANCE,
+                        flux_checkpoint(parts, family))
 
 
 def unit(parts, kind: str = "plain", **fields) -> FluxControlUnit:

@@ -4,7 +4,6 @@ file loaded by its own ``load_ip_adapter``, weight / CFG rows, the transformer r
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import numpy as np
@@ -23,36 +22,21 @@ from studio.controlnet.flux_ip_adapter import (
     to_diffusers_layout,
 )
 from studio.controlnet.ip_adapter import IP_ADAPTER
-from studio.devices import DevicePolicy
 from studio.errors import RequestError
-from studio.families.spec import family_spec
 from studio.generation.dit_denoisers import pack_latents
-from studio.generation.flow_sampling import sample_flow
 from studio.generation.noise import make_noise
-from studio.generation.sampling import BatchSpec
-from studio.jobs import JobState
-from studio.models.latent_codec import ScaleShiftCodec
 from studio.models.state_dict import ModelFileError, load_state_dict, read_shapes
 from studio.testing.dit_parts import T5_HIDDEN, clip_l_config
 from studio.testing.flux import FLUX_DOUBLE_BLOCKS, tiny_flux_components
 from studio.testing.flux_adapters import write_flux_ip_adapter
 from studio.testing.ip_adapters import write_clip_vision
+from tests.helpers import flux_checkpoint, flux_latents
 
 SIZE = 64
 SEED = 7
 GUIDANCE = 3.5
 TOKENS = 8
 CLIP_PROJ = 24
-
-
-@dataclass
-class FixedPlan:
-    embeds: torch.Tensor
-    pooled: torch.Tensor
-    weights: list[float] = field(default_factory=lambda: [1.0])
-
-    def at(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.embeds, self.pooled
 
 
 def reference() -> Image.Image:
@@ -76,18 +60,9 @@ def parts(tmp_path_factory):
                            weights=load_flux_ip_adapter(adapter))
 
 
-def checkpoint(parts):
-    policy = DevicePolicy(torch.device("cpu"), torch.float32, torch.float32, "sdpa", "test")
-    return SimpleNamespace(spec=family_spec("flux1"), policy=policy, probe=SimpleNamespace(variant="dev"),
-                           previewer=None, unet=parts.transformer, vae=parts.vae, latent_codec=ScaleShiftCodec(parts.vae))
-
-
 def run(parts, units: list[FluxIPAdapterUnit], cfg: float = 1.0) -> torch.Tensor:
     callbacks = [FluxIPAdapterGuidance(units, parts.encoders)] if units else ()
-    spec = BatchSpec(plan=FixedPlan(parts.embeds, parts.pooled), sampler=SimpleNamespace(name="Euler"),
-                     schedule=SimpleNamespace(name="simple"), steps=3, cfg_scale=cfg, eta=None, width=SIZE,
-                     height=SIZE, seeds=[SEED], guidance=GUIDANCE, callbacks=callbacks)
-    return sample_flow(checkpoint(parts), spec, JobState("job", "test"))
+    return flux_latents(parts, callbacks, cfg, 3, SIZE, SEED, GUIDANCE)
 
 
 def unit(parts, **fields) -> FluxIPAdapterUnit:
@@ -150,5 +125,5 @@ def test_an_adapter_for_another_transformer_or_without_encoder_is_refused(parts,
         run(parts, [FluxIPAdapterUnit(other, [reference()])])
     lonely = FluxIPAdapterGuidance([unit(parts)], ClipVisionEncoders([tmp_path / "empty"]))
     with pytest.raises(RequestError, match="24-wide image embeddings.*models/clip_vision"):
-        lonely.on_pass_start(SimpleNamespace(model=checkpoint(parts)))
+        lonely.on_pass_start(SimpleNamespace(model=flux_checkpoint(parts)))
     assert not hasattr(parts.transformer, "encoder_hid_proj")

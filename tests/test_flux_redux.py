@@ -3,7 +3,6 @@ sampling loop against diffusers' own Redux and FLUX pipelines, weight / window /
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import numpy as np
@@ -29,21 +28,22 @@ from studio.controlnet.redux import (
     load_redux,
     redux_probe,
 )
-from studio.devices import DevicePolicy
 from studio.errors import RequestError
-from studio.families.spec import family_spec
 from studio.generation.dit_denoisers import ExtraPromptTokens, FluxDenoiser, pack_latents
-from studio.generation.flow_sampling import sample_flow
 from studio.generation.noise import make_noise
-from studio.generation.sampling import BatchSpec
 from studio.generation.step_callbacks import ModelCall
-from studio.jobs import JobState
-from studio.models.latent_codec import ScaleShiftCodec
 from studio.models.state_dict import ModelFileError, load_state_dict, read_shapes
 from studio.testing.dit_parts import T5_HIDDEN, clip_l_config
 from studio.testing.flux import tiny_flux_components
+from studio.testing.flux_adapters import (
+    build_redux,
+    build_siglip_vision,
+    siglip_file_state,
+    write_redux,
+    write_siglip_vision,
+)
 from studio.testing.ip_adapters import write_clip_vision
-from studio.testing.flux_adapters import build_redux, build_siglip_vision, siglip_file_state, write_redux, write_siglip_vision
+from tests.helpers import flux_checkpoint, flux_latents
 
 SIZE = 64
 SEED = 7
@@ -51,16 +51,6 @@ GUIDANCE = 3.5
 TOKENS = 8
 ENCODER_SEED = 3
 REDUX_SEED = 4
-
-
-@dataclass
-class FixedPlan:
-    embeds: torch.Tensor
-    pooled: torch.Tensor
-    weights: list[float] = field(default_factory=lambda: [1.0])
-
-    def at(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.embeds, self.pooled
 
 
 def reference() -> Image.Image:
@@ -84,18 +74,9 @@ def parts(tmp_path_factory):
                            encoders=ClipVisionEncoders([root / "clip_vision"]), redux=load_redux(redux_file))
 
 
-def checkpoint(parts):
-    policy = DevicePolicy(torch.device("cpu"), torch.float32, torch.float32, "sdpa", "test")
-    return SimpleNamespace(spec=family_spec("flux1"), policy=policy, probe=SimpleNamespace(variant="dev"),
-                           previewer=None, unet=parts.transformer, vae=parts.vae, latent_codec=ScaleShiftCodec(parts.vae))
-
-
 def run(parts, units: list[ReduxUnit], cfg: float = 1.0, steps: int = 3) -> torch.Tensor:
     callbacks = [ReduxGuidance(units, parts.encoders)] if units else ()
-    spec = BatchSpec(plan=FixedPlan(parts.embeds, parts.pooled), sampler=SimpleNamespace(name="Euler"),
-                     schedule=SimpleNamespace(name="simple"), steps=steps, cfg_scale=cfg, eta=None, width=SIZE,
-                     height=SIZE, seeds=[SEED], guidance=GUIDANCE, callbacks=callbacks)
-    return sample_flow(checkpoint(parts), spec, JobState("job", "test"))
+    return flux_latents(parts, callbacks, cfg, steps, SIZE, SEED, GUIDANCE)
 
 
 def unit(parts, **fields) -> ReduxUnit:
@@ -199,7 +180,7 @@ def test_weight_zero_is_no_unit_and_weight_and_downsampling_change_the_result(pa
 
 def test_tokens_follow_the_window_and_add_up_over_units(parts):
     guidance = ReduxGuidance([unit(parts, guidance_start=0.5), unit(parts, weight=0.5)], parts.encoders)
-    guidance.on_pass_start(SimpleNamespace(model=checkpoint(parts)))
+    guidance.on_pass_start(SimpleNamespace(model=flux_checkpoint(parts)))
 
     def call(step: int, has_uncond: bool = False) -> ModelCall:
         return ModelCall(step, step, 4, None, 1.0, None, None, None, 2 if has_uncond else 1, 1, has_uncond)
@@ -231,7 +212,7 @@ def test_the_negative_rows_are_computed_without_the_image_tokens(parts):
 def test_a_unit_without_reference_image_is_refused(parts):
     guidance = ReduxGuidance([ReduxUnit(parts.redux, [])], parts.encoders)
     with pytest.raises(RequestError, match="no reference image"):
-        guidance.on_pass_start(SimpleNamespace(model=checkpoint(parts)))
+        guidance.on_pass_start(SimpleNamespace(model=flux_checkpoint(parts)))
 
 
 def test_a_redux_file_on_another_family_is_refused_by_name(parts):

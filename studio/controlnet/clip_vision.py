@@ -108,6 +108,27 @@ def _shape(value: Any) -> tuple[int, ...]:
     return tuple(value.shape) if isinstance(value, torch.Tensor) else tuple(value)
 
 
+def _vit_geometry(shapes: Mapping[str, tuple[int, ...]], extra_tokens: int, name: str) -> dict[str, int]:
+    """The config fields a ViT's shapes give, CLIP's and SigLIP's alike: widths, depth, heads (by
+    :func:`clip_vision_heads`) and the image size from the patch grid (positions = grid² +
+    ``extra_tokens``: CLIP's class token, none for SigLIP)."""
+    hidden, channels, patch, _ = shapes[_PATCH]
+    positions = shapes[_POSITIONS][0]
+    grid = round((positions - extra_tokens) ** 0.5)
+    if grid * grid + extra_tokens != positions:
+        raise ModelFileError(f"{name}: {positions} position embeddings make no square patch grid")
+    return dict(
+        hidden_size=hidden,
+        intermediate_size=shapes["vision_model.encoder.layers.0.mlp.fc1.weight"][0],
+        num_hidden_layers=len({m[1] for k in shapes
+                               if (m := re.match(r"vision_model\.encoder\.layers\.(\d+)\.", k))}),
+        num_attention_heads=clip_vision_heads(hidden),
+        num_channels=channels,
+        image_size=grid * patch,
+        patch_size=patch,
+    )
+
+
 def clip_vision_config(state: Mapping[str, Any], name: str = "CLIP vision model") -> Any:
     """A ``transformers.CLIPVisionConfig`` from the tensor shapes (or tensors) of an encoder file."""
     from transformers import CLIPVisionConfig
@@ -116,21 +137,11 @@ def clip_vision_config(state: Mapping[str, Any], name: str = "CLIP vision model"
     if _PROJECTION not in shapes or _POSITIONS not in shapes:
         raise ModelFileError(f"{name}: a CLIP vision model without {_PROJECTION!r}; IP-Adapters need the "
                              "model with its projection (CLIPVisionModelWithProjection)")
-    hidden, channels, patch, _ = shapes[_PATCH]
-    layers = len({m[1] for k in shapes if (m := re.match(r"vision_model\.encoder\.layers\.(\d+)\.", k))})
-    grid = round((shapes[_POSITIONS][0] - 1) ** 0.5)
-    if grid * grid + 1 != shapes[_POSITIONS][0]:
-        raise ModelFileError(f"{name}: {shapes[_POSITIONS][0]} position embeddings make no square patch grid")
+    geometry = _vit_geometry(shapes, 1, name)
     projection = shapes[_PROJECTION][0]
-    quick = (hidden, layers, projection) == _QUICK_GELU_SHAPE
+    quick = (geometry["hidden_size"], geometry["num_hidden_layers"], projection) == _QUICK_GELU_SHAPE
     return CLIPVisionConfig(
-        hidden_size=hidden,
-        intermediate_size=shapes["vision_model.encoder.layers.0.mlp.fc1.weight"][0],
-        num_hidden_layers=layers,
-        num_attention_heads=clip_vision_heads(hidden),
-        num_channels=channels,
-        image_size=grid * patch,
-        patch_size=patch,
+        **geometry,
         projection_dim=projection,
         hidden_act="quick_gelu" if quick else "gelu",
         layer_norm_eps=1e-5,
@@ -151,19 +162,8 @@ def siglip_vision_config(state: Mapping[str, Any], name: str = "SigLIP vision mo
     shapes = {k: _shape(v) for k, v in normalise_keys(state, name).items()}
     if _POSITIONS not in shapes:
         raise ModelFileError(f"{name}: no {_POSITIONS!r} tensor")
-    hidden, channels, patch, _ = shapes[_PATCH]
-    layers = len({m[1] for k in shapes if (m := re.match(r"vision_model\.encoder\.layers\.(\d+)\.", k))})
-    grid = round(shapes[_POSITIONS][0] ** 0.5)
-    if grid * grid != shapes[_POSITIONS][0]:
-        raise ModelFileError(f"{name}: {shapes[_POSITIONS][0]} position embeddings make no square patch grid")
     return SiglipVisionConfig(
-        hidden_size=hidden,
-        intermediate_size=shapes["vision_model.encoder.layers.0.mlp.fc1.weight"][0],
-        num_hidden_layers=layers,
-        num_attention_heads=clip_vision_heads(hidden),
-        num_channels=channels,
-        image_size=grid * patch,
-        patch_size=patch,
+        **_vit_geometry(shapes, 0, name),
         vision_use_head=any(k.startswith("vision_model.head.") for k in shapes),
     )
 

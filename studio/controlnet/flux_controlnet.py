@@ -30,6 +30,7 @@ import torch
 
 from studio.controlnet.models import ControlNetProbe, place_model
 from studio.controlnet.union import UNION
+from studio.controlnet.units import in_guidance_window
 from studio.errors import RequestError
 from studio.generation.dit_denoisers import FluxControl, pack_latents
 from studio.generation.step_callbacks import ModelCall, PassInfo, StepCallback
@@ -217,9 +218,7 @@ class FluxControlUnit:
             raise RequestError("a control mode was given for a FLUX ControlNet that is not a Union model")
 
     def active(self, step: int, total: int) -> bool:
-        # the extension's rule, as the SD units (guidance.ControlUnit.active)
-        fraction = step / max(total, 1)
-        return self.weight != 0 and self.guidance_start <= fraction <= self.guidance_end
+        return self.weight != 0 and in_guidance_window(step, total, self.guidance_start, self.guidance_end)
 
 
 def control_input(model: Any, image: torch.Tensor, checkpoint: Any) -> torch.Tensor:

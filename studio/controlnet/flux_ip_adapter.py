@@ -29,6 +29,7 @@ from PIL import Image
 from studio.controlnet.clip_vision import ClipVisionEncoders
 from studio.controlnet.ip_adapter import IP_ADAPTER, encode_reference
 from studio.controlnet.models import ControlNetProbe
+from studio.controlnet.units import in_guidance_window
 from studio.errors import RequestError
 from studio.generation.step_callbacks import ModelCall, PassInfo, StepCallback
 from studio.models.state_dict import ModelFileError, load_state_dict
@@ -111,8 +112,7 @@ class FluxIPAdapterUnit:
     module: str = "ip-adapter-auto"
 
     def active(self, step: int, total: int) -> bool:
-        fraction = step / max(total, 1)
-        return self.weight != 0 and self.guidance_start <= fraction <= self.guidance_end
+        return self.weight != 0 and in_guidance_window(step, total, self.guidance_start, self.guidance_end)
 
 
 def _black(images: Sequence[Image.Image]) -> list[Image.Image]:

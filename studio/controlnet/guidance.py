@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from studio.controlnet.union import is_union_model, union_residuals
+from studio.controlnet.units import in_guidance_window
 from studio.generation.step_callbacks import ModelCall, PassInfo, StepCallback
 
 SOFT_DECAY = 0.825
@@ -57,9 +58,7 @@ class ControlUnit:
     _features: list[torch.Tensor] | None = field(default=None, init=False, repr=False)
 
     def active(self, step: int, total: int) -> bool:
-        # the extension skips a step when step/total < start or > end
-        fraction = step / max(total, 1)
-        return self.weight != 0 and self.guidance_start <= fraction <= self.guidance_end
+        return self.weight != 0 and in_guidance_window(step, total, self.guidance_start, self.guidance_end)
 
     def scales(self, count: int) -> list[float]:
         if self.control_mode == 1:

@@ -38,6 +38,7 @@ import torch
 from PIL import Image
 
 from studio.controlnet.clip_vision import CLIP_MEAN, CLIP_STD, IP_ADAPTER_MODULES, ClipVisionEncoders
+from studio.controlnet.units import in_guidance_window
 from studio.errors import RequestError
 from studio.generation.step_callbacks import ModelCall, PassInfo, StepCallback
 from studio.models.state_dict import (
@@ -273,9 +274,7 @@ class IPAdapterUnit:
     multi_image: str = "average"
 
     def active(self, step: int, total: int) -> bool:
-        # the A1111 extension's window rule, as ControlUnit.active
-        fraction = step / max(total, 1)
-        return self.weight != 0 and self.guidance_start <= fraction <= self.guidance_end
+        return self.weight != 0 and in_guidance_window(step, total, self.guidance_start, self.guidance_end)
 
 
 def _placement(model: Any, unet: Any) -> tuple[torch.device, torch.dtype]:

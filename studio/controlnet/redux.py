@@ -33,6 +33,7 @@ from PIL import Image
 
 from studio.controlnet.clip_vision import ClipVisionEncoders
 from studio.controlnet.models import REDUX, ControlNetProbe
+from studio.controlnet.units import in_guidance_window
 from studio.errors import RequestError
 from studio.generation.dit_denoisers import ExtraPromptTokens
 from studio.generation.step_callbacks import ModelCall, PassInfo, StepCallback
@@ -125,9 +126,7 @@ class ReduxUnit:
     name: str = REDUX
 
     def active(self, step: int, total: int) -> bool:
-        # the A1111 extension's window rule, as every unit
-        fraction = step / max(total, 1)
-        return self.weight != 0 and self.guidance_start <= fraction <= self.guidance_end
+        return self.weight != 0 and in_guidance_window(step, total, self.guidance_start, self.guidance_end)
 
 
 class ReduxGuidance(StepCallback):

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from studio.controlnet.units import in_guidance_window
 from studio.generation.step_callbacks import ModelCall, PassInfo, StepCallback
 from studio.generation.txt2img import encode_images
 
@@ -70,8 +71,7 @@ class ReferenceUnit:
     latents: torch.Tensor | None = field(default=None, repr=False)
 
     def active(self, step: int, total: int) -> bool:
-        fraction = step / max(total, 1)
-        return self.weight > 0 and self.guidance_start <= fraction <= self.guidance_end
+        return self.weight > 0 and in_guidance_window(step, total, self.guidance_start, self.guidance_end)
 
 
 @dataclass

@@ -296,6 +296,13 @@ def lenient_params(p: _Sliders, processor_res: float, threshold_a: float, thresh
 # --------------------------------------------------------------------------- sizes and maps
 
 
+def in_guidance_window(step: int, total: int, start: float, end: float) -> bool:
+    """The extension's window rule for every kind of unit: a unit acts on a step when step / total
+    lies in [Starting Control Step, Ending Control Step]."""
+    fraction = step / max(total, 1)
+    return start <= fraction <= end
+
+
 def pixel_perfect_resolution(image_size: tuple[int, int], width: int, height: int, resize_mode: str) -> int:
     """The preprocessor resolution at which the map lands on the generation size without a second
     resize: the image's short side times the fit factor (the smaller factor for "Resize and Fill",

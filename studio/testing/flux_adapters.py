@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from studio.controlnet.clip_vision import clip_vision_heads
-from studio.testing.dit_parts import T5_HIDDEN
+from studio.testing.dit_parts import T5_HIDDEN, randomised, seeded
 from studio.testing.flux import FLUX_DOUBLE_BLOCKS, FLUX_HEAD_DIM, FLUX_HEADS
 
 
@@ -28,14 +28,7 @@ def build_siglip_vision(hidden: int = 32, layers: int = 2, image_size: int = 32,
     config = SiglipVisionConfig(hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
                                 num_attention_heads=clip_vision_heads(hidden), image_size=image_size,
                                 patch_size=patch)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = SiglipVisionModel(config)
-        with torch.no_grad():
-            for param in model.parameters():
-                if param.ndim == 1:  # norms and biases: not constant, so swaps would show
-                    param.add_(torch.randn_like(param) * 0.02)
-    return model.eval()
+    return seeded(seed, lambda: randomised(SiglipVisionModel(config)))
 
 
 def siglip_file_state(model: Any) -> dict[str, torch.Tensor]:
@@ -57,13 +50,14 @@ def build_redux(redux_dim: int = 32, out_dim: int = T5_HIDDEN, seed: int = 0) ->
     a T5 prompt's (a tiny FLUX transformer then visibly follows them)."""
     from diffusers.pipelines.flux.modeling_flux import ReduxImageEncoder
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    def build() -> Any:
         model = ReduxImageEncoder(redux_dim=redux_dim, txt_in_features=out_dim)
         with torch.no_grad():
             for param in model.parameters():
                 param.copy_(torch.randn_like(param) * (0.5 if param.ndim > 1 else 0.1))
-    return model.eval()
+        return model.eval()
+
+    return seeded(seed, build)
 
 
 def write_redux(path: str | Path, redux_dim: int = 32, out_dim: int = T5_HIDDEN, seed: int = 0,
