@@ -506,10 +506,11 @@ class Engine:
         return out, info, path
 
     def detect(self, module: str, images: list[Any], resolution: int = -1, threshold_a: float = -1,
-               threshold_b: float = -1, masks: Sequence[Any] = ()) -> list[Any]:
+               threshold_b: float = -1, masks: Sequence[Any] = (), poses: list[dict] | None = None) -> list[Any]:
         """Run a preprocessor on images (the ControlNet tab, POST /controlnet/detect), on the worker
         because detectors may load networks. ``masks`` (one per image, or one for all) are what the
-        inpaint modules need; a mask-needing module without one is refused."""
+        inpaint modules need; a mask-needing module without one is refused. ``poses``, when given,
+        receives the OpenPose JSON of each image for the openpose modules (the extension's answer)."""
         if module not in self.preprocessors:
             raise RequestError(f"unknown preprocessor {module!r}; available: {', '.join(self.preprocessors.names())}")
         module = self.preprocessors.canonical(module)
@@ -533,7 +534,8 @@ class Engine:
             state.textinfo = f"Preprocessor {module}"
             try:
                 return [self.preprocessors.run(module, image, resolution, threshold_a, threshold_b,
-                                               mask=masks[i % len(masks)].resize(image.size) if masks else None)
+                                               mask=masks[i % len(masks)].resize(image.size) if masks else None,
+                                               pose_sink=poses)
                         for i, image in enumerate(images)]
             except PreprocessorError as e:
                 raise RequestError(str(e)) from e

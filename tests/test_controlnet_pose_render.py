@@ -110,3 +110,84 @@ def test_the_extensions_web_api_cases(client):
     assert animals["info"] == "Success" and len(animals["images"]) == 1
     bad = render(client, [{"people": [{"pose_keypoints_2d": [1, 2]}], "canvas_width": W, "canvas_height": H}])
     assert bad.status_code == 422 and "triples" in bad.text
+
+
+# --------------------------------------------------------------------------- /detect's "poses"
+
+
+class FakeOpenpose:
+    """Stands in for controlnet-aux's OpenposeDetector (whose real weights are 200 MB): one person
+    whose points are fixed fractions of the image it is given."""
+
+    def __init__(self):
+        self.calls = []
+
+    def detect_poses(self, arr, include_hand=False, include_face=False):
+        from controlnet_aux.open_pose import BodyResult, Keypoint, PoseResult
+
+        self.calls.append((arr.shape, include_hand, include_face))
+        body = [Keypoint(x / W, y / H) for x, y in BODY]
+        return [PoseResult(BodyResult(body, 1.0, len(body)), None, None, None)]
+
+    def __call__(self, arr, detect_resolution=512, image_resolution=512, include_body=True, include_hand=False,
+                 include_face=False, output_type="np", **kwargs):
+        from controlnet_aux.open_pose import draw_poses
+
+        h, w = arr.shape[:2]
+        return draw_poses(self.detect_poses(arr, include_hand, include_face), h, w, include_body, include_hand,
+                          include_face)
+
+
+def fake_registry(tmp_path):
+    from studio.controlnet.preprocessors import PreprocessorRegistry
+
+    registry = PreprocessorRegistry.with_builtins(tmp_path)
+    fake = FakeOpenpose()
+    registry._models["openpose"] = fake   # the cache the weighted modules look in before loading files
+    return registry, fake
+
+
+def test_openpose_detection_fills_the_pose_sink_in_map_pixels(tmp_path):
+    registry, fake = fake_registry(tmp_path)
+    image = Image.new("RGB", (300, 200), (90, 90, 90))
+    sink: list = []
+    detected = registry.run("openpose_full", image, resolution=200, pose_sink=sink)
+    assert fake.calls[-1][1:] == (True, True)
+    assert len(sink) == 1 and (sink[0]["canvas_width"], sink[0]["canvas_height"]) == detected.size == (300, 200)
+    person = sink[0]["people"][0]
+    # the detector saw the image padded to 320x256 (multiples of 64): its fractions are of that size
+    xs, ys = person["pose_keypoints_2d"][0::3], person["pose_keypoints_2d"][1::3]
+    assert xs[0] == pytest.approx(BODY[0][0] / W * 320) and ys[0] == pytest.approx(BODY[0][1] / H * 256)
+    # what the sink says, drawn again, is the map the module returned
+    redrawn = np.asarray(render_pose_json(sink[0]), dtype=np.int16)
+    assert np.abs(redrawn - np.asarray(detected, dtype=np.int16)).mean() < 2
+    assert registry.run("openpose", image, resolution=200) is not None and len(sink) == 1   # no sink: nothing
+
+
+def test_detect_answers_poses_for_openpose_modules_only(tmp_path):
+    from studio.api.routes import install_api
+    from studio.config import Flags
+    from studio.core import Studio
+    from tests.helpers import make_models_dir, png_b64
+
+    make_models_dir(tmp_path)
+    studio = Studio.create(Flags(data_dir=str(tmp_path), no_half=True))
+    try:
+        fake = FakeOpenpose()
+        studio.preprocessors._models["openpose"] = fake
+        app = FastAPI()
+        install_api(app, studio)
+        client = TestClient(app)
+        images = [png_b64(Image.new("RGB", (128, 128), (50, 50, 50))), png_b64(Image.new("RGB", (64, 64)))]
+        answer = client.post("/controlnet/detect", json={"controlnet_module": "openpose",
+                                                         "controlnet_input_images": images}).json()
+        assert answer["info"] == "Success" and len(answer["images"]) == len(answer["poses"]) == 2
+        assert [(p["canvas_width"], p["canvas_height"]) for p in answer["poses"]] == [(512, 512), (512, 512)]
+        assert len(answer["poses"][0]["people"][0]["pose_keypoints_2d"]) == 18 * 3
+        canny = client.post("/controlnet/detect", json={"controlnet_module": "canny",
+                                                        "controlnet_input_images": images[:1]}).json()
+        assert "poses" not in canny
+        rendered = client.post("/controlnet/render_openpose_json", json=[answer["poses"][0]]).json()
+        assert rendered["info"] == "Success"
+    finally:
+        studio.queue.shutdown()

@@ -90,9 +90,13 @@ def build_controlnet_router(studio: Any, route_class: Any, decode: Callable[[str
         decoded = [decode(data) for data in images]
         masks = [decode(data) for data in body.controlnet_masks]
         # out-of-range values fall back to the module's defaults in Engine.detect, as in a generation's units
+        poses: list[dict] = []
         maps = studio.detect(body.controlnet_module, decoded, body.controlnet_processor_res,
-                             body.controlnet_threshold_a, body.controlnet_threshold_b, masks=masks)
-        return {"info": "Success", "images": [encode(m) for m in maps]}
+                             body.controlnet_threshold_a, body.controlnet_threshold_b, masks=masks, poses=poses)
+        answer: dict[str, Any] = {"info": "Success", "images": [encode(m) for m in maps]}
+        if poses:   # the openpose modules: the keypoints too, as the extension answers
+            answer["poses"] = poses
+        return answer
 
     @r.post("/render_openpose_json")
     def render_openpose_json(pose_data: list[PoseFile] = Body([], title="Pose json files to render.")

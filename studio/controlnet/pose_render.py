@@ -29,19 +29,41 @@ AP10K_LIMBS = (
 
 
 def keypoints(values: Sequence[float] | None, width: int, height: int) -> list[Any] | None:
-    """(x, y, confidence) triples in pixels -> controlnet-aux Keypoints normalised to the canvas
-    (None where the confidence is under 1, as the extension treats them)."""
+    """(x, y, confidence) triples -> controlnet-aux Keypoints normalised to the canvas (None where the
+    confidence is under 1, as the extension treats them). Pixels as OpenPose writes them; a list whose
+    coordinates all lie in [0, 1] is taken as already normalised (the extension's rule, since its own
+    detector's JSON holds normalised values)."""
     from controlnet_aux.open_pose import Keypoint
 
     if not values:
         return None
     if len(values) % 3:
         raise ValueError(f"{len(values)} keypoint numbers are not (x, y, confidence) triples")
-    out: list[Any] = []
-    for i in range(0, len(values), 3):
-        x, y, c = values[i:i + 3]
-        out.append(Keypoint(x / width, y / height) if c >= 1.0 else None)
-    return out
+    triples = [values[i:i + 3] for i in range(0, len(values), 3)]
+    normalised = all(abs(x) <= 1 and abs(y) <= 1 for x, y, c in triples if c >= 1.0)
+    sx, sy = (1.0, 1.0) if normalised else (float(width), float(height))
+    return [Keypoint(x / sx, y / sy) if c >= 1.0 else None for x, y, c in triples]
+
+
+def _flat(points: Sequence[Any] | None, width: int, height: int) -> list[float] | None:
+    if not points:
+        return None
+    return [v for k in points
+            for v in ((float(k.x) * width, float(k.y) * height, 1.0) if k is not None else (0.0, 0.0, 0.0))]
+
+
+def poses_to_json(poses: Sequence[Any], width: int, height: int) -> dict[str, Any]:
+    """controlnet-aux PoseResults (normalised) as OpenPose's JSON output in pixels of a ``width`` x
+    ``height`` canvas, what /controlnet/detect returns as ``poses`` and pose editors read."""
+    return {
+        "people": [{"pose_keypoints_2d": _flat(p.body.keypoints, width, height),
+                    "face_keypoints_2d": _flat(p.face, width, height),
+                    "hand_left_keypoints_2d": _flat(p.left_hand, width, height),
+                    "hand_right_keypoints_2d": _flat(p.right_hand, width, height)} for p in poses],
+        "animals": [],
+        "canvas_height": height,
+        "canvas_width": width,
+    }
 
 
 def render_people(people: Sequence[Mapping[str, Any]], width: int, height: int) -> np.ndarray:

@@ -287,6 +287,23 @@ def _flags(**flags) -> Callable[..., Any]:
     return functools.partial(_call_flags, **flags)
 
 
+def _call_openpose(det, arr, s1, s2, ctx, **flags):
+    """OpenPose's map; for /controlnet/detect also the keypoints (``ctx["pose_sink"]``), in OpenPose's
+    JSON format, as the extension returns them beside the map."""
+    out = _call_flags(det, arr, s1, s2, ctx, **flags)
+    sink = ctx.get("pose_sink")
+    if sink is not None:
+        from studio.controlnet.pose_render import poses_to_json
+
+        poses = det.detect_poses(arr, flags.get("include_hand", False), flags.get("include_face", False))
+        sink.append(poses_to_json(poses, arr.shape[1], arr.shape[0]))
+    return out
+
+
+def _openpose(**flags) -> Callable[..., Any]:
+    return functools.partial(_call_openpose, **flags)
+
+
 def _call_mlsd(det, arr, s1, s2, ctx):
     return det(arr, thr_v=float(s1), thr_d=float(s2), detect_resolution=_res(arr), image_resolution=_res(arr),
                output_type="np")
@@ -439,16 +456,16 @@ def _aux_modules(annotators_dir: Path) -> list[Preprocessor]:
         ("depth_midas", "depth", _MIDAS, {}),
         ("normal_midas", "normal_map", _variant(_MIDAS, _call_normal_midas),
          {"slider_1": Slider("Normal Background Threshold", 0.0, 1.0, 0.4, _STEP)}),
-        ("openpose", None, _variant(_OPENPOSE, _flags(include_body=True, include_hand=False, include_face=False)),
+        ("openpose", None, _variant(_OPENPOSE, _openpose(include_body=True, include_hand=False, include_face=False)),
          {}),
         ("openpose_face", None,
-         _variant(_OPENPOSE, _flags(include_body=True, include_hand=False, include_face=True)), _HIDDEN),
+         _variant(_OPENPOSE, _openpose(include_body=True, include_hand=False, include_face=True)), _HIDDEN),
         ("openpose_faceonly", None,
-         _variant(_OPENPOSE, _flags(include_body=False, include_hand=False, include_face=True)), _HIDDEN),
+         _variant(_OPENPOSE, _openpose(include_body=False, include_hand=False, include_face=True)), _HIDDEN),
         ("openpose_full", None,
-         _variant(_OPENPOSE, _flags(include_body=True, include_hand=True, include_face=True)), {}),
+         _variant(_OPENPOSE, _openpose(include_body=True, include_hand=True, include_face=True)), {}),
         ("openpose_hand", None,
-         _variant(_OPENPOSE, _flags(include_body=True, include_hand=True, include_face=False)), _HIDDEN),
+         _variant(_OPENPOSE, _openpose(include_body=True, include_hand=True, include_face=False)), _HIDDEN),
         ("normal_bae", None, _AuxSpec("normalbae", "NormalBaeDetector", {"filename": "scannet.pt"}, _flags(),
                                       "normal_bae"), _HIDDEN),
         # the detector draws black lines on white internally and returns white on black, as ControlNet wants
@@ -654,9 +671,15 @@ class PreprocessorRegistry:
         size = scaled_size(rgb.width, rgb.height, res)
         arr = _resize_np(np.asarray(rgb), size)
         padded = _pad_to_multiple(arr, PAD_MULTIPLE)
+        sink = ctx.get("pose_sink")
+        found = len(sink) if sink is not None else 0
         out = _control_map(p, Image.fromarray(padded), res, s1, s2, ctx)
         if out.shape[:2] != padded.shape[:2]:
             out = _resize_np(out, (padded.shape[1], padded.shape[0]))
+        if sink is not None and len(sink) > found:
+            # keypoints were read on the padded image, whose pad is at the right and bottom: the same
+            # pixel coordinates hold on the cropped map; only its canvas is smaller
+            sink[-1].update(canvas_width=size[0], canvas_height=size[1])
         return Image.fromarray(np.ascontiguousarray(out[: size[1], : size[0]]))
 
     def resolve_params(self, name: str, resolution: float | None, slider_1: float | None,
