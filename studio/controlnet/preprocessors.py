@@ -41,6 +41,7 @@ INPAINT_MODULES = ("inpaint", "inpaint_only", "inpaint_only+lama")
 # FLUX.1 Redux's module: the reference image as it is, read by a SigLIP encoder in sampling
 # (studio.controlnet.redux); its slider is ReduxAdvanced's downsampling factor
 REDUX_MODULE = "flux_redux"
+REVISION_MODULES = ("revision_clipvision", "revision_ignore_prompt")   # studio.controlnet.revision
 
 
 @dataclass(frozen=True)
@@ -551,6 +552,9 @@ def builtin_preprocessors(annotators_dir: Path) -> list[Preprocessor]:
         # so the module list shows each once, under the key alias_names asks for.
         *(Preprocessor(name, name, _identity, resolution=None, ext_name=_IP_ADAPTER_KEYS.get(name),
                        ext_label=_IP_ADAPTER_LABELS.get(name)) for name in IP_ADAPTER_MODULES),
+        # SDXL Revision (studio.controlnet.revision): the image's CLIP-G embedding, no model
+        *(Preprocessor(name, name, _identity, resolution=None, model_free=True,
+                       slider_1=Slider("Noise Augmentation", 0.0, 1.0, 0.0, 0.01)) for name in REVISION_MODULES),
         Preprocessor(REDUX_MODULE, REDUX_MODULE, _identity, resolution=None,
                      slider_1=Slider("Downsampling factor", 1, 9, 1, 1)),
         Preprocessor("tile_colorfix", "tile_colorfix", _identity, resolution=None, slider_1=variation),

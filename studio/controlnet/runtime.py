@@ -29,7 +29,13 @@ from studio.controlnet.models import (
     LoadedControlNet,
     check_family,
 )
-from studio.controlnet.preprocessors import INPAINT_MODULES, REDUX_MODULE, PreprocessorError, PreprocessorRegistry
+from studio.controlnet.preprocessors import (
+    INPAINT_MODULES,
+    REDUX_MODULE,
+    REVISION_MODULES,
+    PreprocessorError,
+    PreprocessorRegistry,
+)
 from studio.controlnet.units import (
     ControlNetUnitRequest,
     UnitError,
@@ -181,9 +187,12 @@ class ControlPlan:
                                      p.unit.guidance_end, p.unit.control_mode_index, union_type=p.union_type))
         return units
 
-    def callbacks_for(self, width: int, height: int, hires: bool | None, seed: int = 0) -> list[StepCallback]:
+    def callbacks_for(self, width: int, height: int, hires: bool | None, seed: int = 0,
+                      empty_prompts: bool = False) -> list[StepCallback]:
         """Everything the units do in one pass's sampling loop: ControlNet residuals, the reference
-        modules' attention/AdaIN, the colour fix and inpaint_only's latent blending."""
+        modules' attention/AdaIN, the colour fix and inpaint_only's latent blending, Revision's pooled
+        embedding (``empty_prompts``: no prompt and no negative prompt, where Revision zeroes the
+        text as the extension does)."""
         from studio.controlnet.flux_controlnet import FLUX_FAMILY, FluxControlGuidance, FluxControlUnit
         from studio.controlnet.flux_ip_adapter import FluxIPAdapterGuidance, FluxIPAdapterUnit
         from studio.controlnet.guidance import ControlNetGuidance
@@ -191,6 +200,7 @@ class ControlPlan:
         from studio.controlnet.latent_fixes import LatentFixes, LatentFixUnit
         from studio.controlnet.redux import ReduxGuidance, ReduxUnit
         from studio.controlnet.reference import ReferenceGuidance, ReferenceUnit, is_reference
+        from studio.controlnet.revision import RevisionGuidance, RevisionUnit
         callbacks: list[StepCallback] = []
         units = self.units_for(width, height, hires)
         if units:
@@ -238,6 +248,12 @@ class ControlPlan:
                            name=p.loaded.info.name)
                  for p in self.prepared
                  if p.loaded is not None and p.loaded.probe.kind == REDUX and p.takes_part(hires)]
+        revisions = [RevisionUnit(p.detected, p.unit.weight, p.unit.guidance_start, p.unit.guidance_end,
+                                  max(p.threshold_a, 0.0), p.module == "revision_ignore_prompt")
+                     for p in self.prepared if p.module in REVISION_MODULES and p.takes_part(hires)]
+        if revisions:
+            callbacks.append(RevisionGuidance(revisions, self.clip_vision or ClipVisionEncoders(()), seed,
+                                              empty_prompts))
         if redux:   # one callback for all: their tokens follow the prompt's in one list
             callbacks.append(ReduxGuidance(redux, self.clip_vision or ClipVisionEncoders(())))
         if flux_adapters:   # installed in the FLUX transformer for the pass, as IPAdapterGuidance in the UNet
@@ -373,6 +389,10 @@ def prepare_controls(units: tuple[ControlNetUnitRequest, ...], registry: Preproc
                                                               f"ControlNet unit {index}")
         if unit.pixel_perfect:
             resolution = pixel_perfect_resolution(image.size, width, height, unit.resize_mode)
+        if unit.module in REVISION_MODULES and not model_family.startswith("sdxl"):
+            raise UnitError(f"ControlNet unit {index}: {unit.module} works with SDXL checkpoints only (Revision "
+                            f"replaces SDXL's pooled text embedding), not "
+                            f"{FAMILY_LABELS.get(model_family, model_family)}")
         if not _needs_model(registry, unit.module) or (unit.module in _LATENT_MODULES):
             if model_family not in _UNET_FAMILIES:
                 raise UnitError(f"ControlNet unit {index}: {unit.module} works with SD1, SD2 and SDXL "

@@ -330,9 +330,11 @@ def _run(model: LoadedModel, req: Txt2ImgRequest, state: JobState, prompt: str, 
         result.detected_maps = controls.detected_maps(req.width, req.height,
                                                       (hires.width, hires.height) if hires is not None else None)
         notes.extend(controls.notes)
-        first_units = controls.callbacks_for(req.width, req.height, None if hires is None else False, base_seed)
+        empty = not req.prompt.strip() and not req.negative_prompt.strip()
+        first_units = controls.callbacks_for(req.width, req.height, None if hires is None else False, base_seed,
+                                             empty)
         if hires is not None:
-            hires_units = controls.callbacks_for(hires.width, hires.height, True, base_seed)
+            hires_units = controls.callbacks_for(hires.width, hires.height, True, base_seed, empty)
     first_callbacks = _pass_callbacks(first_units, merge, o.callbacks)
     hires_callbacks = _pass_callbacks(hires_units, merge_hr, o.callbacks)
     saving = o.saver is not None and req.save_images

@@ -352,7 +352,9 @@ def sample(model: Any, spec: BatchSpec, state: JobState) -> torch.Tensor:
                 extra = callbacks.unet_kwargs(call)
                 if "added_cond_kwargs" in extra:  # e.g. IP-Adapter image embeddings, next to SDXL's own
                     call_added = {**(run_added or {}), **extra.pop("added_cond_kwargs")}
-            pred = stage.model.unet(x.to(stage.device, dtype), t, encoder_hidden_states=run_context,
+            # a callback may replace the text context of the call (Revision's "ignore prompt")
+            call_context = extra.pop("encoder_hidden_states", run_context)
+            pred = stage.model.unet(x.to(stage.device, dtype), t, encoder_hidden_states=call_context,
                                     added_cond_kwargs=call_added, **extra).sample.to(device, torch.float32)
             if not switched:
                 pred = callbacks.unet_output(call, pred)

@@ -3,7 +3,8 @@
 A :class:`StepCallback` can act at five points of one sampling pass (the first pass, a hires
 pass): when it starts, before every UNet call (extra UNet keyword arguments: ControlNet's
 residuals; an ``added_cond_kwargs`` dict is merged into the loop's own, so an IP-Adapter's image
-embeddings travel next to SDXL's size conditioning), right after it (a replacement for the UNet's
+embeddings travel next to SDXL's size conditioning and Revision's replace its pooled text; an
+``encoder_hidden_states`` replaces the call's text context), right after it (a replacement for the UNet's
 prediction: the ControlNet tile colour fix and inpaint_only work there), at the end of every
 sampler step (the tensors it declared, and it may hand back new latents), and when the pass ends,
 also on an error or an interrupt (token merging patches and un-patches the UNet there). Job
