@@ -208,7 +208,8 @@ def _flags(ns: argparse.Namespace) -> Flags:
 # also takes.
 UNIT_KEYS = ("model", "module", "image", "mask", "weight", "resize_mode", "processor_res", "threshold_a",
              "threshold_b", "guidance_start", "guidance_end", "pixel_perfect", "control_mode", "hr_option",
-             "low_vram", "enabled", "save_detected_map", "union_control_type")
+             "low_vram", "enabled", "save_detected_map", "union_control_type", "effective_region_mask",
+             "advanced_weighting")
 _UNIT_KEY_ALIASES = ("guidance", "lowvram", "input_image", "mask_image")
 _ENUM_KEYS = ("resize_mode", "control_mode", "hr_option")
 _BOOL_KEYS = ("pixel_perfect", "low_vram", "lowvram", "enabled", "save_detected_map")

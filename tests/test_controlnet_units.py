@@ -293,8 +293,9 @@ def test_binary_maps_stay_binary_when_resized():
     assert set(np.unique(fitted)) == {0, 255}
 
 
-def test_unit_fields_the_studio_cannot_honour_are_refused():
-    for name, value in (("advanced_weighting", [0.75] * 13), ("effective_region_mask", "aGk=")):
-        with pytest.raises(UnitError, match=f"{name} is not supported"):
-            unit_from_api({"module": "canny", "model": "x", name: value}, lambda b: b)
-    assert unit_from_api({"module": "canny", "model": "x", "advanced_weighting": None, "foo": 1}, lambda b: b)
+def test_unknown_unit_fields_are_ignored_and_empty_extras_read_as_unset():
+    # as the extension's model: unknown keys pass; advanced_weighting / effective_region_mask are
+    # read (tests/test_controlnet_region.py), their empty values mean "not set"
+    unit = unit_from_api({"module": "canny", "model": "x", "advanced_weighting": None, "effective_region_mask": "",
+                          "foo": 1}, lambda b: b)
+    assert unit.advanced_weighting is None and unit.effective_region_mask is None

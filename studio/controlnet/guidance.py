@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from studio.controlnet.union import is_union_model, union_residuals
 from studio.controlnet.units import in_guidance_window
+from studio.errors import RequestError
 from studio.generation.step_callbacks import ModelCall, PassInfo, StepCallback
 
 SOFT_DECAY = 0.825
@@ -55,12 +56,21 @@ class ControlUnit:
     guidance_end: float = 1.0
     control_mode: int = 0            # index into units.CONTROL_MODES
     union_type: int = -1             # a ControlNet Union's control type (union.UNION_TYPES index)
+    region: torch.Tensor | None = None   # [1, 1, H, W] in [0, 1]: where the unit acts (effective region mask)
+    advanced_weighting: tuple[float, ...] | None = None   # one scale per residual, replacing weight and mode
     _features: list[torch.Tensor] | None = field(default=None, init=False, repr=False)
 
     def active(self, step: int, total: int) -> bool:
         return self.weight != 0 and in_guidance_window(step, total, self.guidance_start, self.guidance_end)
 
     def scales(self, count: int) -> list[float]:
+        if self.advanced_weighting is not None:
+            # the extension's rule: these replace the weight and the control mode's scales
+            if len(self.advanced_weighting) < count:
+                raise RequestError(f"advanced_weighting has {len(self.advanced_weighting)} values; this "
+                                   f"{'T2I-Adapter' if is_adapter(self.model) else 'ControlNet'} adds {count} "
+                                   f"residuals and needs one weight each")
+            return list(self.advanced_weighting[:count])
         if self.control_mode == 1:
             if is_adapter(self.model):
                 return [self.weight * s for s in ADAPTER_SOFT_SCALES[:count]] + [self.weight] * (count - 4)
@@ -84,6 +94,15 @@ class ControlUnit:
                 image = F.interpolate(image, size=size, mode="bilinear", align_corners=False)
             self._features = list(model(image))
         return self._features
+
+
+def in_region(residual: torch.Tensor, region: torch.Tensor | None) -> torch.Tensor:
+    """A residual kept only where the unit acts: the region mask bilinearly resized to the residual's
+    size, as the extension's ``apply_effective_region_mask``."""
+    if region is None:
+        return residual
+    mask = F.interpolate(region.to(residual.device, residual.dtype), size=residual.shape[-2:], mode="bilinear")
+    return residual * mask
 
 
 def intrablock_sizes(down_block_types: tuple[str, ...], height: int, width: int) -> list[tuple[int, int]]:
@@ -135,7 +154,7 @@ def control_residuals(units: list[ControlUnit], x: torch.Tensor, t: Any, context
                                       controlnet_cond=cond, conditioning_scale=1.0, return_dict=False, **kwargs)
         residuals = [*out_down, out_mid]
         scales = unit.scales(len(residuals))
-        residuals = [r * s for r, s in zip(residuals, scales)]
+        residuals = [in_region(r * s, unit.region) for r, s in zip(residuals, scales)]
         if unit.control_mode == 2 and has_uncond:
             # no control on the unconditional predictions
             mask = torch.ones(groups * batch, 1, 1, 1, device=x.device, dtype=residuals[0].dtype)
@@ -163,7 +182,7 @@ def _adapter_residuals(unit: ControlUnit, x: torch.Tensor, batch: int, has_uncon
         sizes = intrablock_sizes(down_block_types, x.shape[-2], x.shape[-1])
         features = [f if tuple(f.shape[-2:]) == size else F.interpolate(f, size=size, mode="nearest")
                     for f, size in zip(features, sizes)]
-    features = [f.expand(x.shape[0], -1, -1, -1) for f in features]
+    features = [in_region(f.expand(x.shape[0], -1, -1, -1), unit.region) for f in features]
     if unit.control_mode == 2 and has_uncond:
         mask = torch.ones(x.shape[0], 1, 1, 1, device=x.device, dtype=features[0].dtype)
         mask[:batch] = 0

@@ -272,6 +272,9 @@ class IPAdapterUnit:
     # several reference images: "average" their image tokens (the A1111 extension) or "concat"
     # them, each image adding its own tokens (diffusers' pipelines)
     multi_image: str = "average"
+    # [1, 1, H, W] in [0, 1]: where the adapter acts (the extension's effective region mask), handed to
+    # diffusers' IP-Adapter processors as their ip_adapter_masks
+    region: torch.Tensor | None = None
 
     def active(self, step: int, total: int) -> bool:
         return self.weight != 0 and in_guidance_window(step, total, self.guidance_start, self.guidance_end)
@@ -406,7 +409,13 @@ class IPAdapterGuidance(StepCallback):
         scales = [unit.weight if unit.active(call.step, call.steps) else 0.0 for unit in self.units]
         for proc in self._processors:
             proc.scale = list(scales)
-        return {"added_cond_kwargs": {"image_embeds": list(self._rows(call.groups, call.batch, call.has_uncond))}}
+        out: dict[str, Any] = {
+            "added_cond_kwargs": {"image_embeds": list(self._rows(call.groups, call.batch, call.has_uncond))}}
+        if any(unit.region is not None for unit in self.units):
+            device = call.x.device
+            out["cross_attention_kwargs"] = {"ip_adapter_masks": [
+                None if unit.region is None else unit.region.to(device) for unit in self.units]}
+        return out
 
     # ---- pass end: the UNet as it was
 

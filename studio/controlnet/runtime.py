@@ -45,6 +45,7 @@ from studio.controlnet.units import (
     lenient_params,
     map_to_tensor,
     pixel_perfect_resolution,
+    region_to_tensor,
     unit_infotext,
 )
 from studio.errors import RequestError
@@ -184,7 +185,9 @@ class ControlPlan:
                 mask = map_to_tensor(fit_control_mask(p.mask, width, height, p.unit.resize_mode))[:, :1]
                 image = torch.cat([image, mask], dim=1)
             units.append(ControlUnit(p.loaded.model, image, p.unit.weight, p.unit.guidance_start,
-                                     p.unit.guidance_end, p.unit.control_mode_index, union_type=p.union_type))
+                                     p.unit.guidance_end, p.unit.control_mode_index, union_type=p.union_type,
+                                     region=region_to_tensor(p.unit.effective_region_mask, width, height),
+                                     advanced_weighting=p.unit.advanced_weighting))
         return units
 
     def callbacks_for(self, width: int, height: int, hires: bool | None, seed: int = 0,
@@ -224,7 +227,8 @@ class ControlPlan:
                 mask = map_to_tensor(fit_control_mask(p.mask, width, height, u.resize_mode))[:, :1]
                 fixes.append(LatentFixUnit(p.module, image, u.weight, mask=mask))
         adapters = [IPAdapterUnit(p.loaded.model, [p.detected], p.unit.weight, p.unit.guidance_start,
-                                  p.unit.guidance_end, p.module)
+                                  p.unit.guidance_end, p.module,
+                                  region=region_to_tensor(p.unit.effective_region_mask, width, height))
                     for p in self.prepared
                     if p.loaded is not None and p.loaded.probe.kind == IP_ADAPTER
                     and p.loaded.probe.family != FLUX_FAMILY and p.takes_part(hires)]
@@ -349,6 +353,20 @@ def check_units(units: tuple[ControlNetUnitRequest, ...], registry: Preprocessor
                             f"own image (or outpaint: \"Resize and Fill\" generates the border it adds)")
 
 
+def _check_unit_extras(index: int, unit: ControlNetUnitRequest, loaded: LoadedControlNet | None,
+                       ip_adapter: str) -> None:
+    """The extension's ``supports_effective_region_mask`` (ControlNets of every kind, T2I-Adapters,
+    IP-Adapters) and advanced weighting (the residual-adding units here), refused elsewhere."""
+    sd_unit = loaded is not None and loaded.probe.family in _UNET_FAMILIES and loaded.probe.kind != REDUX
+    what = loaded.probe.kind if loaded is not None else unit.module
+    if unit.effective_region_mask is not None and not sd_unit:
+        raise UnitError(f"ControlNet unit {index}: effective_region_mask works with ControlNet, T2I-Adapter and "
+                        f"IP-Adapter units on SD1/SD2/SDXL checkpoints, not with {what}")
+    if unit.advanced_weighting is not None and (not sd_unit or loaded.probe.kind == ip_adapter):
+        raise UnitError(f"ControlNet unit {index}: advanced_weighting (one weight per ControlNet residual) works "
+                        f"with ControlNet and T2I-Adapter units on SD1/SD2/SDXL checkpoints, not with {what}")
+
+
 # modules that change the UNet's prediction or patch the UNet, beside any ControlNet they use
 _LATENT_MODULES = (*COLORFIX_MODULES, *INPAINT_ONLY_MODULES)
 # what the UNet-patching modules work with: the UNet families (not the DiT ones)
@@ -412,6 +430,7 @@ def prepare_controls(units: tuple[ControlNetUnitRequest, ...], registry: Preproc
             raise UnitError(f"ControlNet unit {index}: the {REDUX_MODULE} module needs a FLUX.1 Redux model "
                             f"(flux1-redux-dev.safetensors in models/ControlNet or models/style_models), "
                             f"not {unit.model!r}")
+        _check_unit_extras(index, unit, loaded, IP_ADAPTER)
         union_type = -1
         if loaded is not None and loaded.probe.family == FLUX_FAMILY and loaded.probe.kind == UNION:
             try:

@@ -36,8 +36,6 @@ _RESIZE_ALIASES = {
     "envelope (outer fit)": "Resize and Fill",
 }
 _LEGACY_FIELDS = {"guidance": "guidance_end", "lowvram": "low_vram", "input_image": "image", "mask_image": "mask"}
-# Fields of the extension's unit the studio does not implement: refused when set, never ignored
-_NOT_HONOURED = ("advanced_weighting", "effective_region_mask")
 # The fields the extension writes to infotext, in its order (ControlNetUnit.infotext_fields()).
 INFOTEXT_FIELDS = ("module", "model", "weight", "resize_mode", "processor_res", "threshold_a", "threshold_b",
                    "guidance_start", "guidance_end", "pixel_perfect", "control_mode")
@@ -84,6 +82,12 @@ class ControlNetUnitRequest:
     hr_option: str = "Both"
     save_detected_map: bool = True
     union_control_type: str = "Unknown"  # a ControlNet Union model's control type (the extension's names)
+    # where the unit acts (white = fully), stretched over the picture: ControlNet, T2I-Adapter and
+    # IP-Adapter units (the extension's effective_region_mask)
+    effective_region_mask: Any = None
+    # the extension's advanced_weighting: one weight per ControlNet residual (13 on SD, 10 on SDXL; 4
+    # T2I-Adapter features), replacing weight and control-mode scaling
+    advanced_weighting: tuple[float, ...] | None = None
 
     @property
     def control_mode_index(self) -> int:
@@ -91,7 +95,7 @@ class ControlNetUnitRequest:
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d.pop("image"), d.pop("mask")
+        d.pop("image"), d.pop("mask"), d.pop("effective_region_mask")
         return d
 
 
@@ -144,9 +148,6 @@ def unit_from_api(values: dict[str, Any], decode_image: Callable[[Any], Any],
             values[name] = values.pop(alias)
             if notes is not None and alias != "mask_image":
                 notes.append(f"ControlNet: {alias!r} is deprecated, use {name!r}")
-    for name in _NOT_HONOURED:
-        if values.get(name) not in (None, [], ""):
-            raise UnitError(f"{name} is not supported yet: leave it out (the unit would run without it)")
     image, mask = values.get("image"), values.get("mask")
     if isinstance(image, dict):
         image, mask = image.get("image"), image.get("mask", mask)
@@ -182,7 +183,23 @@ def unit_from_api(values: dict[str, Any], decode_image: Callable[[Any], Any],
         fields["hr_option"] = _enum_value(values["hr_option"], HR_OPTIONS, "hr_option")
     if values.get("union_control_type") is not None:
         fields["union_control_type"] = str(values["union_control_type"])
+    if values.get("effective_region_mask") not in (None, ""):
+        fields["effective_region_mask"] = decode_image(values["effective_region_mask"])
+    if values.get("advanced_weighting") not in (None, [], ""):
+        fields["advanced_weighting"] = _weights(values["advanced_weighting"])
     return replace(defaults, **fields)
+
+
+def _weights(value: Any) -> tuple[float, ...]:
+    """advanced_weighting: a list of numbers (the API) or the same written with commas or spaces (the
+    CLI's ``advanced_weighting=1,0.9,...``)."""
+    items = value.replace(",", " ").split() if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)):
+        raise UnitError(f"advanced_weighting must be a list of numbers (got {type(value).__name__})")
+    weights = tuple(_number(v, "advanced_weighting") for v in items)
+    if any(not 0 <= w <= 10 for w in weights):
+        raise UnitError("advanced_weighting values must be between 0 and 10")
+    return weights
 
 
 def _positional_unit(values: list[Any] | tuple[Any, ...], notes: list[str] | None) -> dict[str, Any]:
@@ -406,6 +423,17 @@ def map_to_tensor(image: Image.Image) -> Any:
 
     arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)[None]
+
+
+def region_to_tensor(mask: Image.Image | None, width: int, height: int) -> Any:
+    """An effective region mask -> [1, 1, H, W] in [0, 1] at the pass's pixel size (stretched, as the
+    extension interpolates its mask straight to each layer's size; white = the unit acts fully)."""
+    if mask is None:
+        return None
+    import torch
+
+    arr = np.asarray(mask.convert("L").resize((width, height), Image.BILINEAR), dtype=np.float32) / 255.0
+    return torch.from_numpy(arr.copy())[None, None]
 
 
 # --------------------------------------------------------------------------- infotext
