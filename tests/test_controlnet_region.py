@@ -144,3 +144,11 @@ def test_units_that_cannot_take_them_refuse_them(studio):
                                                effective_region_mask=region("left")))
     with pytest.raises(RequestError, match="advanced_weighting .* not with IP-Adapter"):
         generate(studio, ip_adapter(studio, advanced_weighting=(1.0,) * 13))
+
+
+def test_reference_and_ip_adapter_units_run_together(studio):
+    # the reference's extra UNet pass gets the adapter's image embeddings, as the real call does
+    reference = ControlNetUnitRequest(module="reference_only", image=control_square())
+    both = generate(studio, reference, ip_adapter(studio))
+    assert not np.array_equal(both, generate(studio, reference))
+    assert not np.array_equal(both, generate(studio, ip_adapter(studio)))

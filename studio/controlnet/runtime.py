@@ -386,7 +386,6 @@ def prepare_controls(units: tuple[ControlNetUnitRequest, ...], registry: Preproc
     must fix."""
     from studio.controlnet.flux_controlnet import FLUX_FAMILY, flux_union_mode
     from studio.controlnet.ip_adapter import IP_ADAPTER
-    from studio.controlnet.reference import is_reference
     from studio.controlnet.union import UNION, is_union_model, union_type_index
     plan = ControlPlan(inpaint_blur_sigma=inpaint_blur_sigma, clip_vision=models.clip_vision)
     for index, unit in enabled_units(units):
@@ -466,8 +465,4 @@ def prepare_controls(units: tuple[ControlNetUnitRequest, ...], registry: Preproc
             mask = mask.resize(detected.size, Image.NEAREST)
         text = unit_infotext(unit, title, res, a, b)
         plan.prepared.append(PreparedControl(index, unit, loaded, detected, text, mask, a, b, union_type))
-    kinds = {p.loaded.probe.kind for p in plan.prepared if p.loaded is not None}
-    if IP_ADAPTER in kinds and any(is_reference(p.module) for p in plan.prepared):
-        raise UnitError("reference_* and IP-Adapter units cannot run in the same generation yet: the reference "
-                        "pass would need the adapter's image tokens; use one of them per job")
     return plan

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -140,9 +140,16 @@ class StepCallbacks:
             yield
 
     def unet_kwargs(self, call: ModelCall) -> dict[str, Any]:
+        """The callbacks' arguments for this call, merged. A callback sees in ``call.added`` the
+        ``added_cond_kwargs`` of the callbacks before it, so a callback that runs the UNet itself (the
+        reference modules' extra pass) gives it what the real call will get (an IP-Adapter's image
+        embeddings)."""
         merged: dict[str, Any] = {}
         for callback in self.callbacks:
-            extra = dict(callback.unet_kwargs(call))
+            seen = call
+            if merged.get("added_cond_kwargs"):
+                seen = replace(call, added={**(call.added or {}), **merged["added_cond_kwargs"]})
+            extra = dict(callback.unet_kwargs(seen))
             added = extra.pop("added_cond_kwargs", None)
             if added:
                 _merge_added(merged, added, callback)
