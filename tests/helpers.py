@@ -184,3 +184,14 @@ def flux_latents(parts, callbacks=(), cfg: float = 1.0, steps: int = 3, size: in
                      schedule=SimpleNamespace(name="simple"), steps=steps, cfg_scale=cfg, eta=None, width=size,
                      height=size, seeds=[seed], guidance=guidance, callbacks=list(callbacks))
     return sample_flow(checkpoint or flux_checkpoint(parts), spec, JobState("job", "test"))
+
+
+def unit_ui_values(**unit_values):
+    """The flat values a ControlNet unit's UI controls hand ``units_from_values``, defaults overridden."""
+    from studio.ui.controlnet import UNIT_FIELDS
+
+    base = dict(enabled=False, upload_independent=True, image=None, module="none", model="None", weight=1.0,
+                guidance_start=0.0, guidance_end=1.0, pixel_perfect=False, processor_res=512, threshold_a=-1,
+                threshold_b=-1, control_mode="Balanced", resize_mode="Crop and Resize", hr_option="Both",
+                control_type="All", effective_region_mask=None)
+    return [{**base, **unit_values}[name] for name in UNIT_FIELDS]

@@ -17,6 +17,7 @@ from studio.ui.controlnet import (
     slider_updates,
     units_from_values,
 )
+from tests.helpers import unit_ui_values
 
 
 @pytest.fixture(scope="module")
@@ -26,12 +27,7 @@ def studio(tmp_path_factory):
     s.queue.shutdown()
 
 
-def values(**unit_values):
-    base = dict(enabled=False, upload_independent=True, image=None, module="none", model="None", weight=1.0,
-                guidance_start=0.0, guidance_end=1.0, pixel_perfect=False, processor_res=512, threshold_a=-1,
-                threshold_b=-1, control_mode="Balanced", resize_mode="Crop and Resize", hr_option="Both",
-                control_type="All")
-    return [{**base, **unit_values}[name] for name in UNIT_FIELDS]
+values = unit_ui_values
 
 
 def test_values_become_unit_requests():

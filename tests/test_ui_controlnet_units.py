@@ -28,6 +28,7 @@ from studio.ui.controlnet import (
     unit_label,
     units_from_values,
 )
+from tests.helpers import unit_ui_values
 
 CANNY = "control_v11p_sd15_canny"
 
@@ -45,12 +46,7 @@ def _title(studio: Studio, stem: str) -> str:
     return next(name for name in studio.controlnets.names() if name.startswith(stem))
 
 
-def values(**unit_values):
-    base = dict(enabled=False, upload_independent=True, image=None, module="none", model="None", weight=1.0,
-                guidance_start=0.0, guidance_end=1.0, pixel_perfect=False, processor_res=512, threshold_a=-1,
-                threshold_b=-1, control_mode="Balanced", resize_mode="Crop and Resize", hr_option="Both",
-                control_type="All")
-    return [{**base, **unit_values}[name] for name in UNIT_FIELDS]
+values = unit_ui_values
 
 
 def _editor(size=(16, 16), stroke: tuple[int, int, int, int] | None = (4, 4, 8, 8)):
@@ -179,3 +175,11 @@ def test_paste_resets_the_type_filter(studio):
     assert "None" in first["model"]["choices"] and first["upload_independent"] == gr.update()
     assert second["enabled"]["value"] is False and second["control_type"] == gr.update()
 
+
+
+def test_the_effective_region_mask_reaches_the_unit():
+    mask = Image.new("L", (16, 16), 255)
+    (unit,) = units_from_values(values(enabled=True, image=Image.new("RGB", (16, 16)), effective_region_mask=mask))
+    assert unit.effective_region_mask is mask
+    (plain,) = units_from_values(values(enabled=True, image=Image.new("RGB", (16, 16))))
+    assert plain.effective_region_mask is None

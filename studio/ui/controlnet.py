@@ -43,7 +43,7 @@ CONTROLNET_CSS = """
 # filter only (no request field); it is here so that pasting infotext can reset it with the rest.
 UNIT_FIELDS = ("enabled", "upload_independent", "image", "module", "model", "weight", "guidance_start",
                "guidance_end", "pixel_perfect", "processor_res", "threshold_a", "threshold_b", "control_mode",
-               "resize_mode", "hr_option", "control_type")
+               "resize_mode", "hr_option", "control_type", "effective_region_mask")
 
 
 @dataclass
@@ -120,7 +120,8 @@ def units_from_values(values: list[Any] | tuple[Any, ...]) -> tuple[ControlNetUn
             threshold_b=float(v["threshold_b"]), control_mode=v["control_mode"] or CONTROL_MODES[0],
             resize_mode=v["resize_mode"] or "Crop and Resize", hr_option=v["hr_option"] or HR_OPTIONS[0],
             # as the extension: the Control Type radio is a Union model's control type
-            union_control_type=v.get("control_type") if v.get("control_type") not in (None, "All") else "Unknown"))
+            union_control_type=v.get("control_type") if v.get("control_type") not in (None, "All") else "Unknown",
+            effective_region_mask=v.get("effective_region_mask")))
     return tuple(u for u in units) if any(u.enabled for u in units) else ()
 
 
@@ -291,6 +292,12 @@ def _unit(studio: Studio, tab_id: str, index: int, img2img: bool, hires: bool) -
                                 elem_id=f"{p}_resize_mode")
     c["hr_option"] = gr.Radio(list(HR_OPTIONS), value="Both", label="Hires-Fix Option", visible=hires,
                               elem_id=f"{p}_hr_option")
+    with gr.Accordion("Effective Region Mask", open=False, elem_id=f"{p}_effective_region"):
+        # the extension's mask for where a ControlNet / T2I-Adapter / IP-Adapter unit acts (white),
+        # stretched over the picture; empty = everywhere
+        c["effective_region_mask"] = gr.Image(type="pil", label="Effective region (white = the unit acts)",
+                                              sources=["upload", "clipboard"], image_mode="L", height=200,
+                                              elem_id=f"{p}_effective_region_mask")
     status = gr.Markdown("", elem_id=f"{p}_status")
 
     sliders = [c["processor_res"], c["threshold_a"], c["threshold_b"]]
@@ -432,7 +439,7 @@ def paste_updates(panel: ControlNetPanel, params: dict[str, Any]) -> list[Any]:
         for name in UNIT_FIELDS:
             if name == "enabled":
                 updates.append(gr.update(value=unit is not None))
-            elif unit is None or name in ("image", "upload_independent", "hr_option"):
+            elif unit is None or name in ("image", "upload_independent", "hr_option", "effective_region_mask"):
                 updates.append(gr.update())
             elif name == "control_type":
                 updates.append(gr.update(value="All"))
