@@ -142,8 +142,9 @@ def test_units_that_cannot_take_them_refuse_them(studio):
     with pytest.raises(RequestError, match="effective_region_mask works with ControlNet.*not with reference_only"):
         generate(studio, ControlNetUnitRequest(module="reference_only", image=control_square(),
                                                effective_region_mask=region("left")))
-    with pytest.raises(RequestError, match="advanced_weighting .* not with IP-Adapter"):
-        generate(studio, ip_adapter(studio, advanced_weighting=(1.0,) * 13))
+    with pytest.raises(RequestError, match="advanced_weighting .* not with reference_only"):
+        generate(studio, ControlNetUnitRequest(module="reference_only", image=control_square(),
+                                               advanced_weighting=(1.0,) * 13))
 
 
 def test_reference_and_ip_adapter_units_run_together(studio):
@@ -152,3 +153,43 @@ def test_reference_and_ip_adapter_units_run_together(studio):
     both = generate(studio, reference, ip_adapter(studio))
     assert not np.array_equal(both, generate(studio, reference))
     assert not np.array_equal(both, generate(studio, ip_adapter(studio)))
+
+
+def test_ip_adapter_blocks_are_numbered_as_the_extension_numbers_them():
+    import json
+    from pathlib import Path
+
+    from diffusers import UNet2DConditionModel
+
+    from studio.controlnet.ip_adapter import transformer_blocks
+
+    configs = Path(__file__).resolve().parent.parent / "studio" / "models" / "configs"
+    counts = {}
+    for family in ("sd15", "sdxl"):
+        with torch.device("meta"):   # the real layouts, no weights
+            unet = UNet2DConditionModel.from_config(json.loads((configs / family / "unet" / "config.json").read_text()))
+        names = [n for n in unet.attn_processors if n.endswith("attn2.processor")]
+        blocks = transformer_blocks(names)
+        counts[family] = len(set(blocks.values()))
+        assert sorted(set(blocks.values())) == list(range(counts[family]))
+    assert counts == {"sd15": 16, "sdxl": 11}   # the extension's transformer_block_num
+    assert transformer_blocks(["mid_block.attentions.0.transformer_blocks.0.attn2.processor",
+                               "down_blocks.2.attentions.1.transformer_blocks.0.attn2.processor",
+                               "up_blocks.1.attentions.0.transformer_blocks.0.attn2.processor"]) == {
+        "down_blocks.2.attentions.1.transformer_blocks.0.attn2.processor": 0,
+        "mid_block.attentions.0.transformer_blocks.0.attn2.processor": 1,
+        "up_blocks.1.attentions.0.transformer_blocks.0.attn2.processor": 2}
+
+
+def test_ip_adapter_advanced_weighting_weights_each_block(studio):
+    from studio.controlnet.ip_adapter import transformer_blocks
+
+    unet = studio.select_checkpoint("tiny-sd1.safetensors").unet
+    count = len(set(transformer_blocks([n for n in unet.attn_processors if n.endswith("attn2.processor")]).values()))
+    half = generate(studio, ip_adapter(studio, weight=0.5))
+    assert np.abs(generate(studio, ip_adapter(studio, advanced_weighting=(0.5,) * count)) - half).max() <= 1
+    one_block = generate(studio, ip_adapter(studio, advanced_weighting=(0.0,) * (count - 1) + (1.0,)))
+    assert np.abs(one_block - half).mean() > 0.1
+    with pytest.raises(RequestError, match=f"advanced_weighting needs one weight per cross-attention block of "
+                                           f"this UNet \\({count};"):
+        generate(studio, ip_adapter(studio, advanced_weighting=(1.0,) * (count + 1)))

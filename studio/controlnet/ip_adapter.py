@@ -275,9 +275,27 @@ class IPAdapterUnit:
     # [1, 1, H, W] in [0, 1]: where the adapter acts (the extension's effective region mask), handed to
     # diffusers' IP-Adapter processors as their ip_adapter_masks
     region: torch.Tensor | None = None
+    # the extension's advanced weighting for IP-Adapters: one weight per cross-attention transformer
+    # block in call order (16 on SD1.x, 11 on SDXL), replacing the unit's weight
+    advanced_weighting: tuple[float, ...] | None = None
 
     def active(self, step: int, total: int) -> bool:
         return self.weight != 0 and in_guidance_window(step, total, self.guidance_start, self.guidance_end)
+
+
+def transformer_blocks(processor_names: Sequence[str]) -> dict[str, int]:
+    """Each cross-attention processor's transformer block, numbered in the UNet's call order (down
+    blocks, the middle block, up blocks): the A1111 extension's ``transformer_index``. Layers of one
+    block (SDXL's 2 or 10 transformer layers) share its number."""
+    def order(name: str) -> tuple[int, int, int]:
+        m = re.match(r"(down_blocks|mid_block|up_blocks)(?:\.(\d+))?\.attentions\.(\d+)\.", name)
+        if m is None:
+            raise ValueError(f"not a UNet cross-attention processor: {name}")
+        part = ("down_blocks", "mid_block", "up_blocks").index(m[1])
+        return part, int(m[2] or 0), int(m[3])
+
+    keys = sorted({order(name) for name in processor_names})
+    return {name: keys.index(order(name)) for name in processor_names}
 
 
 def _placement(model: Any, unet: Any) -> tuple[torch.device, torch.dtype]:
@@ -331,6 +349,7 @@ class IPAdapterGuidance(StepCallback):
         self._saved: _Saved | None = None
         self._unet: Any = None
         self._processors: list[Any] = []
+        self._blocks: list[int] = []   # each processor's transformer block (advanced weighting's index)
         self._layout: tuple[tuple[int, int, bool], list[torch.Tensor]] | None = None
 
     # ---- pass start: encode once, install
@@ -377,6 +396,14 @@ class IPAdapterGuidance(StepCallback):
                        if hasattr(proc, "to_k_ip")}
             unet.set_attn_processor({name: adapted.get(name, proc) for name, proc in saved.processors.items()})
             self._processors = list(adapted.values())
+            blocks = transformer_blocks(list(adapted))
+            self._blocks = [blocks[name] for name in adapted]
+            count = len(set(self._blocks))
+            for unit in self.units:
+                if unit.advanced_weighting is not None and len(unit.advanced_weighting) != count:
+                    raise RequestError(f"{IP_ADAPTER} {unit.weights.name}: advanced_weighting needs one weight per "
+                                       f"cross-attention block of this UNet ({count}; 16 on SD1.x, 11 on SDXL), "
+                                       f"got {len(unit.advanced_weighting)}")
             layers = [unet._convert_ip_adapter_image_proj_to_diffusers(sd[IMAGE_PROJ], low_cpu_mem_usage=False)
                       for sd in state_dicts]
             projection = MultiIPAdapterImageProjection(layers)
@@ -406,9 +433,10 @@ class IPAdapterGuidance(StepCallback):
         return self._layout[1]
 
     def unet_kwargs(self, call: ModelCall) -> dict[str, Any]:
-        scales = [unit.weight if unit.active(call.step, call.steps) else 0.0 for unit in self.units]
-        for proc in self._processors:
-            proc.scale = list(scales)
+        active = [unit.active(call.step, call.steps) for unit in self.units]
+        for proc, block in zip(self._processors, self._blocks):
+            proc.scale = [0.0 if not on else unit.weight if unit.advanced_weighting is None
+                          else unit.advanced_weighting[block] for unit, on in zip(self.units, active)]
         out: dict[str, Any] = {
             "added_cond_kwargs": {"image_embeds": list(self._rows(call.groups, call.batch, call.has_uncond))}}
         if any(unit.region is not None for unit in self.units):

@@ -228,7 +228,8 @@ class ControlPlan:
                 fixes.append(LatentFixUnit(p.module, image, u.weight, mask=mask))
         adapters = [IPAdapterUnit(p.loaded.model, [p.detected], p.unit.weight, p.unit.guidance_start,
                                   p.unit.guidance_end, p.module,
-                                  region=region_to_tensor(p.unit.effective_region_mask, width, height))
+                                  region=region_to_tensor(p.unit.effective_region_mask, width, height),
+                                  advanced_weighting=p.unit.advanced_weighting)
                     for p in self.prepared
                     if p.loaded is not None and p.loaded.probe.kind == IP_ADAPTER
                     and p.loaded.probe.family != FLUX_FAMILY and p.takes_part(hires)]
@@ -353,18 +354,18 @@ def check_units(units: tuple[ControlNetUnitRequest, ...], registry: Preprocessor
                             f"own image (or outpaint: \"Resize and Fill\" generates the border it adds)")
 
 
-def _check_unit_extras(index: int, unit: ControlNetUnitRequest, loaded: LoadedControlNet | None,
-                       ip_adapter: str) -> None:
+def _check_unit_extras(index: int, unit: ControlNetUnitRequest, loaded: LoadedControlNet | None) -> None:
     """The extension's ``supports_effective_region_mask`` (ControlNets of every kind, T2I-Adapters,
-    IP-Adapters) and advanced weighting (the residual-adding units here), refused elsewhere."""
+    IP-Adapters) and advanced weighting (the same units), refused elsewhere."""
     sd_unit = loaded is not None and loaded.probe.family in _UNET_FAMILIES and loaded.probe.kind != REDUX
     what = loaded.probe.kind if loaded is not None else unit.module
     if unit.effective_region_mask is not None and not sd_unit:
         raise UnitError(f"ControlNet unit {index}: effective_region_mask works with ControlNet, T2I-Adapter and "
                         f"IP-Adapter units on SD1/SD2/SDXL checkpoints, not with {what}")
-    if unit.advanced_weighting is not None and (not sd_unit or loaded.probe.kind == ip_adapter):
-        raise UnitError(f"ControlNet unit {index}: advanced_weighting (one weight per ControlNet residual) works "
-                        f"with ControlNet and T2I-Adapter units on SD1/SD2/SDXL checkpoints, not with {what}")
+    if unit.advanced_weighting is not None and not sd_unit:
+        raise UnitError(f"ControlNet unit {index}: advanced_weighting (one weight per ControlNet residual or "
+                        f"IP-Adapter block) works with ControlNet, T2I-Adapter and IP-Adapter units on "
+                        f"SD1/SD2/SDXL checkpoints, not with {what}")
 
 
 # modules that change the UNet's prediction or patch the UNet, beside any ControlNet they use
@@ -385,7 +386,6 @@ def prepare_controls(units: tuple[ControlNetUnitRequest, ...], registry: Preproc
     ``ignore_noninpaint_mask`` (the extension's options). Raises UnitError with the unit's number for anything the user
     must fix."""
     from studio.controlnet.flux_controlnet import FLUX_FAMILY, flux_union_mode
-    from studio.controlnet.ip_adapter import IP_ADAPTER
     from studio.controlnet.union import UNION, is_union_model, union_type_index
     plan = ControlPlan(inpaint_blur_sigma=inpaint_blur_sigma, clip_vision=models.clip_vision)
     for index, unit in enabled_units(units):
@@ -429,7 +429,7 @@ def prepare_controls(units: tuple[ControlNetUnitRequest, ...], registry: Preproc
             raise UnitError(f"ControlNet unit {index}: the {REDUX_MODULE} module needs a FLUX.1 Redux model "
                             f"(flux1-redux-dev.safetensors in models/ControlNet or models/style_models), "
                             f"not {unit.model!r}")
-        _check_unit_extras(index, unit, loaded, IP_ADAPTER)
+        _check_unit_extras(index, unit, loaded)
         union_type = -1
         if loaded is not None and loaded.probe.family == FLUX_FAMILY and loaded.probe.kind == UNION:
             try:
