@@ -205,6 +205,7 @@ class ControlPlan:
         from studio.controlnet.reference import ReferenceGuidance, ReferenceUnit, is_reference
         from studio.controlnet.revision import RevisionGuidance, RevisionUnit
         callbacks: list[StepCallback] = []
+        encoders = self.clip_vision or ClipVisionEncoders(())   # the image encoders the adapter kinds read
         units = self.units_for(width, height, hires)
         if units:
             callbacks.append(ControlNetGuidance(units))
@@ -257,14 +258,14 @@ class ControlPlan:
                                   max(p.threshold_a, 0.0), p.module == "revision_ignore_prompt")
                      for p in self.prepared if p.module in REVISION_MODULES and p.takes_part(hires)]
         if revisions:
-            callbacks.append(RevisionGuidance(revisions, self.clip_vision or ClipVisionEncoders(()), seed,
+            callbacks.append(RevisionGuidance(revisions, encoders, seed,
                                               empty_prompts))
         if redux:   # one callback for all: their tokens follow the prompt's in one list
-            callbacks.append(ReduxGuidance(redux, self.clip_vision or ClipVisionEncoders(())))
+            callbacks.append(ReduxGuidance(redux, encoders))
         if flux_adapters:   # installed in the FLUX transformer for the pass, as IPAdapterGuidance in the UNet
-            callbacks.append(FluxIPAdapterGuidance(flux_adapters, self.clip_vision or ClipVisionEncoders(())))
+            callbacks.append(FluxIPAdapterGuidance(flux_adapters, encoders))
         if adapters:   # one callback for all: each sets the image embeddings of every UNet call
-            callbacks.append(IPAdapterGuidance(adapters, self.clip_vision or ClipVisionEncoders(())))
+            callbacks.append(IPAdapterGuidance(adapters, encoders))
         if references:
             callbacks.append(ReferenceGuidance(references, hires=second))
         if fixes:
