@@ -110,6 +110,11 @@ def test_the_extensions_web_api_cases(client):
     assert animals["info"] == "Success" and len(animals["images"]) == 1
     bad = render(client, [{"people": [{"pose_keypoints_2d": [1, 2]}], "canvas_width": W, "canvas_height": H}])
     assert bad.status_code == 422 and "triples" in bad.text
+    huge = render(client, [{"people": [], "canvas_width": 95393448, "canvas_height": 52582}])
+    assert huge.status_code == 422   # the canvas is bounded like a picture
+    wild = render(client, [{"animals": [[0.2, 1.5e125, 1.0, 64.0, -1e308, 1.0, 1e308, 5.0, 1.0]], "canvas_width": 64,
+                            "canvas_height": 48}]).json()
+    assert wild["info"] == "Success"   # points at absurd places are left out, not a server error
 
 
 # --------------------------------------------------------------------------- /detect's "poses"

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Body, HTTPException
 from pydantic import BaseModel, ConfigDict, Field
 
 from studio.controlnet.control_types import api_control_types
-from studio.controlnet.pose_render import render_pose_json
+from studio.controlnet.pose_render import MAX_POSE_CANVAS, render_pose_json
 from studio.controlnet.preprocessors import INPAINT_MODULES
 from studio.controlnet.units import unit_count
 
@@ -33,8 +33,8 @@ class PoseFile(BaseModel):
 
     people: list[PosePerson] = Field(default_factory=list)
     animals: list[list[float]] = Field(default_factory=list)
-    canvas_width: int = Field(gt=0)
-    canvas_height: int = Field(gt=0)
+    canvas_width: int = Field(gt=0, le=MAX_POSE_CANVAS)
+    canvas_height: int = Field(gt=0, le=MAX_POSE_CANVAS)
 
 
 class DetectRequest(BaseModel):

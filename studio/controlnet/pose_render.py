@@ -14,11 +14,17 @@ them, each in its own hue, on black.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from PIL import Image
+
+# A pose file's canvas is drawn at its size: bounded like a generation's (a 16k x 16k canvas is 768 MB)
+MAX_POSE_CANVAS = 8192
+# Coordinates beyond this many canvases away are nonsense (or infinities): the point is left out
+_FAR = 1e6
 
 # AP-10K's skeleton (its dataset definition), 0-based point indices: eyes, nose, neck, tail root,
 # then the four legs from shoulder/hip to paw.
@@ -39,10 +45,15 @@ def keypoints(values: Sequence[float] | None, width: int, height: int) -> list[A
         return None
     if len(values) % 3:
         raise ValueError(f"{len(values)} keypoint numbers are not (x, y, confidence) triples")
-    triples = [values[i:i + 3] for i in range(0, len(values), 3)]
+    triples = [(x, y, c if _sane(x, y) else 0.0) for x, y, c in
+               (values[i:i + 3] for i in range(0, len(values), 3))]
     normalised = all(abs(x) <= 1 and abs(y) <= 1 for x, y, c in triples if c >= 1.0)
     sx, sy = (1.0, 1.0) if normalised else (float(width), float(height))
     return [Keypoint(x / sx, y / sy) if c >= 1.0 else None for x, y, c in triples]
+
+
+def _sane(x: float, y: float) -> bool:
+    return math.isfinite(x) and math.isfinite(y) and abs(x) < _FAR and abs(y) < _FAR
 
 
 def _flat(points: Sequence[Any] | None, width: int, height: int) -> list[float] | None:
@@ -87,7 +98,8 @@ def render_animals(animals: Sequence[Sequence[float]], width: int, height: int) 
     for animal in animals:
         if len(animal) % 3:
             raise ValueError(f"{len(animal)} animal keypoint numbers are not (x, y, confidence) triples")
-        points = [(round(animal[i]), round(animal[i + 1])) if animal[i + 2] >= 1.0 else None
+        points = [(round(animal[i]), round(animal[i + 1]))
+                  if animal[i + 2] >= 1.0 and _sane(animal[i], animal[i + 1]) else None
                   for i in range(0, len(animal), 3)]
         for n, (a, b) in enumerate(AP10K_LIMBS):
             if max(a, b) >= len(points) or points[a] is None or points[b] is None:
@@ -105,8 +117,8 @@ def render_pose_json(pose: Mapping[str, Any]) -> Image.Image:
     """One pose file as the extension renders it: people, else animals, on a black canvas of the
     file's size."""
     width, height = int(pose["canvas_width"]), int(pose["canvas_height"])
-    if width <= 0 or height <= 0:
-        raise ValueError(f"canvas {width}x{height} is empty")
+    if not (0 < width <= MAX_POSE_CANVAS and 0 < height <= MAX_POSE_CANVAS):
+        raise ValueError(f"canvas {width}x{height} must be 1 to {MAX_POSE_CANVAS} pixels each way")
     people = pose.get("people") or []
     if people:
         return Image.fromarray(render_people(people, width, height))
