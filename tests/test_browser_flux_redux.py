@@ -1,6 +1,6 @@
 """FLUX.1 Redux from the UI, as a user finds it: a FLUX checkpoint, the Redux file in ComfyUI's
-models/style_models and its SigLIP encoder in models/clip_vision; Control Type "Revision" picks the
-flux_redux module and the Redux model; Generate gives an image whose infotext carries the unit."""
+models/style_models and its SigLIP encoder in models/clip_vision; Control Type "Revision" offers the
+flux_redux module and picks the Redux model; Generate gives an image whose infotext carries the unit."""
 
 from __future__ import annotations
 
@@ -60,10 +60,16 @@ def test_revision_control_type_picks_redux_and_generates(page, artifacts_dir, tm
     page.wait_for_timeout(1000)
     page.locator(f"#{UNIT}_image input[type=file]").first.set_input_files(_reference(tmp_path))
     page.locator(f"#{UNIT}_type_filter_radio").get_by_text("Revision", exact=True).click()
-    # the Control Type's update goes through the server: generous on a loaded machine
-    page.wait_for_function(f"() => document.querySelector('#{UNIT}_module input').value === 'flux_redux'",
+    # the extension's rule: Revision selects revision_clipvision (SDXL's) and the matching model, the
+    # Redux file; the preprocessor list offers flux_redux beside it. (The update goes through the server:
+    # generous waits on a loaded machine.)
+    page.wait_for_function(f"() => document.querySelector('#{UNIT}_module input').value === 'revision_clipvision'",
                            timeout=60_000)
     assert page.locator(f"#{UNIT}_model input").first.input_value().startswith(REDUX)
+    page.locator(f"#{UNIT}_module input").click()
+    page.get_by_role("option", name="flux_redux").click()
+    page.wait_for_function(f"() => document.querySelector('#{UNIT}_module input').value === 'flux_redux'",
+                           timeout=60_000)
     page.locator(f"#{UNIT}_threshold_a").get_by_text("Downsampling factor").wait_for(timeout=10_000)
     page.locator(f"#{UNIT}_enable input").check()
     page.locator("#txt2img_generate").click()
@@ -71,6 +77,8 @@ def test_revision_control_type_picks_redux_and_generates(page, artifacts_dir, tm
         "() => (document.querySelector('#txt2img_info textarea') || {}).value?.includes('flux_redux')",
         timeout=180_000)
     info = page.locator("#txt2img_info textarea").input_value()
+    # switching between modules with other slider ranges raised no error on the page
+    assert not page.get_by_text("is less than minimum value").is_visible()
     assert f'Model: {REDUX}' in info and "Size: 64x64" in info
     page.locator(f"#{UNIT}_image").scroll_into_view_if_needed()
     page.screenshot(path=str(Path(artifacts_dir) / "controlnet_redux.png"))

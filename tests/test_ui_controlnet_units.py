@@ -183,3 +183,11 @@ def test_the_effective_region_mask_reaches_the_unit():
     assert unit.effective_region_mask is mask
     (plain,) = units_from_values(values(enabled=True, image=Image.new("RGB", (16, 16))))
     assert plain.effective_region_mask is None
+
+
+def test_preprocessor_sliders_pass_values_from_before_a_range_change():
+    from studio.ui.controlnet import PreprocessorSlider
+
+    slider = PreprocessorSlider(1, 9, value=1, step=1)
+    assert slider.get_block_name() == "slider"   # drawn by Gradio's own slider
+    assert slider.preprocess(0.0) == 0.0          # the engine's lenient rule decides, not a page error

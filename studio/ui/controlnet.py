@@ -46,6 +46,19 @@ UNIT_FIELDS = ("enabled", "upload_independent", "image", "module", "model", "wei
                "resize_mode", "hr_option", "control_type", "effective_region_mask")
 
 
+class PreprocessorSlider(gr.Slider):
+    """A slider whose range follows the chosen preprocessor. Its value is not checked against the
+    range when an event reads it: an event sent just before the range changed (switching between
+    preprocessors whose sliders differ) would otherwise be refused by Gradio with "Value 0 is less
+    than minimum value 1". The engine applies the extension's rule instead: a value out of range is
+    the module's default, with a warning (units.lenient_params)."""
+
+    is_template = True   # drawn by Gradio's own slider
+
+    def preprocess(self, payload: float) -> float:
+        return float(payload) if self.precision is None else round(float(payload), self.precision)
+
+
 @dataclass
 class UnitControls:
     components: dict[str, Any] = field(default_factory=dict)
@@ -279,13 +292,13 @@ def _unit(studio: Studio, tab_id: str, index: int, img2img: bool, hires: bool) -
                                         elem_id=f"{p}_guidance_start")
         c["guidance_end"] = gr.Slider(0, 1, value=1.0, step=0.01, label="Ending Control Step",
                                       elem_id=f"{p}_guidance_end")
-    c["processor_res"] = gr.Slider(64, 2048, value=512, step=8, label="Preprocessor Resolution",
-                                   visible=False, elem_id=f"{p}_processor_res")
+    c["processor_res"] = PreprocessorSlider(64, 2048, value=512, step=8, label="Preprocessor Resolution",
+                                            visible=False, elem_id=f"{p}_processor_res")
     with gr.Row():
-        c["threshold_a"] = gr.Slider(-1, 2048, value=-1, label="Threshold A", visible=False,
-                                     elem_id=f"{p}_threshold_a")
-        c["threshold_b"] = gr.Slider(-1, 2048, value=-1, label="Threshold B", visible=False,
-                                     elem_id=f"{p}_threshold_b")
+        c["threshold_a"] = PreprocessorSlider(-1, 2048, value=-1, label="Threshold A", visible=False,
+                                              elem_id=f"{p}_threshold_a")
+        c["threshold_b"] = PreprocessorSlider(-1, 2048, value=-1, label="Threshold B", visible=False,
+                                              elem_id=f"{p}_threshold_b")
     c["control_mode"] = gr.Radio(list(CONTROL_MODES), value=CONTROL_MODES[0], label="Control Mode",
                                  elem_id=f"{p}_control_mode")
     c["resize_mode"] = gr.Radio(list(CONTROL_RESIZE_MODES), value="Crop and Resize", label="Resize Mode",
