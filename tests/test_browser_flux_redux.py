@@ -60,14 +60,15 @@ def test_revision_control_type_picks_redux_and_generates(page, artifacts_dir, tm
     page.wait_for_timeout(1000)
     page.locator(f"#{UNIT}_image input[type=file]").first.set_input_files(_reference(tmp_path))
     page.locator(f"#{UNIT}_type_filter_radio").get_by_text("Revision", exact=True).click()
-    # the extension's rule: Revision selects revision_clipvision (SDXL's) and the matching model, the
-    # Redux file; the preprocessor list offers flux_redux beside it. (The update goes through the server:
+    # Revision selects flux_redux once the FLUX checkpoint is loaded (the extension's revision_clipvision,
+    # SDXL's, before), and the matching model, the Redux file. (The update goes through the server:
     # generous waits on a loaded machine.)
-    page.wait_for_function(f"() => document.querySelector('#{UNIT}_module input').value === 'revision_clipvision'",
-                           timeout=60_000)
+    page.wait_for_function(f"() => ['revision_clipvision', 'flux_redux'].includes("
+                           f"document.querySelector('#{UNIT}_module input').value)", timeout=60_000)
     assert page.locator(f"#{UNIT}_model input").first.input_value().startswith(REDUX)
-    page.locator(f"#{UNIT}_module input").click()
-    page.get_by_role("option", name="flux_redux").click()
+    if page.locator(f"#{UNIT}_module input").input_value() != "flux_redux":
+        page.locator(f"#{UNIT}_module input").click()
+        page.get_by_role("option", name="flux_redux").click()
     page.wait_for_function(f"() => document.querySelector('#{UNIT}_module input').value === 'flux_redux'",
                            timeout=60_000)
     page.locator(f"#{UNIT}_threshold_a").get_by_text("Downsampling factor").wait_for(timeout=10_000)

@@ -191,3 +191,20 @@ def test_preprocessor_sliders_pass_values_from_before_a_range_change():
     slider = PreprocessorSlider(1, 9, value=1, step=1)
     assert slider.get_block_name() == "slider"   # drawn by Gradio's own slider
     assert slider.preprocess(0.0) == 0.0          # the engine's lenient rule decides, not a page error
+
+
+def test_revision_selects_redux_on_a_flux_checkpoint(monkeypatch):
+    from types import SimpleNamespace
+
+    from studio.ui import controlnet as ui
+
+    names = ["none", "canny", "flux_redux", "revision_clipvision", "revision_ignore_prompt"]
+    fake = SimpleNamespace(preprocessors=SimpleNamespace(names=lambda: names),
+                           controlnets=SimpleNamespace(names=lambda: ["flux1-redux-dev [e3b0c442]"]),
+                           models=SimpleNamespace(current=None))
+    assert ui.control_type_updates(fake, "Revision")[0]["value"] == "revision_clipvision"   # the extension's
+    fake.models.current = SimpleNamespace(family="flux1-dev")
+    module, model = ui.control_type_updates(fake, "Revision")
+    assert module["value"] == "flux_redux" and model["value"] == "flux1-redux-dev [e3b0c442]"
+    fake.models.current = SimpleNamespace(family="sdxl")
+    assert ui.control_type_updates(fake, "Revision")[0]["value"] == "revision_clipvision"

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from studio.controlnet.control_types import CONTROL_TYPES, select_control_type
-from studio.controlnet.preprocessors import INPAINT_MODULES
+from studio.controlnet.preprocessors import INPAINT_MODULES, REDUX_MODULE
 from studio.controlnet.units import (
     CONTROL_MODES,
     CONTROL_RESIZE_MODES,
@@ -138,6 +138,10 @@ def units_from_values(values: list[Any] | tuple[Any, ...]) -> tuple[ControlNetUn
     return tuple(u for u in units) if any(u.enabled for u in units) else ()
 
 
+# (Control Type, loaded checkpoint family) -> the module to select instead of the extension's default
+FAMILY_DEFAULT_MODULES = {("Revision", "flux1"): REDUX_MODULE}
+
+
 def model_choices(studio: Studio) -> list[str]:
     return ["None", *studio.controlnets.names()]
 
@@ -148,7 +152,14 @@ def control_type_updates(studio: Studio, control_type: str | None) -> tuple[Any,
     (or "None" when no model file matches) selected."""
     choice = select_control_type(control_type if control_type in CONTROL_TYPES else "All",
                                  studio.preprocessors.names(), studio.controlnets.names())
-    return (gr.update(choices=choice.module_list, value=choice.default_option),
+    module = choice.default_option
+    current = studio.models.current
+    family = (current.family if current is not None else "").split("-")[0]
+    # the extension knows SD only: for a checkpoint of another family, its twin module where one exists
+    twin = FAMILY_DEFAULT_MODULES.get((control_type or "", family))
+    if twin in choice.module_list:
+        module = twin
+    return (gr.update(choices=choice.module_list, value=module),
             gr.update(choices=choice.model_list, value=choice.default_model))
 
 
