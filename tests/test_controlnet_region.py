@@ -193,3 +193,22 @@ def test_ip_adapter_advanced_weighting_weights_each_block(studio):
     with pytest.raises(RequestError, match=f"advanced_weighting needs one weight per cross-attention block of "
                                            f"this UNet \\({count};"):
         generate(studio, ip_adapter(studio, advanced_weighting=(1.0,) * (count + 1)))
+
+
+def test_an_ip_adapter_units_painted_mask_hides_that_part_from_the_encoder(studio):
+    from studio.controlnet.clip_vision import load_clip_vision
+    from studio.controlnet.ip_adapter import clip_pixels, encode_reference
+
+    files = studio.controlnets.clip_vision.files()
+    encoder = load_clip_vision(files[0].path)
+    image = control_square()
+    everything = Image.new("L", image.size, 255)
+    hidden, _ = encode_reference(encoder, [image], False, everything)
+    blank = encoder(torch.zeros_like(clip_pixels([image], encoder.config.image_size))).image_embeds
+    assert torch.allclose(hidden, blank, atol=1e-5)   # all hidden: the encoder sees the mean colour only
+    unmasked, _ = encode_reference(encoder, [image], False)
+    assert torch.equal(encode_reference(encoder, [image], False, Image.new("L", image.size, 0))[0], unmasked)
+    # through the engine: the unit's painted mask is its CLIP mask, not a scribble to read
+    plain = generate(studio, ip_adapter(studio))
+    masked = generate(studio, ip_adapter(studio, mask=region("left").resize(image.size)))
+    assert not np.array_equal(masked, plain)

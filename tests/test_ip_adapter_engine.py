@@ -98,7 +98,9 @@ def test_without_an_encoder_the_answer_names_the_folder(studio, tmp_path):
         moved.rename(folder)
 
 
-def test_reference_and_ip_adapter_together_are_refused_clearly(studio):
+def test_reference_and_ip_adapter_together_run(studio):
+    # the reference pass gets the adapter's image embeddings (tests/test_controlnet_region.py compares
+    # the pixels with each unit alone)
     ref = ControlNetUnitRequest(module="reference_only", model="None", image=reference())
-    with pytest.raises(RequestError, match="reference_\\* and IP-Adapter"):
-        studio.txt2img(Txt2ImgRequest(**BASE, controlnet_units=(unit(studio), ref)))
+    result = studio.txt2img(Txt2ImgRequest(**BASE, controlnet_units=(unit(studio), ref)))
+    assert len(result.images) == 1 and "reference_only" in result.infotexts[0]

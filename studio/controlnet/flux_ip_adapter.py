@@ -110,6 +110,7 @@ class FluxIPAdapterUnit:
     guidance_start: float = 0.0
     guidance_end: float = 1.0
     module: str = "ip-adapter-auto"
+    clip_mask: Image.Image | None = None   # white = the part of the reference the encoder does not see
 
     def active(self, step: int, total: int) -> bool:
         return self.weight != 0 and in_guidance_window(step, total, self.guidance_start, self.guidance_end)
@@ -148,7 +149,7 @@ class FluxIPAdapterGuidance(StepCallback):
             file = self.encoders.pick(unit.weights.image_embed_dim, False, "clip_l",
                                       adapter=f"{IP_ADAPTER} {unit.weights.name}")
             encoder = self.encoders.load(file, dtype, device)
-            cond, _ = encode_reference(encoder, unit.images, False)
+            cond, _ = encode_reference(encoder, unit.images, False, unit.clip_mask)
             black, _ = encode_reference(encoder, _black(unit.images), False)
             # several images of one unit: their embeddings averaged (the A1111 extension's way)
             self._embeds.append((cond.mean(0, keepdim=True).float(), black.mean(0, keepdim=True).float()))

@@ -240,14 +240,32 @@ def clip_pixels(images: Sequence[Image.Image], size: int) -> torch.Tensor:
     return processor([im.convert("RGB") for im in images], return_tensors="pt").pixel_values.float()
 
 
+def clip_mask_multiplier(mask: Image.Image, size: int) -> torch.Tensor:
+    """The extension's CLIP mask as a pixel multiplier: the mask through the same resize and crop as
+    the image, inverted (white = hidden becomes 0, the normalised mean colour). [1, 1, size, size]."""
+    from transformers import CLIPImageProcessor
+
+    processor = CLIPImageProcessor(
+        do_resize=True, size={"shortest_edge": size}, resample=Image.Resampling.BICUBIC,
+        do_center_crop=True, crop_size={"height": size, "width": size}, do_rescale=True, do_normalize=False,
+        do_convert_rgb=True,
+    )
+    hidden = processor([mask.convert("RGB")], return_tensors="pt").pixel_values.float()[:, :1]
+    return 1.0 - hidden.clamp(0, 1)
+
+
 @torch.no_grad()
-def encode_reference(encoder: Any, images: Sequence[Image.Image],
-                     uses_hidden_states: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_reference(encoder: Any, images: Sequence[Image.Image], uses_hidden_states: bool,
+                     clip_mask: Image.Image | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(cond, uncond) embeddings of the images, [N, dim] or [N, tokens, dim], as diffusers'
     ``encode_image``: the negative of image_embeds is zeros, of hidden states the encoder's
-    output for an all-zero (normalised) input."""
+    output for an all-zero (normalised) input. ``clip_mask`` (white = hidden) blanks that part of
+    the images before the encoder sees them, as the A1111 extension's CLIP mask does."""
     param = next(encoder.parameters())
-    pixels = clip_pixels(images, encoder.config.image_size).to(param.device, param.dtype)
+    pixels = clip_pixels(images, encoder.config.image_size)
+    if clip_mask is not None:
+        pixels = pixels * clip_mask_multiplier(clip_mask, encoder.config.image_size)
+    pixels = pixels.to(param.device, param.dtype)
     if uses_hidden_states:
         cond = encoder(pixels, output_hidden_states=True).hidden_states[-2]
         uncond = encoder(torch.zeros_like(pixels), output_hidden_states=True).hidden_states[-2]
@@ -275,6 +293,7 @@ class IPAdapterUnit:
     # [1, 1, H, W] in [0, 1]: where the adapter acts (the extension's effective region mask), handed to
     # diffusers' IP-Adapter processors as their ip_adapter_masks
     region: torch.Tensor | None = None
+    clip_mask: Image.Image | None = None   # white = the part of the reference the encoder does not see
     # the extension's advanced weighting for IP-Adapters: one weight per cross-attention transformer
     # block in call order (16 on SD1.x, 11 on SDXL), replacing the unit's weight
     advanced_weighting: tuple[float, ...] | None = None
@@ -363,7 +382,7 @@ class IPAdapterGuidance(StepCallback):
             file = self.encoders.pick(probe.image_embed_dim, probe.uses_hidden_states,
                                       IP_ADAPTER_MODULES.get(unit.module), adapter=f"{IP_ADAPTER} {unit.weights.name}")
             encoder = self.encoders.load(file, dtype, device)
-            cond, uncond = encode_reference(encoder, unit.images, probe.uses_hidden_states)
+            cond, uncond = encode_reference(encoder, unit.images, probe.uses_hidden_states, unit.clip_mask)
             out.append((cond.unsqueeze(0).to(device, dtype), uncond.unsqueeze(0).to(device, dtype)))
         return out
 

@@ -114,7 +114,8 @@ class ControlNetModels:
 @dataclass
 class PreparedControl:
     """One enabled unit after preprocessing: its model (None for the model-free reference modules),
-    the map at processor resolution and, for the inpaint modules, the mask (white = generate)."""
+    the map at processor resolution and, for the inpaint modules, the mask (white = generate); for an
+    IP-Adapter, its CLIP mask (white = hidden from the image encoder)."""
 
     index: int
     unit: ControlNetUnitRequest
@@ -230,12 +231,12 @@ class ControlPlan:
         adapters = [IPAdapterUnit(p.loaded.model, [p.detected], p.unit.weight, p.unit.guidance_start,
                                   p.unit.guidance_end, p.module,
                                   region=region_to_tensor(p.unit.effective_region_mask, width, height),
-                                  advanced_weighting=p.unit.advanced_weighting)
+                                  advanced_weighting=p.unit.advanced_weighting, clip_mask=p.mask)
                     for p in self.prepared
                     if p.loaded is not None and p.loaded.probe.kind == IP_ADAPTER
                     and p.loaded.probe.family != FLUX_FAMILY and p.takes_part(hires)]
         flux_adapters = [FluxIPAdapterUnit(p.loaded.model, [p.detected], p.unit.weight, p.unit.guidance_start,
-                                           p.unit.guidance_end, p.module)
+                                           p.unit.guidance_end, p.module, clip_mask=p.mask)
                          for p in self.prepared
                          if p.loaded is not None and p.loaded.probe.kind == IP_ADAPTER
                          and p.loaded.probe.family == FLUX_FAMILY and p.takes_part(hires)]
@@ -387,6 +388,7 @@ def prepare_controls(units: tuple[ControlNetUnitRequest, ...], registry: Preproc
     ``ignore_noninpaint_mask`` (the extension's options). Raises UnitError with the unit's number for anything the user
     must fix."""
     from studio.controlnet.flux_controlnet import FLUX_FAMILY, flux_union_mode
+    from studio.controlnet.ip_adapter import IP_ADAPTER
     from studio.controlnet.union import UNION, is_union_model, union_type_index
     plan = ControlPlan(inpaint_blur_sigma=inpaint_blur_sigma, clip_vision=models.clip_vision)
     for index, unit in enabled_units(units):
@@ -454,6 +456,11 @@ def prepare_controls(units: tuple[ControlNetUnitRequest, ...], registry: Preproc
                 # the extension's outpaint fix: the border is added first, so LaMa paints it too
                 image = fit_control_map(image, width, height, unit.resize_mode)
                 mask = fit_control_mask(mask, width, height, unit.resize_mode).convert("L")
+        elif loaded is not None and loaded.probe.kind == IP_ADAPTER:
+            # the extension's CLIP mask: the painted part of the reference is hidden from the image encoder
+            # (never img2img's inpaint mask); kept at the reference's size, read by IPAdapterUnit
+            if unit.mask is not None and is_drawn(unit.mask):
+                mask = unit.mask.convert("L").resize(image.size, Image.NEAREST)
         elif unit.mask is not None and not ignore_noninpaint_mask and is_drawn(unit.mask):
             # the extension's "canvas scribble mode": a unit's painted mask is what it reads
             image = unit.mask.convert("RGB")
