@@ -84,5 +84,8 @@ def test_revision_control_type_picks_redux_and_generates(page, artifacts_dir, tm
     page.locator(f"#{UNIT}_image").scroll_into_view_if_needed()
     page.screenshot(path=str(Path(artifacts_dir) / "controlnet_redux.png"))
     page.set_viewport_size({"width": 390, "height": 844})
+    page.wait_for_timeout(500)
+    # the open ControlNet panel fits a phone's width (its unit tabs wrap instead of widening the page)
+    assert page.evaluate("document.querySelector('#txt2img_controlnet').getBoundingClientRect().right") <= 390
     page.locator(f"#{UNIT}_type_filter_radio").scroll_into_view_if_needed()
     page.screenshot(path=str(Path(artifacts_dir) / "controlnet_redux_phone.png"))

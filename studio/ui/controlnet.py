@@ -34,9 +34,11 @@ from studio.generation.request import build_request
 from studio.ui.bindings import RequestForm
 
 # The unit's small buttons sit level with the dropdown's box beside them, as the extension's tool
-# buttons do (app.py adds this to the page's CSS).
+# buttons do (app.py adds this to the page's CSS). The unit tabs may wrap: Gradio sizes the strip (and
+# its hidden measuring copy) to all tab names in one row, which made a phone's page 70 px too wide.
 CONTROLNET_CSS = """
 .cn-tool-button {align-self: flex-end !important; margin-bottom: 22px;}
+[id$="_controlnet"] .tab-container {flex-wrap: wrap;}
 """
 
 # The order UnitControls.inputs() hands values to units_from_values(). "control_type" is the UI's
