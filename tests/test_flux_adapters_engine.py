@@ -20,8 +20,8 @@ from studio.controlnet.units import ControlNetUnitRequest
 from studio.core import Studio
 from studio.generation.request import RequestError, Txt2ImgRequest
 from studio.testing.flux import make_flux_checkpoint
-from studio.testing.flux_controlnets import make_flux_controlnet_file
 from studio.testing.flux_adapters import write_flux_ip_adapter, write_redux, write_siglip_vision
+from studio.testing.flux_controlnets import make_flux_controlnet_file
 from studio.testing.ip_adapters import write_clip_vision
 
 BASE = dict(prompt="a house", steps=3, width=64, height=64, seed=3, cfg_scale=1.0, sampler_name="Euler",
@@ -124,3 +124,20 @@ def test_an_xlabs_ip_adapter_unit_steers_a_flux_checkpoint(studio):
     both = pixels(generate(studio, unit, redux_unit(studio)))
     assert np.abs(both - pixels(steered)).mean() > 0.01
     assert np.array_equal(pixels(generate(studio)), plain)   # the transformer is as it was
+
+
+def test_the_cli_takes_a_redux_unit(studio, tmp_path, capsys):
+    from studio.cli import main
+    from studio.generation.infotext import parse_infotext
+
+    ref = tmp_path / "ref.png"
+    reference().save(ref)
+    out = tmp_path / "out"
+    code = main(["generate", "--data-dir", str(studio.flags.data_dir), "-p", "a house", "--steps", "2", "--width", "64",
+                 "--height", "64", "--seed", "3", "--sampler", "Euler", "--cfg-scale", "1", "--checkpoint",
+                 "flux1-dev-tiny.safetensors", "--out", str(out),
+                 "--controlnet", f"model=flux1-redux-dev,module=flux_redux,image={ref},threshold_a=3"])
+    assert code == 0, capsys.readouterr().err
+    params = parse_infotext(Image.open(next(out.glob("*.png"))).info["parameters"])
+    assert params["ControlNet 0"].startswith("Module: flux_redux, Model: flux1-redux-dev [")
+    assert "Threshold A: 3.0" in params["ControlNet 0"]

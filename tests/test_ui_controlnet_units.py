@@ -186,9 +186,9 @@ def test_the_effective_region_mask_reaches_the_unit():
 
 
 def test_preprocessor_sliders_pass_values_from_before_a_range_change():
-    from studio.ui.controlnet import PreprocessorSlider
+    from studio.ui.controlnet import preprocessor_slider
 
-    slider = PreprocessorSlider(1, 9, value=1, step=1)
+    slider = preprocessor_slider(1, 9, value=1, step=1)
     assert slider.get_block_name() == "slider"   # drawn by Gradio's own slider
     assert slider.preprocess(0.0) == 0.0          # the engine's lenient rule decides, not a page error
 

@@ -48,17 +48,21 @@ UNIT_FIELDS = ("enabled", "upload_independent", "image", "module", "model", "wei
                "resize_mode", "hr_option", "control_type", "effective_region_mask")
 
 
-class PreprocessorSlider(gr.Slider):
+def preprocessor_slider(*args: Any, **kwargs: Any) -> gr.Slider:
     """A slider whose range follows the chosen preprocessor. Its value is not checked against the
     range when an event reads it: an event sent just before the range changed (switching between
     preprocessors whose sliders differ) would otherwise be refused by Gradio with "Value 0 is less
     than minimum value 1". The engine applies the extension's rule instead: a value out of range is
-    the module's default, with a warning (units.lenient_params)."""
+    the module's default, with a warning (units.lenient_params). The check is switched off on the
+    instance, not in a subclass: Gradio writes a .pyi file beside any module that subclasses one of
+    its components, which an installed package must not do."""
+    slider = gr.Slider(*args, **kwargs)
 
-    is_template = True   # drawn by Gradio's own slider
+    def preprocess(payload: float) -> float:
+        return float(payload) if slider.precision is None else round(float(payload), slider.precision)
 
-    def preprocess(self, payload: float) -> float:
-        return float(payload) if self.precision is None else round(float(payload), self.precision)
+    slider.preprocess = preprocess
+    return slider
 
 
 @dataclass
@@ -305,12 +309,12 @@ def _unit(studio: Studio, tab_id: str, index: int, img2img: bool, hires: bool) -
                                         elem_id=f"{p}_guidance_start")
         c["guidance_end"] = gr.Slider(0, 1, value=1.0, step=0.01, label="Ending Control Step",
                                       elem_id=f"{p}_guidance_end")
-    c["processor_res"] = PreprocessorSlider(64, 2048, value=512, step=8, label="Preprocessor Resolution",
+    c["processor_res"] = preprocessor_slider(64, 2048, value=512, step=8, label="Preprocessor Resolution",
                                             visible=False, elem_id=f"{p}_processor_res")
     with gr.Row():
-        c["threshold_a"] = PreprocessorSlider(-1, 2048, value=-1, label="Threshold A", visible=False,
+        c["threshold_a"] = preprocessor_slider(-1, 2048, value=-1, label="Threshold A", visible=False,
                                               elem_id=f"{p}_threshold_a")
-        c["threshold_b"] = PreprocessorSlider(-1, 2048, value=-1, label="Threshold B", visible=False,
+        c["threshold_b"] = preprocessor_slider(-1, 2048, value=-1, label="Threshold B", visible=False,
                                               elem_id=f"{p}_threshold_b")
     c["control_mode"] = gr.Radio(list(CONTROL_MODES), value=CONTROL_MODES[0], label="Control Mode",
                                  elem_id=f"{p}_control_mode")
