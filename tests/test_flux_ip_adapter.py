@@ -32,6 +32,10 @@ from studio.testing.flux_adapters import write_flux_ip_adapter
 from studio.testing.ip_adapters import write_clip_vision
 from tests.helpers import flux_checkpoint, flux_latents
 
+# the modules' own checks against diffusers (as test_flux_controlnet.py); the engine-level tests of the same
+# models (tests/test_flux_adapters_engine.py) run in the main command
+pytestmark = pytest.mark.slow
+
 SIZE = 64
 SEED = 7
 GUIDANCE = 3.5

@@ -275,19 +275,25 @@ def test_previews_come_every_n_steps_but_not_after_the_last(setup):
 
 
 def test_added_cond_kwargs_of_callbacks_are_merged_and_clashes_refused():
-    from studio.generation.step_callbacks import StepCallback, StepCallbacks
+    from studio.generation.step_callbacks import ModelCall, StepCallback, StepCallbacks
 
     class Adds(StepCallback):
         def __init__(self, **added):
             self.added = added
+            self.seen = None
 
         def unet_kwargs(self, call):
+            self.seen = dict(call.added)
             return {"added_cond_kwargs": dict(self.added)}
 
-    merged = StepCallbacks([Adds(image_embeds=1), Adds(extra=2)]).unet_kwargs(None)
+    call = ModelCall(0, 0, 4, None, 1.0, None, None, {"time_ids": 0}, 1, 1, False)
+    first, second = Adds(image_embeds=1), Adds(extra=2)
+    merged = StepCallbacks([first, second]).unet_kwargs(call)
     assert merged == {"added_cond_kwargs": {"image_embeds": 1, "extra": 2}}
+    # a later callback sees what the earlier ones add (the reference pass needs an IP-Adapter's embeddings)
+    assert first.seen == {"time_ids": 0} and second.seen == {"time_ids": 0, "image_embeds": 1}
     with pytest.raises(ValueError, match="image_embeds"):
-        StepCallbacks([Adds(image_embeds=1), Adds(image_embeds=2)]).unet_kwargs(None)
+        StepCallbacks([Adds(image_embeds=1), Adds(image_embeds=2)]).unet_kwargs(call)
 
 
 def test_unet_output_replacements_chain_and_keep_their_shape():
