@@ -8,6 +8,7 @@ import base64
 import io
 import json
 
+import pytest
 import requests
 from PIL import Image, ImageDraw
 
@@ -36,6 +37,7 @@ A1111_TXT2IMG = {"batch_size": 1, "cfg_scale": 7, "denoising_strength": 0, "enab
                  "tiling": False, "width": 64}
 
 
+@pytest.mark.slow   # heavy: the README command stays under 8 minutes
 def test_restore_faces_and_vanilla_samplers(server):
     for change in ({"restore_faces": True}, {"sampler_index": "PLMS"}, {"sampler_index": "DDIM"},
                    {"sampler_index": "UniPC"}):

@@ -193,6 +193,7 @@ def test_weight_zero_and_disabled_units_give_the_plain_image(studio):
     assert np.array_equal(plain, pixels(run(studio, unit(enabled=False))))
 
 
+@pytest.mark.slow   # heavy: the README command stays under 8 minutes
 def test_two_units_and_resize_modes_differ(studio):
     one = pixels(run(studio, unit()))
     two = pixels(run(studio, unit(), unit(module="invert", resize_mode="Resize and Fill")))
@@ -233,6 +234,7 @@ def test_sdxl_unit_runs_on_an_sdxl_checkpoint(studio):
     assert np.abs(plain - controlled).max() > 0
 
 
+@pytest.mark.slow   # heavy: the README command stays under 8 minutes
 def test_img2img_unit_reuses_the_init_image(studio):
     init = control_image().resize((64, 64))
     base = dict(BASE, init_images=(init,), denoising_strength=0.8)
@@ -246,6 +248,7 @@ def test_img2img_unit_reuses_the_init_image(studio):
     assert not np.array_equal(np.asarray(reuse.detected_maps[0]), np.asarray(own.detected_maps[0]))
 
 
+@pytest.mark.slow   # heavy: the README command stays under 8 minutes
 def test_hires_option_picks_the_passes(studio):
     hires = dict(enable_hr=True, hr_scale=1.5, hr_second_pass_steps=2, hr_upscaler="Latent")
     both = pixels(run(studio, unit(), **hires))

@@ -52,6 +52,7 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+@pytest.mark.slow   # heavy: the README command stays under 8 minutes
 def test_cached_switch_returns_the_same_model_without_reading(studio):
     set_limits(studio, 3)
     a = studio.select_checkpoint("a")
@@ -93,6 +94,7 @@ def test_same_architecture_reuses_module_objects(studio):
     assert studio.models.cached() == [xl]
 
 
+@pytest.mark.slow   # heavy: the README command stays under 8 minutes
 def test_byte_budget_evicts_least_recently_used(studio):
     set_limits(studio, 3)
     a = studio.select_checkpoint("a")
@@ -139,6 +141,7 @@ def test_request_checkpoint_override_leaves_the_users_choice(studio):
     assert result.model.info.title == chosen
 
 
+@pytest.mark.slow   # heavy: the README command stays under 8 minutes
 def test_lowering_the_limit_through_options_evicts_at_once(studio):
     set_limits(studio, 3)
     for name in ("a", "b", "c"):

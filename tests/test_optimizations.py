@@ -124,6 +124,7 @@ def test_token_merging_context_is_a_no_op_at_zero():
         assert not hasattr(unet, "_tome_info")
 
 
+@pytest.mark.slow   # heavy: the README command stays under 8 minutes
 def test_regional_compile_on_and_off_keeps_outputs():
     torch.manual_seed(0)
     unet = tiny_components("sd1")["unet"].eval()

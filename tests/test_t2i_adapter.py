@@ -191,6 +191,7 @@ def pixels(result):
     return np.asarray(result.images[0], dtype=np.int16)
 
 
+@pytest.mark.slow   # heavy: the README command stays under 8 minutes
 def test_units_in_txt2img_sd1_and_sdxl_with_a_controlnet(studio):
     plain = pixels(run(studio))
     assert np.array_equal(plain, pixels(run(studio, unit(weight=0.0))))

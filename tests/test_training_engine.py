@@ -198,6 +198,7 @@ def test_bad_input_is_refused_before_the_queue(studio, tmp_path):
     assert studio.queue.job_count == 0
 
 
+@pytest.mark.slow   # heavy: the README command stays under 8 minutes
 @pytest.mark.parametrize("family", ["sdxl", "sd2-v"])
 def test_lora_loop_runs_on_sdxl_and_v_prediction(tmp_path, family):
     """SDXL needs pooled text + size/crop time ids, sd2-v the velocity target: a short run of each."""

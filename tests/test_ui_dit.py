@@ -169,6 +169,7 @@ def test_a_flux_checkpoint_brings_its_presets_and_the_distilled_slider(studio, b
     assert updates["img2img_distilled_cfg_scale"]["visible"] is False
 
 
+@pytest.mark.slow   # heavy: the README command stays under 8 minutes
 def test_leaving_flux_for_sd_brings_the_sd_defaults_back(studio, blocks):
     choose = handler(blocks, "choose")
     load(studio, FLUX_DEV)
@@ -198,6 +199,7 @@ def test_an_sd_checkpoint_keeps_the_users_values(studio, blocks):
     assert "value" not in updates["txt2img_cfg_scale"] and updates["txt2img_distilled_cfg_scale"]["visible"]
 
 
+@pytest.mark.slow   # heavy: the README command stays under 8 minutes
 def test_the_distilled_value_is_sent_only_to_a_model_that_takes_it(studio):
     with gr.Blocks():
         controls = build_sampling_controls("t", 1, model_guidance(studio))
