@@ -67,6 +67,7 @@ def test_every_api_route_needs_the_login(secured, method, path, body):
     assert r.status_code == 200  # a password may contain ":"
 
 
+@pytest.mark.slow   # heavy: the README command stays under 8 minutes
 def test_right_login_generates_and_flags_hide_secrets(secured):
     r = requests.post(secured.url + "/sdapi/v1/txt2img", json=SMALL, auth=AUTH, timeout=300)
     assert r.status_code == 200, r.text

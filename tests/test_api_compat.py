@@ -127,6 +127,7 @@ def test_server_control_routes_need_the_flag(compat):
 # -- options -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow   # heavy: the README command stays under 8 minutes
 def test_options_round_trip_and_samples_format(compat):
     before = requests.get(api(compat, "options"), timeout=10).json()
     for key in ("sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers", "samples_format",

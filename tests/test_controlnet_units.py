@@ -276,6 +276,7 @@ def test_a_seeded_preprocessor_uses_the_images_seed(studio):
     assert not np.array_equal(detected, np.asarray(other, dtype=np.int16))
 
 
+@pytest.mark.slow   # heavy: the README command stays under 8 minutes
 def test_hires_returns_the_map_of_each_pass_as_the_extension(studio):
     """With hires fix the extension returns two maps per unit, the second pass's first, each at the
     size it steered; a unit in one pass only returns that pass's map."""

@@ -136,6 +136,7 @@ def test_file_added_later_is_found_without_refresh(tmp_path):
 # Loading through spandrel
 
 
+@pytest.mark.slow   # heavy: the README command stays under 8 minutes
 def test_restores_the_astronauts_face(tmp_path, astronaut):
     models = tmp_path / "models"
     make_face_restorer(models / "GFPGAN" / "RestoreFormer.safetensors", "RestoreFormer", seed=3)

@@ -178,6 +178,7 @@ def test_kohya_key_names_sdxl_use_ldm_names(studio):
 # --------------------------------------------------------------------------- attach / detach
 
 
+@pytest.mark.slow   # heavy: the README command stays under 8 minutes
 def test_attach_changes_nothing_until_trained_and_detach_restores_everything(studio):
     model = load(studio, "sd1")
     baseline = pixels(generate(studio, "a cat"))
