@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from studio.controlnet.clip_vision import ClipVisionEncoders
-from studio.controlnet.ip_adapter import IP_ADAPTER, encode_reference
+from studio.controlnet.ip_adapter import IP_ADAPTER, compute_placement, encode_reference
 from studio.controlnet.models import ControlNetProbe
 from studio.controlnet.units import in_guidance_window
 from studio.errors import RequestError
@@ -139,9 +139,7 @@ class FluxIPAdapterGuidance(StepCallback):
         transformer = run.model.unet
         for unit in self.units:
             check_fits(unit.weights, transformer)
-        policy = getattr(run.model, "policy", None)
-        device = torch.device(policy.device) if policy is not None else torch.device("cpu")
-        dtype = policy.dtype if policy is not None else torch.float32
+        device, dtype = compute_placement(run.model)
         self._embeds = []
         for unit in self.units:
             if not unit.images:

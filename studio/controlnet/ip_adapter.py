@@ -317,6 +317,15 @@ def transformer_blocks(processor_names: Sequence[str]) -> dict[str, int]:
     return {name: keys.index(order(name)) for name in processor_names}
 
 
+def compute_placement(model: Any) -> tuple[torch.device, torch.dtype]:
+    """Where a pass's model computes (its device policy), for the encoders the adapter kinds run
+    beside it; the CPU in float32 for a model without a policy."""
+    policy = getattr(model, "policy", None)
+    if policy is None:
+        return torch.device("cpu"), torch.float32
+    return torch.device(policy.device), policy.dtype
+
+
 def _placement(model: Any, unet: Any) -> tuple[torch.device, torch.dtype]:
     """Where the UNet computes: the device policy's when the model has one (offloaded UNets keep
     their weights elsewhere), else its parameters'."""

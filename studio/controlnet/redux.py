@@ -32,6 +32,7 @@ import torch
 from PIL import Image
 
 from studio.controlnet.clip_vision import ClipVisionEncoders
+from studio.controlnet.ip_adapter import compute_placement
 from studio.controlnet.models import REDUX, ControlNetProbe
 from studio.controlnet.units import in_guidance_window
 from studio.errors import RequestError
@@ -141,9 +142,7 @@ class ReduxGuidance(StepCallback):
         self._tokens: list[torch.Tensor | None] = []
 
     def on_pass_start(self, run: PassInfo) -> None:
-        policy = getattr(run.model, "policy", None)
-        device = torch.device(policy.device) if policy is not None else torch.device("cpu")
-        dtype = policy.dtype if policy is not None else torch.float32
+        device, dtype = compute_placement(run.model)
         self._tokens = []
         for unit in self.units:
             if unit.weight == 0:

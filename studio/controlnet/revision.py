@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from studio.controlnet.clip_vision import ClipVisionEncoders
-from studio.controlnet.ip_adapter import encode_reference
+from studio.controlnet.ip_adapter import compute_placement, encode_reference
 from studio.controlnet.preprocessors import REVISION_MODULES
 from studio.controlnet.units import in_guidance_window
 from studio.generation.step_callbacks import ModelCall, PassInfo, StepCallback
@@ -78,9 +78,7 @@ class RevisionGuidance(StepCallback):
         self._placed: tuple[torch.device, torch.dtype] | None = None
 
     def on_pass_start(self, run: PassInfo) -> None:
-        policy = getattr(run.model, "policy", None)
-        self._placed = ((torch.device(policy.device), policy.dtype) if policy is not None
-                        else (torch.device("cpu"), torch.float32))
+        self._placed = compute_placement(run.model)
         self._embeds = None
 
     def _encode(self, width: int) -> list[torch.Tensor]:
