@@ -46,6 +46,7 @@ def test_restore_faces_and_vanilla_samplers(server):
         assert len(r.json()["images"]) == 1
 
 
+@pytest.mark.slow   # heavy: the README command stays under 8 minutes
 def test_img2img_sd_upscale_script_doubles_the_picture(server):
     body = {"init_images": [b64(picture())], "denoising_strength": 0.75, "width": 64, "height": 64, "steps": 3,
             "sampler_index": "Euler a", "prompt": "example prompt", "mask": None, "inpainting_mask_invert": False,

@@ -188,6 +188,7 @@ def test_nowebui_serves_only_the_api(tmp_path):
         assert r.status_code == 200 and len(r.json()["images"]) == 1
 
 
+@pytest.mark.slow   # heavy: the README command stays under 8 minutes
 def test_override_settings_checkpoint_is_restored_afterwards(server):
     models = requests.get(api(server, "sd-models")).json()
     sd1 = next(m for m in models if "sd1" in m["title"])

@@ -77,6 +77,7 @@ def test_right_login_generates_and_flags_hide_secrets(secured):
     assert flags["cors_allow_origins"] == "http://example.com,http://other.example"
 
 
+@pytest.mark.slow   # heavy: the README command stays under 8 minutes
 def test_webuiapi_with_set_auth(secured):
     webuiapi = pytest.importorskip("webuiapi")
     anonymous = webuiapi.WebUIApi(host="127.0.0.1", port=secured.port)

@@ -423,6 +423,7 @@ def test_concurrent_clients_share_the_queue_and_every_image_is_saved(compat):
     assert max(latencies) < 5  # ... while /progress kept answering
 
 
+@pytest.mark.slow   # heavy: the README command stays under 8 minutes
 def test_waiting_requests_leave_progress_and_interrupt_answering(compat):
     """More requests wait than the server has worker threads (40): /progress and /interrupt must
     still answer at once, and every waiting request must finish."""

@@ -260,6 +260,7 @@ def test_hires_option_picks_the_passes(studio):
         assert np.abs(a - b).max() > 0
 
 
+@pytest.mark.slow   # heavy: the README command stays under 8 minutes
 def test_a_seeded_preprocessor_uses_the_images_seed(studio):
     """A random seed is resolved before the ControlNet maps are made, so a shuffle map can be made again
     from the seed the infotext reports (it used to be made with seed 0 whenever the seed was -1)."""

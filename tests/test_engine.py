@@ -118,9 +118,9 @@ SLOW = pytest.mark.slow   # the same check on more samplers: the CI's slow step
 
 
 @pytest.mark.parametrize("sampler,schedule", [
-    ("DPM++ 2M", "Karras"), pytest.param("DPM++ SDE", "Automatic", marks=SLOW), ("DDIM", "Automatic"),
-    pytest.param("LCM", "Automatic", marks=SLOW), pytest.param("Heun", "Exponential", marks=SLOW),
-    ("UniPC", "SGM Uniform")])
+    ("DPM++ 2M", "Karras"), pytest.param("DPM++ SDE", "Automatic", marks=SLOW),
+    pytest.param("DDIM", "Automatic", marks=SLOW), pytest.param("LCM", "Automatic", marks=SLOW),
+    pytest.param("Heun", "Exponential", marks=SLOW), pytest.param("UniPC", "SGM Uniform", marks=SLOW)])
 def test_samplers_run_on_every_family(studio, sampler, schedule):
     for name in ("tiny-sd1.safetensors", "tiny-sd2-v.ckpt", "tiny-sdxl.safetensors"):
         studio.select_checkpoint(name)

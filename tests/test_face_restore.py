@@ -152,6 +152,7 @@ def test_restores_the_astronauts_face(tmp_path, astronaut):
     np.testing.assert_array_equal(np.asarray(again), np.asarray(restored))
 
 
+@pytest.mark.slow   # heavy: the README command stays under 8 minutes
 def test_pth_and_safetensors_give_the_same_model(tmp_path, astronaut):
     safe_dir, pth_dir = tmp_path / "a" / "models", tmp_path / "b" / "models"
     make_face_restorer(safe_dir / "GFPGAN" / "RestoreFormer.safetensors", "RestoreFormer", seed=4)
@@ -213,6 +214,7 @@ def test_values_are_checked(tmp_path, astronaut):
     assert restorers.restore(astronaut, None, visibility=0.0) == (astronaut, 0)
 
 
+@pytest.mark.slow   # heavy: the README command stays under 8 minutes
 def test_visibility_blends_as_extras(tmp_path, astronaut):
     models = tmp_path / "models"
     make_face_restorer(models / "GFPGAN" / "RestoreFormer.safetensors", "RestoreFormer", seed=7)

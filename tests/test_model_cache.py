@@ -67,6 +67,7 @@ def test_cached_switch_returns_the_same_model_without_reading(studio):
     assert titles == ["a.safetensors", "b.safetensors", "xl.safetensors"]
 
 
+@pytest.mark.slow   # heavy: the README command stays under 8 minutes
 def test_switch_back_gives_the_image_of_a_fresh_load(studio):
     set_limits(studio, 1)
     fresh_a = image(studio, "a")

@@ -148,6 +148,7 @@ def _tmp():
     return Path(tempfile.mkdtemp())
 
 
+@pytest.mark.slow   # heavy: the README command stays under 8 minutes
 def test_compile_setting_reaches_the_loaded_unet(studio):
     plain = studio.txt2img(Txt2ImgRequest(**BASE))
     studio.settings.update({"sd_compile_unet": True, "sd_compile_backend": "eager"}, persist=False)
