@@ -190,22 +190,26 @@ def test_nowebui_serves_only_the_api(tmp_path):
 
 @pytest.mark.slow   # heavy: the README command stays under 8 minutes
 def test_override_settings_checkpoint_is_restored_afterwards(server):
-    models = requests.get(api(server, "sd-models")).json()
-    sd1 = next(m for m in models if "sd1" in m["title"])
-    xl = next(m for m in models if "sdxl" in m["title"])
-    assert requests.post(api(server, "options"), json={"sd_model_checkpoint": sd1["title"]}).status_code == 200
-    body = {**SMALL, "override_settings": {"sd_model_checkpoint": xl["title"]}}
-    r = requests.post(api(server, "txt2img"), json=body)
-    assert r.status_code == 200, r.text
-    assert json.loads(r.json()["info"])["sd_model_name"] == "tiny-sdxl"
-    assert requests.get(api(server, "options")).json()["sd_model_checkpoint"] == sd1["title"]
-    r = requests.post(api(server, "txt2img"), json=SMALL)
-    assert json.loads(r.json()["info"])["sd_model_name"] == "tiny-sd1"
-    # without restore the override becomes the user's setting
-    body["override_settings_restore_afterwards"] = False
-    assert requests.post(api(server, "txt2img"), json=body).status_code == 200
-    assert requests.get(api(server, "options")).json()["sd_model_checkpoint"] == xl["title"]
-    requests.post(api(server, "options"), json={"sd_model_checkpoint": sd1["title"]})
+    def title(part: str) -> str:
+        # listed again each time: as in A1111, a title carries its [hash] once the file has been hashed
+        return next(m["title"] for m in requests.get(api(server, "sd-models")).json() if part in m["title"])
+
+    sd1, xl = title("sd1"), title("sdxl")
+    assert requests.post(api(server, "options"), json={"sd_model_checkpoint": sd1}).status_code == 200
+    try:
+        body = {**SMALL, "override_settings": {"sd_model_checkpoint": xl}}
+        r = requests.post(api(server, "txt2img"), json=body)
+        assert r.status_code == 200, r.text
+        assert json.loads(r.json()["info"])["sd_model_name"] == "tiny-sdxl"
+        assert requests.get(api(server, "options")).json()["sd_model_checkpoint"] == title("sd1")
+        r = requests.post(api(server, "txt2img"), json=SMALL)
+        assert json.loads(r.json()["info"])["sd_model_name"] == "tiny-sd1"
+        # without restore the override becomes the user's setting
+        body["override_settings_restore_afterwards"] = False
+        assert requests.post(api(server, "txt2img"), json=body).status_code == 200
+        assert requests.get(api(server, "options")).json()["sd_model_checkpoint"] == title("sdxl")
+    finally:   # the server is shared by the session's tests: leave SD1 loaded whatever happened
+        requests.post(api(server, "options"), json={"sd_model_checkpoint": sd1})
 
 
 def test_network_and_vae_lists(server, tmp_path):
