@@ -291,6 +291,21 @@ class JobQueue:
             self._waiting.insert(to, job)
             return to + 1
 
+    def place(self, job_id: str, beside_id: str, after: bool = False) -> int | None:
+        """Put a waiting job just before (or ``after``) another waiting job, as a drag and drop in the
+        queue panel asks: named by the job it lands next to rather than by an index, the move stays
+        right when the list changed under the pointer. Returns its new position, or None when either
+        job is no longer waiting."""
+        with self._cond:
+            if self._index(job_id) is None or self._index(beside_id) is None:
+                return None
+            if job_id == beside_id:
+                return self._index(job_id) + 1
+            job = self._waiting.pop(self._index(job_id))
+            to = self._index(beside_id) + (1 if after else 0)
+            self._waiting.insert(to, job)
+            return to + 1
+
     def shift(self, job_id: str, delta: int) -> int | None:
         """Move a waiting job ``delta`` places (negative = earlier); see :meth:`move`."""
         with self._cond:

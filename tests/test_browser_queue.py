@@ -151,6 +151,39 @@ def test_panel_lists_reorders_and_cancels_queued_jobs(panel_app, artifacts_dir, 
             browser.close()
 
 
+def test_dragging_a_row_onto_another_reorders_the_queue(panel_app, artifacts_dir):
+    playwright = pytest.importorskip("playwright.sync_api")
+    q = panel_app.queue
+    with playwright.sync_playwright() as pw:
+        browser, page = open_page(pw, panel_app.url, 1440, 900)
+        try:
+            long = LongJob(q)
+            jobs = [quick(q, prompt) for prompt in ("first fox", "second owl", "third whale")]
+            wait_rows(page, ["first fox", "second owl", "third whale"])
+            panel = page.locator("#txt2img_queue_list")
+
+            def row(job):
+                return panel.locator(f".queue-row.waiting[data-job='{job.state.job_id}']")
+
+            # the last row dropped on the top half of the first: it runs next
+            row(jobs[2]).drag_to(row(jobs[0]), target_position={"x": 40, "y": 3})
+            wait_rows(page, ["third whale", "first fox", "second owl"])
+            assert [j.request.prompt for j in q.waiting()] == ["third whale", "first fox", "second owl"]
+            # the first row dropped on the lower half of the last: it goes last
+            box = row(jobs[1]).bounding_box()
+            row(jobs[2]).drag_to(row(jobs[1]), target_position={"x": 40, "y": box["height"] - 3})
+            wait_rows(page, ["first fox", "second owl", "third whale"])
+            assert q.position(jobs[2].state.job_id) == 3
+            assert panel.locator(".dragging, .drop-before, .drop-after").count() == 0
+            page.screenshot(path=str(Path(artifacts_dir) / "queue_dragged_1440.png"), full_page=True)
+            long.gate.set()
+            for job in jobs:
+                job.wait(10)
+        finally:
+            long.gate.set()
+            browser.close()
+
+
 def test_interrupt_button_stops_the_running_job(panel_app):
     playwright = pytest.importorskip("playwright.sync_api")
     q = panel_app.queue

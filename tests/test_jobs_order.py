@@ -248,14 +248,32 @@ def test_move_route_takes_places_and_words(client, queue):
     blocker.release()
 
 
-@pytest.mark.parametrize("to", [0, -1, "sideways", True, None, 1.5])
+def test_move_route_places_a_job_before_or_after_another(client, queue):
+    blocker = Blocker(queue)
+    jobs = recorder(queue, [], ["a", "b", "c"])
+    a, b, c = (jobs[n].state.job_id for n in "abc")
+    assert client.post(f"/studio/v1/queue/{c}/move", json={"to": {"before": a}}).json() == {"id": c, "position": 1}
+    assert ids(queue) == ["c", "a", "b"]
+    assert client.post(f"/studio/v1/queue/{c}/move", json={"to": {"after": b}}).json()["position"] == 3
+    assert ids(queue) == ["a", "b", "c"]
+    running = blocker.job.state.job_id
+    for other in (running, "task(999999)"):
+        answer = client.post(f"/studio/v1/queue/{a}/move", json={"to": {"after": other}})
+        assert answer.status_code == 404 and "is not a waiting job" in answer.json()["detail"]
+    assert ids(queue) == ["a", "b", "c"]
+    blocker.release()
+
+
+@pytest.mark.parametrize("to", [0, -1, "sideways", True, None, 1.5, {"beside": "task(1)"}, {"before": 3},
+                                {"before": "task(1)", "after": "task(2)"}, {}])
 def test_move_route_refuses_a_bad_place_with_a_422(client, queue, to):
     blocker = Blocker(queue)
     job = queue.submit(lambda state: None, "a")
     answer = client.post(f"/studio/v1/queue/{job.state.job_id}/move", json={"to": to})
     assert answer.status_code == 422
     assert answer.json()["detail"].startswith(
-        "to: a place in line (1 = runs next) or one of up, down, first, last; got ")
+        "to: a place in line (1 = runs next), one of up, down, first, last, or {\"before\": id} / {\"after\": id} "
+        "of another waiting job; got ")
     blocker.release()
 
 

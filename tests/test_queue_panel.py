@@ -109,6 +109,28 @@ def test_row_actions_reorder_cancel_and_say_when_too_late(queue, held):
     assert apply_action(queue, "interrupt", held.state.job_id) is None and held.state.interrupted
 
 
+def test_a_drop_places_the_job_beside_the_row_it_lands_on(queue, held):
+    a, b, c, d = (submit(queue, p) for p in "abcd")
+    assert apply_action(queue, "drop", d.state.job_id, a.state.job_id) is None and order(queue) == list("dabc")
+    assert apply_action(queue, "drop", d.state.job_id, b.state.job_id, after=True) is None
+    assert order(queue) == list("abdc")
+    assert apply_action(queue, "drop", a.state.job_id, c.state.job_id, after=True) is None
+    assert order(queue) == list("bdca")
+    assert apply_action(queue, "drop", a.state.job_id, a.state.job_id) is None and order(queue) == list("bdca")
+    # the row it was dropped on started or was cancelled meanwhile: nothing moves, and the list says why
+    assert "no longer waiting" in apply_action(queue, "drop", a.state.job_id, held.state.job_id)
+    queue.cancel(c.state.job_id)
+    assert "no longer waiting" in apply_action(queue, "drop", c.state.job_id, b.state.job_id)
+    assert order(queue) == list("bda")
+    # only waiting rows are draggable, and only when there is another to drop on
+    text = queue_html(queue.snapshot().as_dict())
+    assert text.count("draggable='true'") == 3
+    assert f"class='queue-row running' data-job='{held.state.job_id}'>" in text
+    queue.cancel(b.state.job_id)
+    queue.cancel(d.state.job_id)
+    assert "draggable" not in queue_html(queue.snapshot().as_dict())
+
+
 def test_waiting_text_says_where_a_job_is(queue, held):
     a, b = submit(queue, "a"), submit(queue, "b")
     assert waiting_text(queue, b.state.job_id) == "Waiting in queue: position 2 of 2"

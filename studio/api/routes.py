@@ -399,7 +399,8 @@ def build_queue_router(studio: Studio) -> APIRouter:
     from fastapi import Body
 
     moves = ("up", "down", "first", "last")
-    move_help = f"a place in line (1 = runs next) or one of {', '.join(moves)}"
+    move_help = (f"a place in line (1 = runs next), one of {', '.join(moves)}, or {{\"before\": id}} / "
+                 "{\"after\": id} of another waiting job")
 
     r = APIRouter(prefix="/studio/v1", tags=["queue"], route_class=StudioRoute)
 
@@ -441,12 +442,24 @@ def build_queue_router(studio: Studio) -> APIRouter:
     @r.post("/queue/{job_id}/move")
     def move(job_id: str, to: Any = Body(embed=True, description=(
             "the job's new place in line: 1 = runs next (as `position` in GET /studio/v1/queue; past the end "
-            "= last), or one of 'up', 'down', 'first', 'last'"))) -> dict[str, Any]:
-        """Reorder a waiting job: ``{"to": 2}`` or ``{"to": "up"}``; answers its new place in line."""
-        if isinstance(to, bool) or not (isinstance(to, int) and to >= 1 or to in moves):
+            "= last), one of 'up', 'down', 'first', 'last', or {\"before\": id} / {\"after\": id} of another "
+            "waiting job (what a drag and drop in the queue panel does)"))) -> dict[str, Any]:
+        """Reorder a waiting job: ``{"to": 2}``, ``{"to": "up"}`` or ``{"to": {"after": "task(7)"}}``;
+        answers its new place in line."""
+        beside = to if isinstance(to, dict) else None
+        if beside is not None:
+            if len(beside) != 1 or not isinstance(next(iter(beside.values())), str) \
+                    or next(iter(beside)) not in ("before", "after"):
+                raise HTTPException(422, f"to: {move_help}; got {json.dumps(to)}")
+        elif isinstance(to, bool) or not (isinstance(to, int) and to >= 1 or to in moves):
             raise HTTPException(422, f"to: {move_help}; got {json.dumps(to)}")
         q = studio.queue
-        if to == "up":
+        if beside is not None:
+            side, other = next(iter(beside.items()))
+            if q.position(other) is None or q.position(other) == 0:
+                raise HTTPException(404, f"to: {other!r} is not a waiting job (GET /studio/v1/queue lists them)")
+            position = q.place(job_id, other, after=side == "after")
+        elif to == "up":
             position = q.shift(job_id, -1)
         elif to == "down":
             position = q.shift(job_id, 1)

@@ -1,5 +1,6 @@
 """The queue panel: the running job and the jobs waiting behind it, with their main settings and,
-for each waiting job, Up / Down / Cancel; below them the last finished jobs.
+for each waiting job, Up / Down / Cancel (or drag a waiting row onto another); below them the last
+finished jobs.
 
 It reads the studio's own job queue (the one API clients use), so it shows the same jobs after a
 page reload or when a script queues work over the API. One ``gr.HTML`` holds the whole list: the
@@ -30,7 +31,7 @@ IDLE_INTERVAL = 2.0
 PROMPT_CHARS = 60
 RECENT_SHOWN = 8
 
-ACTIONS = ("cancel", "up", "down", "first", "interrupt")
+ACTIONS = ("cancel", "up", "down", "first", "interrupt", "drop")
 
 OUTCOME_MARKS = {"done": "✓", "interrupted": "◼", "failed": "✗", "cancelled": "⊘"}
 
@@ -46,6 +47,47 @@ const keepOpen = () => {
   if (d && d.open !== recentOpen) d.open = recentOpen;
 };
 watch('value', keepOpen);
+// Drag a waiting row onto another: it lands before that row (after it when dropped on its lower
+// half). The list is re-rendered every second, so the drag keeps the job's id, not the element, and
+// the drop names the row it lands next to; the server places it beside that job as the queue is then.
+let dragged = null;
+const waitingRow = (e) => e.target.closest && e.target.closest('.queue-row.waiting');
+const clearMarks = () => element.querySelectorAll('.drop-before, .drop-after, .dragging').forEach(
+  (row) => row.classList.remove('drop-before', 'drop-after', 'dragging'));
+const lowerHalf = (row, e) => { const r = row.getBoundingClientRect(); return e.clientY > r.top + r.height / 2; };
+element.addEventListener('dragstart', (e) => {
+  const row = waitingRow(e);
+  if (!row) return;
+  dragged = row.dataset.job;
+  e.dataTransfer.effectAllowed = 'move';
+  e.dataTransfer.setData('text/plain', dragged);
+  row.classList.add('dragging');
+});
+element.addEventListener('dragover', (e) => {
+  const row = waitingRow(e);
+  if (!dragged || !row) return;
+  e.preventDefault();
+  e.dataTransfer.dropEffect = 'move';
+  const after = lowerHalf(row, e);
+  element.querySelectorAll('.drop-before, .drop-after').forEach((r) => {
+    if (r !== row) r.classList.remove('drop-before', 'drop-after');
+  });
+  row.classList.toggle('drop-after', after);
+  row.classList.toggle('drop-before', !after);
+});
+element.addEventListener('dragend', () => { dragged = null; clearMarks(); });
+element.addEventListener('drop', async (e) => {
+  const row = waitingRow(e);
+  const id = dragged;
+  dragged = null;
+  if (!id || !row) { clearMarks(); return; }
+  e.preventDefault();
+  const after = lowerHalf(row, e);
+  clearMarks();
+  if (row.dataset.job === id) return;
+  props.value = await server.queue_action({action: 'drop', id: id, beside: row.dataset.job, after: after});
+  keepOpen();
+});
 element.addEventListener('click', async (e) => {
   const btn = e.target.closest('button[data-queue-action]');
   if (!btn || btn.disabled) return;
@@ -64,6 +106,10 @@ PANEL_CSS = """
 .queue-row { display: flex; align-items: center; gap: 6px; padding: 4px 6px; border-radius: var(--radius-sm);
   border: 1px solid var(--border-color-primary); background: var(--background-fill-secondary); }
 .queue-row.running { border-color: var(--color-accent); }
+.queue-row.waiting[draggable=true] { cursor: grab; }
+.queue-row.dragging { opacity: .45; }
+.queue-row.drop-before { box-shadow: inset 0 3px 0 var(--color-accent); }
+.queue-row.drop-after { box-shadow: inset 0 -3px 0 var(--color-accent); }
 .queue-place { flex: 0 0 auto; min-width: 1.6em; font-weight: 600; text-align: center; }
 .queue-text { flex: 1 1 auto; min-width: 0; }
 .queue-prompt { overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
@@ -128,12 +174,13 @@ def _button(action: str, job_id: str, label: str, title: str, enabled: bool = Tr
 
 
 def _row(place: str, entry: dict[str, Any], classes: str, extra: str = "", buttons: str = "",
-         lead: str = "") -> str:
+         lead: str = "", draggable: bool = False) -> str:
     """One job: its place (or mark), prompt start, and a line of ``lead`` + settings + ``extra``
-    (``lead``/``extra`` are HTML, already escaped)."""
+    (``lead``/``extra`` are HTML, already escaped). ``draggable``: a waiting row the user may drag."""
     first, second = _describe(entry)
     job_id = html.escape(str(entry.get("id", "")), quote=True)
-    return (f"<div class='queue-row {classes}' data-job='{job_id}'><span class='queue-place'>{place}</span>"
+    drag = " draggable='true' title='Drag onto another waiting job to reorder'" if draggable else ""
+    return (f"<div class='queue-row {classes}' data-job='{job_id}'{drag}><span class='queue-place'>{place}</span>"
             f"<div class='queue-text'><div class='queue-prompt' title='{html.escape(first, quote=True)}'>"
             f"{html.escape(first)}</div><div class='queue-meta'>{lead}{html.escape(second)}{extra}</div></div>"
             f"{f'<span class=queue-buttons>{buttons}</span>' if buttons else ''}</div>")
@@ -166,7 +213,7 @@ def queue_html(view: dict[str, Any], now: float | None = None, note: str = "") -
                    + _button("cancel", job_id, "✕", "Cancel (remove from the queue)"))
         waited = max(0.0, now - float(entry.get("submitted") or now))
         rows.append(_row(str(entry.get("position", i + 1)), entry, "waiting",
-                         html.escape(f" · waiting {waited:.0f}s"), buttons))
+                         html.escape(f" · waiting {waited:.0f}s"), buttons, draggable=len(waiting) > 1))
     if not running and not waiting:
         rows.append("<div class='queue-empty'>Nothing running or queued. Generate while a job runs to "
                     "queue the next one.</div>")
@@ -191,9 +238,10 @@ def queue_label(count: int) -> str:
     return f"Queue ({count})"
 
 
-def apply_action(queue: JobQueue, action: str, job_id: str) -> str | None:
-    """Do what a row button asks. Returns a message when nothing could be done (the job started or
-    finished meanwhile); None when it was done."""
+def apply_action(queue: JobQueue, action: str, job_id: str, beside: str = "", after: bool = False) -> str | None:
+    """Do what a row button (or a drag and drop: ``drop`` beside the job ``beside``, before it or
+    ``after`` it) asks. Returns a message when nothing could be done (the job started or finished
+    meanwhile); None when it was done."""
     if action not in ACTIONS:
         return f"unknown queue action {action!r}"
     if action == "interrupt":   # that job only (with several workers, the others run on)
@@ -204,6 +252,8 @@ def apply_action(queue: JobQueue, action: str, job_id: str) -> str | None:
         done = queue.cancel(job_id)
     elif action == "first":
         done = queue.move(job_id, 0) is not None
+    elif action == "drop":
+        done = queue.place(job_id, beside, after) is not None
     else:
         done = queue.shift(job_id, -1 if action == "up" else 1) is not None
     return None if done else f"{job_id} is no longer waiting (it has started or finished)"
@@ -253,7 +303,8 @@ def build_queue_panel(studio: Studio, tab_id: str = "queue", open: bool = True) 
         # called from the row buttons' JS with {"action": ..., "id": ...}; answers the new list
         data = data if isinstance(data, dict) else {}
         # no event here to carry a gr.Warning: a refused action says why in the list itself
-        return render(apply_action(queue, str(data.get("action", "")), str(data.get("id", ""))) or "")
+        return render(apply_action(queue, str(data.get("action", "")), str(data.get("id", "")),
+                                   str(data.get("beside", "")), data.get("after") is True) or "")
 
     with gr.Accordion(queue_label(queue.job_count), open=open, elem_id=f"{tab_id}_queue") as accordion:
         panel = gr.HTML(render(), elem_id=f"{tab_id}_queue_list", js_on_load=PANEL_JS, css_template=PANEL_CSS,
