@@ -100,6 +100,7 @@ def test_the_first_screen_holds_prompt_generate_and_result(page, artifacts_dir):
     generate = page.locator("#txt2img_generate").bounding_box()
     prompt = page.locator("#txt2img_prompt").bounding_box()
     assert gallery["y"] < 900, "the result area starts below the first screen"
+    assert page.locator("#txt2img_queue").bounding_box()["y"] > gallery["y"], "the queue comes after the result"
     assert generate["x"] > prompt["x"] + prompt["width"] - 5 and abs(generate["y"] - prompt["y"]) < 60
     for name, tab_id in TABS:
         page.get_by_role("tab", name=name, exact=True).first.click()
@@ -117,6 +118,10 @@ def test_on_a_phone_the_result_comes_right_after_the_prompt(browser, daily, arti
         results = phone.locator("#txt2img_gallery").bounding_box()
         params = phone.locator("#txt2img_steps").bounding_box()
         assert results["y"] < params["y"], "on a phone the gallery must come before the parameters"
+        # a long checkpoint title ends in "…" before the dropdown's arrow instead of running under it
+        style = phone.evaluate("""() => { const i = document.querySelector('#setting_sd_model_checkpoint input');
+            const s = getComputedStyle(i); return [s.textOverflow, parseFloat(s.paddingRight)]; }""")
+        assert style[0] == "ellipsis" and style[1] >= 20
         for name, tab_id in TABS:
             open_tab(phone, name)
             phone.wait_for_timeout(600)

@@ -58,6 +58,9 @@ CSS = """
 .gen-stop-row button {min-width: 0 !important;}
 .gen-style-row {gap: 6px !important;}
 .studio-progress.idle {visibility: hidden;}
+/* a long value (a checkpoint title with its [hash] on a phone) ends in "…" before the dropdown's arrow,
+   which Gradio lays over the input's right end */
+.wrap-inner > .secondary-wrap > input {text-overflow: ellipsis; padding-right: 22px !important;}
 .gen-send-row {gap: 6px !important; flex-wrap: wrap !important;}
 .gen-send-row button {flex: 1 1 auto !important; min-width: 70px !important;}
 /* Gradio 6 appends a selected tab it wrongly measured as overflowing a second time: show it once */

@@ -141,8 +141,9 @@ def build_img2img_tab(studio: Studio) -> GenerationTab:
                 extra_column = gr.Column()
                 scripts = build_script_panel(studio, "img2img")
             with gr.Column(scale=1, min_width=340, elem_classes="gen-results"):
-                queue_panel = build_queue_panel(studio, "img2img")
                 out = build_output_area("img2img")
+                # under the results: the picture is what the first screen is for
+                queue_panel = build_queue_panel(studio, "img2img")
         source = gr.State("upload")
     area.wire_token_counters(studio, controls.steps)
     sources.select(_tab_id, None, source, queue=False)

@@ -69,8 +69,9 @@ def build_txt2img_tab(studio: Studio) -> Txt2ImgControls:
                 extra_column = gr.Column()
                 scripts = build_script_panel(studio, "txt2img")
             with gr.Column(scale=1, min_width=340, elem_classes="gen-results"):
-                queue_panel = build_queue_panel(studio, "txt2img")
                 out = build_output_area("txt2img")
+                # under the results: the picture is what the first screen is for
+                queue_panel = build_queue_panel(studio, "txt2img")
     area.wire_token_counters(studio, controls.steps)
     form = RequestForm(studio.schemas.txt2img, "txt2img")
     area.bind(form)
