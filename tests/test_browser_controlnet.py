@@ -84,7 +84,9 @@ def test_control_type_preview_and_enabled_marker(page, artifacts_dir, tmp_path):
     page.screenshot(path=str(Path(artifacts_dir) / "controlnet_unit_1440_viewport.png"))
 
     page.locator(f"#{UNIT}_enable input").uncheck()
-    page.get_by_role("tab", name="ControlNet Unit 0", exact=True).wait_for(timeout=10_000)
+    # attached, not visible: the check is the label, wherever the page has scrolled the tab row
+    page.get_by_role("tab", name="ControlNet Unit 0", exact=True).wait_for(state="attached", timeout=20_000)
+    assert page.get_by_role("tab", name="ControlNet Unit 0 (on)").count() == 0
 
 
 def test_img2img_unit_uses_the_img2img_image_until_told(page):

@@ -7,6 +7,7 @@ app has the panel wired in (``#txt2img_queue``), a second test does the same thr
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -75,12 +76,24 @@ def panel_app():
     studio.queue.shutdown()
 
 
-def open_page(pw, url: str, width: int, height: int):
-    browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-    page = browser.new_page(viewport={"width": width, "height": height})
-    page.goto(url, wait_until="domcontentloaded")
-    page.locator("#txt2img_queue_list").wait_for(timeout=60_000)
-    return browser, page
+@contextlib.contextmanager
+def busy_panel(app, width: int = 1440, height: int = 900):
+    """The panel's page in Chromium while a LongJob runs: yields (page, long job); the job is released
+    and the browser closed however the test ends."""
+    playwright = pytest.importorskip("playwright.sync_api")
+    with playwright.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        long = None
+        try:
+            page = browser.new_page(viewport={"width": width, "height": height})
+            page.goto(app.url, wait_until="domcontentloaded")
+            page.locator("#txt2img_queue_list").wait_for(timeout=60_000)
+            long = LongJob(app.queue)
+            yield page, long
+        finally:
+            if long is not None:
+                long.gate.set()
+            browser.close()
 
 
 def rows(page) -> list[str]:
@@ -97,108 +110,88 @@ def wait_rows(page, expected: list[str], timeout: float = 15) -> None:
 
 @pytest.mark.parametrize("width,height", [(1440, 900), (390, 844)])
 def test_panel_lists_reorders_and_cancels_queued_jobs(panel_app, artifacts_dir, width, height):
-    playwright = pytest.importorskip("playwright.sync_api")
     q = panel_app.queue
-    with playwright.sync_playwright() as pw:
-        browser, page = open_page(pw, panel_app.url, width, height)
-        try:
-            long = LongJob(q)
-            second = quick(q, "a red fox in snow", seed=5, n_iter=2)
-            third = quick(q, "a blue whale, watercolor", sampler_name="Euler a")
-            panel = page.locator("#txt2img_queue_list")
-            wait_rows(page, ["a red fox in snow", "a blue whale, watercolor"])
-            running = panel.locator(".queue-row.running")
-            assert "a long running lighthouse" in running.inner_text()
-            meta = panel.locator(".queue-row.waiting .queue-meta").first.inner_text()
-            assert "64×64" in meta and "4 steps" in meta and "seed 5" in meta and "batch 2×1" in meta
-            page.wait_for_function("() => document.querySelector('#txt2img_queue').innerText.includes('Queue (3)')",
-                                   timeout=10_000)
-            page.screenshot(path=str(Path(artifacts_dir) / f"queue_{width}.png"), full_page=True)
+    with busy_panel(panel_app, width, height) as (page, long):
+        second = quick(q, "a red fox in snow", seed=5, n_iter=2)
+        third = quick(q, "a blue whale, watercolor", sampler_name="Euler a")
+        panel = page.locator("#txt2img_queue_list")
+        wait_rows(page, ["a red fox in snow", "a blue whale, watercolor"])
+        running = panel.locator(".queue-row.running")
+        assert "a long running lighthouse" in running.inner_text()
+        meta = panel.locator(".queue-row.waiting .queue-meta").first.inner_text()
+        assert "64×64" in meta and "4 steps" in meta and "seed 5" in meta and "batch 2×1" in meta
+        page.wait_for_function("() => document.querySelector('#txt2img_queue').innerText.includes('Queue (3)')",
+                               timeout=10_000)
+        page.screenshot(path=str(Path(artifacts_dir) / f"queue_{width}.png"), full_page=True)
 
-            # Up on the second waiting row puts it first, in the page and in the worker's order
-            panel.locator(f".queue-row[data-job='{third.state.job_id}'] button[data-queue-action='up']").click()
-            wait_rows(page, ["a blue whale, watercolor", "a red fox in snow"])
-            assert q.position(third.state.job_id) == 1 and q.position(second.state.job_id) == 2
-            # the API sees the same order
-            listed = requests.get(f"{panel_app.url}/studio/v1/queue", timeout=10).json()["waiting"]
-            assert [w["id"] for w in listed] == [third.state.job_id, second.state.job_id]
+        # Up on the second waiting row puts it first, in the page and in the worker's order
+        panel.locator(f".queue-row[data-job='{third.state.job_id}'] button[data-queue-action='up']").click()
+        wait_rows(page, ["a blue whale, watercolor", "a red fox in snow"])
+        assert q.position(third.state.job_id) == 1 and q.position(second.state.job_id) == 2
+        # the API sees the same order
+        listed = requests.get(f"{panel_app.url}/studio/v1/queue", timeout=10).json()["waiting"]
+        assert [w["id"] for w in listed] == [third.state.job_id, second.state.job_id]
 
-            # Cancel removes one; its waiter is told at once
-            panel.locator(f".queue-row[data-job='{second.state.job_id}'] button[data-queue-action='cancel']").click()
-            wait_rows(page, ["a blue whale, watercolor"])
-            with pytest.raises(LookupError, match="cancelled"):
-                second.wait(5)
+        # Cancel removes one; its waiter is told at once
+        panel.locator(f".queue-row[data-job='{second.state.job_id}'] button[data-queue-action='cancel']").click()
+        wait_rows(page, ["a blue whale, watercolor"])
+        with pytest.raises(LookupError, match="cancelled"):
+            second.wait(5)
 
-            # a reload reads the server's queue again
-            page.reload(wait_until="domcontentloaded")
-            page.locator("#txt2img_queue_list .queue-row.running").wait_for(timeout=30_000)
-            wait_rows(page, ["a blue whale, watercolor"])
-            page.screenshot(path=str(Path(artifacts_dir) / f"queue_{width}_after.png"), full_page=True)
+        # a reload reads the server's queue again
+        page.reload(wait_until="domcontentloaded")
+        page.locator("#txt2img_queue_list .queue-row.running").wait_for(timeout=30_000)
+        wait_rows(page, ["a blue whale, watercolor"])
+        page.screenshot(path=str(Path(artifacts_dir) / f"queue_{width}_after.png"), full_page=True)
 
-            long.gate.set()
-            third.wait(10)
-            long.job.wait(10)
-            page.wait_for_function(
-                "() => document.querySelector('#txt2img_queue').innerText.includes('Queue (0)')", timeout=15_000)
-            assert rows(page) == []
-            page.locator("#txt2img_queue_list details.queue-recent summary").click()
-            recent = page.locator("#txt2img_queue_list details.queue-recent").inner_text()
-            assert "a blue whale" in recent and "cancelled" in recent and "done" in recent
-            time.sleep(1.5)   # a refresh or two: the open "Recent" list stays open
-            assert page.locator("#txt2img_queue_list details.queue-recent").get_attribute("open") is not None
-            page.screenshot(path=str(Path(artifacts_dir) / f"queue_{width}_recent.png"), full_page=True)
-        finally:
-            browser.close()
+        long.gate.set()
+        third.wait(10)
+        long.job.wait(10)
+        page.wait_for_function(
+            "() => document.querySelector('#txt2img_queue').innerText.includes('Queue (0)')", timeout=15_000)
+        assert rows(page) == []
+        page.locator("#txt2img_queue_list details.queue-recent summary").click()
+        recent = page.locator("#txt2img_queue_list details.queue-recent").inner_text()
+        assert "a blue whale" in recent and "cancelled" in recent and "done" in recent
+        time.sleep(1.5)   # a refresh or two: the open "Recent" list stays open
+        assert page.locator("#txt2img_queue_list details.queue-recent").get_attribute("open") is not None
+        page.screenshot(path=str(Path(artifacts_dir) / f"queue_{width}_recent.png"), full_page=True)
 
 
 def test_dragging_a_row_onto_another_reorders_the_queue(panel_app, artifacts_dir):
-    playwright = pytest.importorskip("playwright.sync_api")
     q = panel_app.queue
-    with playwright.sync_playwright() as pw:
-        browser, page = open_page(pw, panel_app.url, 1440, 900)
-        try:
-            long = LongJob(q)
-            jobs = [quick(q, prompt) for prompt in ("first fox", "second owl", "third whale")]
-            wait_rows(page, ["first fox", "second owl", "third whale"])
-            panel = page.locator("#txt2img_queue_list")
+    with busy_panel(panel_app) as (page, long):
+        jobs = [quick(q, prompt) for prompt in ("first fox", "second owl", "third whale")]
+        wait_rows(page, ["first fox", "second owl", "third whale"])
+        panel = page.locator("#txt2img_queue_list")
 
-            def row(job):
-                return panel.locator(f".queue-row.waiting[data-job='{job.state.job_id}']")
+        def row(job):
+            return panel.locator(f".queue-row.waiting[data-job='{job.state.job_id}']")
 
-            # the last row dropped on the top half of the first: it runs next
-            row(jobs[2]).drag_to(row(jobs[0]), target_position={"x": 40, "y": 3})
-            wait_rows(page, ["third whale", "first fox", "second owl"])
-            assert [j.request.prompt for j in q.waiting()] == ["third whale", "first fox", "second owl"]
-            # the first row dropped on the lower half of the last: it goes last
-            box = row(jobs[1]).bounding_box()
-            row(jobs[2]).drag_to(row(jobs[1]), target_position={"x": 40, "y": box["height"] - 3})
-            wait_rows(page, ["first fox", "second owl", "third whale"])
-            assert q.position(jobs[2].state.job_id) == 3
-            assert panel.locator(".dragging, .drop-before, .drop-after").count() == 0
-            page.screenshot(path=str(Path(artifacts_dir) / "queue_dragged_1440.png"), full_page=True)
-            long.gate.set()
-            for job in jobs:
-                job.wait(10)
-        finally:
-            long.gate.set()
-            browser.close()
+        # the last row dropped on the top half of the first: it runs next
+        row(jobs[2]).drag_to(row(jobs[0]), target_position={"x": 40, "y": 3})
+        wait_rows(page, ["third whale", "first fox", "second owl"])
+        assert [j.request.prompt for j in q.waiting()] == ["third whale", "first fox", "second owl"]
+        # the first row dropped on the lower half of the last: it goes last
+        box = row(jobs[1]).bounding_box()
+        row(jobs[2]).drag_to(row(jobs[1]), target_position={"x": 40, "y": box["height"] - 3})
+        wait_rows(page, ["first fox", "second owl", "third whale"])
+        assert q.position(jobs[2].state.job_id) == 3
+        assert panel.locator(".dragging, .drop-before, .drop-after").count() == 0
+        page.screenshot(path=str(Path(artifacts_dir) / "queue_dragged_1440.png"), full_page=True)
+        long.gate.set()
+        for job in jobs:
+            job.wait(10)
 
 
 def test_interrupt_button_stops_the_running_job(panel_app):
-    playwright = pytest.importorskip("playwright.sync_api")
     q = panel_app.queue
-    with playwright.sync_playwright() as pw:
-        browser, page = open_page(pw, panel_app.url, 1440, 900)
-        try:
-            long = LongJob(q)
-            button = page.locator("#txt2img_queue_list .queue-row.running button[data-queue-action='interrupt']")
-            button.wait_for(timeout=15_000)
-            button.click()
-            assert long.job.wait(10).interrupted
-            assert q.recent()[0].outcome == "interrupted"
-        finally:
-            long.gate.set()
-            browser.close()
+    with busy_panel(panel_app) as (page, long):
+        button = page.locator("#txt2img_queue_list .queue-row.running button[data-queue-action='interrupt']")
+        button.wait_for(timeout=15_000)
+        button.click()
+        assert long.job.wait(10).interrupted
+        assert q.recent()[0].outcome == "interrupted"
 
 
 def test_real_app_queue_panel_with_api_jobs(server, artifacts_dir):
