@@ -297,11 +297,12 @@ class JobQueue:
         right when the list changed under the pointer. Returns its new position, or None when either
         job is no longer waiting."""
         with self._cond:
-            if self._index(job_id) is None or self._index(beside_id) is None:
+            index = self._index(job_id)
+            if index is None or self._index(beside_id) is None:
                 return None
             if job_id == beside_id:
-                return self._index(job_id) + 1
-            job = self._waiting.pop(self._index(job_id))
+                return index + 1
+            job = self._waiting.pop(index)
             to = self._index(beside_id) + (1 if after else 0)
             self._waiting.insert(to, job)
             return to + 1

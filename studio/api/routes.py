@@ -456,7 +456,7 @@ def build_queue_router(studio: Studio) -> APIRouter:
         q = studio.queue
         if beside is not None:
             side, other = next(iter(beside.items()))
-            if q.position(other) is None or q.position(other) == 0:
+            if not q.position(other):   # None: not queued at all; 0: already running
                 raise HTTPException(404, f"to: {other!r} is not a waiting job (GET /studio/v1/queue lists them)")
             position = q.place(job_id, other, after=side == "after")
         elif to == "up":
