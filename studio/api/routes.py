@@ -446,16 +446,15 @@ def build_queue_router(studio: Studio) -> APIRouter:
             "waiting job (what a drag and drop in the queue panel does)"))) -> dict[str, Any]:
         """Reorder a waiting job: ``{"to": 2}``, ``{"to": "up"}`` or ``{"to": {"after": "task(7)"}}``;
         answers its new place in line."""
-        beside = to if isinstance(to, dict) else None
-        if beside is not None:
-            if len(beside) != 1 or not isinstance(next(iter(beside.values())), str) \
-                    or next(iter(beside)) not in ("before", "after"):
+        beside = next(iter(to.items())) if isinstance(to, dict) and len(to) == 1 else None
+        if isinstance(to, dict):
+            if beside is None or beside[0] not in ("before", "after") or not isinstance(beside[1], str):
                 raise HTTPException(422, f"to: {move_help}; got {json.dumps(to)}")
         elif isinstance(to, bool) or not (isinstance(to, int) and to >= 1 or to in moves):
             raise HTTPException(422, f"to: {move_help}; got {json.dumps(to)}")
         q = studio.queue
         if beside is not None:
-            side, other = next(iter(beside.items()))
+            side, other = beside
             if not q.position(other):   # None: not queued at all; 0: already running
                 raise HTTPException(404, f"to: {other!r} is not a waiting job (GET /studio/v1/queue lists them)")
             position = q.place(job_id, other, after=side == "after")

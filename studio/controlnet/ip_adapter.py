@@ -317,21 +317,15 @@ def transformer_blocks(processor_names: Sequence[str]) -> dict[str, int]:
     return {name: keys.index(order(name)) for name in processor_names}
 
 
-def compute_placement(model: Any) -> tuple[torch.device, torch.dtype]:
-    """Where a pass's model computes (its device policy), for the encoders the adapter kinds run
-    beside it; the CPU in float32 for a model without a policy."""
-    policy = getattr(model, "policy", None)
-    if policy is None:
-        return torch.device("cpu"), torch.float32
-    return torch.device(policy.device), policy.dtype
-
-
-def _placement(model: Any, unet: Any) -> tuple[torch.device, torch.dtype]:
-    """Where the UNet computes: the device policy's when the model has one (offloaded UNets keep
-    their weights elsewhere), else its parameters'."""
+def compute_placement(model: Any, unet: Any = None) -> tuple[torch.device, torch.dtype]:
+    """Where a pass's model computes: its device policy's when it has one (offloaded UNets keep their
+    weights elsewhere), else ``unet``'s parameters', else the CPU in float32. The adapter kinds run
+    their encoders there, beside it."""
     policy = getattr(model, "policy", None)
     if policy is not None:
         return torch.device(policy.device), policy.dtype
+    if unet is None:
+        return torch.device("cpu"), torch.float32
     param = next(unet.parameters())
     return param.device, param.dtype
 
@@ -399,7 +393,7 @@ class IPAdapterGuidance(StepCallback):
         unet = run.model.unet
         for unit in self.units:
             check_fits(unit.weights, unet)
-        device, dtype = _placement(run.model, unet)
+        device, dtype = compute_placement(run.model, unet)
         if self._embeds is None or self._placed != (device, dtype):
             self._embeds = self._encode(device, dtype)
             self._placed = (device, dtype)
