@@ -77,15 +77,15 @@ def panel_app():
 
 
 @contextlib.contextmanager
-def busy_panel(app, width: int = 1440, height: int = 900):
+def busy_panel(app, width: int = 1440, height: int = 900, touch: bool = False):
     """The panel's page in Chromium while a LongJob runs: yields (page, long job); the job is released
-    and the browser closed however the test ends."""
+    and the browser closed however the test ends. ``touch``: a touch screen (a phone)."""
     playwright = pytest.importorskip("playwright.sync_api")
     with playwright.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         long = None
         try:
-            page = browser.new_page(viewport={"width": width, "height": height})
+            page = browser.new_page(viewport={"width": width, "height": height}, has_touch=touch)
             page.goto(app.url, wait_until="domcontentloaded")
             page.locator("#txt2img_queue_list").wait_for(timeout=60_000)
             long = LongJob(app.queue)
@@ -179,6 +179,49 @@ def test_dragging_a_row_onto_another_reorders_the_queue(panel_app, artifacts_dir
         assert q.position(jobs[2].state.job_id) == 3
         assert panel.locator(".dragging, .drop-before, .drop-after").count() == 0
         page.screenshot(path=str(Path(artifacts_dir) / "queue_dragged_1440.png"), full_page=True)
+        long.gate.set()
+        for job in jobs:
+            job.wait(10)
+
+
+def test_a_finger_drags_a_row_by_its_place_number(panel_app, artifacts_dir):
+    """On a phone HTML5 drag and drop never starts: the place number is a touch handle (pointer events)."""
+    q = panel_app.queue
+    with busy_panel(panel_app, 390, 844, touch=True) as (page, long):
+        jobs = [quick(q, prompt) for prompt in ("first fox", "second owl", "third whale")]
+        wait_rows(page, ["first fox", "second owl", "third whale"])
+        panel = page.locator("#txt2img_queue_list")
+        cdp = page.context.new_cdp_session(page)
+
+        def row(job):
+            return panel.locator(f".queue-row.waiting[data-job='{job.state.job_id}']")
+
+        def swipe(job, onto, lower: bool) -> None:
+            """A finger on ``job``'s place number, moved in steps onto ``onto``'s upper or lower half."""
+            row(job).scroll_into_view_if_needed()
+            handle, target = row(job).locator(".queue-place").bounding_box(), row(onto).bounding_box()
+            x0, y0 = handle["x"] + handle["width"] / 2, handle["y"] + handle["height"] / 2
+            x1, y1 = target["x"] + 80, target["y"] + (target["height"] - 4 if lower else 4)
+            cdp.send("Input.dispatchTouchEvent", {"type": "touchStart", "touchPoints": [{"x": x0, "y": y0}]})
+            for i in range(1, 9):
+                point = {"x": x0 + (x1 - x0) * i / 8, "y": y0 + (y1 - y0) * i / 8}
+                cdp.send("Input.dispatchTouchEvent", {"type": "touchMove", "touchPoints": [point]})
+                time.sleep(0.03)
+            cdp.send("Input.dispatchTouchEvent", {"type": "touchEnd", "touchPoints": []})
+
+        scrolled = page.evaluate("window.scrollY")
+        swipe(jobs[2], jobs[0], lower=False)
+        wait_rows(page, ["third whale", "first fox", "second owl"])
+        assert [j.request.prompt for j in q.waiting()] == ["third whale", "first fox", "second owl"]
+        swipe(jobs[2], jobs[1], lower=True)
+        wait_rows(page, ["first fox", "second owl", "third whale"])
+        assert page.evaluate("window.scrollY") == scrolled, "the finger's drag scrolled the page"
+        # a finger on the prompt text still scrolls: only the place number is a handle
+        assert page.evaluate(
+            "getComputedStyle(document.querySelector('#txt2img_queue_list .queue-row.waiting .queue-text'))"
+            ".touchAction") != "none"
+        assert panel.locator(".dragging, .drop-before, .drop-after").count() == 0
+        page.screenshot(path=str(Path(artifacts_dir) / "queue_touch_dragged_390.png"), full_page=True)
         long.gate.set()
         for job in jobs:
             job.wait(10)

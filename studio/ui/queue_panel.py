@@ -1,6 +1,6 @@
 """The queue panel: the running job and the jobs waiting behind it, with their main settings and,
-for each waiting job, Up / Down / Cancel (or drag a waiting row onto another); below them the last
-finished jobs.
+for each waiting job, Up / Down / Cancel (or drag a waiting row onto another; on a touch screen by
+its place number); below them the last finished jobs.
 
 It reads the studio's own job queue (the one API clients use), so it shows the same jobs after a
 page reload or when a script queues work over the API. One ``gr.HTML`` holds the whole list: the
@@ -46,11 +46,11 @@ const keepOpen = () => {
   const d = element.querySelector('details.queue-recent');
   if (d && d.open !== recentOpen) d.open = recentOpen;
 };
-watch('value', keepOpen);
 // Drag a waiting row onto another: it lands before that row (after it when dropped on its lower
 // half). The list is re-rendered every second, so the drag keeps the job's id, not the element, and
 // the drop names the row it lands next to; the server places it beside that job as the queue is then.
 let dragged = null;
+let touchDrag = null;   // a finger's drag: {id, pointer}
 const waitingRow = (e) => e.target.closest && e.target.closest('.queue-row.waiting');
 const clearMarks = () => element.querySelectorAll('.drop-before, .drop-after, .dragging').forEach(
   (row) => row.classList.remove('drop-before', 'drop-after', 'dragging'));
@@ -76,6 +76,61 @@ element.addEventListener('dragover', (e) => {
   row.classList.toggle('drop-before', !after);
 });
 element.addEventListener('dragend', () => { dragged = null; clearMarks(); });
+// A refresh replaces the rows: the dragged one is marked again.
+watch('value', () => {
+  keepOpen();
+  const id = dragged || (touchDrag && touchDrag.id);
+  const row = id && element.querySelector(`.queue-row.waiting[data-job="${CSS.escape(id)}"]`);
+  if (row) row.classList.add('dragging');
+});
+// A finger starts no HTML5 drag, so on touch screens (and pens) a waiting row's place number is a
+// handle driven by pointer events; the moves are followed on the document because a refresh can
+// replace the handle mid-drag (which ends its pointer capture).
+const rowAt = (x, y) => {
+  const hit = document.elementFromPoint(x, y);
+  const row = hit && hit.closest && hit.closest('.queue-row.waiting');
+  return row && element.contains(row) ? row : null;
+};
+const markDrop = (row, e) => {
+  element.querySelectorAll('.drop-before, .drop-after').forEach((r) => {
+    if (r !== row) r.classList.remove('drop-before', 'drop-after');
+  });
+  if (!row) return;
+  const after = lowerHalf(row, e);
+  row.classList.toggle('drop-after', after);
+  row.classList.toggle('drop-before', !after);
+};
+const touchMove = (e) => {
+  if (!touchDrag || e.pointerId !== touchDrag.pointer) return;
+  e.preventDefault();
+  markDrop(rowAt(e.clientX, e.clientY), e);
+};
+const touchStop = async (e) => {
+  if (!touchDrag || e.pointerId !== touchDrag.pointer) return;
+  const id = touchDrag.id;
+  touchDrag = null;
+  document.removeEventListener('pointermove', touchMove);
+  document.removeEventListener('pointerup', touchStop);
+  document.removeEventListener('pointercancel', touchStop);
+  const row = e.type === 'pointerup' ? rowAt(e.clientX, e.clientY) : null;
+  const after = row ? lowerHalf(row, e) : false;
+  clearMarks();
+  if (!row || row.dataset.job === id) return;
+  props.value = await server.queue_action({action: 'drop', id: id, beside: row.dataset.job, after: after});
+  keepOpen();
+};
+element.addEventListener('pointerdown', (e) => {
+  if (e.pointerType === 'mouse' || touchDrag) return;
+  const handle = e.target.closest && e.target.closest('.queue-row.waiting[draggable=true] .queue-place');
+  if (!handle) return;
+  e.preventDefault();
+  const row = handle.closest('.queue-row');
+  touchDrag = {id: row.dataset.job, pointer: e.pointerId};
+  row.classList.add('dragging');
+  document.addEventListener('pointermove', touchMove, {passive: false});
+  document.addEventListener('pointerup', touchStop);
+  document.addEventListener('pointercancel', touchStop);
+});
 element.addEventListener('drop', async (e) => {
   const row = waitingRow(e);
   const id = dragged;
@@ -107,10 +162,15 @@ PANEL_CSS = """
   border: 1px solid var(--border-color-primary); background: var(--background-fill-secondary); }
 .queue-row.running { border-color: var(--color-accent); }
 .queue-row.waiting[draggable=true] { cursor: grab; }
+/* the touch handle: no scrolling starts from it, and a grip shows it can be dragged */
+.queue-row.waiting[draggable=true] .queue-place { touch-action: none; align-self: stretch; display: flex;
+  align-items: center; justify-content: center; }   /* a finger-sized target: the row's height */
+.queue-row.waiting[draggable=true] .queue-place::before { content: '⠿'; margin-right: 2px;
+  color: var(--body-text-color-subdued); font-weight: 400; }
 .queue-row.dragging { opacity: .45; }
 .queue-row.drop-before { box-shadow: inset 0 3px 0 var(--color-accent); }
 .queue-row.drop-after { box-shadow: inset 0 -3px 0 var(--color-accent); }
-.queue-place { flex: 0 0 auto; min-width: 1.6em; font-weight: 600; text-align: center; }
+.queue-place { flex: 0 0 auto; min-width: 2.4em; font-weight: 600; text-align: center; }
 .queue-text { flex: 1 1 auto; min-width: 0; }
 .queue-prompt { overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
 .queue-meta { color: var(--body-text-color-subdued); font-size: var(--text-xs); overflow-wrap: anywhere; }
