@@ -55,6 +55,23 @@ const waitingRow = (e) => e.target.closest && e.target.closest('.queue-row.waiti
 const clearMarks = () => element.querySelectorAll('.drop-before, .drop-after, .dragging').forEach(
   (row) => row.classList.remove('drop-before', 'drop-after', 'dragging'));
 const lowerHalf = (row, e) => { const r = row.getBoundingClientRect(); return e.clientY > r.top + r.height / 2; };
+// the line where a drop on ``row`` would land (none when the pointer is over no waiting row)
+const markDrop = (row, e) => {
+  element.querySelectorAll('.drop-before, .drop-after').forEach((r) => {
+    if (r !== row) r.classList.remove('drop-before', 'drop-after');
+  });
+  if (!row) return;
+  const after = lowerHalf(row, e);
+  row.classList.toggle('drop-after', after);
+  row.classList.toggle('drop-before', !after);
+};
+const dropBeside = async (id, row, e) => {
+  const after = row ? lowerHalf(row, e) : false;
+  clearMarks();
+  if (!id || !row || row.dataset.job === id) return;
+  props.value = await server.queue_action({action: 'drop', id: id, beside: row.dataset.job, after: after});
+  keepOpen();
+};
 element.addEventListener('dragstart', (e) => {
   const row = waitingRow(e);
   if (!row) return;
@@ -68,14 +85,15 @@ element.addEventListener('dragover', (e) => {
   if (!dragged || !row) return;
   e.preventDefault();
   e.dataTransfer.dropEffect = 'move';
-  const after = lowerHalf(row, e);
-  element.querySelectorAll('.drop-before, .drop-after').forEach((r) => {
-    if (r !== row) r.classList.remove('drop-before', 'drop-after');
-  });
-  row.classList.toggle('drop-after', after);
-  row.classList.toggle('drop-before', !after);
+  markDrop(row, e);
 });
 element.addEventListener('dragend', () => { dragged = null; clearMarks(); });
+element.addEventListener('drop', (e) => {
+  const id = dragged;
+  dragged = null;
+  if (id) e.preventDefault();
+  return dropBeside(id, waitingRow(e), e);
+});
 // A refresh replaces the rows: the dragged one is marked again.
 watch('value', () => {
   keepOpen();
@@ -91,33 +109,19 @@ const rowAt = (x, y) => {
   const row = hit && hit.closest && hit.closest('.queue-row.waiting');
   return row && element.contains(row) ? row : null;
 };
-const markDrop = (row, e) => {
-  element.querySelectorAll('.drop-before, .drop-after').forEach((r) => {
-    if (r !== row) r.classList.remove('drop-before', 'drop-after');
-  });
-  if (!row) return;
-  const after = lowerHalf(row, e);
-  row.classList.toggle('drop-after', after);
-  row.classList.toggle('drop-before', !after);
-};
 const touchMove = (e) => {
   if (!touchDrag || e.pointerId !== touchDrag.pointer) return;
   e.preventDefault();
   markDrop(rowAt(e.clientX, e.clientY), e);
 };
-const touchStop = async (e) => {
+const touchStop = (e) => {
   if (!touchDrag || e.pointerId !== touchDrag.pointer) return;
   const id = touchDrag.id;
   touchDrag = null;
   document.removeEventListener('pointermove', touchMove);
   document.removeEventListener('pointerup', touchStop);
   document.removeEventListener('pointercancel', touchStop);
-  const row = e.type === 'pointerup' ? rowAt(e.clientX, e.clientY) : null;
-  const after = row ? lowerHalf(row, e) : false;
-  clearMarks();
-  if (!row || row.dataset.job === id) return;
-  props.value = await server.queue_action({action: 'drop', id: id, beside: row.dataset.job, after: after});
-  keepOpen();
+  return dropBeside(id, e.type === 'pointerup' ? rowAt(e.clientX, e.clientY) : null, e);
 };
 element.addEventListener('pointerdown', (e) => {
   if (e.pointerType === 'mouse' || touchDrag) return;
@@ -130,18 +134,6 @@ element.addEventListener('pointerdown', (e) => {
   document.addEventListener('pointermove', touchMove, {passive: false});
   document.addEventListener('pointerup', touchStop);
   document.addEventListener('pointercancel', touchStop);
-});
-element.addEventListener('drop', async (e) => {
-  const row = waitingRow(e);
-  const id = dragged;
-  dragged = null;
-  if (!id || !row) { clearMarks(); return; }
-  e.preventDefault();
-  const after = lowerHalf(row, e);
-  clearMarks();
-  if (row.dataset.job === id) return;
-  props.value = await server.queue_action({action: 'drop', id: id, beside: row.dataset.job, after: after});
-  keepOpen();
 });
 element.addEventListener('click', async (e) => {
   const btn = e.target.closest('button[data-queue-action]');
