@@ -297,15 +297,14 @@ class JobQueue:
         right when the list changed under the pointer. Returns its new position, or None when either
         job is no longer waiting."""
         with self._cond:
-            index = self._index(job_id)
-            if index is None or self._index(beside_id) is None:
+            index, beside = self._index(job_id), self._index(beside_id)
+            if index is None or beside is None:
                 return None
             if job_id == beside_id:
                 return index + 1
-            job = self._waiting.pop(index)
-            to = self._index(beside_id) + (1 if after else 0)
-            self._waiting.insert(to, job)
-            return to + 1
+            # ``beside``'s index once the job is out of the list, where move() inserts it
+            beside -= 1 if index < beside else 0
+            return self.move(job_id, beside + (1 if after else 0))   # the condition's lock is reentrant
 
     def shift(self, job_id: str, delta: int) -> int | None:
         """Move a waiting job ``delta`` places (negative = earlier); see :meth:`move`."""
