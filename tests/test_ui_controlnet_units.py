@@ -186,11 +186,32 @@ def test_the_effective_region_mask_reaches_the_unit():
 
 
 def test_preprocessor_sliders_pass_values_from_before_a_range_change():
-    from studio.ui.controlnet import preprocessor_slider
+    """An event sent with a value from before the range changed reaches the handler (the engine's
+    lenient rule decides, not a page error), also after the range change gave the session Gradio's
+    own copy of the slider, as in a browser."""
+    import asyncio
 
-    slider = preprocessor_slider(1, 9, value=1, step=1)
+    from gradio.state_holder import SessionState
+
+    from studio.ui.lenient_slider import LenientSlider
+
+    with gr.Blocks() as demo:
+        slider = LenientSlider(-1, 2048, value=-1, label="Threshold A")
+        change, read = gr.Button(), gr.Button()
+        seen = gr.Number()
+        change.click(lambda: gr.update(minimum=1, maximum=9, value=1), None, slider)
+        read.click(lambda v: v, slider, seen)
     assert slider.get_block_name() == "slider"   # drawn by Gradio's own slider
-    assert slider.preprocess(0.0) == 0.0          # the engine's lenient rule decides, not a page error
+    state = SessionState(demo)
+    range_change, read_value = list(demo.fns.values())
+
+    async def events() -> dict:
+        await demo.process_api(range_change, [], state=state)
+        return await demo.process_api(read_value, [0], state=state)
+
+    result = asyncio.run(events())
+    assert state[slider._id].minimum == 1          # the session's copy has the new range ...
+    assert result["data"] == [0]                    # ... and still passes the earlier value on
 
 
 def test_revision_selects_redux_on_a_flux_checkpoint(monkeypatch):

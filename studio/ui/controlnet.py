@@ -32,6 +32,7 @@ from studio.controlnet.units import (
 from studio.core import Studio
 from studio.generation.request import build_request
 from studio.ui.bindings import RequestForm
+from studio.ui.lenient_slider import LenientSlider
 
 # The unit's small buttons sit level with the dropdown's box beside them, as the extension's tool
 # buttons do (app.py adds this to the page's CSS). The unit tabs may wrap: Gradio sizes the strip (and
@@ -46,23 +47,6 @@ CONTROLNET_CSS = """
 UNIT_FIELDS = ("enabled", "upload_independent", "image", "module", "model", "weight", "guidance_start",
                "guidance_end", "pixel_perfect", "processor_res", "threshold_a", "threshold_b", "control_mode",
                "resize_mode", "hr_option", "control_type", "effective_region_mask")
-
-
-def preprocessor_slider(*args: Any, **kwargs: Any) -> gr.Slider:
-    """A slider whose range follows the chosen preprocessor. Its value is not checked against the
-    range when an event reads it: an event sent just before the range changed (switching between
-    preprocessors whose sliders differ) would otherwise be refused by Gradio with "Value 0 is less
-    than minimum value 1". The engine applies the extension's rule instead: a value out of range is
-    the module's default, with a warning (units.lenient_params). The check is switched off on the
-    instance, not in a subclass: Gradio writes a .pyi file beside any module that subclasses one of
-    its components, which an installed package must not do."""
-    slider = gr.Slider(*args, **kwargs)
-
-    def preprocess(payload: float) -> float:
-        return float(payload) if slider.precision is None else round(float(payload), slider.precision)
-
-    slider.preprocess = preprocess
-    return slider
 
 
 @dataclass
@@ -309,12 +293,12 @@ def _unit(studio: Studio, tab_id: str, index: int, img2img: bool, hires: bool) -
                                         elem_id=f"{p}_guidance_start")
         c["guidance_end"] = gr.Slider(0, 1, value=1.0, step=0.01, label="Ending Control Step",
                                       elem_id=f"{p}_guidance_end")
-    c["processor_res"] = preprocessor_slider(64, 2048, value=512, step=8, label="Preprocessor Resolution",
+    c["processor_res"] = LenientSlider(64, 2048, value=512, step=8, label="Preprocessor Resolution",
                                             visible=False, elem_id=f"{p}_processor_res")
     with gr.Row():
-        c["threshold_a"] = preprocessor_slider(-1, 2048, value=-1, label="Threshold A", visible=False,
+        c["threshold_a"] = LenientSlider(-1, 2048, value=-1, label="Threshold A", visible=False,
                                               elem_id=f"{p}_threshold_a")
-        c["threshold_b"] = preprocessor_slider(-1, 2048, value=-1, label="Threshold B", visible=False,
+        c["threshold_b"] = LenientSlider(-1, 2048, value=-1, label="Threshold B", visible=False,
                                               elem_id=f"{p}_threshold_b")
     c["control_mode"] = gr.Radio(list(CONTROL_MODES), value=CONTROL_MODES[0], label="Control Mode",
                                  elem_id=f"{p}_control_mode")
@@ -412,10 +396,10 @@ def build_controlnet_tab(studio: Studio) -> Any:
             save = gr.Button("Save map", elem_id="controlnet_detect_save", scale=1)
             send = gr.Button("Send map to unit 0", elem_id="controlnet_detect_send", scale=1)
         with gr.Row():
-            res = gr.Slider(64, 2048, value=512, step=8, label="Preprocessor Resolution",
-                            elem_id="controlnet_detect_res")
-            a = gr.Slider(1, 255, value=100, label="Low Threshold", elem_id="controlnet_detect_threshold_a")
-            b = gr.Slider(1, 255, value=200, label="High Threshold", elem_id="controlnet_detect_threshold_b")
+            res = LenientSlider(64, 2048, value=512, step=8, label="Preprocessor Resolution",
+                                elem_id="controlnet_detect_res")
+            a = LenientSlider(1, 255, value=100, label="Low Threshold", elem_id="controlnet_detect_threshold_a")
+            b = LenientSlider(1, 255, value=200, label="High Threshold", elem_id="controlnet_detect_threshold_b")
         message = gr.Markdown("", elem_id="controlnet_detect_result")
     module.change(lambda m: slider_updates(studio, m), module, [res, a, b], queue=False)
     run.click(lambda *v: run_preview(studio, *v), [source, module, res, a, b], [detected, message])
