@@ -3,6 +3,8 @@ Allow Preview, "Upload independent control image", the painted mask, and the ena
 
 from __future__ import annotations
 
+from typing import Any
+
 import gradio as gr
 import numpy as np
 import pytest
@@ -185,33 +187,54 @@ def test_the_effective_region_mask_reaches_the_unit():
     assert plain.effective_region_mask is None
 
 
-def test_preprocessor_sliders_pass_values_from_before_a_range_change():
-    """An event sent with a value from before the range changed reaches the handler (the engine's
-    lenient rule decides, not a page error), also after the range change gave the session Gradio's
-    own copy of the slider, as in a browser."""
+def test_unit_events_pass_values_from_before_a_filter_or_range_change(studio):
+    """An event sent with values from before the Control Type filter changed the dropdowns' choices
+    and the preprocessor changed the sliders' ranges reaches its handler (the engine's rules decide,
+    not a Gradio page error), also after those updates gave the session Gradio's own copies of the
+    components, as in a browser. Driven through Gradio's process_api on the real unit panel."""
     import asyncio
 
     from gradio.state_holder import SessionState
 
-    from studio.ui.lenient_slider import LenientSlider
-
     with gr.Blocks() as demo:
-        slider = LenientSlider(-1, 2048, value=-1, label="Threshold A")
-        change, read = gr.Button(), gr.Button()
-        seen = gr.Number()
-        change.click(lambda: gr.update(minimum=1, maximum=9, value=1), None, slider)
-        read.click(lambda v: v, slider, seen)
-    assert slider.get_block_name() == "slider"   # drawn by Gradio's own slider
+        panel = build_controlnet_panel(studio, "t", count=1)
+    unit = panel.units[0].components
+    assert unit["module"].get_block_name() == "dropdown" and unit["threshold_a"].get_block_name() == "slider"
+    by_id = {getattr(b, "elem_id", None): b for b in demo.blocks.values()}
+    run, refresh = by_id["t_controlnet_unit_0_run_preprocessor"], by_id["t_controlnet_unit_0_refresh_models"]
+
+    def event(block: Any, name: str) -> Any:
+        return next(fn for fn in demo.fns.values() if any(t[0] == block._id and t[1] == name for t in fn.targets))
+
     state = SessionState(demo)
-    range_change, read_value = list(demo.fns.values())
 
     async def events() -> dict:
-        await demo.process_api(range_change, [], state=state)
-        return await demo.process_api(read_value, [0], state=state)
+        # canny was chosen; the user clicks Control Type "MLSD": mlsd and its sliders (0.01-2, 0.01-20)
+        await demo.process_api(event(unit["control_type"], "input"), ["MLSD"], state=state)
+        await demo.process_api(event(unit["module"], "change"), ["mlsd"], state=state)
+        # the models' ↻ clicked before those updates reached the page: the canny model, now filtered out
+        refreshed = await demo.process_api(event(refresh, "click"), ["MLSD", _title(studio, CANNY)], state=state)
+        assert refreshed["data"][0]["value"] == "None"
+        # the Run button clicked before those updates reached the page: canny and its thresholds
+        return await demo.process_api(event(run, "click"), [None, "canny", 512, 100, 200], state=state)
 
     result = asyncio.run(events())
-    assert state[slider._id].minimum == 1          # the session's copy has the new range ...
-    assert result["data"] == [0]                    # ... and still passes the earlier value on
+    assert "canny" not in [value for _, value in state[unit["module"]._id].choices]
+    assert state[unit["threshold_a"]._id].maximum == 2.0                   # the session's copies changed ...
+    assert any("Upload an image first" in str(out) for out in result["data"])   # ... and the handler ran
+
+
+def test_lenient_components_pass_values_outside_their_range_or_choices():
+    from studio.ui.lenient_components import LenientDropdown, LenientSlider
+
+    slider = LenientSlider(1, 9, value=1, step=1)
+    assert slider.preprocess(0) == 0 and type(slider)(**{**slider.constructor_args, "minimum": 5}).preprocess(0) == 0
+    dropdown = LenientDropdown(["none", "depth"], value="none")
+    assert dropdown.preprocess("canny") == "canny"
+    by_index = LenientDropdown(["none", "depth"], value="none", type="index")
+    assert by_index.preprocess("depth") == 1
+    with pytest.raises(gr.Error):
+        by_index.preprocess("canny")      # an index dropdown has no index to give for it
 
 
 def test_revision_selects_redux_on_a_flux_checkpoint(monkeypatch):

@@ -32,7 +32,7 @@ from studio.controlnet.units import (
 from studio.core import Studio
 from studio.generation.request import build_request
 from studio.ui.bindings import RequestForm
-from studio.ui.lenient_slider import LenientSlider
+from studio.ui.lenient_components import LenientDropdown, LenientSlider
 
 # The unit's small buttons sit level with the dropdown's box beside them, as the extension's tool
 # buttons do (app.py adds this to the page's CSS). The unit tabs may wrap: Gradio sizes the strip (and
@@ -278,13 +278,15 @@ def _unit(studio: Studio, tab_id: str, index: int, img2img: bool, hires: bool) -
                                  elem_id=f"{p}_type_filter_radio")
     # the buttons keep their own height (a row of equal heights would stretch them to the dropdown's box)
     with gr.Row(equal_height=False):
-        c["module"] = gr.Dropdown(studio.preprocessors.names(), value="none", label="Preprocessor",
-                                  elem_id=f"{p}_module", scale=4)
+        # lenient: an event from before a Control Type click may carry a module the filter now hides
+        c["module"] = LenientDropdown(studio.preprocessors.names(), value="none", label="Preprocessor",
+                                      elem_id=f"{p}_module", scale=4)
         # plain text, not the extension's 💥: it must read on systems without an emoji font
         run = gr.Button("Run preprocessor", elem_id=f"{p}_run_preprocessor", scale=1, min_width=120, size="sm",
                         visible=not img2img, elem_classes=["cn-tool-button"])
     with gr.Row(equal_height=False):
-        c["model"] = gr.Dropdown(model_choices(studio), value="None", label="Model", elem_id=f"{p}_model", scale=4)
+        c["model"] = LenientDropdown(model_choices(studio), value="None", label="Model", elem_id=f"{p}_model",
+                                     scale=4)
         refresh = gr.Button("↻", elem_id=f"{p}_refresh_models", scale=0, min_width=40, size="sm",
                             elem_classes=["cn-tool-button"])
     c["weight"] = gr.Slider(0, 2, value=1.0, step=0.05, label="Control Weight", elem_id=f"{p}_weight")
