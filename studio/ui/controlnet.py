@@ -296,12 +296,12 @@ def _unit(studio: Studio, tab_id: str, index: int, img2img: bool, hires: bool) -
         c["guidance_end"] = gr.Slider(0, 1, value=1.0, step=0.01, label="Ending Control Step",
                                       elem_id=f"{p}_guidance_end")
     c["processor_res"] = LenientSlider(64, 2048, value=512, step=8, label="Preprocessor Resolution",
-                                            visible=False, elem_id=f"{p}_processor_res")
+                                       visible=False, elem_id=f"{p}_processor_res")
     with gr.Row():
         c["threshold_a"] = LenientSlider(-1, 2048, value=-1, label="Threshold A", visible=False,
-                                              elem_id=f"{p}_threshold_a")
+                                         elem_id=f"{p}_threshold_a")
         c["threshold_b"] = LenientSlider(-1, 2048, value=-1, label="Threshold B", visible=False,
-                                              elem_id=f"{p}_threshold_b")
+                                         elem_id=f"{p}_threshold_b")
     c["control_mode"] = gr.Radio(list(CONTROL_MODES), value=CONTROL_MODES[0], label="Control Mode",
                                  elem_id=f"{p}_control_mode")
     c["resize_mode"] = gr.Radio(list(CONTROL_RESIZE_MODES), value="Crop and Resize", label="Resize Mode",
